@@ -1,0 +1,24 @@
+"""ernie45: a PyTorch-native stack for the ERNIE 4.5 family (dense, MoE, VL, omni)."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .checkpoint import CheckpointError, export, load
+from .config import MODALITIES, ConfigError, Ernie45Config, read_config
+from .model import Ernie45ForConditionalGeneration, Ernie45Model
+
+AutoConfig.register("ernie45", Ernie45Config, exist_ok=True)
+AutoModel.register(Ernie45Config, Ernie45Model, exist_ok=True)
+AutoModelForCausalLM.register(Ernie45Config, Ernie45ForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "MODALITIES",
+    "CheckpointError",
+    "ConfigError",
+    "Ernie45Config",
+    "Ernie45ForConditionalGeneration",
+    "Ernie45Model",
+    "export",
+    "load",
+    "read_config",
+]
+__version__ = "0.1.0"

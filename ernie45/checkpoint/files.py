@@ -1,0 +1,125 @@
+"""Finding a checkpoint's weight files and reading safetensors tensors straight into their destination.
+
+The reader parses the safetensors header itself and ``readinto``s each tensor's bytes into the memory
+that will hold it (a parameter, or its slice of a stacked expert tensor), so loading never keeps a
+second copy of the weights: no mmap of the whole file, no intermediate state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names the key and what was expected."""
+
+
+class SafetensorsFile:
+    """One .safetensors file: its header, and tensors read on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path} is not a safetensors file (shorter than its header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise CheckpointError(f"{path} is not a safetensors file (header length {n} exceeds the file)")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        self.base = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, e in header.items():
+            dtype = DTYPES.get(e.get("dtype"))
+            begin, end = e["data_offsets"]
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {e.get('dtype')}")
+            shape = tuple(e["shape"])
+            if self.base + end > size or end - begin != _numel(shape) * dtype.itemsize:
+                raise CheckpointError(f"{path}: tensor {key} lies outside the file or has the wrong byte size")
+            self.entries[key] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def dtype_shape(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        dtype, shape, _, _ = self.entries[key]
+        return dtype, shape
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `key`; read directly into `out` (a contiguous CPU tensor of its dtype and shape) if given."""
+        dtype, shape, begin, end = self.entries[key]
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        assert out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == shape
+        if end > begin:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.base + begin)
+                view = memoryview(out.view(-1).view(torch.uint8).numpy())
+                got = 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CheckpointError(f"{self.path}: file ended while reading {key}")
+                    got += n
+        return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
+    """The weight files of checkpoint directory `path` and their kind ("safetensors" or "pickle")."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard {missing[0]}, which is not in {path}")
+        return [path / s for s in shards], "safetensors"
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files, "safetensors"
+    pickles = sorted([*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")])
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} holds only pickle weights ({pickles[0].name}); pickle can run code when loaded. "
+                "Convert them to safetensors, or pass allow_pickle=True if you trust the source."
+            )
+        return pickles, "pickle"
+    raise CheckpointError(f"{path} has no weights: expected model.safetensors (or shards with an index)")
+
+
+def iter_tensors(files: list[Path], kind: str) -> Iterator[tuple[str, torch.dtype, tuple[int, ...], object]]:
+    """(key, dtype, shape, reader) for every tensor; ``reader(out=None)`` returns the tensor."""
+    for file in files:
+        if kind == "safetensors":
+            st = SafetensorsFile(file)
+            for key in st.keys():
+                dtype, shape = st.dtype_shape(key)
+                yield key, dtype, shape, (lambda out=None, st=st, key=key: st.read(key, out))
+        else:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            for key, t in state.items():
+                yield key, t.dtype, tuple(t.shape), (lambda out=None, t=t: t if out is None else out.copy_(t))

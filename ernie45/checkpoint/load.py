@@ -1,0 +1,159 @@
+"""`ernie45.load`: a checkpoint directory (official -PT, transformers-5 or ernie45 layout) -> a model.
+
+The model is built on the meta device; each checkpoint tensor then goes, through the rule table of
+its family, straight into the memory of the parameter (or stacked-expert slice) it belongs to.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import Ernie45Config, read_config
+from ..model import Ernie45ForConditionalGeneration
+from .files import CheckpointError, iter_tensors, weight_files
+from .rules import RULES_BY_MODEL_TYPE, SIDE_KEYS, Rule
+
+FP32_PARAMS = ("gate.weight", "gate.e_score_correction_bias")  # the router stays fp32 (spec pitfall 3)
+
+
+class _Filler:
+    """Places checkpoint tensors into the meta model's parameters and checks that every one is covered."""
+
+    def __init__(self, model: nn.Module, rules: tuple[Rule, ...], dtype, device) -> None:
+        self.model, self.rules, self.dtype, self.device = model, rules, dtype, torch.device(device or "cpu")
+        self.meta = dict(model.named_parameters())
+        groups = model.config.expert_groups or []
+        self.groups = [g["name"] for g in groups]
+        self.offsets = [sum(g["num_experts"] for g in groups[:i]) for i in range(len(groups) + 1)]
+        self.widths = [g["intermediate_size"] for g in groups]
+        self.storage: dict[str, torch.Tensor] = {}
+        self.filled: dict[str, int] = {}
+        self.errors: list[str] = []
+        self.side: dict[str, torch.Tensor] = {}
+
+    def put(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], read) -> None:
+        if SIDE_KEYS.search(key):
+            self.side[key] = read()
+            return
+        if key == "lm_head.weight" and self.model.config.tie_word_embeddings:
+            return  # tied: the embedding is the head (spec pitfall 13)
+        for rule in self.rules:
+            fields = rule.match(key)
+            if fields is not None:
+                return self._apply(rule, fields, key, dtype, shape, read)
+        self.errors.append(f"unexpected key {key} {list(shape)}")
+
+    def _apply(self, rule: Rule, fields: dict, key: str, dtype, shape, read) -> None:
+        if rule.part == "row":  # one row per expert group
+            if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != len(self.groups)):
+                return self.errors.append(f"{key}: shape {list(shape)}, expected [{len(self.groups)}, experts]")
+            rows = read().reshape(len(self.groups), -1) if len(shape) == 2 else read()[None]
+            for i, g in enumerate(self.groups):
+                self._fill(rule.ours.format(**fields, group=g), None, key, rows[i])
+            return
+        if rule.part == "whole":
+            name = rule.ours.format(**fields)
+            slot = None
+        else:
+            e = int(fields["expert"])
+            gi = next((i for i in range(len(self.groups)) if self.offsets[i] <= e < self.offsets[i + 1]), None)
+            if gi is None:
+                return self.errors.append(f"unexpected key {key}: expert {e} >= {self.offsets[-1]} experts")
+            name = rule.ours.format(**fields, group=self.groups[gi])
+            slot = (rule.part, e - self.offsets[gi], self.widths[gi])
+        self._fill(name, slot, key, None, read, dtype, shape, rule.transpose)
+
+    def _fill(self, name, slot, key, tensor=None, read=None, dtype=None, shape=None, transpose=False) -> None:
+        meta = self.meta.get(name)
+        if meta is None:
+            return self.errors.append(f"unexpected key {key}: the model has no parameter {name}")
+        region_shape = _region(meta, slot).shape
+        shape = tuple(tensor.shape) if tensor is not None else shape
+        got = tuple(reversed(shape)) if transpose else tuple(shape)
+        if got != tuple(region_shape):
+            return self.errors.append(f"{key}: shape {list(shape)}, expected {list(region_shape)} (for {name})")
+        target_dtype = torch.float32 if name.endswith(FP32_PARAMS) else (self.dtype or dtype or tensor.dtype)
+        whole_direct = slot is None and tensor is None and not transpose
+        if name not in self.storage:
+            if whole_direct and target_dtype == dtype and self.device.type == "cpu":
+                self.storage[name] = read()  # read straight into the parameter's own memory
+                self.filled[name] = meta.numel()
+                return
+            self.storage[name] = torch.empty(meta.shape, dtype=target_dtype, device=self.device)
+            self.filled[name] = 0
+        region = _region(self.storage[name], slot)
+        if tensor is None and not transpose and region.dtype == dtype and region.is_contiguous() and region.is_cpu:
+            read(region)
+        else:
+            src = tensor if tensor is not None else read()
+            region.copy_(src.T if transpose else src)
+        self.filled[name] += region.numel()
+
+    def finish(self) -> None:
+        tied = self.model.config.tie_word_embeddings
+        for name, meta in self.meta.items():
+            if tied and name == "lm_head.weight":
+                continue
+            if self.filled.get(name, 0) < meta.numel():
+                what = "partly missing" if name in self.filled else "missing"
+                self.errors.append(f"{what} weight for {name} {list(meta.shape)}")
+            elif self.filled[name] > meta.numel():
+                self.errors.append(f"{name} was written more than once (duplicate checkpoint keys)")
+        if self.errors:
+            shown = "\n  ".join(self.errors[:12])
+            more = f"\n  ... and {len(self.errors) - 12} more" if len(self.errors) > 12 else ""
+            raise CheckpointError(f"checkpoint does not fit the model ({len(self.errors)} problems):\n  {shown}{more}")
+        for name, t in self.storage.items():
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            module._parameters[attr] = nn.Parameter(t, requires_grad=self.meta[name].requires_grad)
+        if tied:
+            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+
+
+def _region(t: torch.Tensor, slot) -> torch.Tensor:
+    if slot is None:
+        return t
+    part, e, width = slot
+    return {"gate": lambda: t[e, :width], "up": lambda: t[e, width:], "expert": lambda: t[e]}[part]()
+
+
+def build_on_meta(config: Ernie45Config) -> Ernie45ForConditionalGeneration:
+    """The model's structure with no memory behind it (for loading and for counting parameters)."""
+    with torch.device("meta"):
+        return Ernie45ForConditionalGeneration(config)
+
+
+def load(
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    allow_pickle: bool = False,
+) -> Ernie45ForConditionalGeneration:
+    """Load a checkpoint directory in any supported layout.
+
+    dtype: the weights' dtype (default: as stored); the router always stays fp32.
+    Multi-token-prediction (``mtp_*``) weights are kept aside in ``model.mtp_state_dict``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory: pass a checkpoint directory (config.json + weights)")
+    config, model_type = read_config(path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."))
+    files, kind = weight_files(path, allow_pickle)
+    model = build_on_meta(config)
+    filler = _Filler(model, RULES_BY_MODEL_TYPE[model_type], dtype, device)
+    tensors = list(iter_tensors(files, kind))
+    for key, t_dtype, shape, read in tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=None):
+        filler.put(key, t_dtype, shape, read)
+    filler.finish()
+    model.mtp_state_dict = filler.side
+    stored = next((t.dtype for n, t in filler.storage.items() if not n.endswith(FP32_PARAMS)), torch.float32)
+    model.config.dtype = dtype or stored
+    model.config.name_or_path = str(path)
+    return model.eval()

@@ -1,0 +1,124 @@
+"""The dense building blocks of the trunk: RMSNorm, interleaved RoPE, GQA attention, SwiGLU.
+
+Plain PyTorch: no cache policy, quantization or sharding lives here. A KV cache is any object with
+``update(k, v, layer_idx) -> (k_all, v_all)`` (transformers' caches and the engine's own both fit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Ernie45Config
+
+
+class RMSNorm(nn.Module):
+    """Llama-style RMSNorm; the weight multiplies after casting back to the input dtype (spec pitfall 10)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """inv_freq[j] = theta^(-2j/D) for the D/2 rotation pairs."""
+    j = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
+    return (1.0 / theta ** (j / head_dim)).float()
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every rotation pair, fp32, shape [B, S, D/2], for 1D positions [B, S]."""
+    inv_freq = rope_inv_freq(head_dim, theta, position_ids.device)
+    angles = position_ids[..., None].float() * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2j, 2j+1) of x [B, H, S, D] by angle j (GPT-J style), in fp32 (spec §2, pitfall 1)."""
+    x32 = x.float()
+    x0, x1 = x32[..., 0::2], x32[..., 1::2]
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention, no bias, no QK-norm, scale head_dim^-0.5."""
+
+    def __init__(self, config: Ernie45Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h, d, b = config.hidden_size, config.head_dim, config.use_bias
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=b)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=b)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=b)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=b)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: Any = None,
+    ) -> torch.Tensor:
+        """mask: None for plain causal attention, else a bool [B, 1, Sq, Sk] (True = may attend)."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_interleaved_rope(q, *rope)
+        k = apply_interleaved_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        causal = mask is None and s > 1
+        if mask is None and s > 1 and k.shape[2] != s:
+            raise ValueError("a chunk after cached tokens needs an explicit mask; build it with attention_mask()")
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5, enable_gqa=True
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def attention_mask(
+    padding_mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """The mask the attention layers take: None when plain causal attention suffices.
+
+    padding_mask: [B, kv_len] with 1 for real tokens (transformers' ``attention_mask``), or None.
+    Queries sit at the last q_len of kv_len positions. A query whose row would be empty (a pad query
+    in a left-padded batch) may see itself, so no row is all-masked and no NaN can reach real tokens.
+    """
+    if (padding_mask is None or bool(padding_mask.all())) and (q_len == kv_len or q_len == 1):
+        return None
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+    k_pos = torch.arange(kv_len, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, Sq, Sk]
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, None, :].bool()
+        allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
+    return allowed
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense FFN and the shared experts."""
+
+    def __init__(self, hidden: int, width: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=bias)
+        self.up_proj = nn.Linear(hidden, width, bias=bias)
+        self.down_proj = nn.Linear(width, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

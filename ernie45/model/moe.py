@@ -1,0 +1,105 @@
+"""ERNIE 4.5's mixture-of-experts block (spec §2): modality-routed expert groups plus shared experts.
+
+Each group (text, vision, ...) has its own fp32 router, its own correction-bias row (used for expert
+*selection* only) and its own stacked experts ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``.
+A token is routed by the group that lists its modality id; the shared SwiGLU sees every token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Ernie45Config
+from .layers import SwiGLU
+
+
+class Router(nn.Module):
+    """fp32 softmax router with an aux-loss-free correction bias that only steers top-k selection."""
+
+    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_min: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+        self.top_k = top_k
+        self.norm_min = norm_min
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (logits [N, E] fp32, weights [N, k] in x's dtype, expert ids [N, k])."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+            probs = logits.softmax(dim=-1)
+            ids = torch.topk(probs + self.e_score_correction_bias.float(), self.top_k, dim=-1).indices
+            weights = probs.gather(-1, ids)
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        return logits, weights.to(x.dtype), ids
+
+
+class ExpertGroup(nn.Module):
+    """One routed group: its router and its experts, stored stacked so a grouped kernel can run them."""
+
+    def __init__(self, hidden: int, num_experts: int, width: int, top_k: int, norm_min: float) -> None:
+        super().__init__()
+        self.gate = Router(hidden, num_experts, top_k, norm_min)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
+        self.num_experts = num_experts
+
+    def experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights_k · Expert_{ids_k}(x): tokens sorted by expert, one matmul pair per expert hit."""
+        n, k = ids.shape
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[token]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                gate, up = F.linear(xs[start : start + c], self.gate_up_proj[e]).chunk(2, dim=-1)
+                ys[start : start + c] = F.linear(F.silu(gate) * up, self.down_proj[e])
+                start += c
+        ys = ys * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (output [N, H], router logits [N, E])."""
+        logits, weights, ids = self.gate(x)
+        return self.experts(x, ids, weights), logits
+
+
+class MoEBlock(nn.Module):
+    """Shared experts for every token + each token's modality group (top-k of that group's experts)."""
+
+    def __init__(self, config: Ernie45Config) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.groups = nn.ModuleDict(
+            {
+                g["name"]: ExpertGroup(h, g["num_experts"], g["intermediate_size"], config.moe_k, config.moe_norm_min)
+                for g in config.expert_groups
+            }
+        )
+        self.group_modalities = {g["name"]: tuple(g["modalities"]) for g in config.expert_groups}
+        self.shared_experts = (
+            SwiGLU(h, config.moe_shared_intermediate_size, config.use_bias) if config.moe_num_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, H]; modality [B, S] ids (None: all text)."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        out = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
+        if len(self.groups) == 1:
+            (group,) = self.groups.values()
+            out = out + group(x)[0]
+            return out.reshape(shape)
+        modality = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if modality is None else modality
+        modality = modality.reshape(-1)
+        for name, group in self.groups.items():
+            rows = torch.isin(modality, torch.tensor(self.group_modalities[name], device=x.device)).nonzero()[:, 0]
+            if rows.numel():
+                out = out.index_add(0, rows, group(x[rows])[0])
+        return out.reshape(shape)
