@@ -119,10 +119,23 @@ class Ernie45Config(PreTrainedConfig):
 
 # Fields that keep their name between the official text configs and ours.
 _SHARED_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act", "use_bias",
-    "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range",
-)  # fmt: skip
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "hidden_act",
+    "use_bias",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "initializer_range",
+)
 _MOE_FIELDS = ("moe_k", "moe_num_shared_experts", "moe_norm_min", "moe_layer_interval")
 
 

@@ -20,9 +20,15 @@ from .rules import RULES_BY_MODEL_TYPE, Rule
 
 # Files that travel with the weights (tokenizer, generation defaults, media preprocessing).
 SIDE_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "chat_template.jinja",
+)
 
 
 def official_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -75,7 +81,7 @@ def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, sh
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in tqdm(list(zip(names, shards)), desc="writing shards", disable=None):
+    for name, shard in tqdm(list(zip(names, shards, strict=True)), desc="writing shards", disable=None):
         save_file(shard, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for s in shards for t in s.values())

@@ -1,0 +1,127 @@
+"""The `ernie45` command line. User mistakes end in one line that says what to do, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from . import presets
+from .checkpoint import CheckpointError, build_on_meta, export
+from .config import MODALITIES, ConfigError, Ernie45Config, read_config
+from .model.stats import parameter_counts
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+def resolve_config(name_or_dir: str) -> tuple[Ernie45Config, str]:
+    if name_or_dir in presets.PRESETS:
+        return presets.get(name_or_dir), "preset"
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return read_config(path)[0], f"checkpoint {path}"
+    raise UsageError(
+        f"{name_or_dir!r} is neither a preset nor a checkpoint directory; presets: {', '.join(presets.names())}"
+    )
+
+
+def _b(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _ranges(idx: list[int]) -> str:
+    if not idx:
+        return "none"
+    parts, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None], strict=True):
+        if b != a + 1:
+            parts.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(parts)
+
+
+def describe(config: Ernie45Config) -> str:
+    """A readable summary of the structure and the parameter counts (built on the meta device)."""
+    model = build_on_meta(config)
+    c = config
+    moe = [i for i in range(c.num_hidden_layers) if c.is_moe_layer(i)]
+    dense = [i for i in range(c.num_hidden_layers) if i not in moe]
+    names = {v: k for k, v in MODALITIES.items()}
+    lines = [
+        f"layers        {c.num_hidden_layers}: dense {_ranges(dense)}; MoE {_ranges(moe)}",
+        f"hidden        {c.hidden_size}, vocab {c.vocab_size}, context {c.max_position_embeddings}",
+        f"attention     {c.num_attention_heads} heads x {c.head_dim}, {c.num_key_value_heads} KV heads (GQA), "
+        f"interleaved RoPE theta {c.rope_theta:g}",
+        f"dense FFN     SwiGLU width {c.intermediate_size}" if dense else "dense FFN     none",
+    ]
+    for g in c.expert_groups:
+        mods = ",".join(names[m] for m in g["modalities"])
+        lines.append(
+            f"experts       {g['name']}: {g['num_experts']} x width {g['intermediate_size']}, top-{c.moe_k} "
+            f"(tokens: {mods})"
+        )
+    if c.is_moe:
+        lines.append(f"shared        {c.moe_num_shared_experts} experts, SwiGLU width {c.moe_shared_intermediate_size}")
+    lines.append(f"lm head       {'tied to the embedding' if c.tie_word_embeddings else 'separate'}")
+    lines.append(
+        "components    "
+        + ", ".join(
+            f"{n} {_b(sum(p.numel() for p in m.parameters()))}"
+            for n, m in model.model.named_children()
+            if list(m.parameters())
+        )
+    )
+    total, active = parameter_counts(model)
+    lines.append(f"parameters    {_b(total)} total, {_b(active)} active per text token")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    config, what = resolve_config(args.model)
+    print(f"{args.model} ({what})")
+    print(describe(config))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    src = Path(args.src)
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a checkpoint directory")
+    out = export(src, args.out, shard_size_gb=args.shard_size_gb)
+    print(f"wrote the official layout to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ernie45", description="ERNIE 4.5 family: inspect, convert, run.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    info = sub.add_parser("info", help="structure and parameter counts of a preset or checkpoint")
+    info.add_argument("model", metavar="PRESET_OR_DIR", help=f"one of {', '.join(presets.names())}, or a directory")
+    info.set_defaults(func=cmd_info)
+    ex = sub.add_parser("export", help="write a checkpoint in the official -PT layout (transformers, vLLM read it)")
+    ex.add_argument("src", metavar="DIR", help="checkpoint directory (any layout ernie45 reads)")
+    ex.add_argument("out", metavar="OUT", help="output directory")
+    ex.add_argument("--shard-size-gb", type=float, default=5.0, help="largest shard size (default 5)")
+    ex.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (UsageError, ConfigError, CheckpointError) as e:
+        first, _, rest = str(e).partition("\n")
+        print(f"ernie45 {args.command}: error: {first}", file=sys.stderr)
+        if rest:
+            print(rest, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

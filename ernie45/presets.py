@@ -1,0 +1,117 @@
+"""Named configurations of the family. Variants are data: each preset is a dict of config fields.
+
+``ernie-4.5-8b-omni`` is this project's own design (no released checkpoint): the VL-28B recipe shrunk to
+about 8B parameters. Its dimensions and why:
+
+- hidden 2048, 16 query heads x 128 (head_dim 128 as every released ERNIE 4.5), 4 KV heads: the
+  attention of a 2-3B dense model, cheap KV cache at 131,072 tokens (24 x 2 x 4 x 128 x 2 B = 48 KiB/token).
+- 24 layers, layer 0 dense (width 8192), layers 1-23 MoE, as the released MoEs keep their first layer dense.
+- 64 text experts of width 512 and 64 vision experts of width 256 (the VL model's 3:1 ratio), top-8,
+  2 shared experts (width 1024) that every token passes through.
+- images, video and audio share the vision group: audio tokens are routed like vision (mission).
+- text trunk about 7.6B in total, about 1.2B active per token; with the ViT (0.63B) and an audio
+  encoder it lands near 8B.
+"""
+
+from __future__ import annotations
+
+from .config import MODALITIES, Ernie45Config
+
+ALL = list(MODALITIES.values())
+TEXT, VISION, MEDIA = [0], [1, 2], [1, 2, 3]
+_ERNIE_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_VL_TOKENS = dict(
+    image_token_id=100295,
+    audio_token_id=100296,
+    video_token_id=103367,
+    image_start_token_id=101304,
+    image_end_token_id=101305,
+    video_start_token_id=101306,
+    video_end_token_id=101307,
+)
+
+PRESETS: dict[str, dict] = {
+    "ernie-4.5-0.3b": dict(
+        vocab_size=103424,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=18,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=128,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        **_ERNIE_TOKENS,
+    ),
+    "ernie-4.5-21b-a3b": dict(
+        vocab_size=103424,
+        hidden_size=2560,
+        intermediate_size=12288,
+        num_hidden_layers=28,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        head_dim=128,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        moe_k=6,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_end_index=27,
+        expert_groups=[dict(name="text", num_experts=64, intermediate_size=1536, modalities=ALL)],
+        **_ERNIE_TOKENS,
+    ),
+    "ernie-4.5-vl-28b-a3b": dict(
+        vocab_size=103424,
+        hidden_size=2560,
+        intermediate_size=12288,
+        num_hidden_layers=28,
+        num_attention_heads=20,
+        num_key_value_heads=4,
+        head_dim=128,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        moe_k=6,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_end_index=27,
+        expert_groups=[
+            dict(name="text", num_experts=64, intermediate_size=1536, modalities=TEXT),
+            dict(name="vision", num_experts=64, intermediate_size=512, modalities=VISION),
+        ],
+        **_ERNIE_TOKENS,
+        **_VL_TOKENS,
+    ),
+    "ernie-4.5-8b-omni": dict(
+        vocab_size=103424,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=128,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        moe_k=8,
+        moe_num_shared_experts=2,
+        moe_layer_start_index=1,
+        moe_layer_end_index=23,
+        moe_shared_intermediate_size=1024,
+        expert_groups=[
+            dict(name="text", num_experts=64, intermediate_size=512, modalities=TEXT),
+            dict(name="vision", num_experts=64, intermediate_size=256, modalities=MEDIA),
+        ],
+        **_ERNIE_TOKENS,
+        **_VL_TOKENS,
+    ),
+}
+
+
+def names() -> list[str]:
+    return list(PRESETS)
+
+
+def get(name: str, **overrides) -> Ernie45Config:
+    """The config of preset `name`, with any field overridden."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return Ernie45Config(**{**PRESETS[name], **overrides})
