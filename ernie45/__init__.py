@@ -3,8 +3,9 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .checkpoint import CheckpointError, export, load
-from .config import MODALITIES, ConfigError, Ernie45Config, read_config
+from .config import MODALITIES, ConfigError, Ernie45Config
 from .model import Ernie45ForConditionalGeneration, Ernie45Model
+from .official_config import read_config
 
 AutoConfig.register("ernie45", Ernie45Config, exist_ok=True)
 AutoModel.register(Ernie45Config, Ernie45Model, exist_ok=True)

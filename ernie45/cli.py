@@ -9,8 +9,9 @@ from pathlib import Path
 
 from . import presets
 from .checkpoint import CheckpointError, build_on_meta, export
-from .config import MODALITIES, ConfigError, Ernie45Config, read_config
+from .config import MODALITIES, ConfigError, Ernie45Config
 from .model.stats import parameter_counts
+from .official_config import read_config
 
 
 class UsageError(Exception):

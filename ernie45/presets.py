@@ -9,8 +9,8 @@ about 8B parameters. Its dimensions and why:
 - 64 text experts of width 512 and 64 vision experts of width 256 (the VL model's 3:1 ratio), top-8,
   2 shared experts (width 1024) that every token passes through.
 - images, video and audio share the vision group: audio tokens are routed like vision (mission).
-- text trunk about 7.6B in total, about 1.2B active per token; with the ViT (0.63B) and an audio
-  encoder it lands near 8B.
+- the VL model's ViT (0.63B) and resampler (0.19B) unchanged, so VL-28B vision weights can seed it.
+- about 8.4B in total with the vision path, about 1.2B active per text token.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from .config import MODALITIES, Ernie45Config
 
 ALL = list(MODALITIES.values())
 TEXT, VISION, MEDIA = [0], [1, 2], [1, 2, 3]
+_VIT = dict(
+    depth=32, hidden_size=1280, intermediate_size=5120, num_heads=16, patch_size=14, in_channels=3,
+    spatial_merge_size=2, temporal_merge_size=2, layer_norm_eps=1e-6, rope_theta=10000.0,
+)  # fmt: skip
 _ERNIE_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _VL_TOKENS = dict(
     image_token_id=100295,
@@ -80,6 +84,8 @@ PRESETS: dict[str, dict] = {
         ],
         **_ERNIE_TOKENS,
         **_VL_TOKENS,
+        vision_config=_VIT,
+        freq_allocation=20,
     ),
     "ernie-4.5-8b-omni": dict(
         vocab_size=103424,
@@ -102,6 +108,8 @@ PRESETS: dict[str, dict] = {
         ],
         **_ERNIE_TOKENS,
         **_VL_TOKENS,
+        vision_config=_VIT,
+        freq_allocation=20,
     ),
 }
 

@@ -12,8 +12,8 @@ import pytest
 import ernie45
 from ernie45 import ConfigError, presets
 from ernie45.checkpoint import build_on_meta
-from ernie45.config import config_from_dict, to_official
 from ernie45.model.stats import parameter_counts
+from ernie45.official_config import config_from_dict, to_official
 
 
 def _counts(name):

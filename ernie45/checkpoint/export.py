@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import official_model_type, to_official
+from ..official_config import official_model_type, to_official
 from .rules import RULES_BY_MODEL_TYPE, Rule
 
 # Files that travel with the weights (tokenizer, generation defaults, media preprocessing).

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import Ernie45Config, read_config
+from ..config import Ernie45Config
 from ..model import Ernie45ForConditionalGeneration
+from ..official_config import read_config
 from .files import CheckpointError, iter_tensors, weight_files
 from .rules import RULES_BY_MODEL_TYPE, SIDE_KEYS, Rule
 
@@ -48,6 +49,8 @@ class _Filler:
         self.errors.append(f"unexpected key {key} {list(shape)}")
 
     def _apply(self, rule: Rule, fields: dict, key: str, dtype, shape, read) -> None:
+        if rule.part == "row" and "group" in fields:  # this group's own [1, E] row
+            return self._fill(rule.ours.format(**fields), None, key, read().reshape(-1))
         if rule.part == "row":  # one row per expert group
             if len(shape) not in (1, 2) or (len(shape) == 2 and shape[0] != len(self.groups)):
                 return self.errors.append(f"{key}: shape {list(shape)}, expected [{len(self.groups)}, experts]")

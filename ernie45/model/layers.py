@@ -35,10 +35,22 @@ def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = Non
     return (1.0 / theta ** (j / head_dim)).float()
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of every rotation pair, fp32, shape [B, S, D/2], for 1D positions [B, S]."""
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, t_pairs: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of every rotation pair, fp32, shape [B, S, D/2].
+
+    position_ids: [B, S], or [3, B, S] (t, h, w) for 3D RoPE: pairs below D/2 - t_pairs alternate
+    h (even) and w (odd); the last t_pairs pairs turn with t (spec §2.1).
+    """
     inv_freq = rope_inv_freq(head_dim, theta, position_ids.device)
-    angles = position_ids[..., None].float() * inv_freq
+    if position_ids.dim() == 2:
+        angles = position_ids[..., None].float() * inv_freq
+    else:
+        pairs = torch.arange(head_dim // 2, device=position_ids.device)
+        axis = torch.where(pairs >= head_dim // 2 - t_pairs, 0, 1 + pairs % 2)  # 0 t, 1 h, 2 w
+        pos = position_ids.float()[axis]  # [P, B, S]: each pair's own axis
+        angles = pos.permute(1, 2, 0) * inv_freq
     return angles.cos(), angles.sin()
 
 

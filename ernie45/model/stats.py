@@ -7,12 +7,21 @@ from torch import nn
 from ..config import MODALITIES
 from .moe import MoEBlock
 
+# Encoder submodules of the trunk and the modalities whose tokens they produce.
+ENCODERS = {"vision_tower": ("image", "video"), "resampler_model": ("image", "video")}
+
 
 def parameter_counts(model: nn.Module, modality: str = "text") -> tuple[int, int]:
-    """(total, active for one token of `modality`): a token runs top-k of its own group's experts only."""
+    """(total, active for one token of `modality`).
+
+    A token runs top-k of its own group's experts only, and no encoder of another modality.
+    """
     total = sum(p.numel() for p in model.parameters())
     active = total
     mid = MODALITIES[modality]
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in ENCODERS and modality not in ENCODERS[name.rpartition(".")[2]]:
+            active -= sum(p.numel() for p in module.parameters())
     for block in model.modules():
         if not isinstance(block, MoEBlock):
             continue

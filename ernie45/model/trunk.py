@@ -18,6 +18,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..config import Ernie45Config
 from .layers import Attention, RMSNorm, SwiGLU, attention_mask, rope_cos_sin
 from .moe import ExpertGroup, MoEBlock, Router
+from .positions import rope_index, text_positions
+from .vision import Resampler, VisionConfig, VisionTransformer
 
 
 class DecoderLayer(nn.Module):
@@ -43,7 +45,7 @@ class Ernie45PreTrainedModel(PreTrainedModel):
     config_class = Ernie45Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DecoderLayer"]
+    _no_split_modules = ["DecoderLayer", "VisionBlock"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"mtp"]
     _keep_in_fp32_modules_strict = ["gate.weight", "e_score_correction_bias"]
@@ -68,15 +70,74 @@ class Ernie45PreTrainedModel(PreTrainedModel):
 
 
 class Ernie45Model(Ernie45PreTrainedModel):
-    """The decoder stack, returning the final hidden states."""
+    """Encoders (if any) + the decoder stack, returning the final hidden states."""
 
     def __init__(self, config: Ernie45Config) -> None:
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        if config.vision_config is not None:
+            vc = VisionConfig.from_dict(config.vision_config)
+            self.vision_tower = VisionTransformer(vc)
+            self.resampler_model = Resampler(vc, config.hidden_size, config.rms_norm_eps)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        c = config
+        # token id -> modality id: placeholders and their START/END markers route like their media (pitfall 6)
+        self.modality_of_token = {
+            t: m
+            for m, toks in ((1, (c.image_token_id, c.image_start_token_id, c.image_end_token_id)),
+                            (2, (c.video_token_id, c.video_start_token_id, c.video_end_token_id)),
+                            (3, (c.audio_token_id, c.audio_start_token_id, c.audio_end_token_id)))
+            for t in toks if t is not None
+        }  # fmt: skip
         self.post_init()
+
+    def modality_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Per-token modality ids derived from the token ids (None for a text-only model)."""
+        if not self.modality_of_token or len(self.config.expert_groups) < 2:
+            return None
+        out = torch.zeros_like(input_ids)
+        for token, m in self.modality_of_token.items():
+            out = out.masked_fill(input_ids == token, m)
+        return out
+
+    def encode_vision(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Patches [N, 3*14*14] -> one text-width embedding per placeholder token."""
+        if not hasattr(self, "vision_tower"):
+            raise ValueError("this model has no vision encoder (config.vision_config is None); it takes text only")
+        pixels = pixels.to(self.vision_tower.patch_embed.proj.weight.dtype)
+        return self.resampler_model(self.vision_tower(pixels, grid_thw), grid_thw)
+
+    def _scatter(self, h, input_ids, token_id, features, what: str) -> torch.Tensor:
+        if input_ids is None:
+            raise ValueError(f"{what} features need input_ids to find their placeholder tokens")
+        slots = input_ids == token_id
+        if int(slots.sum()) != features.shape[0]:
+            raise ValueError(
+                f"the prompt has {int(slots.sum())} {what} placeholder tokens (id {token_id}) but the {what} "
+                f"inputs give {features.shape[0]} features; expand each placeholder with the processor"
+            )
+        return h.masked_scatter(slots[..., None], features.to(h.dtype))
+
+    def positions(self, input_ids, padding_mask, cache, past, seq, device, image_grid_thw, video_grid_thw):
+        """Default position ids: 3D for a prompt with media (VL/omni), else 1D (+ the cached decode delta)."""
+        c = self.config
+        grids = image_grid_thw is not None or video_grid_thw is not None
+        if c.freq_allocation and grids and input_ids is not None and past == 0:
+            vc = self.vision_tower.config
+            spans = {}
+            if image_grid_thw is not None:
+                spans[c.image_token_id] = (image_grid_thw.tolist(), 1)
+            if video_grid_thw is not None:
+                spans[c.video_token_id] = (video_grid_thw.tolist(), vc.temporal_merge_size)
+            pos, deltas = rope_index(input_ids, spans, vc.spatial_merge_size, padding_mask)
+            if cache is not None:
+                cache.rope_deltas = deltas  # decoding continues from each row's max + 1
+            return pos
+        pos = text_positions(padding_mask, past, seq, device)
+        deltas = getattr(cache, "rope_deltas", None)
+        return pos if deltas is None else pos + deltas[:, None]
 
     def forward(
         self,
@@ -86,16 +147,31 @@ class Ernie45Model(Ernie45PreTrainedModel):
         cache: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         modality: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
         **_: Any,
     ) -> BaseModelOutputWithPast:
+        """modality: [B, S] ids (0 text, 1 image, 2 video, 3 audio); None derives them from input_ids."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        c = self.config
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if pixel_values is not None:
+            h = self._scatter(h, input_ids, c.image_token_id, self.encode_vision(pixel_values, image_grid_thw), "image")
+        if pixel_values_videos is not None:
+            feats = self.encode_vision(pixel_values_videos, video_grid_thw)
+            h = self._scatter(h, input_ids, c.video_token_id, feats, "video")
+        if modality is None and input_ids is not None:
+            modality = self.modality_ids(input_ids)
         seq = h.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            position_ids = self._default_positions(attention_mask, past, seq, h.device)
-        rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+            position_ids = self.positions(
+                input_ids, attention_mask, cache, past, seq, h.device, image_grid_thw, video_grid_thw
+            )
+        rope = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.freq_allocation)
         mask = _layer_mask(attention_mask, seq, past + seq, h.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -103,14 +179,6 @@ class Ernie45Model(Ernie45PreTrainedModel):
             else:
                 h = layer(h, rope, mask, cache, modality)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
-
-    @staticmethod
-    def _default_positions(padding_mask, past: int, seq: int, device) -> torch.Tensor:
-        """Positions count real tokens only, so a left-padded row matches the same row unpadded."""
-        if padding_mask is None:
-            return (torch.arange(seq, device=device) + past)[None]
-        pos = padding_mask.long().cumsum(-1) - 1
-        return pos.clamp(min=0)[:, -seq:]
 
 
 def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -143,11 +211,20 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         cache: Any = None,
         inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
+        moe_mm_token_type_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """mm_token_type_ids: per-token modality ids (0 text, 1 image, 2 video, 3 audio); None = all text."""
+        """Keyword names follow transformers' VL model, so a batch from either processor runs on either model.
+
+        moe_mm_token_type_ids / mm_token_type_ids: per-token modality ids (0 text, 1 image, 2 video, 3 audio)
+        that pick each token's expert group; by default they are derived from the token ids.
+        """
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             from transformers import DynamicCache
@@ -159,7 +236,13 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
-            modality=mm_token_type_ids,
+            modality=moe_mm_token_type_ids
+            if moe_mm_token_type_ids is not None
+            else (mm_token_type_ids if input_ids is None else None),
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
         )
         h = out.last_hidden_state
         if logits_to_keep:

@@ -1,0 +1,68 @@
+"""Position ids: 1D for text, (t, h, w) for the VL/omni models' 3D RoPE (spec §2.1).
+
+Text tokens get (p, p, p). A vision item placed at counter ``cur`` gets ``(cur + frame pair, cur + row,
+cur + column)`` for each merged token; the next token continues at max(coordinates) + 1, and decoding
+continues from the row's maximum + 1 (kept as a per-row delta).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def text_positions(padding_mask: torch.Tensor | None, past: int, seq: int, device) -> torch.Tensor:
+    """[B, S] positions counting real tokens only, so a left-padded row matches the same row unpadded."""
+    if padding_mask is None:
+        return (torch.arange(seq, device=device) + past)[None]
+    return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+
+
+def vision_item_positions(grid_thw: list[int], cur: int, merge: int, t_merge: int) -> torch.Tensor:
+    """[3, n] (t, h, w) positions of one image (t_merge 1) or video's merged tokens, starting at cur."""
+    t, h, w = grid_thw
+    gt, gh, gw = max(t // t_merge, 1), h // merge, w // merge
+    tt, hh, ww = torch.meshgrid(torch.arange(gt), torch.arange(gh), torch.arange(gw), indexing="ij")
+    return torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + cur
+
+
+def rope_index(
+    input_ids: torch.Tensor,
+    spans: dict[int, tuple[list[list[int]], int]],
+    merge: int,
+    padding_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D position ids [3, B, S] and per-row decode deltas [B] (next position = real length + delta).
+
+    spans: placeholder token id -> (grid_thw of its items in order, temporal merge) for images and videos.
+    """
+    b, s = input_ids.shape
+    out = torch.zeros(3, b, s, dtype=torch.long)
+    deltas = torch.zeros(b, dtype=torch.long)
+    grids = {tok: iter(g) for tok, (g, _) in spans.items()}
+    ids_all = input_ids.cpu()
+    for row in range(b):
+        keep = padding_mask[row].bool().cpu() if padding_mask is not None else torch.ones(s, dtype=torch.bool)
+        ids = ids_all[row][keep].tolist()
+        pieces, cur, i = [], 0, 0
+        while i < len(ids):
+            tok = ids[i]
+            if tok not in spans:
+                j = i
+                while j < len(ids) and ids[j] not in spans:
+                    j += 1
+                pieces.append(torch.arange(cur, cur + j - i).expand(3, -1))
+                cur, i = cur + j - i, j
+                continue
+            grid = next(grids[tok], None)
+            if grid is None:
+                raise ValueError(f"more placeholder runs of token {tok} than media items (grid_thw rows)")
+            pos = vision_item_positions(grid, cur, merge, spans[tok][1])
+            n = pos.shape[1]
+            if ids[i : i + n] != [tok] * n:
+                raise ValueError(f"an item of grid {grid} needs {n} consecutive placeholders {tok} at {i}")
+            pieces.append(pos)
+            cur, i = int(pos.max()) + 1, i + n
+        pos = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
+        out[:, row, keep] = pos
+        deltas[row] = cur - len(ids)
+    return out.to(input_ids.device), deltas.to(input_ids.device)
