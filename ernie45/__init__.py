@@ -1,6 +1,6 @@
 """ernie45: a PyTorch-native stack for the ERNIE 4.5 family (dense, MoE, VL, omni)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .checkpoint import CheckpointError, export, load
 from .config import MODALITIES, ConfigError, Ernie45Config
@@ -10,6 +10,7 @@ from .official_config import read_config
 AutoConfig.register("ernie45", Ernie45Config, exist_ok=True)
 AutoModel.register(Ernie45Config, Ernie45Model, exist_ok=True)
 AutoModelForCausalLM.register(Ernie45Config, Ernie45ForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(Ernie45Config, Ernie45ForConditionalGeneration, exist_ok=True)
 
 __all__ = [
     "MODALITIES",

@@ -66,6 +66,13 @@ def describe(config: Ernie45Config) -> str:
         )
     if c.is_moe:
         lines.append(f"shared        {c.moe_num_shared_experts} experts, SwiGLU width {c.moe_shared_intermediate_size}")
+    if c.vision_config is not None:
+        v = c.vision_config
+        lines.append(
+            f"vision        ViT {v['depth']} x {v['hidden_size']} ({v['num_heads']} heads), patch {v['patch_size']}, "
+            f"merge {v['spatial_merge_size']}x{v['spatial_merge_size']} + {v['temporal_merge_size']} frames -> "
+            f"{c.hidden_size}; 3D RoPE ({c.freq_allocation} temporal pairs)"
+        )
     lines.append(f"lm head       {'tied to the embedding' if c.tie_word_embeddings else 'separate'}")
     lines.append(
         "components    "

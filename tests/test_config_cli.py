@@ -84,6 +84,14 @@ def test_info_prints_structure_and_counts():
     assert "MoE 1-27" in r.stdout and "64 x width 1536, top-6" in r.stdout
 
 
+def test_info_vl_shows_encoder_groups_and_total():
+    r = _cli("info", "ernie-4.5-vl-28b-a3b")
+    assert r.returncode == 0, r.stderr
+    assert "vision        ViT 32 x 1280" in r.stdout
+    assert "vision: 64 x width 512, top-6 (tokens: image,video)" in r.stdout
+    assert re.search(r"29\.40B total, 3\.35B active", r.stdout)  # transformers' own count of this config
+
+
 def test_info_and_export_errors_are_one_line(tmp_path):
     r = _cli("info", "no-such-model")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "neither a preset" in r.stderr
