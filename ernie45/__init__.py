@@ -4,8 +4,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .checkpoint import CheckpointError, export, load
 from .config import MODALITIES, ConfigError, Ernie45Config
+from .engine import LLM, Completion, SamplingParams
 from .model import Ernie45ForConditionalGeneration, Ernie45Model
 from .official_config import read_config
+from .processing.processor import Processor, load_processor
 
 AutoConfig.register("ernie45", Ernie45Config, exist_ok=True)
 AutoModel.register(Ernie45Config, Ernie45Model, exist_ok=True)
@@ -14,13 +16,18 @@ AutoModelForImageTextToText.register(Ernie45Config, Ernie45ForConditionalGenerat
 
 __all__ = [
     "MODALITIES",
+    "LLM",
     "CheckpointError",
+    "Completion",
     "ConfigError",
     "Ernie45Config",
     "Ernie45ForConditionalGeneration",
     "Ernie45Model",
     "export",
     "load",
+    "load_processor",
+    "Processor",
     "read_config",
+    "SamplingParams",
 ]
 __version__ = "0.1.0"

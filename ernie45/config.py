@@ -6,6 +6,7 @@ never the model's name. Official config.json forms are read and written by `erni
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -16,6 +17,34 @@ MODALITIES: dict[str, int] = {"text": 0, "image": 1, "video": 2, "audio": 3}
 
 class ConfigError(ValueError):
     """A config.json that ernie45 cannot read; the message says which field and why."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision encoder's fields, read from ``Ernie45Config.vision_config`` (a plain dict in config.json)."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_heads: int = 16
+    patch_size: int = 14
+    in_channels: int = 3
+    spatial_merge_size: int = 2
+    temporal_merge_size: int = 2
+    layer_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VisionConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"vision_config has unknown fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
 
 class Ernie45Config(PreTrainedConfig):
@@ -98,6 +127,8 @@ class Ernie45Config(PreTrainedConfig):
         if self.expert_groups and self.moe_shared_intermediate_size is None:
             width = self.expert_groups[0]["intermediate_size"]
             self.moe_shared_intermediate_size = width * self.moe_num_shared_experts
+        if self.vision_config is not None:  # complete it, so config.json states every vision field
+            self.vision_config = asdict(VisionConfig.from_dict(self.vision_config))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

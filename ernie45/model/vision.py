@@ -7,41 +7,12 @@ with a per-frame block mask). The resampler merges 2x2 patches, then frame pairs
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import VisionConfig
 from .layers import RMSNorm
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    """The vision encoder's fields, read from ``Ernie45Config.vision_config`` (a plain dict in config.json)."""
-
-    depth: int = 32
-    hidden_size: int = 1280
-    intermediate_size: int = 5120
-    num_heads: int = 16
-    patch_size: int = 14
-    in_channels: int = 3
-    spatial_merge_size: int = 2
-    temporal_merge_size: int = 2
-    layer_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VisionConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"vision_config has unknown fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""A KV cache allocated once per request batch: fixed buffers written in place, never reallocated."""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    """Per layer, K and V buffers [B, kv_heads, max_len, head_dim]; ``update`` writes at the current length.
+
+    It speaks the small protocol the model's attention uses (``update``, ``get_seq_length``), so the model
+    stays ignorant of how the engine manages memory.
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype, device) -> None:
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.lengths = [0] * layers
+        self.max_len = max_len
+
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int) -> StaticKVCache:
+        c = model.config
+        dtype = model.model.embed_tokens.weight.dtype
+        return cls(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len, dtype, model.device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.lengths[layer_idx]
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} tokens; this step needs {end}")
+        self.k[layer_idx][:, :, start:end] = k
+        self.v[layer_idx][:, :, start:end] = v
+        self.lengths[layer_idx] = end
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]

@@ -1,0 +1,200 @@
+"""`ernie45.LLM`: batched generation, chat and streaming over any ERNIE 4.5 checkpoint.
+
+One loop serves all three: prefill the left-padded batch into a KV cache allocated once, then one token
+per row per step; each row's `RowState` detokenizes incrementally, applies stop rules and says when it
+is done.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import load
+from ..processing.chat_template import split_reasoning
+from ..processing.processor import Processor, load_processor
+from .cache import StaticKVCache
+from .detokenize import IncrementalDetokenizer
+from .sampling import SamplingParams, apply_penalties, sample
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS, stop string or stop id), "length" (max_tokens) or "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning: str | None = None
+
+
+@dataclass
+class Delta:
+    """One streaming step: new text (always whole UTF-8 characters); finish_reason set on the last one."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+class RowState:
+    def __init__(self, detok: IncrementalDetokenizer, params: SamplingParams, eos: set[int], prompt_tokens: int):
+        self.detok, self.params, self.eos, self.prompt_tokens = detok, params, eos, prompt_tokens
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.pending = ""  # text released since the consumer last looked (streaming)
+        self.new_ids: list[int] = []
+
+    def push(self, token: int) -> str:
+        """Take one sampled token; return the text it releases."""
+        p = self.params
+        if (token in self.eos and not p.ignore_eos) or token in p.stop_token_ids:
+            self.finish_reason = "stop"
+            return self.detok.flush()
+        self.token_ids.append(token)
+        delta = self.detok.push(token)
+        if self.detok.stopped:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= p.max_tokens:
+            self.finish_reason = "length"
+            delta += self.detok.flush()
+        return delta
+
+    def completion(self, chat: bool) -> Completion:
+        text, reasoning = self.detok.text, None
+        if chat:
+            reasoning, text = split_reasoning(text)
+        return Completion(text, list(self.token_ids), self.finish_reason or "abort", self.prompt_tokens,
+                          len(self.token_ids), reasoning)  # fmt: skip
+
+
+class LLM:
+    """Generation engine. ``LLM(dir)`` loads the checkpoint and its processor; or pass a model and processor."""
+
+    def __init__(self, model_or_dir: Any, dtype=None, device=None, processor: Processor | None = None) -> None:
+        if isinstance(model_or_dir, (str, Path)):
+            path = Path(model_or_dir)
+            self.model = load(path, dtype=dtype, device=device)
+            self.processor = processor or load_processor(path)
+        else:
+            self.model = model_or_dir
+            source = getattr(self.model.config, "name_or_path", "")
+            if processor is None and not source:
+                raise ValueError("pass processor= with a model object (or give LLM a checkpoint directory)")
+            self.processor = processor or load_processor(source)
+        self.model.eval()
+        self._check_token_ids()
+        c = self.model.config
+        eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
+        sep = self.processor.ids.get("sep")
+        self.eos = {t for t in [*eos, self.processor.tokenizer.eos_token_id, sep] if t is not None}
+        self.default_sampling = self._generation_defaults(Path(getattr(c, "name_or_path", "") or "."))
+
+    def _check_token_ids(self) -> None:
+        c, ids = self.model.config, self.processor.ids
+        for role, field in (("image", "image_token_id"), ("video", "video_token_id"), ("audio", "audio_token_id")):
+            if role in ids and getattr(c, field) is not None and ids[role] != getattr(c, field):
+                raise ValueError(f"the tokenizer's {role} placeholder is id {ids[role]} but config.{field} is "
+                                 f"{getattr(c, field)}: tokenizer and model do not belong together")  # fmt: skip
+
+    @staticmethod
+    def _generation_defaults(path: Path) -> SamplingParams:
+        file = path / "generation_config.json"
+        if not file.is_file():
+            return SamplingParams()
+        g = json.loads(file.read_text())
+        keys = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        return SamplingParams(**{k: g[k] for k in keys if g.get(k) is not None})
+
+    # ---- public API -------------------------------------------------------------------------------------
+    def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:
+        """Complete raw prompts: a string, a list of strings, or token id lists."""
+        encoded = [self._encode_prompt(p) for p in _as_list(prompts)]
+        return self._complete(encoded, sampling or self.default_sampling, chat=False)
+
+    def chat(self, messages, sampling: SamplingParams | None = None, **template_kw: Any) -> list[Completion]:
+        """Answer one conversation (a list of messages) or several (a list of such lists)."""
+        convs = messages if messages and isinstance(messages[0], list) else [messages]
+        encoded = [self.processor.encode_chat(m, **template_kw) for m in convs]
+        return self._complete(encoded, sampling or self.default_sampling, chat=True)
+
+    def stream(self, prompt_or_messages, sampling: SamplingParams | None = None, **template_kw: Any) -> Iterator[Delta]:
+        """Stream one prompt (string / ids) or conversation (list of messages) as text deltas."""
+        if isinstance(prompt_or_messages, list) and prompt_or_messages and isinstance(prompt_or_messages[0], dict):
+            encoded = self.processor.encode_chat(prompt_or_messages, **template_kw)
+        else:
+            encoded = self._encode_prompt(prompt_or_messages)
+        params = sampling or self.default_sampling
+        (row,) = rows = self._rows([encoded], params)
+        for _ in self._steps([encoded], rows, params):
+            if row.pending or row.finish_reason:
+                yield Delta(row.pending, row.new_ids, row.finish_reason)
+                row.pending, row.new_ids = "", []
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def _encode_prompt(self, prompt) -> dict[str, Any]:
+        if isinstance(prompt, str):
+            return self.processor.encode(prompt)
+        if isinstance(prompt, dict):
+            return prompt
+        return {"input_ids": list(prompt)}
+
+    def _rows(self, encoded: list[dict], params: SamplingParams) -> list[RowState]:
+        tok = self.processor.tokenizer
+        return [
+            RowState(IncrementalDetokenizer(tok, params.stop), params, self.eos, len(e["input_ids"])) for e in encoded
+        ]
+
+    def _complete(self, encoded: list[dict], params: SamplingParams, chat: bool) -> list[Completion]:
+        rows = self._rows(encoded, params)
+        for _ in self._steps(encoded, rows, params):
+            pass
+        return [r.completion(chat) for r in rows]
+
+    @torch.inference_mode()
+    def _steps(self, encoded: list[dict], rows: list[RowState], params: SamplingParams) -> Iterator[None]:
+        model = self.model
+        batch = {k: v.to(model.device) for k, v in self.processor.collate(encoded).items()}
+        b, width = batch["input_ids"].shape
+        limit = model.config.max_position_embeddings
+        if width >= limit:
+            raise ValueError(f"the prompt has {width} tokens; this model reads at most {limit}")
+        cache = StaticKVCache.for_model(model, b, min(width + params.max_tokens, limit))
+        vocab = model.config.vocab_size
+        seen = torch.zeros(b, vocab, dtype=torch.bool, device=model.device)
+        seen.scatter_(1, batch["input_ids"].clamp(max=vocab - 1), batch["attention_mask"].bool())
+        counts = torch.zeros(b, vocab, dtype=torch.long, device=model.device)
+        generator = torch.Generator(model.device).manual_seed(params.seed) if params.seed is not None else None
+        mask = batch["attention_mask"]
+        logits = model(**batch, cache=cache, logits_to_keep=1).logits[:, -1]
+        text_type = torch.zeros(b, 1, dtype=torch.long, device=model.device)  # decoded tokens are text
+        for _ in range(cache.max_len - width):
+            tokens = sample(apply_penalties(logits.float(), seen, counts, params), params, generator)
+            for row, tok in zip(rows, tokens.tolist(), strict=True):
+                if row.finish_reason is None:
+                    row.pending += row.push(tok)
+                    row.new_ids.append(tok)
+            yield
+            if all(r.finish_reason for r in rows):
+                return
+            seen.scatter_(1, tokens[:, None], True)
+            counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None]))
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, cache=cache,
+                           moe_mm_token_type_ids=text_type).logits[:, -1]  # fmt: skip
+        for row in rows:
+            if row.finish_reason is None:
+                row.finish_reason = "length"
+                row.pending += row.detok.flush()
+        yield
+
+
+def _as_list(prompts) -> list:
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
