@@ -69,14 +69,20 @@ def tiny_chat_config(vocab: int, vision: bool = False, **overrides) -> Ernie45Co
     return Ernie45Config(**kw)
 
 
-def write_chat_checkpoint(path: Path, vision: bool = False, seed: int = 0) -> Path:
-    """A tiny random ernie45 checkpoint with a real tokenizer beside it."""
+def write_chat_checkpoint(path: Path, vision: bool = False, seed: int = 0, endless: bool = False) -> Path:
+    """A tiny random ernie45 checkpoint with a real tokenizer beside it.
+
+    endless: greedy decoding never picks an end or an invisible token (for tests that interrupt an answer).
+    """
     write_spm_tokenizer(path)
     torch.manual_seed(seed)
-    model = Ernie45ForConditionalGeneration(tiny_chat_config(400 + len(EXTRA), vision=vision))
+    config = tiny_chat_config(400 + len(EXTRA), vision=vision, tie_word_embeddings=not endless)
+    model = Ernie45ForConditionalGeneration(config)
     with torch.no_grad():  # larger than the 0.02 init, so the context (not only the last token) steers
         for name, p in model.named_parameters():
             if p.dim() >= 2 and not name.endswith("gate.weight"):
                 p.normal_(0, 0.2)
+        if endless:
+            model.lm_head.weight[[0, 1, 2, 400, 401, 411, 412]] = 0.0
     model.save_pretrained(path)
     return path

@@ -1,21 +1,16 @@
-"""The `ernie45` command line. User mistakes end in one line that says what to do, never a traceback."""
+"""`ernie45 info` and `ernie45 export`: look at a preset or checkpoint, convert to the official layout."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from . import presets
-from .checkpoint import CheckpointError, build_on_meta, export
-from .config import MODALITIES, ConfigError, Ernie45Config
-from .model.stats import parameter_counts
-from .official_config import read_config
-
-
-class UsageError(Exception):
-    """A mistake the user can fix; printed as one line."""
+from .. import presets
+from ..checkpoint import build_on_meta, export
+from ..config import MODALITIES, Ernie45Config
+from ..model.stats import parameter_counts
+from ..official_config import read_config
+from .errors import UsageError
 
 
 def resolve_config(name_or_dir: str) -> tuple[Ernie45Config, str]:
@@ -101,9 +96,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote the official layout to {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie45", description="ERNIE 4.5 family: inspect, convert, run.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_commands(sub) -> None:
     info = sub.add_parser("info", help="structure and parameter counts of a preset or checkpoint")
     info.add_argument("model", metavar="PRESET_OR_DIR", help=f"one of {', '.join(presets.names())}, or a directory")
     info.set_defaults(func=cmd_info)
@@ -112,24 +105,3 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", metavar="OUT", help="output directory")
     ex.add_argument("--shard-size-gb", type=float, default=5.0, help="largest shard size (default 5)")
     ex.set_defaults(func=cmd_export)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
-    try:
-        func(args)
-    except (UsageError, ConfigError, CheckpointError) as e:
-        first, _, rest = str(e).partition("\n")
-        print(f"ernie45 {args.command}: error: {first}", file=sys.stderr)
-        if rest:
-            print(rest, file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

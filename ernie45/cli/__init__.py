@@ -1,0 +1,39 @@
+"""The `ernie45` command line. User mistakes end in one line that says what to do, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
+from ..processing.tokenizer import TokenizerError
+from . import chat, inspect
+from .errors import UsageError
+
+USER_ERRORS = (UsageError, ConfigError, CheckpointError, TokenizerError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ernie45", description="ERNIE 4.5 family: chat, generate, inspect, convert.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chat.add_commands(sub)
+    inspect.add_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        first, _, rest = str(e).partition("\n")
+        print(f"ernie45 {args.command}: error: {first}", file=sys.stderr)
+        if rest:
+            print(rest, file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0

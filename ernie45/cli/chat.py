@@ -1,0 +1,155 @@
+"""`ernie45 generate` and `ernie45 chat`: one answer, or an interactive multi-turn conversation.
+
+In chat, answers stream as they are produced; ``/image PATH`` and ``/video PATH`` attach media to the
+next message, ``/reset`` forgets the conversation, ``/exit`` (or Ctrl-D) leaves. Ctrl-C stops the
+current answer and returns to the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import UsageError
+
+HELP = "commands: /image PATH, /video PATH (attach to your next message), /reset, /exit"
+
+
+def _open_llm(args: argparse.Namespace):
+    from ..engine import LLM
+
+    if args.model is None:
+        raise UsageError("no model: pass --model DIR (a checkpoint directory with config.json, weights and tokenizer)")
+    path = Path(args.model)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not a checkpoint directory (it needs config.json, weights and a tokenizer)")
+    return LLM(path, dtype=args.dtype)
+
+
+def _sampling(args: argparse.Namespace, llm):
+    from dataclasses import replace
+
+    overrides = {"max_tokens": args.max_tokens}
+    for name in ("temperature", "top_p", "seed"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        return replace(llm.default_sampling, **overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
+    if not images and not videos:
+        return {"role": "user", "content": text}
+    parts = [{"type": "image", "image": i} for i in images] + [{"type": "video", "video": v} for v in videos]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    llm = _open_llm(args)
+    params = _sampling(args, llm)
+    for f in [*args.image, *args.video]:
+        if not Path(f).is_file():
+            raise UsageError(f"{f}: no such file")
+    try:
+        if args.raw:
+            if args.image or args.video:
+                raise UsageError("--raw takes text only; drop --raw to attach media")
+            result = llm.generate(args.prompt, params)[0]
+        elif args.json:
+            result = llm.chat([_user_message(args.prompt, args.image, args.video)], params)[0]
+        else:
+            for delta in llm.stream([_user_message(args.prompt, args.image, args.video)], params):
+                print(delta.text, end="", flush=True)
+            print()
+            return
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps({
+            "text": result.text, "reasoning": result.reasoning, "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+        }, ensure_ascii=False))  # fmt: skip
+    else:
+        print(result.text)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    llm = _open_llm(args)
+    params = _sampling(args, llm)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    images: list[str] = []
+    videos: list[str] = []
+    print(f"ernie45 chat: {args.model} ({HELP}; Ctrl-C stops an answer)")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print()
+            continue
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            images, videos = [], []
+            print("(conversation cleared)")
+            continue
+        if line.startswith(("/image ", "/video ")):
+            kind, _, path = line.partition(" ")
+            path = path.strip()
+            if not Path(path).is_file():
+                print(f"(no such file: {path})")
+                continue
+            (images if kind == "/image" else videos).append(path)
+            print(f"(attached {path}; it goes with your next message)")
+            continue
+        if line.startswith("/"):
+            print(f"(unknown command; {HELP})")
+            continue
+        message = _user_message(line, images, videos)
+        answer = ""
+        print("ernie> ", end="", flush=True)
+        try:
+            for delta in llm.stream([*history, message], params):
+                answer += delta.text
+                print(delta.text, end="", flush=True)
+            print()
+        except KeyboardInterrupt:
+            print(" [stopped]")
+        except ValueError as e:  # unreadable media and the like: say so, keep the conversation
+            print(f"\n(error: {e})")
+            images, videos = [], []
+            continue
+        history += [message, {"role": "assistant", "content": answer}]
+        images, videos = [], []
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", help="checkpoint directory (required until the demo model ships)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the checkpoint's, else 1.0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the checkpoint's, else 1.0)")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
+
+
+def add_commands(sub) -> None:
+    g = sub.add_parser("generate", help="answer one prompt (with optional images / videos)")
+    g.add_argument("prompt", metavar="PROMPT")
+    g.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
+    g.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
+    g.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _common(g)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="talk with a model in the terminal")
+    c.add_argument("--system", help="a system prompt")
+    _common(c)
+    c.set_defaults(func=cmd_chat)
