@@ -48,11 +48,9 @@ def blocksparse_attention(q, k, v, mask: FlashMask, scale: float | None = None,
             for r, r0 in enumerate(range(0, s_q, row_block)):
                 r1 = min(r0 + row_block, s_q)
                 keep = (~skip[bi, h, r]).nonzero()[:, 0].tolist()
-                if not keep:
-                    rows_out.append(q.new_zeros(per_mask_head, r1 - r0, v.shape[-1]))
-                    rows_lse.append(q.new_full((per_mask_head, r1 - r0), float("-inf")))
-                    continue
-                spans = _ranges(keep, col_block, s_k)
+                spans = _ranges(keep, col_block, s_k) or [
+                    (0, 0)
+                ]  # nothing visible: an empty, still-differentiable span
                 cols = torch.cat([torch.arange(lo, hi, device=q.device) for lo, hi in spans])
                 ks = torch.cat([k[bi, heads, lo:hi] for lo, hi in spans], dim=1)
                 vs = torch.cat([v[bi, heads, lo:hi] for lo, hi in spans], dim=1)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import FlashMask, flashmask_attention
 from ..config import Ernie45Config
 
 
@@ -82,10 +83,10 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | FlashMask | None,
         cache: Any = None,
     ) -> torch.Tensor:
-        """mask: None for plain causal attention, else a bool [B, 1, Sq, Sk] (True = may attend)."""
+        """mask: None for plain causal attention, a bool [B, 1, Sq, Sk] (True = may attend), or a FlashMask."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -94,6 +95,11 @@ class Attention(nn.Module):
         k = apply_interleaved_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        if isinstance(mask, FlashMask):
+            if k.shape[2] != s:
+                raise ValueError("a FlashMask covers one whole sequence; it cannot follow cached tokens")
+            out = flashmask_attention(q, k, v, mask, scale=self.head_dim**-0.5)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
         causal = mask is None and s > 1
         if mask is None and s > 1 and k.shape[2] != s:
             raise ValueError("a chunk after cached tokens needs an explicit mask; build it with attention_mask()")

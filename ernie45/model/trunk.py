@@ -15,6 +15,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..attention import FlashMask
 from ..config import Ernie45Config
 from .layers import Attention, RMSNorm, SwiGLU, attention_mask, rope_cos_sin
 from .moe import ExpertGroup, MoEBlock, Router
@@ -135,7 +136,7 @@ class Ernie45Model(Ernie45PreTrainedModel):
             if cache is not None:
                 cache.rope_deltas = deltas  # decoding continues from each row's max + 1
             return pos
-        pos = text_positions(padding_mask, past, seq, device)
+        pos = text_positions(None if isinstance(padding_mask, FlashMask) else padding_mask, past, seq, device)
         deltas = getattr(cache, "rope_deltas", None)
         return pos if deltas is None else pos + deltas[:, None]
 
@@ -181,7 +182,9 @@ class Ernie45Model(Ernie45PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
 
 
-def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor | FlashMask | None:
+    if isinstance(padding_mask, FlashMask):
+        return padding_mask.to(device)
     if padding_mask is not None and padding_mask.shape[-1] != kv_len:
         raise ValueError(
             f"attention_mask covers {padding_mask.shape[-1]} positions but cache + input hold {kv_len}; "

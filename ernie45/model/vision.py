@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import FlashMask, flashmask_attention
 from ..config import VisionConfig
 from .layers import RMSNorm
 
@@ -30,10 +31,15 @@ def patch_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     return torch.cat(out).to(grid_thw.device)
 
 
-def frame_ids(grid_thw: torch.Tensor) -> torch.Tensor:
-    """Which frame (of all images and videos) each patch belongs to: attention stays inside a frame."""
+def frame_mask(grid_thw: torch.Tensor) -> FlashMask | None:
+    """Bidirectional attention inside each image or video frame, as a FlashMask document mask (O(N))."""
     per_frame = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0])
-    return torch.arange(len(per_frame), device=grid_thw.device).repeat_interleave(per_frame)
+    if len(per_frame) == 1:
+        return None
+    ends = per_frame.cumsum(0)
+    lts = ends.repeat_interleave(per_frame)
+    ute = (ends - per_frame).repeat_interleave(per_frame)
+    return FlashMask(torch.stack([lts, ute], -1).to(torch.int32)[None, None], causal=False)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -48,13 +54,16 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size, bias=True)
         self.proj = nn.Linear(c.hidden_size, c.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: FlashMask | None):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).permute(1, 2, 0, 3)  # each [heads, N, D]
         cos, sin = rope
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)  # NeoX half-split, fp32 (pitfall 8)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+        if mask is None:
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
+        else:  # one call for all frames; the mask keeps each frame to itself
+            out = flashmask_attention(q[None], k[None], v[None], mask)[0]
         return self.proj(out.transpose(0, 1).reshape(n, -1))
 
 
@@ -112,8 +121,7 @@ class VisionTransformer(nn.Module):
     def forward(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels)
         rope = self.rope(grid_thw)
-        frames = frame_ids(grid_thw)
-        mask = None if len(grid_thw) == 1 and grid_thw[0, 0] == 1 else (frames[:, None] == frames[None, :])
+        mask = frame_mask(grid_thw)
         for block in self.blocks:
             x = block(x, rope, mask)
         return self.ln(x)
