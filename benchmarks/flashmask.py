@@ -47,8 +47,18 @@ print(json.dumps({"time": min(times), "peak": hwm() - base, "mask_bytes": mask.n
 
 
 def case(s, kind, backend, args) -> dict:
-    cmd = [sys.executable, "-c", CHILD, str(s), kind, backend, str(args.heads), str(args.dim), str(args.repeat),
-           args.device]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(s),
+        kind,
+        backend,
+        str(args.heads),
+        str(args.dim),
+        str(args.repeat),
+        args.device,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         return {"error": r.stderr.strip().splitlines()[-1][:60]}

@@ -47,6 +47,41 @@ class VisionConfig:
         return self.hidden_size // self.num_heads
 
 
+@dataclass(frozen=True)
+class AudioConfig:
+    """The audio encoder's fields (``Ernie45Config.audio_config``): Whisper-style front end and encoder.
+
+    16 kHz mono -> log-mel (n_fft 400 = 25 ms Hann window, hop 160 = 10 ms: 100 frames/s) -> two conv1d
+    (the second with stride 2: 50 frames/s) -> a bidirectional transformer attending within windows of
+    `window_seconds` -> the resampler merges `merge` frames (12.5 tokens/s) and projects to the trunk width.
+    """
+
+    n_mels: int = 128
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    window_seconds: float = 30.0
+    merge: int = 4
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    max_seconds: float = 600.0
+    layer_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AudioConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"audio_config has unknown fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    @property
+    def mel_frames_per_token(self) -> int:
+        return 2 * self.merge  # conv stride 2, then `merge` encoder frames per token
+
+
 class Ernie45Config(PreTrainedConfig):
     r"""Configuration of an ERNIE 4.5 model of any variant.
 
@@ -61,7 +96,8 @@ class Ernie45Config(PreTrainedConfig):
     moe_layer_start_index / moe_layer_end_index / moe_layer_interval (`int`): layer ``i`` is MoE iff
         ``(i + 1) % interval == 0 and start <= i <= end`` (end -1 means the last layer).
     moe_norm_min (`float`): floor of the renormalisation of the top-k routing weights.
-    vision_config (`dict`, *optional*): the ViT and resampler (see `ernie45.model.vision.VisionConfig`).
+    vision_config (`dict`, *optional*): the ViT and resampler (see `VisionConfig`).
+    audio_config (`dict`, *optional*): the audio encoder and resampler (see `AudioConfig`).
     freq_allocation (`int`): RoPE pairs given to the temporal axis of 3D positions (0: 1D RoPE only).
     """
 
@@ -94,6 +130,7 @@ class Ernie45Config(PreTrainedConfig):
     moe_norm_min: float = 1e-12
 
     vision_config: dict | None = None
+    audio_config: dict | None = None
     freq_allocation: int = 0
 
     pad_token_id: int | None = 0
@@ -127,8 +164,10 @@ class Ernie45Config(PreTrainedConfig):
         if self.expert_groups and self.moe_shared_intermediate_size is None:
             width = self.expert_groups[0]["intermediate_size"]
             self.moe_shared_intermediate_size = width * self.moe_num_shared_experts
-        if self.vision_config is not None:  # complete it, so config.json states every vision field
+        if self.vision_config is not None:  # complete them, so config.json states every encoder field
             self.vision_config = asdict(VisionConfig.from_dict(self.vision_config))
+        if self.audio_config is not None:
+            self.audio_config = asdict(AudioConfig.from_dict(self.audio_config))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

@@ -14,19 +14,40 @@ from typing import Any
 from .config import MODALITIES, ConfigError, Ernie45Config
 
 SHARED_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act", "use_bias",
-    "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id", "initializer_range",
-)  # fmt: skip
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "hidden_act",
+    "use_bias",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "initializer_range",
+)
 MOE_FIELDS = ("moe_k", "moe_num_shared_experts", "moe_norm_min")
 VL_TOKEN_FIELDS = (
-    "image_token_id", "image_start_token_id", "image_end_token_id",
-    "video_token_id", "video_start_token_id", "video_end_token_id",
-)  # fmt: skip
+    "image_token_id",
+    "image_start_token_id",
+    "image_end_token_id",
+    "video_token_id",
+    "video_start_token_id",
+    "video_end_token_id",
+)
 VL_TOKENS = dict(
-    image_token_id=100295, image_start_token_id=101304, image_end_token_id=101305,
-    video_token_id=103367, video_start_token_id=101306, video_end_token_id=101307,
-)  # fmt: skip
+    image_token_id=100295,
+    image_start_token_id=101304,
+    image_end_token_id=101305,
+    video_token_id=103367,
+    video_start_token_id=101306,
+    video_end_token_id=101307,
+)
 TEXT, VISION = [0], [1, 2]
 
 
@@ -64,9 +85,13 @@ def _from_text(d: dict) -> Ernie45Config:
         start, end = _layer_range(d.get("moe_layer_start_index", 1), d.get("moe_layer_end_index", -1), layers)
         kw.update(moe_layer_start_index=start, moe_layer_end_index=end)
         kw["expert_groups"] = [
-            dict(name="text", num_experts=d.get("moe_num_experts", 64),
-                 intermediate_size=d.get("moe_intermediate_size", 1536), modalities=list(MODALITIES.values()))
-        ]  # fmt: skip
+            dict(
+                name="text",
+                num_experts=d.get("moe_num_experts", 64),
+                intermediate_size=d.get("moe_intermediate_size", 1536),
+                modalities=list(MODALITIES.values()),
+            )
+        ]
     return Ernie45Config(**kw)
 
 
@@ -93,12 +118,17 @@ def _from_vl_transformers(d: dict) -> Ernie45Config:
     kw.update(moe_layer_start_index=sparse[0], moe_layer_end_index=sparse[-1], freq_allocation=section[2])
     kw["expert_groups"] = _vl_groups(t.get("moe_num_experts", 64), t.get("moe_intermediate_size", [1536, 512]))
     kw["vision_config"] = dict(
-        depth=v.get("depth", 32), hidden_size=v.get("hidden_size", 1280),
-        intermediate_size=v.get("intermediate_size", 5120), num_heads=v.get("num_heads", 16),
-        patch_size=v.get("patch_size", 14), in_channels=v.get("in_channels", 3),
-        spatial_merge_size=v.get("spatial_merge_size", 2), temporal_merge_size=v.get("temporal_merge_size", 2),
-        layer_norm_eps=v.get("rms_norm_eps", 1e-6), rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 1e4),
-    )  # fmt: skip
+        depth=v.get("depth", 32),
+        hidden_size=v.get("hidden_size", 1280),
+        intermediate_size=v.get("intermediate_size", 5120),
+        num_heads=v.get("num_heads", 16),
+        patch_size=v.get("patch_size", 14),
+        in_channels=v.get("in_channels", 3),
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        temporal_merge_size=v.get("temporal_merge_size", 2),
+        layer_norm_eps=v.get("rms_norm_eps", 1e-6),
+        rope_theta=(v.get("rope_parameters") or {}).get("rope_theta", 1e4),
+    )
     kw.update({k: d.get(k, VL_TOKENS[k]) for k in VL_TOKEN_FIELDS})
     return Ernie45Config(**kw)
 
@@ -114,10 +144,15 @@ def _from_vl_original(d: dict) -> Ernie45Config:
     kw["freq_allocation"] = d.get("freq_allocation", 20)
     width = v.get("embed_dim", v.get("hidden_size", 1280))
     kw["vision_config"] = dict(
-        depth=v.get("depth", 32), hidden_size=width, intermediate_size=int(width * v.get("mlp_ratio", 4)),
-        num_heads=v.get("num_heads", 16), patch_size=v.get("patch_size", 14), in_channels=v.get("in_channels", 3),
-        spatial_merge_size=d.get("spatial_conv_size", 2), temporal_merge_size=d.get("temporal_conv_size", 2),
-    )  # fmt: skip
+        depth=v.get("depth", 32),
+        hidden_size=width,
+        intermediate_size=int(width * v.get("mlp_ratio", 4)),
+        num_heads=v.get("num_heads", 16),
+        patch_size=v.get("patch_size", 14),
+        in_channels=v.get("in_channels", 3),
+        spatial_merge_size=d.get("spatial_conv_size", 2),
+        temporal_merge_size=d.get("temporal_conv_size", 2),
+    )
     kw.update(VL_TOKENS)
     kw["image_token_id"] = d.get("im_patch_id", VL_TOKENS["image_token_id"])
     return Ernie45Config(**kw)
@@ -183,10 +218,12 @@ def to_official(config: Ernie45Config) -> dict:
     text["architectures"] = ["Ernie4_5ForCausalLM" if model_type == "ernie4_5" else "Ernie4_5_MoeForCausalLM"]
     if config.is_moe:
         text.update(
-            moe_num_experts=groups[0]["num_experts"], moe_intermediate_size=groups[0]["intermediate_size"],
-            moe_layer_start_index=config.moe_layer_start_index, moe_layer_end_index=config.moe_layer_end_index,
+            moe_num_experts=groups[0]["num_experts"],
+            moe_intermediate_size=groups[0]["intermediate_size"],
+            moe_layer_start_index=config.moe_layer_start_index,
+            moe_layer_end_index=config.moe_layer_end_index,
             moe_layer_interval=config.moe_layer_interval,
-        )  # fmt: skip
+        )
     return text
 
 
@@ -195,22 +232,37 @@ def _to_vl(config: Ernie45Config, text: dict) -> dict:
     if len({g["num_experts"] for g in c.expert_groups}) != 1:
         raise ConfigError("the official VL layout needs as many vision experts as text experts")
     text.update(
-        model_type="ernie4_5_vl_moe_text", moe_num_experts=c.expert_groups[0]["num_experts"],
+        model_type="ernie4_5_vl_moe_text",
+        moe_num_experts=c.expert_groups[0]["num_experts"],
         moe_intermediate_size=[g["intermediate_size"] for g in c.expert_groups],
         mlp_layer_types=["sparse" if c.is_moe_layer(i) else "dense" for i in range(c.num_hidden_layers)],
-        rope_parameters=dict(rope_type="default", rope_theta=c.rope_theta,
-                             mrope_section=[(c.head_dim // 2 - c.freq_allocation) // 2] * 2 + [c.freq_allocation]),
-    )  # fmt: skip
+        rope_parameters=dict(
+            rope_type="default",
+            rope_theta=c.rope_theta,
+            mrope_section=[(c.head_dim // 2 - c.freq_allocation) // 2] * 2 + [c.freq_allocation],
+        ),
+    )
     vision = dict(
-        model_type="ernie4_5_vl_moe_vision", depth=v["depth"], hidden_size=v["hidden_size"],
-        intermediate_size=v["intermediate_size"], num_heads=v["num_heads"], patch_size=v["patch_size"],
-        in_channels=v["in_channels"], spatial_merge_size=v["spatial_merge_size"],
-        temporal_merge_size=v["temporal_merge_size"], rms_norm_eps=v.get("layer_norm_eps", 1e-6),
-        hidden_act="quick_gelu", rope_parameters=dict(rope_type="axial", rope_theta=v.get("rope_theta", 1e4)),
-    )  # fmt: skip
+        model_type="ernie4_5_vl_moe_vision",
+        depth=v["depth"],
+        hidden_size=v["hidden_size"],
+        intermediate_size=v["intermediate_size"],
+        num_heads=v["num_heads"],
+        patch_size=v["patch_size"],
+        in_channels=v["in_channels"],
+        spatial_merge_size=v["spatial_merge_size"],
+        temporal_merge_size=v["temporal_merge_size"],
+        rms_norm_eps=v.get("layer_norm_eps", 1e-6),
+        hidden_act="quick_gelu",
+        rope_parameters=dict(rope_type="axial", rope_theta=v.get("rope_theta", 1e4)),
+    )
     out = dict(
-        architectures=["Ernie4_5_VLMoeForConditionalGeneration"], model_type="ernie4_5_vl_moe",
-        text_config=text, vision_config=vision, tie_word_embeddings=c.tie_word_embeddings, dtype=_dtype(c),
-    )  # fmt: skip
+        architectures=["Ernie4_5_VLMoeForConditionalGeneration"],
+        model_type="ernie4_5_vl_moe",
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=c.tie_word_embeddings,
+        dtype=_dtype(c),
+    )
     out.update({k: getattr(c, k) for k in VL_TOKEN_FIELDS})
     return out

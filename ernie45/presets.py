@@ -1,16 +1,17 @@
 """Named configurations of the family. Variants are data: each preset is a dict of config fields.
 
 ``ernie-4.5-8b-omni`` is this project's own design (no released checkpoint): the VL-28B recipe shrunk to
-about 8B parameters. Its dimensions and why:
+about 8B parameters, plus hearing. Its dimensions and why:
 
 - hidden 2048, 16 query heads x 128 (head_dim 128 as every released ERNIE 4.5), 4 KV heads: the
   attention of a 2-3B dense model, cheap KV cache at 131,072 tokens (24 x 2 x 4 x 128 x 2 B = 48 KiB/token).
 - 24 layers, layer 0 dense (width 8192), layers 1-23 MoE, as the released MoEs keep their first layer dense.
-- 64 text experts of width 512 and 64 vision experts of width 256 (the VL model's 3:1 ratio), top-8,
-  2 shared experts (width 1024) that every token passes through.
-- images, video and audio share the vision group: audio tokens are routed like vision (mission).
-- the VL model's ViT (0.63B) and resampler (0.19B) unchanged, so VL-28B vision weights can seed it.
-- about 8.4B in total with the vision path, about 1.2B active per text token.
+- 64 text experts of width 448 and 64 vision experts of width 224 (the VL model's 3:1 ratio, halved in
+  width), top-8, 2 shared experts (width 896) that every token passes through.
+- audio: its own group of 32 experts of width 192 (mapping modality 3 into the vision group instead is a
+  config choice), a Whisper-small-sized encoder (12 x 768, 87M) and a resampler to 12.5 tokens/s.
+- the VL model's ViT (0.63B) and resampler (0.14B) unchanged, so VL-28B vision weights can seed it.
+- about 8.46B in total, about 1.15B active per text token.
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ from __future__ import annotations
 from .config import MODALITIES, Ernie45Config
 
 ALL = list(MODALITIES.values())
-TEXT, VISION, MEDIA = [0], [1, 2], [1, 2, 3]
+TEXT, VISION, AUDIO = [0], [1, 2], [3]
 _VIT = dict(
-    depth=32, hidden_size=1280, intermediate_size=5120, num_heads=16, patch_size=14, in_channels=3,
-    spatial_merge_size=2, temporal_merge_size=2, layer_norm_eps=1e-6, rope_theta=10000.0,
-)  # fmt: skip
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_heads=16,
+    patch_size=14,
+    in_channels=3,
+    spatial_merge_size=2,
+    temporal_merge_size=2,
+    layer_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
+_AUDIO = dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, n_mels=128, merge=4)
 _ERNIE_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 _VL_TOKENS = dict(
     image_token_id=100295,
@@ -101,14 +111,18 @@ PRESETS: dict[str, dict] = {
         moe_num_shared_experts=2,
         moe_layer_start_index=1,
         moe_layer_end_index=23,
-        moe_shared_intermediate_size=1024,
+        moe_shared_intermediate_size=896,
         expert_groups=[
-            dict(name="text", num_experts=64, intermediate_size=512, modalities=TEXT),
-            dict(name="vision", num_experts=64, intermediate_size=256, modalities=MEDIA),
+            dict(name="text", num_experts=64, intermediate_size=448, modalities=TEXT),
+            dict(name="vision", num_experts=64, intermediate_size=224, modalities=VISION),
+            dict(name="audio", num_experts=32, intermediate_size=192, modalities=AUDIO),
         ],
         **_ERNIE_TOKENS,
         **_VL_TOKENS,
+        audio_start_token_id=101308,
+        audio_end_token_id=101309,
         vision_config=_VIT,
+        audio_config=_AUDIO,
         freq_allocation=20,
     ),
 }

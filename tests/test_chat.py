@@ -110,8 +110,16 @@ def test_greedy_image_video_prompt_matches_transformers(vl_dir, tmp_path):
     img = Image.fromarray((np.random.RandomState(0).rand(60, 90, 3) * 255).astype(np.uint8))
     llm.processor.video.min_pixels = llm.processor.video.max_pixels = 56 * 56
     llm.processor.video.min_frames = llm.processor.video.max_frames = 4
-    conv = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "video", "video": _mp4()},
-                                         {"type": "text", "text": "What happens?"}]}]  # fmt: skip
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": img},
+                {"type": "video", "video": _mp4()},
+                {"type": "text", "text": "What happens?"},
+            ],
+        }
+    ]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     ours = llm.chat(conv, params)[0]
     ernie45.export(vl_dir, tmp_path)
@@ -123,8 +131,9 @@ def test_greedy_image_video_prompt_matches_transformers(vl_dir, tmp_path):
     mm = torch.zeros_like(ids).masked_fill(ids == c.image_token_id, 1).masked_fill(ids == c.video_token_id, 2)
     moe = mm.masked_fill((ids == c.image_start_token_id) | (ids == c.image_end_token_id), 1)
     moe = moe.masked_fill((ids == c.video_start_token_id) | (ids == c.video_end_token_id), 2)
-    out = ref.generate(**batch, mm_token_type_ids=mm, moe_mm_token_type_ids=moe, max_new_tokens=12, do_sample=False,
-                       eos_token_id=None)  # fmt: skip
+    out = ref.generate(
+        **batch, mm_token_type_ids=mm, moe_mm_token_type_ids=moe, max_new_tokens=12, do_sample=False, eos_token_id=None
+    )
     assert ours.token_ids == out[0, ids.shape[1] :].tolist()
     blank = llm.chat([{"role": "user", "content": [{"type": "text", "text": "What happens?"}]}], params)[0]
     assert blank.token_ids != ours.token_ids  # the media changed the answer

@@ -30,13 +30,25 @@ def _run(*args):
 def test_generate_json_and_media(vl_dir, tmp_path):
     img = tmp_path / "cat.png"
     Image.fromarray((np.random.RandomState(0).rand(50, 70, 3) * 255).astype(np.uint8)).save(img)
-    r = _run("generate", "What is this?", "--model", str(vl_dir), "--image", str(img), "--max-tokens", "6",
-             "--temperature", "0", "--json")  # fmt: skip
+    r = _run(
+        "generate",
+        "What is this?",
+        "--model",
+        str(vl_dir),
+        "--image",
+        str(img),
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["completion_tokens"] <= 6 and out["prompt_tokens"] > 20  # the image's placeholders count
-    again = _run("generate", "What is this?", "--model", str(vl_dir), "--max-tokens", "6", "--temperature", "0",
-                 "--json")  # fmt: skip
+    again = _run(
+        "generate", "What is this?", "--model", str(vl_dir), "--max-tokens", "6", "--temperature", "0", "--json"
+    )
     assert json.loads(again.stdout)["prompt_tokens"] < out["prompt_tokens"]
 
 
@@ -57,10 +69,12 @@ def test_generate_errors_are_one_line(vl_dir, tmp_path):
 
 def test_chat_in_a_terminal(endless_dir):
     child = pexpect.spawn(
-        sys.executable, ["-m", "ernie45", "chat", "--model", str(endless_dir), "--max-tokens", "3000",
-                         "--temperature", "0"],
-        encoding="utf-8", timeout=60, dimensions=(40, 200),
-    )  # fmt: skip
+        sys.executable,
+        ["-m", "ernie45", "chat", "--model", str(endless_dir), "--max-tokens", "3000", "--temperature", "0"],
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 200),
+    )
     try:
         child.expect("you> ")
         child.sendline("Hello")

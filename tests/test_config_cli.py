@@ -26,7 +26,10 @@ def test_preset_parameter_counts():
     total, active = _counts("ernie-4.5-21b-a3b")
     assert 21.7e9 < total < 21.9e9 and 3.2e9 < active < 3.4e9
     total, active = _counts("ernie-4.5-8b-omni")
-    assert 7.0e9 < total < 8.5e9 and active < 1.5e9
+    assert 7.2e9 < total < 8.8e9 and active < 1.5e9  # about 8B (+-10%) with its vision and audio encoders
+    model = build_on_meta(presets.get("ernie-4.5-8b-omni"))
+    assert set(model.model.layers[1].mlp.groups) == {"text", "vision", "audio"}
+    assert model.config.max_position_embeddings == 131072 and model.config.moe_k == 8
 
 
 def test_moe_layer_rule_and_derived_fields():

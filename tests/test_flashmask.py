@@ -298,8 +298,9 @@ def test_ragged_batch_prefilled_as_one_packed_sequence(ref_moe_dir):
     rows = [torch.randint(3, 160, (n,), generator=g).tolist() for n in (9, 3, 14)]
     packed = pack_sequences(rows, total=30)
     with torch.no_grad():
-        logits = model(packed["input_ids"], attention_mask=packed["attention_mask"],
-                       position_ids=packed["position_ids"]).logits  # fmt: skip
+        logits = model(
+            packed["input_ids"], attention_mask=packed["attention_mask"], position_ids=packed["position_ids"]
+        ).logits
         for row, got in zip(rows, unpack(logits, packed["lengths"]), strict=True):
             alone = model(torch.tensor([row])).logits[0]
             assert (got - alone).abs().max() <= 1e-4

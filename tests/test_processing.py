@@ -135,8 +135,9 @@ def test_processed_media_run_on_both_models(ref_vl_dir):
     n_vid = VideoProcessor().num_tokens(video["video_grid_thw"][0].tolist())
     ids = [5, 6, IMG_START, IMG, IMG_END, 7, VID_START, VID, VID_END, 8]
     ids = expand_ids(expand_ids(ids, IMG, [n_img]), VID, [n_vid])
-    batch = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                 **image, **video)  # fmt: skip
+    batch = dict(
+        input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), **image, **video
+    )
     ours = ernie45.load(ref_vl_dir)
     with torch.no_grad():
         a = ours(**batch).logits

@@ -83,13 +83,27 @@ def test_vl_transformers5_layout_and_original_flat_config(ref, ref_vl_dir, tmp_p
     (flat / "model.safetensors").write_bytes((ref_vl_dir / "model.safetensors").read_bytes())
     t = json.loads((ref_vl_dir / "config.json").read_text())["text_config"]
     original = dict(
-        model_type="ernie4_5_moe_vl", vocab_size=t["vocab_size"], hidden_size=32, intermediate_size=64,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
-        moe_num_experts=[6, 6], moe_intermediate_size=[16, 8], moe_k=2, moe_num_shared_experts=1,
-        moe_layer_start_index=[1, 1], moe_layer_end_index=[4, 3], freq_allocation=4, spatial_conv_size=2,
-        temporal_conv_size=2, tie_word_embeddings=True,
+        model_type="ernie4_5_moe_vl",
+        vocab_size=t["vocab_size"],
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=500000.0,
+        moe_num_experts=[6, 6],
+        moe_intermediate_size=[16, 8],
+        moe_k=2,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=[1, 1],
+        moe_layer_end_index=[4, 3],
+        freq_allocation=4,
+        spatial_conv_size=2,
+        temporal_conv_size=2,
+        tie_word_embeddings=True,
         vision_config=dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=14),
-    )  # fmt: skip
+    )
     (flat / "config.json").write_text(json.dumps(original))
     assert (_logits(ernie45.load(flat), **batch)[real] - expected[real]).abs().max() <= TOL
 

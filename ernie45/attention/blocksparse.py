@@ -67,8 +67,9 @@ def _tile_attention(q, k, v, allowed, scale: float):
     return out.view(hk, g, r, -1), lse.view(hk, g, r).float().masked_fill(empty, float("-inf")).to(q.dtype)
 
 
-def blocksparse_attention(q, k, v, mask: FlashMask, scale: float | None = None,
-                          row_block: int = ROW_BLOCK, col_block: int = COL_BLOCK):  # fmt: skip
+def blocksparse_attention(
+    q, k, v, mask: FlashMask, scale: float | None = None, row_block: int = ROW_BLOCK, col_block: int = COL_BLOCK
+):
     """q [B,Hq,S,D], k/v [B,Hk,S,D] -> (out [B,Hq,S,D], lse [B,Hq,S])."""
     b, hq, s_q, d = q.shape
     hk, s_k = k.shape[1], k.shape[2]
@@ -90,8 +91,9 @@ def blocksparse_attention(q, k, v, mask: FlashMask, scale: float | None = None,
                 spans = _ranges(keep, col_block, s_k) or [(0, 0)]  # nothing visible: empty but differentiable
                 cols = torch.cat([torch.arange(lo, hi, device=q.device) for lo, hi in spans])
                 allowed = ~mask.masked(torch.arange(r0, r1, device=q.device), cols, bi, h)
-                o, lse = _tile_attention(qh[:, :, r0:r1], _gather(k[bi, kvh], spans), _gather(v[bi, kvh], spans),
-                                         allowed, scale)  # fmt: skip
+                o, lse = _tile_attention(
+                    qh[:, :, r0:r1], _gather(k[bi, kvh], spans), _gather(v[bi, kvh], spans), allowed, scale
+                )
                 rows_out.append(o)
                 rows_lse.append(lse)
             head_out.append(torch.cat(rows_out, dim=2).reshape(kv_per_mask * group, s_q, -1))

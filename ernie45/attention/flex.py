@@ -43,14 +43,26 @@ def block_mask_from_flashmask(mask: FlashMask, q_heads: int, block: int = BLOCK)
     kv_num, kv_idx = _block_lists(partial)
     full_num, full_idx = _block_lists(full)
     return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod_for(mask, q_heads),
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block,
+        mask_mod=mask_mod_for(mask, q_heads),
         seq_lengths=(mask.num_rows, mask.shape[2]),
-    )  # fmt: skip
+    )
 
 
 def flex_flashmask_attention(q, k, v, mask: FlashMask, scale: float | None = None, block_mask: BlockMask | None = None):
     """(out, lse) with FlexAttention; pass a prebuilt block_mask to reuse it across layers."""
     block_mask = block_mask or block_mask_from_flashmask(mask, q.shape[1])
-    out, aux = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
-                              return_aux=AuxRequest(lse=True))  # fmt: skip
+    out, aux = flex_attention(
+        q,
+        k,
+        v,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+        return_aux=AuxRequest(lse=True),
+    )
     return out, aux.lse

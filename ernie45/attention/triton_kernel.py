@@ -52,8 +52,28 @@ def _scores(q, k_ptrs, vec_ptrs, offs_m, offs_n, s_k, s_q, scale, CAUSAL: tl.con
 
 
 @triton.jit
-def _fwd(Q, K, V, O, LSE, VEC, BOUNDS, scale, s_q, s_k, D, Hq, KV_RATIO, MASK_RATIO, n_blocks, Hm,
-         CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    VEC,
+    BOUNDS,
+    scale,
+    s_q,
+    s_k,
+    D,
+    Hq,
+    KV_RATIO,
+    MASK_RATIO,
+    n_blocks,
+    Hm,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -63,8 +83,9 @@ def _fwd(Q, K, V, O, LSE, VEC, BOUNDS, scale, s_q, s_k, D, Hq, KV_RATIO, MASK_RA
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = Q + (bh * s_q) * D
-    q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :], mask=(offs_m[:, None] < s_q) & (offs_d[None, :] < D),
-                other=0.0)  # fmt: skip
+    q = tl.load(
+        q_base + offs_m[:, None] * D + offs_d[None, :], mask=(offs_m[:, None] < s_q) & (offs_d[None, :] < D), other=0.0
+    )
     kv_base = (b * (Hq // KV_RATIO) + hk) * s_k * D
     vec = VEC + (b * Hm + hm) * 4 * s_k
     bounds = BOUNDS + (b * Hm + hm) * 8 * n_blocks
@@ -85,23 +106,52 @@ def _fwd(Q, K, V, O, LSE, VEC, BOUNDS, scale, s_q, s_k, D, Hq, KV_RATIO, MASK_RA
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + kv_base + offs_n[:, None] * D + offs_d[None, :],
-                        mask=(offs_n[:, None] < s_k) & (offs_d[None, :] < D), other=0.0)  # fmt: skip
+            v = tl.load(
+                V + kv_base + offs_n[:, None] * D + offs_d[None, :],
+                mask=(offs_n[:, None] < s_k) & (offs_d[None, :] < D),
+                other=0.0,
+            )
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))  # +inf: P = 0 in backward
     row_ok = offs_m < s_q
-    tl.store(O + (bh * s_q) * D + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < D))  # fmt: skip
+    tl.store(
+        O + (bh * s_q) * D + offs_m[:, None] * D + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+    )
     tl.store(LSE + bh * s_q + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VEC, BOUNDS, scale, s_q, s_k, D, Hq, KV_RATIO, MASK_RATIO, n_blocks,
-              n_row_blocks, Hm, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr):  # fmt: skip
+def _bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    VEC,
+    BOUNDS,
+    scale,
+    s_q,
+    s_k,
+    D,
+    Hq,
+    KV_RATIO,
+    MASK_RATIO,
+    n_blocks,
+    n_row_blocks,
+    Hm,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -142,8 +192,30 @@ def _bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, VEC, BOUNDS, scale, s_q, s_k, D, 
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VEC, BOUNDS, scale, s_q, s_k, D, Hq, KV_RATIO, MASK_RATIO, n_blocks, Hm,
-            CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    VEC,
+    BOUNDS,
+    scale,
+    s_q,
+    s_k,
+    D,
+    Hq,
+    KV_RATIO,
+    MASK_RATIO,
+    n_blocks,
+    Hm,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -183,8 +255,9 @@ def _bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, VEC, BOUNDS, scale, s_q, s_k, D, Hq, KV
 def _prepare(mask: FlashMask):
     vec = torch.stack([mask.lts, mask.lte, mask.uts, mask.ute], dim=2).contiguous()  # [B, Hm, 4, S]
     bd = mask.bounds(BLOCK_N)
-    bounds = torch.stack([bd.lts_min, bd.lts_max, bd.lte_min, bd.lte_max, bd.uts_min, bd.uts_max, bd.ute_min,
-                          bd.ute_max], dim=2).contiguous()  # fmt: skip
+    bounds = torch.stack(
+        [bd.lts_min, bd.lts_max, bd.lte_min, bd.lte_max, bd.uts_min, bd.uts_max, bd.ute_min, bd.ute_max], dim=2
+    ).contiguous()
     return vec, bounds
 
 
@@ -217,8 +290,9 @@ class _FlashMaskFn(torch.autograd.Function):
         dk_h = torch.empty(b, hq, s_k, d, device=q.device, dtype=q.dtype)  # per query head, summed per group
         dv_h = torch.empty_like(dk_h)
         n_rows = triton.cdiv(s_q, BLOCK_M)
-        _bwd_dkdv[(triton.cdiv(s_k, BLOCK_N), b * hq)](q, k, v, dout, lse, delta, dk_h, dv_h, vec, bounds, *ctx.args,
-                                                        n_rows, hm, **ctx.meta)  # fmt: skip
+        _bwd_dkdv[(triton.cdiv(s_k, BLOCK_N), b * hq)](
+            q, k, v, dout, lse, delta, dk_h, dv_h, vec, bounds, *ctx.args, n_rows, hm, **ctx.meta
+        )
         _bwd_dq[(n_rows, b * hq)](q, k, v, dout, lse, delta, dq, vec, bounds, *ctx.args, hm, **ctx.meta)
         dk = dk_h.view(b, hk, hq // hk, s_k, d).sum(2)
         dv = dv_h.view(b, hk, hq // hk, s_k, d).sum(2)

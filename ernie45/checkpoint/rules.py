@@ -101,7 +101,7 @@ VL: tuple[Rule, ...] = (
         _G + ".gate.e_score_correction_bias",
         part="row",
         export=False,
-    ),  # fmt: skip
+    ),
     Rule(_HL + ".experts.gate_up_proj", _G + ".gate_up_proj", export=False),
     Rule(_HL + ".experts.down_proj", _G + ".down_proj", export=False),
     Rule("model.language_model.{rest}", "model.{rest}", export=False),

@@ -1,7 +1,7 @@
 """`ernie45 generate` and `ernie45 chat`: one answer, or an interactive multi-turn conversation.
 
-In chat, answers stream as they are produced; ``/image PATH`` and ``/video PATH`` attach media to the
-next message, ``/reset`` forgets the conversation, ``/exit`` (or Ctrl-D) leaves. Ctrl-C stops the
+In chat, answers stream as they are produced; ``/image PATH``, ``/video PATH`` and ``/audio PATH`` attach
+media to the next message, ``/reset`` forgets the conversation, ``/exit`` (or Ctrl-D) leaves. Ctrl-C stops the
 current answer and returns to the prompt.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-HELP = "commands: /image PATH, /video PATH (attach to your next message), /reset, /exit"
+HELP = "commands: /image PATH, /video PATH, /audio PATH (attach to your next message), /reset, /exit"
 
 
 def _open_llm(args: argparse.Namespace):
@@ -40,38 +40,55 @@ def _sampling(args: argparse.Namespace, llm):
         raise UsageError(str(e)) from None
 
 
-def _user_message(text: str, images: list[str], videos: list[str]) -> dict:
-    if not images and not videos:
-        return {"role": "user", "content": text}
-    parts = [{"type": "image", "image": i} for i in images] + [{"type": "video", "video": v} for v in videos]
-    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+def _user_message(text: str, media: dict[str, list[str]], video_audio: bool = False) -> dict:
+    """An OpenAI-shaped user message: the attached media first, then the text."""
+    parts = [{"type": kind, kind: path} for kind in ("image", "video", "audio") for path in media.get(kind, [])]
+    if video_audio:
+        for p in parts:
+            if p["type"] == "video":
+                p["use_audio"] = True
+    return (
+        {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+        if parts
+        else {"role": "user", "content": text}
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     llm = _open_llm(args)
     params = _sampling(args, llm)
-    for f in [*args.image, *args.video]:
+    media = {"image": args.image, "video": args.video, "audio": args.audio}
+    for f in [*args.image, *args.video, *args.audio]:
         if not Path(f).is_file():
             raise UsageError(f"{f}: no such file")
+    message = _user_message(args.prompt, media, args.video_audio)
     try:
         if args.raw:
-            if args.image or args.video:
+            if any(media.values()):
                 raise UsageError("--raw takes text only; drop --raw to attach media")
             result = llm.generate(args.prompt, params)[0]
         elif args.json:
-            result = llm.chat([_user_message(args.prompt, args.image, args.video)], params)[0]
+            result = llm.chat([message], params)[0]
         else:
-            for delta in llm.stream([_user_message(args.prompt, args.image, args.video)], params):
+            for delta in llm.stream([message], params):
                 print(delta.text, end="", flush=True)
             print()
             return
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.json:
-        print(json.dumps({
-            "text": result.text, "reasoning": result.reasoning, "finish_reason": result.finish_reason,
-            "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-        }, ensure_ascii=False))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "reasoning": result.reasoning,
+                    "finish_reason": result.finish_reason,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         print(result.text)
 
@@ -80,8 +97,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     llm = _open_llm(args)
     params = _sampling(args, llm)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    images: list[str] = []
-    videos: list[str] = []
+    media: dict[str, list[str]] = {"image": [], "video": [], "audio": []}
     print(f"ernie45 chat: {args.model} ({HELP}; Ctrl-C stops an answer)")
     while True:
         try:
@@ -98,22 +114,22 @@ def cmd_chat(args: argparse.Namespace) -> None:
             return
         if line == "/reset":
             history = history[:1] if args.system else []
-            images, videos = [], []
+            media = {k: [] for k in media}
             print("(conversation cleared)")
             continue
-        if line.startswith(("/image ", "/video ")):
+        if line.startswith(("/image ", "/video ", "/audio ")):
             kind, _, path = line.partition(" ")
             path = path.strip()
             if not Path(path).is_file():
                 print(f"(no such file: {path})")
                 continue
-            (images if kind == "/image" else videos).append(path)
+            media[kind[1:]].append(path)
             print(f"(attached {path}; it goes with your next message)")
             continue
         if line.startswith("/"):
             print(f"(unknown command; {HELP})")
             continue
-        message = _user_message(line, images, videos)
+        message = _user_message(line, media)
         answer = ""
         print("ernie> ", end="", flush=True)
         try:
@@ -125,10 +141,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print(" [stopped]")
         except ValueError as e:  # unreadable media and the like: say so, keep the conversation
             print(f"\n(error: {e})")
-            images, videos = [], []
+            media = {k: [] for k in media}
             continue
         history += [message, {"role": "assistant", "content": answer}]
-        images, videos = [], []
+        media = {k: [] for k in media}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -141,10 +157,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub) -> None:
-    g = sub.add_parser("generate", help="answer one prompt (with optional images / videos)")
+    g = sub.add_parser("generate", help="answer one prompt (with optional images, videos, audio)")
     g.add_argument("prompt", metavar="PROMPT")
     g.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
     g.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
+    g.add_argument("--audio", action="append", default=[], metavar="FILE", help="attach audio (repeatable)")
+    g.add_argument("--video-audio", action="store_true", help="let the model hear the videos' sound tracks too")
     g.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _common(g)

@@ -68,6 +68,12 @@ def describe(config: Ernie45Config) -> str:
             f"merge {v['spatial_merge_size']}x{v['spatial_merge_size']} + {v['temporal_merge_size']} frames -> "
             f"{c.hidden_size}; 3D RoPE ({c.freq_allocation} temporal pairs)"
         )
+    if c.audio_config is not None:
+        a = c.audio_config
+        lines.append(
+            f"audio         encoder {a['num_layers']} x {a['hidden_size']} ({a['num_heads']} heads) over {a['n_mels']} "
+            f"mel bins, {a['window_seconds']:g} s windows, {100 / (2 * a['merge']):g} tokens/s -> {c.hidden_size}"
+        )
     lines.append(f"lm head       {'tied to the embedding' if c.tie_word_embeddings else 'separate'}")
     lines.append(
         "components    "

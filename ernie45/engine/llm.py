@@ -69,8 +69,14 @@ class RowState:
         text, reasoning = self.detok.text, None
         if chat:
             reasoning, text = split_reasoning(text)
-        return Completion(text, list(self.token_ids), self.finish_reason or "abort", self.prompt_tokens,
-                          len(self.token_ids), reasoning)  # fmt: skip
+        return Completion(
+            text,
+            list(self.token_ids),
+            self.finish_reason or "abort",
+            self.prompt_tokens,
+            len(self.token_ids),
+            reasoning,
+        )
 
 
 class LLM:
@@ -99,8 +105,10 @@ class LLM:
         c, ids = self.model.config, self.processor.ids
         for role, field in (("image", "image_token_id"), ("video", "video_token_id"), ("audio", "audio_token_id")):
             if role in ids and getattr(c, field) is not None and ids[role] != getattr(c, field):
-                raise ValueError(f"the tokenizer's {role} placeholder is id {ids[role]} but config.{field} is "
-                                 f"{getattr(c, field)}: tokenizer and model do not belong together")  # fmt: skip
+                raise ValueError(
+                    f"the tokenizer's {role} placeholder is id {ids[role]} but config.{field} is "
+                    f"{getattr(c, field)}: tokenizer and model do not belong together"
+                )
 
     @staticmethod
     def _generation_defaults(path: Path) -> SamplingParams:
@@ -185,8 +193,9 @@ class LLM:
             seen.scatter_(1, tokens[:, None], True)
             counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None]))
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, cache=cache,
-                           moe_mm_token_type_ids=text_type).logits[:, -1]  # fmt: skip
+            logits = model(
+                input_ids=tokens[:, None], attention_mask=mask, cache=cache, moe_mm_token_type_ids=text_type
+            ).logits[:, -1]
         for row in rows:
             if row.finish_reason is None:
                 row.finish_reason = "length"

@@ -25,6 +25,34 @@ def vision_item_positions(grid_thw: list[int], cur: int, merge: int, t_merge: in
     return torch.stack([tt.flatten(), hh.flatten(), ww.flatten()]) + cur
 
 
+class _Items:
+    """The media items of one placeholder kind, consumed run by run (a video may span several runs when its
+    frames are interleaved with its sound track)."""
+
+    def __init__(self, token: int, grids: list[list[int]], t_merge: int, merge: int) -> None:
+        self.token, self.grids, self.t_merge, self.merge = token, iter(grids), t_merge, merge
+        self.grid: list[int] | None = None
+        self.done = 0  # frame pairs of the current item already placed
+
+    def take(self, run: int, cur: int, at: int) -> torch.Tensor:
+        if self.grid is None:
+            self.grid = next(self.grids, None)
+            self.done = 0
+            if self.grid is None:
+                raise ValueError(f"more placeholder runs of token {self.token} than media items (grid_thw rows)")
+        t, h, w = self.grid
+        pairs = max(t // self.t_merge, 1)
+        per_pair = (h // self.merge) * (w // self.merge)
+        if run % per_pair or self.done + run // per_pair > pairs:
+            raise ValueError(f"{run} placeholders {self.token} at {at} do not fit the item of grid {self.grid}")
+        k = run // per_pair
+        pos = vision_item_positions([k * self.t_merge if t > 1 else 1, h, w], cur, self.merge, self.t_merge)
+        self.done += k
+        if self.done == pairs:
+            self.grid = None
+        return pos
+
+
 def rope_index(
     input_ids: torch.Tensor,
     spans: dict[int, tuple[list[list[int]], int]],
@@ -34,11 +62,12 @@ def rope_index(
     """3D position ids [3, B, S] and per-row decode deltas [B] (next position = real length + delta).
 
     spans: placeholder token id -> (grid_thw of its items in order, temporal merge) for images and videos.
+    Every other token (text, and audio placeholders) advances along time by one step, as text does.
     """
     b, s = input_ids.shape
     out = torch.zeros(3, b, s, dtype=torch.long)
     deltas = torch.zeros(b, dtype=torch.long)
-    grids = {tok: iter(g) for tok, (g, _) in spans.items()}
+    items = {tok: _Items(tok, g, tm, merge) for tok, (g, tm) in spans.items()}
     ids_all = input_ids.cpu()
     for row in range(b):
         keep = padding_mask[row].bool().cpu() if padding_mask is not None else torch.ones(s, dtype=torch.bool)
@@ -46,22 +75,19 @@ def rope_index(
         pieces, cur, i = [], 0, 0
         while i < len(ids):
             tok = ids[i]
-            if tok not in spans:
-                j = i
-                while j < len(ids) and ids[j] not in spans:
+            j = i + 1
+            if tok in items:
+                while j < len(ids) and ids[j] == tok:
                     j += 1
-                pieces.append(torch.arange(cur, cur + j - i).expand(3, -1))
-                cur, i = cur + j - i, j
-                continue
-            grid = next(grids[tok], None)
-            if grid is None:
-                raise ValueError(f"more placeholder runs of token {tok} than media items (grid_thw rows)")
-            pos = vision_item_positions(grid, cur, merge, spans[tok][1])
-            n = pos.shape[1]
-            if ids[i : i + n] != [tok] * n:
-                raise ValueError(f"an item of grid {grid} needs {n} consecutive placeholders {tok} at {i}")
+                pos = items[tok].take(j - i, cur, i)
+                cur = int(pos.max()) + 1
+            else:  # text (and audio): one step per token
+                while j < len(ids) and ids[j] not in items:
+                    j += 1
+                pos = torch.arange(cur, cur + j - i).expand(3, -1)
+                cur += j - i
             pieces.append(pos)
-            cur, i = int(pos.max()) + 1, i + n
+            i = j
         pos = torch.cat(pieces, dim=1) if pieces else torch.zeros(3, 0, dtype=torch.long)
         out[:, row, keep] = pos
         deltas[row] = cur - len(ids)

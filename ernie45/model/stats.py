@@ -8,7 +8,12 @@ from ..config import MODALITIES
 from .moe import MoEBlock
 
 # Encoder submodules of the trunk and the modalities whose tokens they produce.
-ENCODERS = {"vision_tower": ("image", "video"), "resampler_model": ("image", "video")}
+ENCODERS = {
+    "vision_tower": ("image", "video"),
+    "resampler_model": ("image", "video"),
+    "audio_tower": ("audio",),
+    "audio_resampler": ("audio",),
+}
 
 
 def parameter_counts(model: nn.Module, modality: str = "text") -> tuple[int, int]:

@@ -16,7 +16,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..attention import FlashMask
-from ..config import Ernie45Config
+from ..config import AudioConfig, Ernie45Config
+from .audio import AudioEncoder, AudioResampler
 from .layers import Attention, RMSNorm, SwiGLU, attention_mask, rope_cos_sin
 from .moe import ExpertGroup, MoEBlock, Router
 from .positions import rope_index, text_positions
@@ -46,7 +47,7 @@ class Ernie45PreTrainedModel(PreTrainedModel):
     config_class = Ernie45Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DecoderLayer", "VisionBlock"]
+    _no_split_modules = ["DecoderLayer", "VisionBlock", "AudioBlock"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"mtp"]
     _keep_in_fp32_modules_strict = ["gate.weight", "e_score_correction_bias"]
@@ -80,6 +81,10 @@ class Ernie45Model(Ernie45PreTrainedModel):
             vc = VisionConfig.from_dict(config.vision_config)
             self.vision_tower = VisionTransformer(vc)
             self.resampler_model = Resampler(vc, config.hidden_size, config.rms_norm_eps)
+        if config.audio_config is not None:
+            ac = AudioConfig.from_dict(config.audio_config)
+            self.audio_tower = AudioEncoder(ac)
+            self.audio_resampler = AudioResampler(ac, config.hidden_size, config.rms_norm_eps)
         self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
@@ -87,11 +92,14 @@ class Ernie45Model(Ernie45PreTrainedModel):
         # token id -> modality id: placeholders and their START/END markers route like their media (pitfall 6)
         self.modality_of_token = {
             t: m
-            for m, toks in ((1, (c.image_token_id, c.image_start_token_id, c.image_end_token_id)),
-                            (2, (c.video_token_id, c.video_start_token_id, c.video_end_token_id)),
-                            (3, (c.audio_token_id, c.audio_start_token_id, c.audio_end_token_id)))
-            for t in toks if t is not None
-        }  # fmt: skip
+            for m, toks in (
+                (1, (c.image_token_id, c.image_start_token_id, c.image_end_token_id)),
+                (2, (c.video_token_id, c.video_start_token_id, c.video_end_token_id)),
+                (3, (c.audio_token_id, c.audio_start_token_id, c.audio_end_token_id)),
+            )
+            for t in toks
+            if t is not None
+        }
         self.post_init()
 
     def modality_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
@@ -109,6 +117,12 @@ class Ernie45Model(Ernie45PreTrainedModel):
             raise ValueError("this model has no vision encoder (config.vision_config is None); it takes text only")
         pixels = pixels.to(self.vision_tower.patch_embed.proj.weight.dtype)
         return self.resampler_model(self.vision_tower(pixels, grid_thw), grid_thw)
+
+    def encode_audio(self, mels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Log-mel frames of all items [frames, n_mels] -> one text-width embedding per audio placeholder."""
+        if not hasattr(self, "audio_tower"):
+            raise ValueError("this model has no audio encoder (config.audio_config is None); it cannot hear")
+        return self.audio_resampler(self.audio_tower(mels, lengths))
 
     def _scatter(self, h, input_ids, token_id, features, what: str) -> torch.Tensor:
         if input_ids is None:
@@ -152,6 +166,8 @@ class Ernie45Model(Ernie45PreTrainedModel):
         image_grid_thw: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
+        audio_values: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
         **_: Any,
     ) -> BaseModelOutputWithPast:
         """modality: [B, S] ids (0 text, 1 image, 2 video, 3 audio); None derives them from input_ids."""
@@ -164,6 +180,9 @@ class Ernie45Model(Ernie45PreTrainedModel):
         if pixel_values_videos is not None:
             feats = self.encode_vision(pixel_values_videos, video_grid_thw)
             h = self._scatter(h, input_ids, c.video_token_id, feats, "video")
+        if audio_values is not None:
+            lengths = audio_lengths if audio_lengths is not None else torch.tensor([audio_values.shape[0]])
+            h = self._scatter(h, input_ids, c.audio_token_id, self.encode_audio(audio_values, lengths), "audio")
         if modality is None and input_ids is not None:
             modality = self.modality_ids(input_ids)
         seq = h.shape[1]
@@ -218,6 +237,8 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         image_grid_thw: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
+        audio_values: torch.Tensor | None = None,
+        audio_lengths: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         moe_mm_token_type_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
@@ -246,6 +267,8 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             image_grid_thw=image_grid_thw,
             pixel_values_videos=pixel_values_videos,
             video_grid_thw=video_grid_thw,
+            audio_values=audio_values,
+            audio_lengths=audio_lengths,
         )
         h = out.last_hidden_state
         if logits_to_keep:

@@ -65,12 +65,15 @@ MEDIA_PARTS = {
 def media_items(messages: list[dict]) -> dict[str, list]:
     """The media sources of a conversation, per kind, in the order the template numbers them."""
     found: dict[str, list] = {k: [] for k in MEDIA_PARTS}
+    found["video_audio"] = []  # per video: interleave its sound track ({"type": "video", "use_audio": true})
     for m in messages:
         if isinstance(m.get("content"), list):
             for part in m["content"]:
                 for kind, names in MEDIA_PARTS.items():
                     if part.get("type") in names:
                         found[kind].append(_source(part))
+                        if kind == "video":
+                            found["video_audio"].append(bool(part.get("use_audio", False)))
     return found
 
 

@@ -58,8 +58,10 @@ def load_image(source: MediaInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.
     if isinstance(source, np.ndarray):
         return Image.fromarray(_to_uint8_hwc(source)).convert("RGB")
     if not isinstance(source, (str, Path, bytes, bytearray)):
-        raise ValueError(f"cannot read an image from a {type(source).__name__}; pass a path, bytes, PIL image, "
-                         "numpy array or data: URL")  # fmt: skip
+        raise ValueError(
+            f"cannot read an image from a {type(source).__name__}; pass a path, bytes, PIL image, "
+            "numpy array or data: URL"
+        )
     data = read_bytes(source)
     try:
         with warnings.catch_warnings():

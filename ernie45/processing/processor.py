@@ -7,14 +7,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..config import AudioConfig
+from .audio import AudioProcessor, decode_audio
 from .chat_template import TEXT_TEMPLATE, VL_TEMPLATE, media_items
 from .image import ImageProcessor
-from .placeholders import expand_ids
 from .tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids
 from .video import VideoProcessor
+
+AUDIO_CHUNK_SECONDS = 2.0  # a video's sound is interleaved with its frames in spans of this length
 
 
 @dataclass
@@ -22,8 +26,10 @@ class Processor:
     tokenizer: PreTrainedTokenizerBase
     chat_template: str
     multimodal: bool = False
+    hears: bool = False
     image: ImageProcessor = field(default_factory=ImageProcessor)
     video: VideoProcessor = field(default_factory=VideoProcessor)
+    audio: AudioProcessor = field(default_factory=AudioProcessor)
 
     def __post_init__(self) -> None:
         self.ids = special_token_ids(self.tokenizer)
@@ -32,34 +38,114 @@ class Processor:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> str:
         """The prompt text of a conversation (rendered by the tokenizer's own Jinja engine)."""
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt,
-            tokenize=False, **kw,
-        )  # fmt: skip
+            messages,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **kw,
+        )
 
-    def encode(self, text: str, images: list | None = None, videos: list | None = None) -> dict[str, Any]:
-        """One prompt (with one placeholder per media item) -> ids with expanded placeholders + media tensors."""
+    def encode(
+        self,
+        text: str,
+        images: list | None = None,
+        videos: list | None = None,
+        audios: list | None = None,
+        video_audio: list[bool] | None = None,
+    ) -> dict[str, Any]:
+        """One prompt (one placeholder per media item) -> ids with expanded placeholders + media tensors.
+
+        Placeholders are expanded in prompt order. A video with ``video_audio`` True interleaves, every
+        ``AUDIO_CHUNK_SECONDS``, its frame pairs of that span and the span's sound as an audio item.
+        """
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        out: dict[str, Any] = {}
-        for kind, items, proc in (("image", images, self.image), ("video", videos, self.video)):
-            if not items:
+        videos = videos or []
+        queues = {
+            "image": iter(images or []),
+            "video": iter(zip(videos, video_audio or [False] * len(videos), strict=True)),
+            "audio": iter(audios or []),
+        }
+        kind_of = {self.ids[k]: k for k in queues if k in self.ids}
+        out: list[int] = []
+        feats: dict[str, list] = {
+            "pixel_values": [],
+            "image_grid_thw": [],
+            "pixel_values_videos": [],
+            "video_grid_thw": [],
+            "audio_values": [],
+        }
+        for t in ids:
+            kind = kind_of.get(t)
+            if kind is None:
+                out.append(t)
                 continue
-            if kind not in self.ids:
-                raise ValueError(f"the tokenizer has no {SPECIAL_TOKENS[kind]} token, so it cannot take {kind}s")
-            if not self.multimodal:
-                raise ValueError(f"this model takes text only; it cannot read {kind}s")
-            feats = proc(list(items))
-            grids = feats[f"{kind}_grid_thw"].tolist()
-            ids = expand_ids(ids, self.ids[kind], [proc.num_tokens(g) for g in grids])
-            out.update(feats)
-        out["input_ids"] = ids
-        return out
+            item = next(queues[kind], None)
+            if item is None:
+                raise ValueError(f"the prompt has more {SPECIAL_TOKENS[kind]} placeholders than {kind} inputs")
+            self._check_can(kind)
+            out.extend(getattr(self, f"_expand_{kind}")(item, t, feats))
+        for kind, queue in queues.items():
+            if next(queue, None) is not None:
+                if kind not in self.ids:
+                    raise ValueError(f"the tokenizer has no {SPECIAL_TOKENS[kind]} token, so it cannot take {kind}")
+                raise ValueError(f"more {kind} inputs than {SPECIAL_TOKENS[kind]} placeholders in the prompt")
+        result: dict[str, Any] = {"input_ids": out}
+        if feats["pixel_values"]:
+            result["pixel_values"] = torch.from_numpy(np.concatenate(feats["pixel_values"]))
+            result["image_grid_thw"] = torch.tensor(feats["image_grid_thw"], dtype=torch.long)
+        if feats["pixel_values_videos"]:
+            result["pixel_values_videos"] = torch.from_numpy(np.concatenate(feats["pixel_values_videos"]))
+            result["video_grid_thw"] = torch.tensor(feats["video_grid_thw"], dtype=torch.long)
+        if feats["audio_values"]:
+            result.update(self.audio.collate(feats["audio_values"]))
+        return result
+
+    def _check_can(self, kind: str) -> None:
+        able = self.hears if kind == "audio" else self.multimodal
+        if not able:
+            raise ValueError(f"this model cannot take {kind} input (it has no {kind} encoder)")
+
+    def _expand_image(self, source, token: int, feats: dict) -> list[int]:
+        f = self.image(source)
+        feats["pixel_values"].append(f["pixel_values"].numpy())
+        grid = f["image_grid_thw"][0].tolist()
+        feats["image_grid_thw"].append(grid)
+        return [token] * self.image.num_tokens(grid)
+
+    def _expand_audio(self, source, token: int, feats: dict) -> list[int]:
+        c = self.audio.config
+        mel = self.audio.features(decode_audio(source, c.sample_rate, c.max_seconds))
+        feats["audio_values"].append(mel)
+        return [token] * self.audio.num_tokens(mel.shape[0])
+
+    def _expand_video(self, item, token: int, feats: dict) -> list[int]:
+        source, with_audio = item
+        patches, grid, seconds = self.video.encode_frames(*self.video.decode(source), source)
+        feats["pixel_values_videos"].append(patches)
+        feats["video_grid_thw"].append(grid)
+        if not with_audio:
+            return [token] * self.video.num_tokens(grid)
+        self._check_can("audio")
+        c = self.audio.config
+        wave = decode_audio(source, c.sample_rate, c.max_seconds)
+        per_pair = self.video.num_tokens([self.video.temporal_merge_size, grid[1], grid[2]])
+        pair_times = seconds[:: self.video.temporal_merge_size]
+        chunk = int(AUDIO_CHUNK_SECONDS * c.sample_rate)
+        out: list[int] = []
+        placed = 0
+        for start in range(0, wave.numel(), chunk):
+            end_s = (start + chunk) / c.sample_rate
+            pairs = sum(1 for t in pair_times[placed:] if t < end_s)
+            out += [token] * (pairs * per_pair)
+            placed += pairs
+            out += [self.ids["audio_start"]] + self._expand_audio(wave[start : start + chunk], self.ids["audio"], feats)
+            out += [self.ids["audio_end"]]
+        return out + [token] * ((len(pair_times) - placed) * per_pair)
 
     def encode_chat(self, messages: list[dict], **template_kw: Any) -> dict[str, Any]:
         media = media_items(messages)
-        if media["audio"]:
-            raise ValueError("audio input is not supported by this model")
         text = self.apply_chat_template(messages, **template_kw)
-        return self.encode(text, media["image"] or None, media["video"] or None)
+        return self.encode(text, media["image"], media["video"], media["audio"], media["video_audio"])
 
     def collate(self, encoded: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Left-pad a list of `encode` results into one batch (media tensors concatenated in row order)."""
@@ -71,7 +157,14 @@ class Processor:
             ids[i, width - n :] = torch.tensor(e["input_ids"], dtype=torch.long)
             mask[i, width - n :] = 1
         batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
-        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        for key in (
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_values_videos",
+            "video_grid_thw",
+            "audio_values",
+            "audio_lengths",
+        ):
             parts = [e[key] for e in encoded if key in e]
             if parts:
                 batch[key] = torch.cat(parts)
@@ -93,9 +186,12 @@ def load_processor(path: str | Path) -> Processor:
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     multimodal = bool(config.get("vision_config"))
+    audio_config = config.get("audio_config")
     template = getattr(tok, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
     if (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text()
-    return Processor(tok, template or (VL_TEMPLATE if multimodal else TEXT_TEMPLATE), multimodal)
+    audio = AudioProcessor(AudioConfig.from_dict(audio_config)) if audio_config else AudioProcessor()
+    template = template or (VL_TEMPLATE if multimodal or audio_config else TEXT_TEMPLATE)
+    return Processor(tok, template, multimodal, bool(audio_config), audio=audio)

@@ -42,9 +42,13 @@ def draw_timestamp(img: Image.Image, seconds: float) -> Image.Image:
     size = max(1, int(0.1 * min(img.size)))
     out = img.copy()
     ImageDraw.Draw(out).text(
-        (0, 0), timestamp_text(seconds), font=_font(size), fill=(0, 0, 0),
-        stroke_width=int(0.1 * size), stroke_fill=(255, 255, 255),
-    )  # fmt: skip
+        (0, 0),
+        timestamp_text(seconds),
+        font=_font(size),
+        fill=(0, 0, 0),
+        stroke_width=int(0.1 * size),
+        stroke_fill=(255, 255, 255),
+    )
     return out
 
 
@@ -108,23 +112,30 @@ class VideoProcessor:
         seconds = [i * duration / total for i in wanted]
         return frames, seconds
 
+    def encode_frames(self, frames: list[Image.Image], seconds: list[float], source=None):
+        """Decoded frames -> (patches [T*h*w, 3*14*14] numpy, grid [T, h, w], timestamps of the T frames)."""
+        frames, seconds = list(frames), list(seconds)
+        if self.draw_timestamps:
+            frames = [draw_timestamp(f, s) for f, s in zip(frames, seconds, strict=True)]
+        if len(frames) % self.temporal_merge_size:
+            frames.append(frames[-1])  # odd count: repeat the last frame
+            seconds.append(seconds[-1])
+        factor = self.image.patch_size * self.image.merge_size
+        try:
+            h, w = smart_resize(frames[0].height, frames[0].width, factor, self.min_pixels, self.max_pixels)
+        except ValueError as e:
+            raise ValueError(f"{describe(source)}: {e}") from None
+        per_frame = [self.image.frame_patches(f.resize((w, h), Image.Resampling.BICUBIC)) for f in frames]
+        grid = [len(frames), per_frame[0][1], per_frame[0][2]]
+        return np.concatenate([p for p, _, _ in per_frame]), grid, seconds
+
     def __call__(self, videos: list[MediaInput] | MediaInput) -> dict[str, torch.Tensor]:
         videos = videos if isinstance(videos, list) and not _is_frame_list(videos) else [videos]
         patches, grids = [], []
         for source in videos:
-            frames, seconds = self.decode(source)
-            if self.draw_timestamps:
-                frames = [draw_timestamp(f, s) for f, s in zip(frames, seconds, strict=True)]
-            if len(frames) % self.temporal_merge_size:
-                frames.append(frames[-1])  # odd count: repeat the last frame
-            factor = self.image.patch_size * self.image.merge_size
-            try:
-                h, w = smart_resize(frames[0].height, frames[0].width, factor, self.min_pixels, self.max_pixels)
-            except ValueError as e:
-                raise ValueError(f"{describe(source)}: {e}") from None
-            per_frame = [self.image.frame_patches(f.resize((w, h), Image.Resampling.BICUBIC)) for f in frames]
-            patches.extend(p for p, _, _ in per_frame)
-            grids.append([len(frames), per_frame[0][1], per_frame[0][2]])
+            p, grid, _ = self.encode_frames(*self.decode(source), source)
+            patches.append(p)
+            grids.append(grid)
         return {
             "pixel_values_videos": torch.from_numpy(np.concatenate(patches)),
             "video_grid_thw": torch.tensor(grids, dtype=torch.long),
