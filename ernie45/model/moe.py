@@ -64,10 +64,10 @@ class ExpertGroup(nn.Module):
         ys = ys * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, ys)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H] -> (output [N, H], router logits [N, E])."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (output [N, H], router logits [N, E] fp32, chosen experts [N, k])."""
         logits, weights, ids = self.gate(x)
-        return self.experts(x, ids, weights), logits
+        return self.experts(x, ids, weights), logits, ids
 
 
 class MoEBlock(nn.Module):
@@ -87,19 +87,31 @@ class MoEBlock(nn.Module):
             SwiGLU(h, config.moe_shared_intermediate_size, config.use_bias) if config.moe_num_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, S, H]; modality [B, S] ids (None: all text)."""
+    def forward(
+        self, x: torch.Tensor, modality: torch.Tensor | None = None, router_out: list | None = None
+    ) -> torch.Tensor:
+        """x [B, S, H]; modality [B, S] ids (None: all text).
+
+        router_out: a list to append ``(group, router logits, chosen experts, token rows)`` to, for the
+        training losses and the correction-bias update; None (inference) keeps nothing.
+        """
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         out = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
         if len(self.groups) == 1:
-            (group,) = self.groups.values()
-            out = out + group(x)[0]
+            (name, group), rows = next(iter(self.groups.items())), None
+            y, logits, ids = group(x)
+            out = out + y
+            if router_out is not None:
+                router_out.append((name, logits, ids, rows))
             return out.reshape(shape)
         modality = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if modality is None else modality
         modality = modality.reshape(-1)
         for name, group in self.groups.items():
             rows = torch.isin(modality, torch.tensor(self.group_modalities[name], device=x.device)).nonzero()[:, 0]
             if rows.numel():
-                out = out.index_add(0, rows, group(x[rows])[0])
+                y, logits, ids = group(x[rows])
+                out = out.index_add(0, rows, y)
+                if router_out is not None:
+                    router_out.append((name, logits, ids, rows))
         return out.reshape(shape)

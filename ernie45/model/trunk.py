@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOutputWithPast
 
 from ..attention import FlashMask
 from ..config import AudioConfig, Ernie45Config
@@ -36,10 +36,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, rope, mask, cache=None, modality=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope, mask, cache=None, modality=None, router_out=None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache)
         x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, modality) if isinstance(self.mlp, MoEBlock) else self.mlp(x))
+        return h + (self.mlp(x, modality, router_out) if isinstance(self.mlp, MoEBlock) else self.mlp(x))
 
 
 class Ernie45PreTrainedModel(PreTrainedModel):
@@ -168,6 +168,7 @@ class Ernie45Model(Ernie45PreTrainedModel):
         video_grid_thw: torch.Tensor | None = None,
         audio_values: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
+        router_out: list | None = None,
         **_: Any,
     ) -> BaseModelOutputWithPast:
         """modality: [B, S] ids (0 text, 1 image, 2 video, 3 audio); None derives them from input_ids."""
@@ -193,11 +194,14 @@ class Ernie45Model(Ernie45PreTrainedModel):
             )
         rope = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.freq_allocation)
         mask = _layer_mask(attention_mask, seq, past + seq, h.device)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            layer_out = None if router_out is None else []
             if self.gradient_checkpointing and self.training:
-                h = self._gradient_checkpointing_func(layer.__call__, h, rope, mask, None, modality)
+                h = self._gradient_checkpointing_func(layer.__call__, h, rope, mask, None, modality, layer_out)
             else:
-                h = layer(h, rope, mask, cache, modality)
+                h = layer(h, rope, mask, cache, modality, layer_out)
+            if layer_out:  # (layer, group, router logits, chosen experts, token rows)
+                router_out.extend((i, *entry) for entry in layer_out)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
 
 
@@ -242,13 +246,17 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         mm_token_type_ids: torch.Tensor | None = None,
         moe_mm_token_type_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        output_router_logits: bool = False,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> MoeCausalLMOutputWithPast:
         """Keyword names follow transformers' VL model, so a batch from either processor runs on either model.
 
         moe_mm_token_type_ids / mm_token_type_ids: per-token modality ids (0 text, 1 image, 2 video, 3 audio)
         that pick each token's expert group; by default they are derived from the token ids.
+        output_router_logits: also return, per MoE layer and group, ``(layer, group, router logits, chosen
+        experts, token rows)`` in ``.router_logits`` (what the MoE training losses read).
         """
+        router_out: list | None = [] if output_router_logits else None
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             from transformers import DynamicCache
@@ -269,6 +277,7 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             video_grid_thw=video_grid_thw,
             audio_values=audio_values,
             audio_lengths=audio_lengths,
+            router_out=router_out,
         )
         h = out.last_hidden_state
         if logits_to_keep:
@@ -279,4 +288,4 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return MoeCausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, router_logits=router_out)

@@ -58,7 +58,13 @@ class Processor:
         Placeholders are expanded in prompt order. A video with ``video_audio`` True interleaves, every
         ``AUDIO_CHUNK_SECONDS``, its frame pairs of that span and the span's sound as an audio item.
         """
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode_ids(self.tokenizer.encode(text, add_special_tokens=False), images, videos, audios,
+                               video_audio)  # fmt: skip
+
+    def encode_ids(self, ids: list[int], images: list | None = None, videos: list | None = None,
+                   audios: list | None = None, video_audio: list[bool] | None = None,
+                   labels: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+        """`encode` on token ids; with `labels`, they are expanded alongside (-100 on media tokens)."""
         videos = videos or []
         queues = {
             "image": iter(images or []),
@@ -67,6 +73,7 @@ class Processor:
         }
         kind_of = {self.ids[k]: k for k in queues if k in self.ids}
         out: list[int] = []
+        out_labels: list[int] = []
         feats: dict[str, list] = {
             "pixel_values": [],
             "image_grid_thw": [],
@@ -74,22 +81,27 @@ class Processor:
             "video_grid_thw": [],
             "audio_values": [],
         }
-        for t in ids:
+        for n, t in enumerate(ids):
             kind = kind_of.get(t)
             if kind is None:
                 out.append(t)
+                out_labels.append(labels[n] if labels is not None else t)
                 continue
             item = next(queues[kind], None)
             if item is None:
                 raise ValueError(f"the prompt has more {SPECIAL_TOKENS[kind]} placeholders than {kind} inputs")
             self._check_can(kind)
-            out.extend(getattr(self, f"_expand_{kind}")(item, t, feats))
+            expanded = getattr(self, f"_expand_{kind}")(item, t, feats)
+            out.extend(expanded)
+            out_labels.extend([-100] * len(expanded))
         for kind, queue in queues.items():
             if next(queue, None) is not None:
                 if kind not in self.ids:
                     raise ValueError(f"the tokenizer has no {SPECIAL_TOKENS[kind]} token, so it cannot take {kind}")
                 raise ValueError(f"more {kind} inputs than {SPECIAL_TOKENS[kind]} placeholders in the prompt")
         result: dict[str, Any] = {"input_ids": out}
+        if labels is not None:
+            result["labels"] = out_labels
         if feats["pixel_values"]:
             result["pixel_values"] = torch.from_numpy(np.concatenate(feats["pixel_values"]))
             result["image_grid_thw"] = torch.tensor(feats["image_grid_thw"], dtype=torch.long)

@@ -1,0 +1,70 @@
+"""`ernie45 train CONFIG.yaml [key=value ...] [--resume]`: a training run from a recipe file.
+
+Overrides use dotted keys, e.g. ``train.max_steps=20 data.pack=false losses.load_balance=0.01``; values are
+read as YAML (numbers, booleans, lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def _set(cfg: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"override {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_recipe(path: str, overrides: list[str]) -> dict:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{file}: no such recipe file")
+    try:
+        cfg = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{file} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UsageError(f"override {item!r}: write key=value, e.g. train.max_steps=20")
+        _set(cfg, key, yaml.safe_load(raw))
+    base = file.parent  # relative data / model paths are relative to the recipe
+    for section, key in (("model", "path"), ("model", "tokenizer")):
+        value = cfg.get(section, {}).get(key)
+        if value and not Path(value).is_absolute() and (base / value).exists():
+            cfg[section][key] = str(base / value)
+    data = cfg.setdefault("data", {})
+    files = data.get("train", [])
+    files = [files] if isinstance(files, str) else files
+    data["train"] = [str(base / f) if not Path(f).is_absolute() and (base / f).exists() else f for f in files]
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ..train import DataError, run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_recipe(args.config, args.overrides)
+    try:
+        final = run(cfg, resume=args.resume)
+    except (DataError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(f"trained model written to {final}")
+
+
+def add_commands(sub) -> None:
+    t = sub.add_parser("train", help="train or fine-tune from a recipe (SFT, pretraining, DPO, LoRA)")
+    t.add_argument("config", metavar="CONFIG.yaml")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=20")
+    t.add_argument("--resume", action="store_true", help="continue exactly from the last checkpoint in output_dir")
+    t.set_defaults(func=cmd_train)

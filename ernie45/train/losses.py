@@ -1,0 +1,119 @@
+"""Training losses (spec §7): token-balanced cross-entropy, MoE load balance per expert group, router
+z-loss and orthogonality, DPO, and the aux-loss-free correction-bias update."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from ..model.moe import Router
+
+_ROUTER_NAME = re.compile(r"layers\.(\d+)\.mlp\.groups\.(\w+)\.(?:base_layer\.)*gate$")
+
+
+def routers(model) -> dict[tuple[int, str], Router]:
+    """(layer, group) -> router, also under wrappers (PEFT adapters, DDP)."""
+    out = {}
+    for name, module in model.named_modules():
+        m = _ROUTER_NAME.search(name)
+        if m and isinstance(module, Router):
+            out[(int(m.group(1)), m.group(2))] = module
+    return out
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, balance_len: int | None = None) -> torch.Tensor:
+    """Mean next-token CE over targets. With `balance_len` (token-balanced loss), the value is still the
+    mean, but the gradient is sum / balance_len, so each sample's text weighs by its own length."""
+    flat = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="none")  # fmt: skip
+    n = (labels[:, 1:] != -100).sum().clamp(min=1)
+    mean = flat.sum() / n
+    if not balance_len:
+        return mean
+    balanced = flat.sum() / balance_len
+    return balanced - balanced.detach() + mean.detach()
+
+
+def load_balance(logits: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch-style E * sum_e(mean prob_e * dispatch share_e); 1.0 for perfectly even routing."""
+    probs = logits.float().softmax(-1).mean(0)
+    share = torch.bincount(experts.reshape(-1), minlength=num_experts).float() / experts.numel()
+    return num_experts * (probs * share).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), -1).pow(2).mean()
+
+
+def orthogonal_loss(weight: torch.Tensor) -> torch.Tensor:
+    """||W_n W_n^T - I||_F^2 / E^2 with rows L2-normalised (sum-of-squares convention)."""
+    w = F.normalize(weight.float(), dim=-1, eps=1e-12)
+    e = w.shape[0]
+    return (w @ w.T - torch.eye(e, device=w.device)).pow(2).sum() / e**2
+
+
+def moe_losses(model, router_out: list) -> dict[str, torch.Tensor]:
+    """Load balance and z-loss averaged over (layer, group) entries, orthogonality over all routers."""
+    if not router_out:
+        return {}
+    lb, z = [], []
+    for _, _, logits, experts, _ in router_out:
+        lb.append(load_balance(logits, experts, logits.shape[-1]))
+        z.append(z_loss(logits))
+    gates = [r.weight for r in routers(model).values()]
+    return {
+        "load_balance": torch.stack(lb).mean(),
+        "z_loss": torch.stack(z).mean(),
+        "orthogonal": torch.stack([orthogonal_loss(w) for w in gates]).mean(),
+    }
+
+
+class BiasBalancer:
+    """Aux-loss-free balancing: after each optimizer step, bias += rate * sign(mean usage - usage) per layer
+    and group, usage = dispatch counts since the last step. The bias is never trained by gradient."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.usage: dict[tuple[int, str], torch.Tensor] = defaultdict(lambda: None)
+
+    def accumulate(self, router_out: list) -> None:
+        for layer, group, logits, experts, _ in router_out:
+            counts = torch.bincount(experts.detach().reshape(-1), minlength=logits.shape[-1]).float()
+            prev = self.usage[(layer, group)]
+            self.usage[(layer, group)] = counts if prev is None else prev + counts
+
+    @torch.no_grad()
+    def step(self, model) -> None:
+        if not self.rate:
+            self.usage.clear()
+            return
+        found = routers(model)
+        for key, usage in self.usage.items():
+            bias = found[key].e_score_correction_bias
+            bias += self.rate * torch.sign(usage.mean() - usage).to(bias.device)
+        self.usage.clear()
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, spans: list[tuple[int, int, int, int, int]]):
+    """Summed token log-probs of each DPO pair's chosen and rejected answers -> (chosen [P], rejected [P]).
+
+    In a packed row [prompt | chosen | rejected] the rejected answer's first token is predicted from the
+    prompt's last position (as the chosen one's is), not from the chosen answer's end.
+    """
+    logp = torch.log_softmax(logits.float(), -1)
+    chosen, rejected = [], []
+    for b, c0, c1, r0, r1 in spans:
+        ids = input_ids[b]
+        chosen.append(logp[b, c0 - 1 : c1 - 1].gather(-1, ids[c0:c1, None]).sum())
+        first = logp[b, c0 - 1, ids[r0]]
+        rejected.append(first + logp[b, r0 : r1 - 1].gather(-1, ids[r0 + 1 : r1, None]).sum())
+    return torch.stack(chosen), torch.stack(rejected)
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO: -log sigmoid(beta * (policy margin - reference margin)); returns (loss, reward margin)."""
+    margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return -F.logsigmoid(margin).mean(), margin.detach().mean()

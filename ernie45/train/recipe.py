@@ -1,0 +1,172 @@
+"""A training run from one config (the YAML of `ernie45 train`): model, data, losses, parts to freeze,
+LoRA, DPO, and transformers' TrainingArguments."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from .. import presets
+from ..checkpoint import load
+from ..model import Ernie45ForConditionalGeneration
+from ..processing.processor import load_processor
+from .data import load_samples
+from .packing import collate_packed, collate_padded, pack, text_positions
+from .trainer import DPOSettings, Ernie45Trainer, LossWeights
+
+log = logging.getLogger("ernie45.train")
+
+DEFAULTS: dict[str, Any] = {
+    "model": {"path": None, "preset": None, "overrides": {}, "tokenizer": None, "dtype": None},
+    "data": {"train": [], "kind": "chat", "loss_on": "assistant", "on_error": "skip", "pack": True,
+             "max_tokens": 2048},
+    "train": {"output_dir": "runs/ernie45", "max_steps": 100, "learning_rate": 1e-4, "batch_size": 1,
+              "grad_accum": 1, "warmup_steps": 0, "lr_scheduler": "cosine", "weight_decay": 0.0, "seed": 0,
+              "save_steps": 50, "logging_steps": 1, "bf16": False, "gradient_checkpointing": False,
+              "max_grad_norm": 1.0},
+    "losses": {"load_balance": 0.0, "z_loss": 0.0, "orthogonal": 0.0, "token_balance_len": 0,
+               "bias_update_rate": 0.0},
+    "freeze": [],
+    "lora": None,
+    "dpo": None,
+}  # fmt: skip
+FREEZABLE = ("vision", "audio", "experts", "router", "embeddings")
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_model(cfg: dict):
+    m = cfg["model"]
+    if m.get("path"):
+        return load(m["path"], dtype=m.get("dtype")), load_processor(m.get("tokenizer") or m["path"])
+    if not m.get("preset") or not m.get("tokenizer"):
+        raise ValueError("model: give `path` (a checkpoint), or `preset` plus `tokenizer` (a directory)")
+    torch.manual_seed(cfg["train"]["seed"])
+    model = Ernie45ForConditionalGeneration(presets.get(m["preset"], **m.get("overrides", {})))
+    return model, load_processor(m["tokenizer"])
+
+
+def freeze(model, parts: list[str]) -> None:
+    """Stop gradients to whole parts of the model (names from FREEZABLE)."""
+    unknown = set(parts) - set(FREEZABLE)
+    if unknown:
+        raise ValueError(f"freeze: unknown parts {sorted(unknown)}; choose from {FREEZABLE}")
+    for name, p in model.named_parameters():
+        hit = (
+            ("vision" in parts and (".vision_tower." in name or ".resampler_model." in name))
+            or ("audio" in parts and (".audio_tower." in name or ".audio_resampler." in name))
+            or ("experts" in parts and name.endswith(("gate_up_proj", "down_proj")) and ".groups." in name)
+            or ("router" in parts and name.endswith("gate.weight"))
+            or ("embeddings" in parts and "embed_tokens" in name)
+        )
+        if hit:
+            p.requires_grad_(False)
+
+
+def apply_lora(model, lora: dict):
+    """LoRA adapters through PEFT on attention, shared experts and/or the stacked routed experts."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.get("targets", ["attention"])
+    modules, params = [], []
+    if "attention" in targets:
+        modules += ["q_proj", "k_proj", "v_proj", "o_proj"]
+    if "shared_experts" in targets:
+        modules += [f"shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    if "experts" in targets:
+        params += ["gate_up_proj", "down_proj"]
+    config = LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
+                        target_modules=modules or None, target_parameters=params or None)  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def positions_for(model):
+    """Per-sample position ids: 3D for media samples of a VL/omni model, 1D otherwise."""
+    inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+
+    def positions(sample, length):
+        if not inner.config.freq_allocation:
+            return text_positions(sample, length)
+        grids = sample.media.get("image_grid_thw"), sample.media.get("video_grid_thw")
+        if any(g is not None for g in grids):
+            ids = torch.tensor([sample.input_ids[:length]])
+            return inner.positions(ids, None, None, 0, length, "cpu", *grids)[:, 0]
+        return text_positions(sample, length).expand(3, -1)  # 3D RoPE: text moves on all three axes
+
+    return positions
+
+
+def build_trainer(cfg: dict) -> Ernie45Trainer:
+    cfg = merge(DEFAULTS, cfg)
+    model, proc = build_model(cfg)
+    d, t = cfg["data"], cfg["train"]
+    samples, problems = load_samples(proc, d["train"], d["kind"], d["loss_on"], d["on_error"], d["max_tokens"])
+    if not samples:
+        raise ValueError(f"no usable training samples in {d['train']} ({len(problems)} skipped)")
+    log.info("%d samples (%d skipped)", len(samples), len(problems))
+    freeze(model, cfg["freeze"])
+    if (cfg["lora"] or "router" in cfg["freeze"]) and cfg["losses"]["bias_update_rate"]:
+        log.info("router frozen (LoRA or freeze: router): the correction-bias update is off")
+        cfg["losses"]["bias_update_rate"] = 0.0
+    ref_model = None
+    if cfg["dpo"] and cfg["dpo"].get("reference", "model") == "model" and not cfg["lora"]:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg["lora"]:
+        model = apply_lora(model, cfg["lora"])
+    if t["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    positions = positions_for(model)
+    pad = proc.pad_id
+    if d["pack"]:
+        dataset = pack(samples, d["max_tokens"])
+        collator = lambda rows: collate_packed(rows, d["max_tokens"], pad, positions)  # noqa: E731
+    else:
+        dataset = samples
+        collator = lambda batch: collate_padded(batch, pad, positions)  # noqa: E731
+    args = TrainingArguments(
+        output_dir=t["output_dir"], max_steps=t["max_steps"], learning_rate=t["learning_rate"],
+        per_device_train_batch_size=t["batch_size"], gradient_accumulation_steps=t["grad_accum"],
+        warmup_steps=t["warmup_steps"], lr_scheduler_type=t["lr_scheduler"], weight_decay=t["weight_decay"],
+        seed=t["seed"], data_seed=t["seed"], save_steps=t["save_steps"], logging_steps=t["logging_steps"],
+        bf16=t["bf16"], max_grad_norm=t["max_grad_norm"], remove_unused_columns=False, report_to=[],
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        disable_tqdm=t.get("disable_tqdm", False),
+    )  # fmt: skip
+    trainer = Ernie45Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator,
+        weights=LossWeights(**cfg["losses"]), dpo=DPOSettings(**cfg["dpo"]) if cfg["dpo"] else None,
+        ref_model=ref_model,
+    )  # fmt: skip
+    trainer.processor = proc
+    trainer.ernie45_config = cfg
+    return trainer
+
+
+def run(cfg: dict, resume: bool = False) -> Path:
+    """Train; returns the directory of the final model (with its tokenizer)."""
+    trainer = build_trainer(cfg)
+    out = Path(trainer.args.output_dir)
+    checkpoint = None
+    if resume:
+        found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not found:
+            raise ValueError(f"--resume: no checkpoint-* in {out}")
+        checkpoint = str(found[-1])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final = out / "final"
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(final)
+    trainer.processor.save_pretrained(final)
+    return final

@@ -1,0 +1,131 @@
+"""ernie45 on transformers' Trainer: the MoE losses, DPO, the correction-bias update and progress lines.
+
+Everything else -- mixed precision, gradient checkpointing, accelerate / FSDP / DeepSpeed, checkpoints
+and exact resume (model, optimizer, scheduler, RNG, data position) -- is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .losses import BiasBalancer, cross_entropy, dpo_loss, moe_losses, sequence_logps
+
+
+@dataclass
+class LossWeights:
+    load_balance: float = 0.0
+    z_loss: float = 0.0
+    orthogonal: float = 0.0
+    token_balance_len: int = 0  # > 0: token-balanced CE with this constant length
+    bias_update_rate: float = 0.0  # aux-loss-free balancing step (0: off)
+
+
+@dataclass
+class DPOSettings:
+    beta: float = 0.1
+    reference: str = "model"  # "model": a frozen copy (or the base under LoRA); "precomputed": from the data
+
+
+class Ernie45Trainer(Trainer):
+    def __init__(self, *args, weights: LossWeights | None = None, dpo: DPOSettings | None = None,
+                 ref_model=None, **kwargs) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.weights = weights or LossWeights()
+        self.dpo = dpo
+        self.ref_model = ref_model
+        self.balancer = BiasBalancer(self.weights.bias_update_rate)
+        self._parts: dict[str, float] = {}
+        self._count = 0
+        self.tokens_seen = 0
+        self._clock = _StepEnd(self)
+        self.add_callback(self._clock)
+
+    def _is_moe(self, model) -> bool:
+        return bool(getattr(_base_config(model), "expert_groups", None))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        spans = inputs.pop("answer_spans", None)
+        ref_logps = inputs.pop("ref_logps", None)
+        moe = self._is_moe(model)
+        out = model(**inputs, output_router_logits=moe)
+        parts: dict[str, torch.Tensor] = {}
+        if self.dpo is not None and spans:
+            chosen, rejected = sequence_logps(out.logits, inputs["input_ids"], spans)
+            ref_c, ref_r = self._reference(model, inputs, spans, ref_logps)
+            loss, margin = dpo_loss(chosen, rejected, ref_c, ref_r, self.dpo.beta)
+            parts["dpo_margin"] = margin
+        else:
+            loss = cross_entropy(out.logits, labels, self.weights.token_balance_len or None)
+        parts["lm_loss"] = loss.detach()
+        if moe and out.router_logits:
+            self.balancer.accumulate(out.router_logits)
+            for name, value in moe_losses(_unwrap(model), out.router_logits).items():
+                parts[name] = value.detach()
+                weight = getattr(self.weights, name)
+                if weight:
+                    loss = loss + weight * value
+        self._record(parts)
+        self.tokens_seen += int((inputs["input_ids"] != (_base_config(model).pad_token_id or 0)).sum())
+        return (loss, out) if return_outputs else loss
+
+    @torch.no_grad()
+    def _reference(self, model, inputs, spans, ref_logps):
+        if self.dpo.reference == "precomputed":
+            if ref_logps is None:
+                raise ValueError("dpo.reference is 'precomputed' but the data has no ref_chosen / ref_rejected")
+            return ref_logps[:, 0], ref_logps[:, 1]
+        if self.ref_model is not None:
+            ref_out = self.ref_model(**inputs)
+        else:  # LoRA: the base model without its adapters is the reference
+            with _unwrap(model).disable_adapter():
+                ref_out = model(**inputs)
+        return sequence_logps(ref_out.logits, inputs["input_ids"], spans)
+
+    def _record(self, parts: dict[str, torch.Tensor]) -> None:
+        for k, v in parts.items():
+            self._parts[k] = self._parts.get(k, 0.0) + float(v)
+        self._count += 1
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._count and "loss" in logs:
+            logs.update({k: round(v / self._count, 6) for k, v in self._parts.items()})
+            self._parts, self._count = {}, 0
+            clock = self._clock
+            if clock.start is not None:
+                elapsed = time.perf_counter() - clock.start
+                done = max(self.state.global_step - clock.start_step, 1)
+                logs["tokens_per_s"] = round(self.tokens_seen / max(elapsed, 1e-9), 1)
+                logs["eta_s"] = round(elapsed / done * (self.state.max_steps - self.state.global_step), 1)
+        super().log(logs, *args, **kwargs)
+
+
+class _StepEnd(TrainerCallback):
+    """After each optimizer step: the correction-bias update; keeps the clock for tokens/s and ETA."""
+
+    def __init__(self, trainer: Ernie45Trainer) -> None:
+        self.trainer = trainer
+        self.start = None
+        self.start_step = 0
+        self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start, self.start_step, self.start_tokens = time.perf_counter(), state.global_step, 0
+        self.trainer.tokens_seen = 0
+
+    def on_step_end(self, args, state, control, **kw):
+        self.trainer.balancer.step(_unwrap(self.trainer.model))
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _base_config(model):
+    m = _unwrap(model)
+    return getattr(m, "config", None)

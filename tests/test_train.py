@@ -1,0 +1,162 @@
+"""Training: memorising a small multimodal set with packing, packing == no packing, LoRA, DPO, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from chat_fixtures import write_chat_checkpoint
+from PIL import Image
+
+import ernie45
+from ernie45.train import build_trainer, collate_packed, collate_padded, load_samples, pack
+from ernie45.train.data import DataError
+from ernie45.train.losses import cross_entropy
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory):
+    return write_chat_checkpoint(tmp_path_factory.mktemp("train_vl"), vision=True)
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    """A small multimodal chat set: coloured squares, plain questions, and one broken line."""
+    root = tmp_path_factory.mktemp("data")
+    lines = []
+    for name, rgb in COLOURS.items():
+        img = np.full((56, 56, 3), 255, np.uint8)
+        img[14:42, 14:42] = rgb
+        path = root / f"{name}.png"
+        Image.fromarray(img).save(path)
+        lines.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": str(path)},
+                                         {"type": "text", "text": "What color is the square?"}]},
+            {"role": "assistant", "content": f"It is {name}."}]})  # fmt: skip
+    lines.append({"messages": [{"role": "user", "content": "Who are you?"},
+                               {"role": "assistant", "content": "A tiny demo model."}]})  # fmt: skip
+    text = "\n".join(json.dumps(x) for x in lines) + "\n{broken json\n"
+    (root / "chat.jsonl").write_text(text)
+    (root / "dpo.jsonl").write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "Say hello.", "chosen": "Hello there!", "rejected": "No."},
+        {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."},
+    ]) + "\n")  # fmt: skip
+    return root
+
+
+def _cfg(vl_dir, data_dir, out, **over):
+    cfg = {
+        "model": {"path": str(vl_dir)},
+        "data": {"train": [str(data_dir / "chat.jsonl")], "max_tokens": 256, "pack": True},
+        "train": {"output_dir": str(out), "max_steps": 40, "learning_rate": 3e-3, "batch_size": 2, "save_steps": 1000,
+                  "logging_steps": 5, "disable_tqdm": True, "warmup_steps": 0, "lr_scheduler": "constant"},
+        "losses": {"load_balance": 0.01, "z_loss": 0.001, "orthogonal": 0.001, "bias_update_rate": 0.001},
+    }  # fmt: skip
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def test_bad_records_are_reported_with_file_and_line(vl_dir, chat_data):
+    proc = ernie45.load_processor(vl_dir)
+    samples, problems = load_samples(proc, [chat_data / "chat.jsonl"])
+    assert len(samples) == 5 and len(problems) == 1 and "chat.jsonl:6: not JSON" in problems[0]
+    with pytest.raises(DataError, match="chat.jsonl:6"):
+        load_samples(proc, [chat_data / "chat.jsonl"], on_error="fail")
+    first = samples[0]
+    targets = proc.tokenizer.decode([t for t in first.labels if t != -100])
+    assert targets == "It is red.<|end_of_sentence|>"  # loss on the assistant text and its end marker only
+    assert first.media["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
+def test_packing_gives_the_same_loss_as_padding(vl_dir, chat_data):
+    proc = ernie45.load_processor(vl_dir)
+    model = ernie45.load(vl_dir)
+    samples, _ = load_samples(proc, [chat_data / "chat.jsonl"])
+    from ernie45.train.recipe import positions_for
+
+    pos = positions_for(model)
+    rows = pack(samples, 256)
+    assert len(rows) < len(samples)  # several samples share a row
+    packed = collate_packed(rows, 256, proc.pad_id, pos)
+    padded = collate_padded(samples, proc.pad_id, pos)
+    with torch.no_grad():
+        a = cross_entropy(model(**{k: v for k, v in packed.items() if k != "labels"}).logits, packed["labels"])
+        b = cross_entropy(model(**{k: v for k, v in padded.items() if k != "labels"}).logits, padded["labels"])
+    assert abs(a - b) < 1e-4
+
+
+def test_tiny_vl_moe_memorises_with_packing(vl_dir, chat_data, tmp_path):
+    trainer = build_trainer(_cfg(vl_dir, chat_data, tmp_path))
+    before = trainer.model.model.layers[1].mlp.groups["text"].gate.e_score_correction_bias.clone()
+    trainer.train()
+    losses = [h["lm_loss"] for h in trainer.state.log_history if "lm_loss" in h]
+    assert losses[-1] < 0.1 < losses[0]
+    assert {"load_balance", "z_loss", "orthogonal", "tokens_per_s"} <= set(trainer.state.log_history[-2])
+    after = trainer.model.model.layers[1].mlp.groups["text"].gate.e_score_correction_bias
+    assert not torch.equal(before, after)  # the aux-loss-free bias update ran
+    llm = ernie45.LLM(trainer.model, processor=trainer.processor)
+    img = chat_data / "blue.png"
+    conv = [{"role": "user", "content": [{"type": "image", "image": str(img)},
+                                         {"type": "text", "text": "What color is the square?"}]}]  # fmt: skip
+    answer = llm.chat(conv, ernie45.SamplingParams(max_tokens=30, temperature=0))[0]
+    assert answer.text == "It is blue." and answer.finish_reason == "stop"
+
+
+def test_lora_step_changes_only_adapters(vl_dir, chat_data, tmp_path):
+    cfg = _cfg(vl_dir, chat_data, tmp_path, lora={"r": 4, "targets": ["attention", "experts", "shared_experts"]},
+               train={"max_steps": 1})  # fmt: skip
+    trainer = build_trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all("lora_" in k for k in changed), sorted(changed)[:5]
+    assert any(".groups." in k for k in changed)  # the routed experts got adapters too
+    assert any("shared_experts" in k for k in changed)
+
+
+def test_dpo_step_raises_the_margin(vl_dir, chat_data, tmp_path):
+    cfg = _cfg(vl_dir, chat_data, tmp_path, data={"train": [str(chat_data / "dpo.jsonl")], "kind": "dpo"},
+               dpo={"beta": 0.5}, train={"max_steps": 6, "logging_steps": 1, "learning_rate": 1e-3})  # fmt: skip
+    trainer = build_trainer(cfg)
+    trainer.train()
+    margins = [h["dpo_margin"] for h in trainer.state.log_history if "dpo_margin" in h]
+    assert margins[0] == pytest.approx(0.0, abs=1e-5) and margins[-1] > 0.05
+
+
+def test_kill_and_resume_gives_the_same_loss_curve(vl_dir, chat_data, tmp_path):
+    import yaml
+
+    def config(out):
+        cfg = _cfg(vl_dir, chat_data, out, train={"max_steps": 12, "save_steps": 4, "logging_steps": 1,
+                                                   "learning_rate": 1e-3})  # fmt: skip
+        path = tmp_path / f"{out.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    def losses(out):
+        state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+        return [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+
+    cmd = [sys.executable, "-m", "ernie45", "train"]
+    whole = tmp_path / "whole"
+    subprocess.run([*cmd, str(config(whole))], check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, str(config(killed))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4" / "trainer_state.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoint-12").exists()
+    r = subprocess.run([*cmd, str(config(killed)), "--resume"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(killed) == losses(whole) and len(losses(whole)) == 12
