@@ -160,3 +160,30 @@ def test_kill_and_resume_gives_the_same_loss_curve(vl_dir, chat_data, tmp_path):
     r = subprocess.run([*cmd, str(config(killed)), "--resume"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert losses(killed) == losses(whole) and len(losses(whole)) == 12
+
+
+def test_precomputed_reference_gradient_checkpointing_and_freezing(vl_dir, chat_data, tmp_path):
+    records = [json.loads(x) for x in (chat_data / "dpo.jsonl").read_text().splitlines()]
+    for r in records:
+        r.update(ref_chosen_logp=-20.0, ref_rejected_logp=-20.0)
+    (tmp_path / "dpo_ref.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    cfg = _cfg(vl_dir, chat_data, tmp_path / "out", data={"train": [str(tmp_path / "dpo_ref.jsonl")], "kind": "dpo"},
+               dpo={"beta": 0.5, "reference": "precomputed"}, freeze=["vision", "router", "embeddings"],
+               train={"max_steps": 2, "logging_steps": 1, "gradient_checkpointing": True, "bf16": True})  # fmt: skip
+    trainer = build_trainer(cfg)
+    frozen = {k: v.clone() for k, v in trainer.model.named_parameters() if not v.requires_grad}
+    assert any("vision_tower" in k for k in frozen) and any(k.endswith("gate.weight") for k in frozen)
+    trainer.train()
+    assert all(torch.equal(v, dict(trainer.model.named_parameters())[k]) for k, v in frozen.items())
+    assert [h for h in trainer.state.log_history if "dpo_margin" in h]
+
+
+def test_plain_transformers_trainer_trains_an_ernie45_model(vl_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = ernie45.load(vl_dir)
+    tok = ernie45.load_processor(vl_dir).tokenizer
+    rows = [{"input_ids": ids, "labels": ids} for ids in (tok.encode(t) for t in ["Hello world", "ERNIE is a model"])]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=1, report_to=[],
+                             use_cpu=True, logging_steps=1, disable_tqdm=True)  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=rows).train()

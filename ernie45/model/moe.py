@@ -59,9 +59,9 @@ class ExpertGroup(nn.Module):
         for e, c in enumerate(counts):
             if c:
                 gate, up = F.linear(xs[start : start + c], self.gate_up_proj[e]).chunk(2, dim=-1)
-                ys[start : start + c] = F.linear(F.silu(gate) * up, self.down_proj[e])
+                ys[start : start + c] = F.linear(F.silu(gate) * up, self.down_proj[e]).to(ys.dtype)
                 start += c
-        ys = ys * weights.reshape(-1)[order, None]
+        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,7 +111,7 @@ class MoEBlock(nn.Module):
             rows = torch.isin(modality, torch.tensor(self.group_modalities[name], device=x.device)).nonzero()[:, 0]
             if rows.numel():
                 y, logits, ids = group(x[rows])
-                out = out.index_add(0, rows, y)
+                out = out.index_add(0, rows, y.to(out.dtype))  # (autocast may give the shared path another dtype)
                 if router_out is not None:
                     router_out.append((name, logits, ids, rows))
         return out.reshape(shape)

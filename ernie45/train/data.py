@@ -33,6 +33,7 @@ class Sample:
     labels: list[int]
     media: dict[str, Any] = field(default_factory=dict)
     answers: tuple[int, int] | None = None  # DPO: lengths of the chosen and rejected answers
+    ref_logps: tuple[float, float] | None = None  # DPO: precomputed reference log-probs (chosen, rejected)
     source: str = ""
 
     def __len__(self) -> int:
@@ -162,4 +163,7 @@ def _tokenize(proc: Processor, rec: dict, kind: str, loss_on: str) -> Sample:
     for key in ("prompt", "chosen", "rejected"):
         if key not in rec:
             raise DataError(f'a DPO record needs "prompt", "chosen" and "rejected"; "{key}" is missing')
-    return tokenize_dpo(proc, rec["prompt"], rec["chosen"], rec["rejected"])
+    sample = tokenize_dpo(proc, rec["prompt"], rec["chosen"], rec["rejected"])
+    if "ref_chosen_logp" in rec or "ref_rejected_logp" in rec:
+        sample.ref_logps = (float(rec["ref_chosen_logp"]), float(rec["ref_rejected_logp"]))
+    return sample

@@ -95,6 +95,9 @@ def collate_packed(rows: list[list[Sample]], budget: int, pad_id: int = 0,
     }
     if dpo:
         batch["answer_spans"] = answer_spans(rows)
+        refs = [s.ref_logps for r in rows for s in r]
+        if all(r is not None for r in refs):
+            batch["ref_logps"] = torch.tensor(refs)
     return batch
 
 

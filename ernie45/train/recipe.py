@@ -124,7 +124,8 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     if cfg["lora"]:
         model = apply_lora(model, cfg["lora"])
     if t["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     positions = positions_for(model)
     pad = proc.pad_id
     if d["pack"]:
