@@ -124,8 +124,10 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     if cfg["lora"]:
         model = apply_lora(model, cfg["lora"])
     if t["gradient_checkpointing"]:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     positions = positions_for(model)
     pad = proc.pad_id
     if d["pack"]:
