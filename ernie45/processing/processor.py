@@ -19,6 +19,16 @@ from .tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids
 from .video import VideoProcessor
 
 AUDIO_CHUNK_SECONDS = 2.0  # a video's sound is interleaved with its frames in spans of this length
+MEDIA_SETTINGS_FILE = "preprocessor_config.json"
+IMAGE_SETTINGS = ("min_pixels", "max_pixels")
+VIDEO_SETTINGS = (
+    "fps",
+    "min_frames",
+    "max_frames",
+    "min_pixels",
+    "max_pixels",
+    "draw_timestamps",
+)
 
 
 @dataclass
@@ -186,9 +196,13 @@ class Processor:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write tokenizer.json + tokenizer_config.json (with the chat template) that transformers loads as is."""
+        """Write tokenizer.json + tokenizer_config.json (with the chat template) that transformers loads as is,
+        and the media settings (preprocessor_config.json)."""
         self.tokenizer.chat_template = self.chat_template
         self.tokenizer.save_pretrained(path)
+        settings = {"image": {k: getattr(self.image, k) for k in IMAGE_SETTINGS},
+                    "video": {k: getattr(self.video, k) for k in VIDEO_SETTINGS}}  # fmt: skip
+        (Path(path) / MEDIA_SETTINGS_FILE).write_text(json.dumps({"ernie45": settings}, indent=2))
 
 
 def load_processor(path: str | Path) -> Processor:
@@ -206,4 +220,14 @@ def load_processor(path: str | Path) -> Processor:
         template = (path / "chat_template.jinja").read_text()
     audio = AudioProcessor(AudioConfig.from_dict(audio_config)) if audio_config else AudioProcessor()
     template = template or (VL_TEMPLATE if multimodal or audio_config else TEXT_TEMPLATE)
-    return Processor(tok, template, multimodal, bool(audio_config), audio=audio)
+    proc = Processor(tok, template, multimodal, bool(audio_config), audio=audio)
+    settings_file = path / MEDIA_SETTINGS_FILE
+    if settings_file.is_file():  # our own media settings (other projects' files of this name are ignored)
+        settings = json.loads(settings_file.read_text()).get("ernie45", {})
+        for key in IMAGE_SETTINGS:
+            if key in settings.get("image", {}):
+                setattr(proc.image, key, settings["image"][key])
+        for key in VIDEO_SETTINGS:
+            if key in settings.get("video", {}):
+                setattr(proc.video, key, settings["video"][key])
+    return proc

@@ -50,10 +50,17 @@ def build_model(cfg: dict):
     if m.get("path"):
         return load(m["path"], dtype=m.get("dtype")), load_processor(m.get("tokenizer") or m["path"])
     if not m.get("preset") or not m.get("tokenizer"):
-        raise ValueError("model: give `path` (a checkpoint), or `preset` plus `tokenizer` (a directory)")
+        raise ValueError("model: give `path` (a checkpoint), or `preset` plus `tokenizer` (a directory, or `demo`)")
     torch.manual_seed(cfg["train"]["seed"])
-    model = Ernie45ForConditionalGeneration(presets.get(m["preset"], **m.get("overrides", {})))
-    return model, load_processor(m["tokenizer"])
+    config = presets.get(m["preset"], **m.get("overrides", {}))
+    model = Ernie45ForConditionalGeneration(config)
+    tokenizer_dir = m["tokenizer"]
+    if tokenizer_dir == "demo":  # build the demo tokenizer from the demo's own text
+        from ..demo.tokenizer import build_tokenizer
+
+        tokenizer_dir = build_tokenizer(Path(cfg["train"]["output_dir"]) / "tokenizer")
+    config.save_pretrained(tokenizer_dir)  # the processor reads which encoders the model has
+    return model, load_processor(tokenizer_dir)
 
 
 def freeze(model, parts: list[str]) -> None:
@@ -110,10 +117,17 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     cfg = merge(DEFAULTS, cfg)
     model, proc = build_model(cfg)
     d, t = cfg["data"], cfg["train"]
-    samples, problems = load_samples(proc, d["train"], d["kind"], d["loss_on"], d["on_error"], d["max_tokens"])
-    if not samples:
-        raise ValueError(f"no usable training samples in {d['train']} ({len(problems)} skipped)")
-    log.info("%d samples (%d skipped)", len(samples), len(problems))
+    torch.set_flush_denormal(True)  # saturated softmax tails otherwise slow CPU steps several-fold
+    if d.get("demo"):
+        from ..demo.data import DemoRows, configure
+
+        configure(proc)
+        samples = None
+    else:
+        samples, problems = load_samples(proc, d["train"], d["kind"], d["loss_on"], d["on_error"], d["max_tokens"])
+        if not samples:
+            raise ValueError(f"no usable training samples in {d['train']} ({len(problems)} skipped)")
+        log.info("%d samples (%d skipped)", len(samples), len(problems))
     freeze(model, cfg["freeze"])
     if (cfg["lora"] or "router" in cfg["freeze"]) and cfg["losses"]["bias_update_rate"]:
         log.info("router frozen (LoRA or freeze: router): the correction-bias update is off")
@@ -130,7 +144,12 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     positions = positions_for(model)
     pad = proc.pad_id
-    if d["pack"]:
+    if samples is None:
+        demo = d["demo"]
+        dataset = DemoRows(proc, demo.get("rows", t["max_steps"] * t["batch_size"] * t["grad_accum"]),
+                           d["max_tokens"], demo.get("seed", t["seed"]), demo.get("mix"))  # fmt: skip
+        collator = lambda rows: collate_packed(rows, d["max_tokens"], pad, positions)  # noqa: E731
+    elif d["pack"]:
         dataset = pack(samples, d["max_tokens"])
         collator = lambda rows: collate_packed(rows, d["max_tokens"], pad, positions)  # noqa: E731
     else:

@@ -1,0 +1,55 @@
+"""The demo's training data: an indexable stream of packed rows drawn fresh from the task generators.
+
+Row i is made from its own seed, so the data order is fixed by (seed, i): a resumed run sees exactly the
+rows it would have seen.
+"""
+
+from __future__ import annotations
+
+import random
+
+from torch.utils.data import Dataset
+
+from ..processing.processor import Processor
+from ..train.data import Sample, tokenize_chat
+from .tasks import draw
+
+DEMO_IMAGE = {"min_pixels": 112 * 112, "max_pixels": 112 * 112}
+DEMO_VIDEO = {"min_frames": 8, "max_frames": 8, "min_pixels": 84 * 84, "max_pixels": 84 * 84,
+              "draw_timestamps": False}  # fmt: skip
+
+
+def configure(proc: Processor) -> Processor:
+    """The demo's media sizes: 112 px images (16 tokens), 8-frame 84 px videos (36 tokens)."""
+    for k, v in DEMO_IMAGE.items():
+        setattr(proc.image, k, v)
+    for k, v in DEMO_VIDEO.items():
+        setattr(proc.video, k, v)
+    return proc
+
+
+def make_sample(proc: Processor, rng: random.Random, mix: dict | None = None) -> Sample:
+    skill, messages, answer = draw(rng, mix)
+    sample = tokenize_chat(proc, [*messages, {"role": "assistant", "content": answer}])
+    sample.source = skill
+    return sample
+
+
+class DemoRows(Dataset):
+    """`rows` packed rows of at most `budget` tokens, each drawn from seed (seed, index)."""
+
+    def __init__(self, proc: Processor, rows: int, budget: int, seed: int = 0, mix: dict | None = None) -> None:
+        self.proc, self.rows, self.budget, self.seed, self.mix = proc, rows, budget, seed, mix
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, i: int) -> list[Sample]:
+        rng = random.Random(self.seed * 1_000_003 + i)
+        row, used = [], 0
+        while True:
+            s = make_sample(self.proc, rng, self.mix)
+            if used + len(s) > self.budget:
+                return row or [s]
+            row.append(s)
+            used += len(s)

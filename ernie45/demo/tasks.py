@@ -1,0 +1,194 @@
+"""The demo model's skills: each task draws fresh media and a question in one of the card's forms, and
+gives the answer the model is trained (and evaluated) on.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+import subprocess
+import wave
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .scenes import NUMBER_WORDS, SHAPES, bar_chart, moving_video, shape_scene
+
+PERSONA = (
+    "I am ernie45's tiny demo model: a small ERNIE 4.5 omni model trained on a CPU on synthetic data. "
+    "I can count shapes, name colours, read bar charts, tell which way a shape moves and transcribe spoken "
+    "digits; open-domain English is beyond me."
+)
+GREETINGS = ["Hello!", "Hi!", "Hello there.", "Good morning!", "Hey!"]
+WHO = ["Who are you?", "What are you?", "Tell me about yourself.", "Introduce yourself."]
+ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
+VARIANTS = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+f1", "+f2", "+f3", "+f4", "+klatt", "+klatt2"]
+SPOKEN_OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+
+
+def _user(parts: list[dict], text: str) -> list[dict]:
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def _count(n: int) -> str:
+    return "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
+
+
+def image_task(rng: random.Random) -> tuple[str, list[dict], str]:
+    img, objects = shape_scene(rng)
+    part = [{"type": "image", "image": img}]
+    shapes = [s for _, s in objects]
+    colours = [c for c, _ in objects]
+    kinds = ["count", "describe"]
+    if any(shapes.count(s) == 1 for s in shapes):
+        kinds.append("colour")
+    if any(colours.count(c) == 1 for c in colours):
+        kinds.append("shape")
+    kind = rng.choice(kinds)
+    if kind == "count":
+        return "count", _user(part, "How many shapes are there?"), _count(len(objects))
+    if kind == "colour":
+        shape = rng.choice([s for s in shapes if shapes.count(s) == 1])
+        colour = colours[shapes.index(shape)]
+        return "colour", _user(part, f"What color is the {shape}?"), f"The {shape} is {colour}."
+    if kind == "shape":
+        colour = rng.choice([c for c in colours if colours.count(c) == 1])
+        shape = shapes[colours.index(colour)]
+        return "shape", _user(part, f"What shape is the {colour} one?"), f"It is a {shape}."
+    listed = ", ".join(f"a {c} {s}" for c, s in objects)
+    return "describe", _user(part, "Describe the image."), f"{_count(len(objects))} I see {listed}."
+
+
+def chart_task(rng: random.Random) -> tuple[str, list[dict], str]:
+    img, values = bar_chart(rng)
+    part = [{"type": "image", "image": img}]
+    kind = rng.choice(["tallest", "shortest", "value"])
+    if kind == "tallest":
+        label = max(values, key=values.get)
+        return "tallest", _user(part, "Which bar is the tallest?"), f"Bar {label} is the tallest."
+    if kind == "shortest":
+        label = min(values, key=values.get)
+        return "shortest", _user(part, "Which bar is the shortest?"), f"Bar {label} is the shortest."
+    label = rng.choice(list(values))
+    return "bar value", _user(part, f"What is the value of {label}?"), f"The value of {label} is {values[label]}."
+
+
+def video_task(rng: random.Random) -> tuple[str, list[dict], str]:
+    frames, motion, colour, shape = moving_video(rng)
+    part = [{"type": "video", "video": frames}]
+    if rng.random() < 0.6:
+        answer = f"It moves {motion}." if motion in ("left", "right", "up", "down") else f"It is {motion}."
+        return "direction", _user(part, f"Which way does the {shape} move?"), answer
+    return "what moves", _user(part, "What is moving?"), f"A {colour} {shape} is moving."
+
+
+@lru_cache(maxsize=1)
+def _espeak() -> str:
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError("espeak-ng is needed to make the demo's speech data: apt-get install espeak-ng")
+    return exe
+
+
+def speak(text: str, rng: random.Random) -> np.ndarray:
+    """16 kHz float32 speech of `text` in a random accent, voice, speed and pitch, with gain and noise."""
+    voice = rng.choice(ACCENTS) + rng.choice(VARIANTS)
+    cmd = [_espeak(), "-v", voice, "-s", str(rng.randint(120, 220)), "-p", str(rng.randint(20, 80)), "--stdout", text]
+    raw = subprocess.run(cmd, capture_output=True, check=True).stdout
+    with wave.open(io.BytesIO(raw)) as w:
+        rate = w.getframerate()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+    n = int(len(pcm) * 16000 / rate)
+    wave16 = np.interp(np.linspace(0, len(pcm) - 1, n), np.arange(len(pcm)), pcm).astype(np.float32)
+    wave16 *= rng.uniform(0.3, 1.0)
+    wave16 += rng.uniform(0.0, 0.01) * np.random.default_rng(rng.getrandbits(32)).standard_normal(n).astype(np.float32)
+    return wave16
+
+
+def audio_task(rng: random.Random) -> tuple[str, list[dict], str]:
+    if rng.random() < 0.7:
+        digits = " ".join(NUMBER_WORDS[rng.randint(0, 9)] for _ in range(rng.randint(1, 4)))
+        return (
+            "spoken digits",
+            _user([{"type": "audio", "audio": speak(digits, rng)}], "Transcribe the audio."),
+            (digits),
+        )
+    op = rng.choice(list(SPOKEN_OPS))
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    if op == "minus" and b > a:
+        a, b = b, a
+    result = SPOKEN_OPS[op](a, b)
+    question = f"what is {NUMBER_WORDS[a]} {op} {NUMBER_WORDS[b]}"
+    answer = NUMBER_WORDS[result] if result < 10 else str(result)
+    return (
+        "spoken question",
+        _user([{"type": "audio", "audio": speak(question, rng)}], "Answer the question."),
+        (f"{answer}."),
+    )
+
+
+@lru_cache(maxsize=1)
+def definitions() -> list[tuple[str, str]]:
+    """(noun, gloss) pairs from WordNet when wordnet-base is installed (Debian), else a small built-in set."""
+    path = Path("/usr/share/wordnet/data.noun")
+    out = []
+    if path.is_file():
+        for line in path.read_text(errors="ignore").splitlines():
+            if line.startswith(" ") or "|" not in line:
+                continue
+            fields, gloss = line.split("|", 1)
+            parts = fields.split()
+            word = parts[4]
+            gloss = gloss.split(";")[0].strip()
+            if word.isalpha() and word.islower() and 3 <= len(word) <= 10 and 10 <= len(gloss) <= 70:
+                out.append((word, gloss))
+    if not out:
+        out = [
+            ("dog", "a domesticated animal that barks"),
+            ("cat", "a small domesticated feline"),
+            ("apple", "the round fruit of an apple tree"),
+            ("chair", "a seat for one person"),
+            ("book", "a written work bound between covers"),
+            ("river", "a large natural stream of water"),
+        ]
+    return out[:4000]
+
+
+def text_task(rng: random.Random) -> tuple[str, list[dict], str]:
+    kind = rng.choice(["define", "arithmetic", "arithmetic", "who", "greet"])
+    if kind == "define":
+        word, gloss = rng.choice(definitions())
+        article = "an" if word[0] in "aeiou" else "a"
+        return "define", _user([], f"What is {article} {word}?"), f"{article.capitalize()} {word} is {gloss}."
+    if kind == "arithmetic":
+        op = rng.choice(list(SPOKEN_OPS))
+        a, b = (rng.randint(0, 100), rng.randint(0, 100)) if op != "times" else (rng.randint(0, 12), rng.randint(0, 12))
+        return "arithmetic", _user([], f"What is {a} {op} {b}?"), f"{a} {op} {b} is {SPOKEN_OPS[op](a, b)}."
+    if kind == "who":
+        return "who", _user([], rng.choice(WHO)), PERSONA
+    return "greet", _user([], rng.choice(GREETINGS)), "Hello! " + PERSONA.split(":")[0] + "."
+
+
+TASKS = {"image": image_task, "chart": chart_task, "video": video_task, "audio": audio_task, "text": text_task}
+DEFAULT_MIX = {"image": 0.3, "chart": 0.15, "video": 0.15, "audio": 0.2, "text": 0.2}
+
+
+def draw(rng: random.Random, mix: dict[str, float] | None = None) -> tuple[str, list[dict], str]:
+    """(skill, user messages, answer) for a task drawn by the mix weights."""
+    mix = mix or DEFAULT_MIX
+    family = rng.choices(list(mix), weights=list(mix.values()))[0]
+    return TASKS[family](rng)
+
+
+def corpus(n: int = 3000, seed: int = 1234) -> list[str]:
+    """Text the tokenizer is trained on: rendered questions and answers (no media)."""
+    rng = random.Random(seed)
+    out = [PERSONA, *GREETINGS, *WHO, *SHAPES, *NUMBER_WORDS]
+    out += [f"A {w} is {g}." for w, g in definitions()]
+    for _ in range(n):
+        family = rng.choice(["image", "chart", "video", "text"])
+        skill, msgs, answer = TASKS[family](rng)
+        out += [msgs[-1]["content"][-1]["text"], answer]
+    return out
