@@ -8,7 +8,7 @@ import sys
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..processing.tokenizer import TokenizerError
-from . import chat, inspect, train
+from . import chat, demo, inspect, train
 from .errors import UsageError
 
 USER_ERRORS = (UsageError, ConfigError, CheckpointError, TokenizerError)
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chat.add_commands(sub)
     inspect.add_commands(sub)
+    demo.add_commands(sub)
     train.add_commands(sub)
     return p
 

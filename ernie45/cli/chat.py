@@ -20,7 +20,12 @@ def _open_llm(args: argparse.Namespace):
     from ..engine import LLM
 
     if args.model is None:
-        raise UsageError("no model: pass --model DIR (a checkpoint directory with config.json, weights and tokenizer)")
+        from ..demo import default_model_path
+
+        try:
+            args.model = str(default_model_path())
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
     path = Path(args.model)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"{path} is not a checkpoint directory (it needs config.json, weights and a tokenizer)")
@@ -148,7 +153,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="DIR", help="checkpoint directory (required until the demo model ships)")
+    p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default: the checkpoint's, else 1.0)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the checkpoint's, else 1.0)")

@@ -80,11 +80,18 @@ class RowState:
 
 
 class LLM:
-    """Generation engine. ``LLM(dir)`` loads the checkpoint and its processor; or pass a model and processor."""
+    """Generation engine. ``LLM(dir)`` loads the checkpoint and its processor; ``LLM()`` the embedded demo model;
+    or pass a model and its processor."""
 
-    def __init__(self, model_or_dir: Any, dtype=None, device=None, processor: Processor | None = None) -> None:
+    def __init__(self, model_or_dir: Any = None, dtype=None, device=None, processor: Processor | None = None) -> None:
+        if model_or_dir is None:
+            from ..demo import default_model_path
+
+            model_or_dir = default_model_path()
         if isinstance(model_or_dir, (str, Path)):
             path = Path(model_or_dir)
+            if dtype is None and (device is None or torch.device(device).type == "cpu"):
+                dtype = torch.float32  # bf16/fp16 storage computes faster in fp32 on CPUs without AMX
             self.model = load(path, dtype=dtype, device=device)
             self.processor = processor or load_processor(path)
         else:
