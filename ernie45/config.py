@@ -19,6 +19,15 @@ class ConfigError(ValueError):
     """A config.json that ernie45 cannot read; the message says which field and why."""
 
 
+def _checked(cls, d: dict, what: str):
+    """cls(**d), with unknown fields named instead of a TypeError."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"{what} has unknown fields {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**d)
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """The vision encoder's fields, read from ``Ernie45Config.vision_config`` (a plain dict in config.json)."""
@@ -36,11 +45,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VisionConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"vision_config has unknown fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        return _checked(cls, d, "vision_config")
 
     @property
     def head_dim(self) -> int:
@@ -71,11 +76,7 @@ class AudioConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> AudioConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"audio_config has unknown fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        return _checked(cls, d, "audio_config")
 
     @property
     def mel_frames_per_token(self) -> int:

@@ -74,29 +74,6 @@ PRESETS: dict[str, dict] = {
         expert_groups=[dict(name="text", num_experts=64, intermediate_size=1536, modalities=ALL)],
         **_ERNIE_TOKENS,
     ),
-    "ernie-4.5-vl-28b-a3b": dict(
-        vocab_size=103424,
-        hidden_size=2560,
-        intermediate_size=12288,
-        num_hidden_layers=28,
-        num_attention_heads=20,
-        num_key_value_heads=4,
-        head_dim=128,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-        moe_k=6,
-        moe_num_shared_experts=2,
-        moe_layer_start_index=1,
-        moe_layer_end_index=27,
-        expert_groups=[
-            dict(name="text", num_experts=64, intermediate_size=1536, modalities=TEXT),
-            dict(name="vision", num_experts=64, intermediate_size=512, modalities=VISION),
-        ],
-        **_ERNIE_TOKENS,
-        **_VL_TOKENS,
-        vision_config=_VIT,
-        freq_allocation=20,
-    ),
     "ernie-4.5-8b-omni": dict(
         vocab_size=103424,
         hidden_size=2048,
@@ -165,6 +142,19 @@ PRESETS: dict[str, dict] = {
         audio_end_token_id=13,
     ),
 }
+
+
+# The VL model is the 21B-A3B text trunk plus the vision path and its own expert group.
+PRESETS["ernie-4.5-vl-28b-a3b"] = dict(
+    PRESETS["ernie-4.5-21b-a3b"],
+    expert_groups=[
+        dict(name="text", num_experts=64, intermediate_size=1536, modalities=TEXT),
+        dict(name="vision", num_experts=64, intermediate_size=512, modalities=VISION),
+    ],
+    vision_config=_VIT,
+    freq_allocation=20,
+    **_VL_TOKENS,
+)
 
 
 def names() -> list[str]:
