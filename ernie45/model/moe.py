@@ -14,6 +14,13 @@ from torch import nn
 from ..config import Ernie45Config
 from .layers import SwiGLU
 
+GATHER_MAX_ROWS = 16  # up to this many (token, expert) pairs, gather the experts' weights instead of sorting
+GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+def _needs_grad(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+
 
 class Router(nn.Module):
     """fp32 softmax router with an aux-loss-free correction bias that only steers top-k selection."""
@@ -47,21 +54,37 @@ class ExpertGroup(nn.Module):
         self.num_experts = num_experts
 
     def experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ_k weights_k · Expert_{ids_k}(x): tokens sorted by expert, one matmul pair per expert hit."""
+        """Σ_k weights_k · Expert_{ids_k}(x).
+
+        Few tokens (decode): each token's k experts' weights are gathered and applied as one batched matmul,
+        so a step touches only the experts it uses. Many tokens without autograd (prefill): tokens sorted by
+        expert, one grouped matmul over the stacked weights. Training: the same sorted order, one matmul
+        pair per expert hit (torch's grouped matmul has no CPU backward yet).
+        """
         n, k = ids.shape
+        if n * k <= GATHER_MAX_ROWS and not _needs_grad(x, self.gate_up_proj):
+            h = torch.einsum("nh,nkih->nki", x, self.gate_up_proj[ids].to(x.dtype))
+            gate, up = h.chunk(2, dim=-1)
+            y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[ids].to(x.dtype))
+            return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)
         token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)
         xs = x[token]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                gate, up = F.linear(xs[start : start + c], self.gate_up_proj[e]).chunk(2, dim=-1)
-                ys[start : start + c] = F.linear(F.silu(gate) * up, self.down_proj[e]).to(ys.dtype)
-                start += c
-        ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
+        if GROUPED_MM and not _needs_grad(x, self.gate_up_proj) and xs.dtype == self.gate_up_proj.dtype:
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            ys = torch._grouped_mm((F.silu(gate) * up).contiguous(), self.down_proj.transpose(1, 2), offs=offs)
+        else:
+            ys = torch.empty_like(xs)
+            start = 0
+            for e, c in enumerate(counts.tolist()):
+                if c:
+                    gate, up = F.linear(xs[start : start + c], self.gate_up_proj[e]).chunk(2, dim=-1)
+                    ys[start : start + c] = F.linear(F.silu(gate) * up, self.down_proj[e]).to(ys.dtype)
+                    start += c
+        ys = ys.to(x.dtype) * weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
