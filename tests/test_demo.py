@@ -60,3 +60,27 @@ def test_smoke_recipe_trains(tmp_path):
     llm = ernie45.LLM(tmp_path / "final")
     out = llm.chat([{"role": "user", "content": "Who are you?"}], ernie45.SamplingParams(max_tokens=4))
     assert out[0].completion_tokens >= 1
+
+
+def test_shipped_demo_model_is_the_default():
+    """`ernie45 generate` with no --model answers from the embedded model; `LLM()` loads it."""
+    r = subprocess.run([sys.executable, "-m", "ernie45", "generate", "Who are you?", "--max-tokens", "40",
+                        "--temperature", "0", "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    assert "demo model" in json.loads(r.stdout)["text"]
+    llm = ernie45.LLM()
+    assert llm.model.config.num_hidden_layers == ernie45.presets.get("demo-omni").num_hidden_layers
+
+
+def test_shipped_demo_model_quick_eval():
+    """A quick held-out evaluation with the floors the shipped model clears (its card has the full table)."""
+    from ernie45.demo.eval import evaluate
+
+    results = evaluate(ernie45.LLM(), n=6, seed=123_456_789)
+    for skill, floor in QUICK_FLOORS.items():
+        assert results[skill][0] >= floor, (skill, results[skill])
+
+
+QUICK_FLOORS = {"who": 0.9, "greet": 0.9}

@@ -29,6 +29,7 @@ def ship(src: str | Path, dst: Path = DEMO_DIR) -> Path:
     for f in dst.glob("*"):
         if f.name != "README.md":
             f.unlink()
+    model.generation_config.do_sample = False  # the demo answers greedily by default
     model.save_pretrained(dst)
     for name in KEEP:
         if (src / name).is_file():

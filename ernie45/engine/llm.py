@@ -124,7 +124,10 @@ class LLM:
             return SamplingParams()
         g = json.loads(file.read_text())
         keys = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty", "frequency_penalty")
-        return SamplingParams(**{k: g[k] for k in keys if g.get(k) is not None})
+        params = {k: g[k] for k in keys if g.get(k) is not None}
+        if g.get("do_sample") is False:  # transformers' way of saying greedy
+            params["temperature"] = 0.0
+        return SamplingParams(**params)
 
     # ---- public API -------------------------------------------------------------------------------------
     def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:
