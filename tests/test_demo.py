@@ -54,7 +54,7 @@ def test_score_rules():
 def test_smoke_recipe_trains(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ernie45", "train", "recipes/demo-omni-smoke.yaml",
                         f"train.output_dir={tmp_path}", "train.disable_tqdm=true"],
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "final" / "model.safetensors").is_file()
     llm = ernie45.LLM(tmp_path / "final")
@@ -65,7 +65,7 @@ def test_smoke_recipe_trains(tmp_path):
 def test_shipped_demo_model_is_the_default():
     """`ernie45 generate` with no --model answers from the embedded model; `LLM()` loads it."""
     r = subprocess.run([sys.executable, "-m", "ernie45", "generate", "Who are you?", "--max-tokens", "40",
-                        "--temperature", "0", "--json"], capture_output=True, text=True, timeout=300)  # fmt: skip
+                        "--temperature", "0", "--json"], capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     import json
 
