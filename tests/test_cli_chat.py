@@ -56,7 +56,6 @@ def test_generate_errors_are_one_line(vl_dir, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image")
     cases = [
         (["generate", "hi", "--model", str(tmp_path / "nope")], "is not a checkpoint directory"),
-        (["generate", "hi"], "pass --model DIR"),
         (["generate", "hi", "--model", str(vl_dir), "--image", str(tmp_path / "bad.png")], "not a readable image"),
         (["generate", "hi", "--model", str(vl_dir), "--image", str(tmp_path / "x.png")], "no such file"),
         (["generate", "hi", "--model", str(vl_dir), "--top-p", "0"], "top_p must be in"),
