@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"output_dir": "runs/ernie45", "max_steps": 100, "learning_rate": 1e-4, "batch_size": 1,
               "grad_accum": 1, "warmup_steps": 0, "lr_scheduler": "cosine", "weight_decay": 0.0, "seed": 0,
               "save_steps": 50, "logging_steps": 1, "bf16": False, "gradient_checkpointing": False,
-              "max_grad_norm": 1.0},
+              "max_grad_norm": 1.0, "encoder_lr_scale": 1.0},
     "losses": {"load_balance": 0.0, "z_loss": 0.0, "orthogonal": 0.0, "token_balance_len": 0,
                "bias_update_rate": 0.0},
     "freeze": [],
@@ -167,7 +167,7 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     trainer = Ernie45Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
         weights=LossWeights(**cfg["losses"]), dpo=DPOSettings(**cfg["dpo"]) if cfg["dpo"] else None,
-        ref_model=ref_model,
+        ref_model=ref_model, encoder_lr_scale=t["encoder_lr_scale"],
     )  # fmt: skip
     trainer.processor = proc
     trainer.ernie45_config = cfg

@@ -32,8 +32,9 @@ class DPOSettings:
 
 class Ernie45Trainer(Trainer):
     def __init__(self, *args, weights: LossWeights | None = None, dpo: DPOSettings | None = None,
-                 ref_model=None, **kwargs) -> None:  # fmt: skip
+                 ref_model=None, encoder_lr_scale: float = 1.0, **kwargs) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
+        self.encoder_lr_scale = encoder_lr_scale
         self.weights = weights or LossWeights()
         self.dpo = dpo
         self.ref_model = ref_model
@@ -43,6 +44,23 @@ class Ernie45Trainer(Trainer):
         self.tokens_seen = 0
         self._clock = _StepEnd(self)
         self.add_callback(self._clock)
+
+    def create_optimizer(self, *args, **kwargs):
+        """AdamW as the Trainer builds it, with the media encoders and resamplers at `encoder_lr_scale` x lr."""
+        if self.encoder_lr_scale == 1.0 or self.optimizer is not None:
+            return super().create_optimizer(*args, **kwargs)
+        encoder = ("vision_tower", "resampler_model", "audio_tower", "audio_resampler")
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                decay = p.dim() >= 2 and "norm" not in name
+                groups.setdefault((any(e in name for e in encoder), decay), []).append(p)
+        lr, wd = self.args.learning_rate, self.args.weight_decay
+        params = [{"params": ps, "lr": lr * (self.encoder_lr_scale if enc else 1.0), "weight_decay": wd if dec else 0.0}
+                  for (enc, dec), ps in groups.items()]  # fmt: skip
+        self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                           eps=self.args.adam_epsilon)  # fmt: skip
+        return self.optimizer
 
     def _is_moe(self, model) -> bool:
         return bool(getattr(_base_config(model), "expert_groups", None))
