@@ -187,3 +187,17 @@ def test_plain_transformers_trainer_trains_an_ernie45_model(vl_dir, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=1, report_to=[],
                              use_cpu=True, logging_steps=1, disable_tqdm=True)  # fmt: skip
     Trainer(model=model, args=args, train_dataset=rows).train()
+
+
+def test_encoder_lr_scale_slows_only_the_media_encoders(vl_dir, chat_data, tmp_path):
+    trainer = build_trainer(_cfg(vl_dir, chat_data, tmp_path, train={"max_steps": 1, "encoder_lr_scale": 0.1}))
+    opt = trainer.create_optimizer()
+    by_lr = {}
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            by_lr[names[id(p)]] = g["lr"]
+    base = trainer.args.learning_rate
+    assert by_lr["model.vision_tower.patch_embed.proj.weight"] == pytest.approx(0.1 * base)
+    assert by_lr["model.resampler_model.mlp.weight"] == pytest.approx(0.1 * base)
+    assert by_lr["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(base)
