@@ -84,3 +84,18 @@ def test_shipped_demo_model_quick_eval():
 
 
 QUICK_FLOORS = {"who": 0.9, "greet": 0.9}
+
+
+def test_multi_turn_media_samples_ask_distinct_questions_about_one_picture():
+    from ernie45.demo.tasks import draw
+
+    rng = random.Random(4)
+    convs = [draw(rng, {"image": 1.0, "video": 1.0}, turns=3) for _ in range(40)]
+    assert max(sum(m["role"] == "user" for m in msgs) for _, msgs, _ in convs) == 3
+    for _, msgs, answer in convs:
+        users = [m for m in msgs if m["role"] == "user"]
+        media = [p for m in users for p in m["content"] if p["type"] != "text"]
+        assert len(media) == 1 and media[0] in users[0]["content"]  # the picture comes once, first
+        questions = [p["text"] for m in users for p in m["content"] if p["type"] == "text"]
+        assert len(set(questions)) == len(questions) and answer
+    assert draw(random.Random(1), {"audio": 1.0}, turns=3)[1][0]["role"] == "user"  # audio stays one turn

@@ -13,6 +13,7 @@ import pytest
 import torch
 from chat_fixtures import write_chat_checkpoint
 from PIL import Image
+from transformers import TrainerCallback
 
 import ernie45
 from ernie45.train import build_trainer, collate_packed, collate_padded, load_samples, pack
@@ -201,3 +202,23 @@ def test_encoder_lr_scale_slows_only_the_media_encoders(vl_dir, chat_data, tmp_p
     assert by_lr["model.vision_tower.patch_embed.proj.weight"] == pytest.approx(0.1 * base)
     assert by_lr["model.resampler_model.mlp.weight"] == pytest.approx(0.1 * base)
     assert by_lr["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(base)
+
+
+def test_encoder_freeze_steps_hold_the_encoders_then_release_them(vl_dir, chat_data, tmp_path):
+    train = {"max_steps": 3, "encoder_freeze_steps": 2, "encoder_lr_scale": 0.5, "weight_decay": 0.1}
+    trainer = build_trainer(_cfg(vl_dir, chat_data, tmp_path, train=train))
+    weights = dict(trainer.model.named_parameters())
+    vit = weights["model.vision_tower.patch_embed.proj.weight"]
+    trunk = weights["model.layers.0.self_attn.q_proj.weight"]
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append((vit.detach().clone(), trunk.detach().clone()))
+
+    start = (vit.detach().clone(), trunk.detach().clone())
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert torch.equal(seen[1][0], start[0])  # 2 steps: the encoder did not move (no update, no decay)
+    assert not torch.equal(seen[0][1], start[1])  # while the trunk learned from the first step
+    assert not torch.equal(seen[2][0], seen[1][0])  # step 3: the encoder trains at its scaled rate

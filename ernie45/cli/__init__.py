@@ -8,7 +8,7 @@ import sys
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..processing.tokenizer import TokenizerError
-from . import chat, demo, inspect, train
+from . import chat, demo, inspect, serve, train
 from .errors import UsageError
 
 USER_ERRORS = (UsageError, ConfigError, CheckpointError, TokenizerError)
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_commands(sub)
     demo.add_commands(sub)
     train.add_commands(sub)
+    serve.add_commands(sub)
     return p
 
 

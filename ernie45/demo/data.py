@@ -28,18 +28,20 @@ def configure(proc: Processor) -> Processor:
     return proc
 
 
-def make_sample(proc: Processor, rng: random.Random, mix: dict | None = None) -> Sample:
-    skill, messages, answer = draw(rng, mix)
+def make_sample(proc: Processor, rng: random.Random, mix: dict | None = None, turns: int = 1) -> Sample:
+    skill, messages, answer = draw(rng, mix, turns)
     sample = tokenize_chat(proc, [*messages, {"role": "assistant", "content": answer}])
     sample.source = skill
     return sample
 
 
 class DemoRows(Dataset):
-    """`rows` packed rows of at most `budget` tokens, each drawn from seed (seed, index)."""
+    """`rows` packed rows of at most `budget` tokens, each drawn from seed (seed, index); media samples ask up to
+    `turns` questions."""
 
-    def __init__(self, proc: Processor, rows: int, budget: int, seed: int = 0, mix: dict | None = None) -> None:
-        self.proc, self.rows, self.budget, self.seed, self.mix = proc, rows, budget, seed, mix
+    def __init__(self, proc: Processor, rows: int, budget: int, seed: int = 0, mix: dict | None = None,
+                 turns: int = 1) -> None:  # fmt: skip
+        self.proc, self.rows, self.budget, self.seed, self.mix, self.turns = proc, rows, budget, seed, mix, turns
 
     def __len__(self) -> int:
         return self.rows
@@ -48,7 +50,7 @@ class DemoRows(Dataset):
         rng = random.Random(self.seed * 1_000_003 + i)
         row, used = [], 0
         while True:
-            s = make_sample(self.proc, rng, self.mix)
+            s = make_sample(self.proc, rng, self.mix, self.turns)
             if used + len(s) > self.budget:
                 return row or [s]
             row.append(s)

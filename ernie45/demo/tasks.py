@@ -36,52 +36,57 @@ def _count(n: int) -> str:
     return "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
 
 
-def image_task(rng: random.Random) -> tuple[str, list[dict], str]:
+QA = tuple[str, str, str]  # (skill, question, answer)
+
+
+def image_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
+    """A shape scene and one question of each kind it allows."""
     img, objects = shape_scene(rng)
-    part = [{"type": "image", "image": img}]
     shapes = [s for _, s in objects]
     colours = [c for c, _ in objects]
-    kinds = ["count", "describe"]
-    if any(shapes.count(s) == 1 for s in shapes):
-        kinds.append("colour")
-    if any(colours.count(c) == 1 for c in colours):
-        kinds.append("shape")
-    kind = rng.choice(kinds)
-    if kind == "count":
-        return "count", _user(part, "How many shapes are there?"), _count(len(objects))
-    if kind == "colour":
-        shape = rng.choice([s for s in shapes if shapes.count(s) == 1])
-        colour = colours[shapes.index(shape)]
-        return "colour", _user(part, f"What color is the {shape}?"), f"The {shape} is {colour}."
-    if kind == "shape":
-        colour = rng.choice([c for c in colours if colours.count(c) == 1])
-        shape = shapes[colours.index(colour)]
-        return "shape", _user(part, f"What shape is the {colour} one?"), f"It is a {shape}."
     listed = ", ".join(f"a {c} {s}" for c, s in objects)
-    return "describe", _user(part, "Describe the image."), f"{_count(len(objects))} I see {listed}."
+    qas = [("count", "How many shapes are there?", _count(len(objects))),
+           ("describe", "Describe the image.", f"{_count(len(objects))} I see {listed}.")]  # fmt: skip
+    unique_shapes = [s for s in shapes if shapes.count(s) == 1]
+    if unique_shapes:
+        shape = rng.choice(unique_shapes)
+        qas.append(("colour", f"What color is the {shape}?", f"The {shape} is {colours[shapes.index(shape)]}."))
+    unique_colours = [c for c in colours if colours.count(c) == 1]
+    if unique_colours:
+        colour = rng.choice(unique_colours)
+        qas.append(("shape", f"What shape is the {colour} one?", f"It is a {shapes[colours.index(colour)]}."))
+    return [{"type": "image", "image": img}], qas
 
 
-def chart_task(rng: random.Random) -> tuple[str, list[dict], str]:
+def chart_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
     img, values = bar_chart(rng)
-    part = [{"type": "image", "image": img}]
-    kind = rng.choice(["tallest", "shortest", "value"])
-    if kind == "tallest":
-        label = max(values, key=values.get)
-        return "tallest", _user(part, "Which bar is the tallest?"), f"Bar {label} is the tallest."
-    if kind == "shortest":
-        label = min(values, key=values.get)
-        return "shortest", _user(part, "Which bar is the shortest?"), f"Bar {label} is the shortest."
+    tallest, shortest = max(values, key=values.get), min(values, key=values.get)
     label = rng.choice(list(values))
-    return "bar value", _user(part, f"What is the value of {label}?"), f"The value of {label} is {values[label]}."
+    qas = [("tallest", "Which bar is the tallest?", f"Bar {tallest} is the tallest."),
+           ("shortest", "Which bar is the shortest?", f"Bar {shortest} is the shortest."),
+           ("bar value", f"What is the value of {label}?", f"The value of {label} is {values[label]}.")]  # fmt: skip
+    return [{"type": "image", "image": img}], qas
 
 
-def video_task(rng: random.Random) -> tuple[str, list[dict], str]:
+def video_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
     frames, motion, colour, shape = moving_video(rng)
-    part = [{"type": "video", "video": frames}]
-    if rng.random() < 0.6:
-        answer = f"It moves {motion}." if motion in ("left", "right", "up", "down") else f"It is {motion}."
-        return "direction", _user(part, f"Which way does the {shape} move?"), answer
-    return "what moves", _user(part, "What is moving?"), f"A {colour} {shape} is moving."
+    answer = f"It moves {motion}." if motion in ("left", "right", "up", "down") else f"It is {motion}."
+    direction = ("direction", f"Which way does the {shape} move?", answer)
+    qas = [direction, direction, ("what moves", "What is moving?", f"A {colour} {shape} is moving.")]
+    return [{"type": "video", "video": frames}], qas
+
+
+def _one(questions):
+    def task(rng: random.Random) -> tuple[str, list[dict], str]:
+        parts, qas = questions(rng)
+        skill, question, answer = rng.choice(qas)
+        return skill, _user(parts, question), answer
+
+    task.__name__ = questions.__name__.replace("questions", "task")
+    return task
+
+
+image_task, chart_task, video_task = _one(image_questions), _one(chart_questions), _one(video_questions)
 
 
 @lru_cache(maxsize=1)
@@ -175,11 +180,28 @@ TASKS = {"image": image_task, "chart": chart_task, "video": video_task, "audio":
 DEFAULT_MIX = {"image": 0.3, "chart": 0.15, "video": 0.15, "audio": 0.2, "text": 0.2}
 
 
-def draw(rng: random.Random, mix: dict[str, float] | None = None) -> tuple[str, list[dict], str]:
-    """(skill, user messages, answer) for a task drawn by the mix weights."""
+QUESTIONS = {"image": image_questions, "chart": chart_questions, "video": video_questions}
+
+
+def draw(rng: random.Random, mix: dict[str, float] | None = None, turns: int = 1) -> tuple[str, list[dict], str]:
+    """(skill, messages, answer) for a task drawn by the mix weights.
+
+    With `turns` > 1 a picture or video gets up to that many distinct questions as one conversation (the
+    media in the first turn): more supervised answers per encoded image, the cheapest signal the demo gets.
+    """
     mix = mix or DEFAULT_MIX
     family = rng.choices(list(mix), weights=list(mix.values()))[0]
-    return TASKS[family](rng)
+    if turns <= 1 or family not in QUESTIONS:
+        return TASKS[family](rng)
+    parts, qas = QUESTIONS[family](rng)
+    unique = list(dict.fromkeys(qas))
+    chosen = rng.sample(unique, rng.randint(1, min(turns, len(unique))))
+    messages: list[dict] = []
+    for i, (_, question, answer) in enumerate(chosen):
+        messages += _user(parts if i == 0 else [], question)
+        if i < len(chosen) - 1:
+            messages.append({"role": "assistant", "content": answer})
+    return chosen[-1][0], messages, chosen[-1][2]
 
 
 def corpus(n: int = 3000, seed: int = 1234) -> list[str]:

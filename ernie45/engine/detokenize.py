@@ -17,8 +17,10 @@ class IncrementalDetokenizer:
     a completed stop string ends the text and is not included.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str] | None = None) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str] | None = None,
+                 hidden: set[int] | frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.tokenizer = tokenizer
+        self.hidden = hidden  # ids never shown (media markers: as text they would read back as placeholders)
         self.stop = [s for s in (stop or []) if s]
         self.ids: list[int] = []
         self.prefix = self.read = 0
@@ -27,6 +29,8 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
+        if self.hidden:
+            ids = [t for t in ids if t not in self.hidden]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _produce(self, final: bool) -> None:

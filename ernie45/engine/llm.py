@@ -165,7 +165,13 @@ class LLM:
     def _rows(self, encoded: list[dict], params: SamplingParams) -> list[RowState]:
         tok = self.processor.tokenizer
         return [
-            RowState(IncrementalDetokenizer(tok, params.stop), params, self.eos, len(e["input_ids"])) for e in encoded
+            RowState(
+                IncrementalDetokenizer(tok, params.stop, self.processor.hidden_ids),
+                params,
+                self.eos,
+                len(e["input_ids"]),
+            )
+            for e in encoded
         ]
 
     def _complete(self, encoded: list[dict], params: SamplingParams, chat: bool) -> list[Completion]:

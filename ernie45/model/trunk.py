@@ -208,6 +208,8 @@ class Ernie45Model(Ernie45PreTrainedModel):
 def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor | FlashMask | None:
     if isinstance(padding_mask, FlashMask):
         return padding_mask.to(device)
+    if padding_mask is not None and padding_mask.dim() == 4:  # explicit [B, 1, Sq, Sk] bool: used as given
+        return padding_mask.to(device)
     if padding_mask is not None and padding_mask.shape[-1] != kv_len:
         raise ValueError(
             f"attention_mask covers {padding_mask.shape[-1]} positions but cache + input hold {kv_len}; "

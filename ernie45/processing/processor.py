@@ -44,6 +44,9 @@ class Processor:
     def __post_init__(self) -> None:
         self.ids = special_token_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        media = ("image", "image_start", "image_end", "video", "video_start", "video_end", "audio", "audio_start",
+                 "audio_end", "cls")  # fmt: skip
+        self.hidden_ids = frozenset(self.ids[k] for k in media if k in self.ids)  # never shown in answers
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kw: Any) -> str:
         """The prompt text of a conversation (rendered by the tokenizer's own Jinja engine)."""

@@ -28,7 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "train": {"output_dir": "runs/ernie45", "max_steps": 100, "learning_rate": 1e-4, "batch_size": 1,
               "grad_accum": 1, "warmup_steps": 0, "lr_scheduler": "cosine", "weight_decay": 0.0, "seed": 0,
               "save_steps": 50, "logging_steps": 1, "bf16": False, "gradient_checkpointing": False,
-              "max_grad_norm": 1.0, "encoder_lr_scale": 1.0},
+              "max_grad_norm": 1.0, "encoder_lr_scale": 1.0,
+              "encoder_freeze_steps": 0},
     "losses": {"load_balance": 0.0, "z_loss": 0.0, "orthogonal": 0.0, "token_balance_len": 0,
                "bias_update_rate": 0.0},
     "freeze": [],
@@ -146,8 +147,9 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     pad = proc.pad_id
     if samples is None:
         demo = d["demo"]
-        dataset = DemoRows(proc, demo.get("rows", t["max_steps"] * t["batch_size"] * t["grad_accum"]),
-                           d["max_tokens"], demo.get("seed", t["seed"]), demo.get("mix"))  # fmt: skip
+        rows = demo.get("rows", t["max_steps"] * t["batch_size"] * t["grad_accum"])
+        seed = demo.get("seed", t["seed"])
+        dataset = DemoRows(proc, rows, d["max_tokens"], seed, demo.get("mix"), demo.get("turns", 1))
         collator = lambda rows: collate_packed(rows, d["max_tokens"], pad, positions)  # noqa: E731
     elif d["pack"]:
         dataset = pack(samples, d["max_tokens"])
@@ -168,6 +170,7 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
         model=model, args=args, train_dataset=dataset, data_collator=collator,
         weights=LossWeights(**cfg["losses"]), dpo=DPOSettings(**cfg["dpo"]) if cfg["dpo"] else None,
         ref_model=ref_model, encoder_lr_scale=t["encoder_lr_scale"],
+        encoder_freeze_steps=t["encoder_freeze_steps"],
     )  # fmt: skip
     trainer.processor = proc
     trainer.ernie45_config = cfg

@@ -32,9 +32,12 @@ class DPOSettings:
 
 class Ernie45Trainer(Trainer):
     def __init__(self, *args, weights: LossWeights | None = None, dpo: DPOSettings | None = None,
-                 ref_model=None, encoder_lr_scale: float = 1.0, **kwargs) -> None:  # fmt: skip
+                 ref_model=None, encoder_lr_scale: float = 1.0, encoder_freeze_steps: int = 0,
+                 **kwargs) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self.encoder_lr_scale = encoder_lr_scale
+        self.encoder_freeze_steps = encoder_freeze_steps
+        self._encoder_groups: list[int] = []
         self.weights = weights or LossWeights()
         self.dpo = dpo
         self.ref_model = ref_model
@@ -47,7 +50,7 @@ class Ernie45Trainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         """AdamW as the Trainer builds it, with the media encoders and resamplers at `encoder_lr_scale` x lr."""
-        if self.encoder_lr_scale == 1.0 or self.optimizer is not None:
+        if (self.encoder_lr_scale == 1.0 and not self.encoder_freeze_steps) or self.optimizer is not None:
             return super().create_optimizer(*args, **kwargs)
         encoder = ("vision_tower", "resampler_model", "audio_tower", "audio_resampler")
         groups: dict[tuple[bool, bool], list] = {}
@@ -58,9 +61,26 @@ class Ernie45Trainer(Trainer):
         lr, wd = self.args.learning_rate, self.args.weight_decay
         params = [{"params": ps, "lr": lr * (self.encoder_lr_scale if enc else 1.0), "weight_decay": wd if dec else 0.0}
                   for (enc, dec), ps in groups.items()]  # fmt: skip
+        self._encoder_groups = [i for i, (enc, _) in enumerate(groups) if enc]
         self.optimizer = torch.optim.AdamW(params, lr=lr, betas=(self.args.adam_beta1, self.args.adam_beta2),
                                            eps=self.args.adam_epsilon)  # fmt: skip
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's schedule; the encoder groups hold at lr 0 for `encoder_freeze_steps` first.
+
+        Training a fresh ViT/audio encoder from the first step collapses its outputs towards one vector (the
+        trunk ignores them at first, so their gradient only says "be a useful constant"); random encoders
+        already separate colour, shape and sound, so the trunk first learns to read them as they are.
+        """
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        hold = self.encoder_freeze_steps
+        if hold and self._encoder_groups and hasattr(scheduler, "lr_lambdas"):
+            for i in self._encoder_groups:
+                scheduler.lr_lambdas[i] = _Held(scheduler.lr_lambdas[i], hold)
+            for i in self._encoder_groups:  # LambdaLR applied the unheld factor at construction
+                scheduler.optimizer.param_groups[i]["lr"] = 0.0
+        return scheduler
 
     def _is_moe(self, model) -> bool:
         return bool(getattr(_base_config(model), "expert_groups", None))
@@ -121,6 +141,16 @@ class Ernie45Trainer(Trainer):
                 logs["tokens_per_s"] = round(self.tokens_seen / max(elapsed, 1e-9), 1)
                 logs["eta_s"] = round(elapsed / done * (self.state.max_steps - self.state.global_step), 1)
         super().log(logs, *args, **kwargs)
+
+
+class _Held:
+    """An lr factor that is 0 for the first `steps` steps, then the wrapped schedule's."""
+
+    def __init__(self, inner, steps: int) -> None:
+        self.inner, self.steps = inner, steps
+
+    def __call__(self, step: int) -> float:
+        return 0.0 if step < self.steps else self.inner(step)
 
 
 class _StepEnd(TrainerCallback):

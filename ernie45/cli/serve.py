@@ -1,0 +1,48 @@
+"""`ernie45 serve`: the OpenAI-compatible server and web chat page."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .chat import _open_llm
+from .errors import UsageError
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from ..serve import MediaPolicy, create_app
+    except ImportError as e:
+        raise UsageError(f"serving needs the server extras: pip install 'ernie45[serve]' ({e})") from None
+    if args.allowed_media_dir and not Path(args.allowed_media_dir).is_dir():
+        raise UsageError(f"--allowed-media-dir {args.allowed_media_dir}: no such directory")
+    llm = _open_llm(args)
+    name = args.served_model_name or Path(llm.model.config.name_or_path or "ernie45").name
+    app = create_app(
+        llm, name=name, api_key=args.api_key or os.environ.get("ERNIE45_API_KEY"),
+        media=MediaPolicy(args.allowed_media_dir, args.allow_remote_media), max_batch=args.max_batch,
+        max_len=args.max_model_len, max_waiting=args.max_waiting, max_body_bytes=args.max_body_mb << 20,
+    )  # fmt: skip
+    print(f"ernie45: serving {name!r} on http://{args.host}:{args.port}/  (OpenAI API under /v1)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible API server with a web chat page")
+    s.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set ERNIE45_API_KEY)")
+    s.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
+    s.add_argument("--allowed-media-dir", metavar="DIR", help="let requests name local files under DIR")
+    s.add_argument("--allow-remote-media", action="store_true", help="let the server fetch http(s) media URLs")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    s.add_argument("--max-model-len", type=int, default=4096, help="tokens per request, prompt + answer")
+    s.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429 (default 256)")
+    s.add_argument("--max-body-mb", type=int, default=64, help="largest request body in MiB (default 64)")
+    s.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    s.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_serve)

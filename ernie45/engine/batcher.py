@@ -1,0 +1,295 @@
+"""Continuous batching: requests join and leave the running batch between decode steps.
+
+One worker thread owns the model. Each step it (1) frees the slots of finished or aborted requests,
+(2) admits waiting requests into free cache slots, (3) prefills admitted prompts in chunks of at most
+`prefill_chunk` tokens per step (a prompt with media in one piece), so a long prompt does not stall the
+others, and (4) decodes one token for every request that is past its prefill, in one batched forward.
+Requests talk to callers through a queue of `Delta`s (thread-safe; asyncio callers pass their loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .detokenize import IncrementalDetokenizer
+from .llm import LLM, Delta, RowState
+from .sampling import SamplingParams, apply_penalties, sample
+from .slots import SlotKVCache
+
+
+class QueueFull(RuntimeError):
+    """More requests wait than the engine was told to hold (`max_waiting`)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shut down (or its worker died); no request is taken."""
+
+
+@dataclass
+class Request:
+    id: int
+    encoded: dict[str, Any]
+    params: SamplingParams
+    row: RowState
+    out: Any  # queue.Queue or (loop, asyncio.Queue)
+    slot: int = -1
+    done_prompt: int = 0  # prompt tokens already in the cache
+    last_token: int = 0
+    aborted: bool = False
+    finished: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    seen: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.encoded["input_ids"])
+
+    def emit(self, item: Delta | BaseException) -> None:
+        if isinstance(self.out, queue.Queue):
+            self.out.put(item)
+        else:
+            loop, q = self.out
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the caller's loop is gone: nobody is listening any more
+                self.aborted = True
+
+
+class RequestHandle:
+    """What `submit` returns: iterate (sync) or `async for` over the deltas; `abort()` frees the slot."""
+
+    def __init__(self, engine: BatchEngine, request: Request) -> None:
+        self.engine, self.request = engine, request
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.request.prompt_len
+
+    def abort(self) -> None:
+        self.request.aborted = True
+        self.engine._wake()
+
+    def __iter__(self):
+        q = self.request.out
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason:
+                return
+
+    async def __aiter__(self):
+        _, q = self.request.out
+        while True:
+            item = await q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason:
+                return
+
+
+class BatchEngine:
+    """Continuous batching over one `LLM`'s model: `submit` from any thread, one worker runs the steps."""
+
+    def __init__(self, llm: LLM, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
+                 max_waiting: int = 256) -> None:  # fmt: skip
+        self.llm, self.model = llm, llm.model
+        limit = self.model.config.max_position_embeddings
+        self.max_len = min(max_len or limit, limit)
+        self.cache = SlotKVCache.for_model(self.model, max_batch, self.max_len)
+        self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []
+        self.running: list[Request] = []
+        self.slots: list[Request | None] = [None] * max_batch
+        self._ids = itertools.count()
+        self._cv = threading.Condition()
+        self._stop = False
+        self.error: BaseException | None = None
+        self.stats = {"requests": 0, "finished": 0, "aborted": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                      "steps": 0, "latency_sum": 0.0, "ttft_sum": 0.0}  # fmt: skip
+        self._thread = threading.Thread(target=self._loop, name="ernie45-engine", daemon=True)
+        self._thread.start()
+
+    # ---- callers ------------------------------------------------------------------------------------------
+    def submit(self, encoded: dict[str, Any], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None):
+        """Queue an encoded prompt; returns a handle to read its deltas from (async when `loop` is given)."""
+        if self._stop or self.error is not None or not self._thread.is_alive():
+            raise EngineStopped("the engine is not running" + (f": {self.error}" if self.error else ""))
+        n = len(encoded["input_ids"])
+        if n + 1 > self.max_len:
+            raise ValueError(f"the prompt has {n} tokens; this engine holds {self.max_len} per request")
+        out = queue.Queue() if loop is None else (loop, asyncio.Queue())
+        tok = self.llm.processor.tokenizer
+        row = RowState(IncrementalDetokenizer(tok, params.stop, self.llm.processor.hidden_ids), params, self.llm.eos, n)
+        req = Request(next(self._ids), encoded, params, row, out)
+        with self._cv:
+            if len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(req)
+            self.stats["requests"] += 1
+            self._cv.notify()
+        return RequestHandle(self, req)
+
+    def usage(self) -> dict[str, int]:
+        """Queue depth and cache use right now."""
+        used = [r for r in self.slots if r is not None]
+        return {"waiting": len(self.waiting), "running": len(used), "slots": len(self.slots),
+                "cache_tokens": int(sum(self.cache.lengths[r.slot] for r in used)),
+                "cache_capacity": len(self.slots) * self.max_len}  # fmt: skip
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    # ---- the worker ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not (self.waiting or self.prefilling or self.running):
+                        self._cv.wait()
+                    if self._stop:
+                        break
+                self.step()
+        except BaseException as e:  # a broken model must not leave callers waiting forever
+            self.error = e
+            for r in [*self.waiting, *self.prefilling, *self.running]:
+                r.emit(e)
+        finally:
+            for r in [*self.waiting, *self.prefilling, *self.running]:
+                r.emit(EngineStopped("the engine stopped"))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._release()
+        self._admit()
+        budget = self.prefill_chunk
+        for req in list(self.prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill(req, budget)
+        if self.running:
+            self._decode()
+        self._release()  # finished requests give their slots back before anyone looks
+        self.stats["steps"] += 1
+
+    def _release(self) -> None:
+        for group in (self.prefilling, self.running):
+            for req in [r for r in group if r.aborted or r.finished]:
+                group.remove(req)
+                self._free(req)
+        with self._cv:
+            for req in [r for r in self.waiting if r.aborted]:
+                self.waiting.remove(req)
+                self._finish_aborted(req)
+
+    def _free(self, req: Request) -> None:
+        self.slots[req.slot] = None
+        self.cache.reset(req.slot)
+        if req.aborted and not req.finished:
+            self._finish_aborted(req)
+
+    def _finish_aborted(self, req: Request) -> None:
+        req.finished = True
+        self.stats["aborted"] += 1
+        req.emit(Delta("", [], "abort"))
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self.waiting and None in self.slots:
+                req = self.waiting.popleft()
+                req.slot = self.slots.index(None)
+                self.slots[req.slot] = req
+                self.cache.reset(req.slot)
+                vocab, dev = self.model.config.vocab_size, self.model.device
+                ids = torch.tensor(req.encoded["input_ids"], device=dev).clamp(max=vocab - 1)
+                req.seen = torch.zeros(1, vocab, dtype=torch.bool, device=dev)
+                req.seen[0, ids] = True
+                req.counts = torch.zeros(1, vocab, dtype=torch.long, device=dev)
+                if req.params.seed is not None:
+                    req.generator = torch.Generator(dev).manual_seed(req.params.seed)
+                self.prefilling.append(req)
+
+    def _prefill(self, req: Request, budget: int) -> int:
+        """Feed the next chunk of `req`'s prompt into its slot; on the last chunk, sample its first token."""
+        enc, dev = req.encoded, self.model.device
+        media = any(k != "input_ids" and k != "attention_mask" for k in enc)
+        start = req.done_prompt
+        end = req.prompt_len if media else min(req.prompt_len, start + max(budget, 1))
+        ids = torch.tensor([enc["input_ids"][start:end]], device=dev)
+        view = self.cache.slot(req.slot)
+        kwargs: dict[str, Any] = {}
+        if media:
+            batch = self.llm.processor.collate([enc])
+            kwargs = {k: v.to(dev) for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+        if start:
+            kwargs["attention_mask"] = torch.ones(1, end, dtype=torch.long, device=dev)
+        logits = self.model(input_ids=ids, cache=view, logits_to_keep=1, **kwargs).logits[:, -1]
+        req.done_prompt = end
+        if end == req.prompt_len:
+            self.prefilling.remove(req)
+            self.running.append(req)
+            self.stats["prompt_tokens"] += req.prompt_len
+            self._take(req, logits)
+        return end - start
+
+    def _decode(self) -> None:
+        rows = self.running
+        n = max(r.slot for r in rows) + 1
+        dev = self.model.device
+        tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
+        active = torch.zeros(n, dtype=torch.bool)
+        for r in rows:
+            tokens[r.slot, 0] = r.last_token
+            active[r.slot] = True
+        view = self.cache.decode(n, active)
+        text_type = torch.zeros(n, 1, dtype=torch.long, device=dev)
+        out = self.model(input_ids=tokens, attention_mask=view.mask, position_ids=view.positions, cache=view,
+                         moe_mm_token_type_ids=text_type).logits[:, -1]  # fmt: skip
+        for r in list(rows):
+            self._take(r, out[r.slot : r.slot + 1])
+
+    def _take(self, req: Request, logits: torch.Tensor) -> None:
+        p = req.params
+        tok = int(sample(apply_penalties(logits.float(), req.seen, req.counts, p), p, req.generator)[0])
+        req.last_token = tok
+        req.seen[0, min(tok, req.seen.shape[1] - 1)] = True
+        req.counts[0, min(tok, req.counts.shape[1] - 1)] += 1
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
+            self.stats["ttft_sum"] += req.first_token - req.arrival
+        before = len(req.row.token_ids)
+        text = req.row.push(tok)
+        ids = req.row.token_ids[before:]
+        room = self.cache.lengths[req.slot] + 1 < self.max_len
+        if req.row.finish_reason is None and not room:
+            req.row.finish_reason = "length"
+            text += req.row.detok.flush()
+        if req.row.finish_reason is not None:
+            req.finished = True
+            self.stats["finished"] += 1
+            self.stats["completion_tokens"] += len(req.row.token_ids)
+            self.stats["latency_sum"] += time.perf_counter() - req.arrival
+        if text or ids or req.finished:
+            req.emit(Delta(text, ids, req.row.finish_reason))

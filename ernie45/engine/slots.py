@@ -1,0 +1,93 @@
+"""The KV cache of continuous batching: one fixed slot per running request, allocated once.
+
+Buffers are [slots, kv_heads, max_len, head_dim] per layer. A prefill writes one slot through a batch-1
+view; a decode step writes one token per slot at each slot's own length through a batched view that
+also gives the per-row positions and the attention mask (each row sees only its own filled length).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, dtype, device) -> None:
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.lengths = [0] * slots
+        self.deltas = [0] * slots  # 3D RoPE: decode positions continue from the prompt's max + 1
+        self.max_len, self.layers, self.device = max_len, layers, device
+
+    @classmethod
+    def for_model(cls, model, slots: int, max_len: int) -> SlotKVCache:
+        c = model.config
+        dtype = model.model.embed_tokens.weight.dtype
+        return cls(c.num_hidden_layers, slots, c.num_key_value_heads, c.head_dim, max_len, dtype, model.device)
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+        self.deltas[slot] = 0
+
+    def slot(self, i: int) -> _SlotView:
+        return _SlotView(self, i)
+
+    def decode(self, n: int, active: torch.Tensor) -> _DecodeView:
+        return _DecodeView(self, n, active)
+
+
+class _SlotView:
+    """Batch-1 view of one slot for a prefill chunk."""
+
+    def __init__(self, cache: SlotKVCache, i: int) -> None:
+        self.cache, self.i, self.start = cache, i, cache.lengths[i]
+
+    @property
+    def rope_deltas(self):
+        return torch.tensor([self.cache.deltas[self.i]], device=self.cache.device)
+
+    @rope_deltas.setter
+    def rope_deltas(self, value: torch.Tensor) -> None:
+        self.cache.deltas[self.i] = int(value.reshape(-1)[0])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.start
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c, end = self.cache, self.start + k.shape[2]
+        if end > c.max_len:
+            raise ValueError(f"the KV cache slot holds {c.max_len} tokens; this step needs {end}")
+        c.k[layer_idx][self.i, :, self.start : end] = k[0]
+        c.v[layer_idx][self.i, :, self.start : end] = v[0]
+        if layer_idx == c.layers - 1:
+            c.lengths[self.i] = end
+        return c.k[layer_idx][self.i : self.i + 1, :, :end], c.v[layer_idx][self.i : self.i + 1, :, :end]
+
+
+class _DecodeView:
+    """Slots 0..n-1 take one token each; rows not `active` (free or mid-prefill) compute and are ignored."""
+
+    def __init__(self, cache: SlotKVCache, n: int, active: torch.Tensor) -> None:
+        self.cache, self.n = cache, n
+        dev = cache.device
+        self.len = torch.tensor(cache.lengths[:n], device=dev)
+        self.active = active.to(dev)
+        self.width = int(self.len.max()) + 1
+        self.rows = torch.arange(n, device=dev)
+        self.positions = (self.len + torch.tensor(cache.deltas[:n], device=dev))[:, None]
+        k_pos = torch.arange(self.width, device=dev)
+        self.mask = (k_pos[None, :] <= self.len[:, None])[:, None, None, :]  # [n, 1, 1, width]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.width - 1
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        if self.width > c.max_len:
+            raise ValueError(f"the KV cache slot holds {c.max_len} tokens")
+        c.k[layer_idx][self.rows, :, self.len] = k[:, :, 0]
+        c.v[layer_idx][self.rows, :, self.len] = v[:, :, 0]
+        if layer_idx == c.layers - 1:
+            for r in self.active.nonzero().flatten().tolist():
+                c.lengths[r] += 1
+        return c.k[layer_idx][: self.n, :, : self.width], c.v[layer_idx][: self.n, :, : self.width]

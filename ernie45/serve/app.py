@@ -1,0 +1,328 @@
+"""`ernie45 serve`: an OpenAI-compatible HTTP API (and a web chat page) over the continuous-batching engine.
+
+Every request is validated before it reaches the engine; every failure is an OpenAI error object with a
+status that says whose fault it was; a client that goes away aborts its request, which frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..engine import LLM, Delta
+from ..engine.batcher import BatchEngine, EngineStopped, QueueFull
+from .media import MediaPolicy
+from .metrics import Metrics
+from .protocol import APIError, ChatRequest, CompletionRequest, ReasoningSplit, split_answer
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+class Server:
+    """What the routes share: the engine, the served name, the key and the media policy."""
+
+    def __init__(self, llm: LLM, engine: BatchEngine, name: str, api_key: str | None, media: MediaPolicy) -> None:
+        self.llm, self.engine, self.name, self.api_key, self.media = llm, engine, name, api_key, media
+        self.metrics = Metrics()
+
+    def check_model(self, model: str) -> None:
+        if model != self.name:
+            raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists {self.name!r}",
+                           type="not_found_error", param="model", code="model_not_found")  # fmt: skip
+
+    async def encode_chat(self, body: ChatRequest) -> dict[str, Any]:
+        messages = self.media.resolve(body.conversation())
+        kwargs = body.chat_template_kwargs or {}
+        try:
+            return await run_in_threadpool(self.llm.processor.encode_chat, messages, **kwargs)
+        except APIError:
+            raise
+        except (ValueError, OSError, TypeError) as e:  # undecodable media, a template that refuses the turns
+            raise APIError(422, f"cannot use this input: {e}", param="messages", code="unsupported_media") from None
+
+    def encode_prompt(self, prompt: str | list[int]) -> dict[str, Any]:
+        if isinstance(prompt, str):
+            return self.llm.processor.encode(prompt)
+        vocab = self.llm.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        return {"input_ids": list(prompt)}
+
+    def submit(self, encoded: dict[str, Any], body, index: int = 0):
+        n = len(encoded["input_ids"])
+        room = self.engine.max_len - n - 1
+        if room < 1:
+            raise APIError(400, f"the prompt has {n} tokens; this server holds {self.engine.max_len} per request",
+                           param="messages", code="context_length_exceeded")  # fmt: skip
+        if body.limit is not None and body.limit > room:
+            raise APIError(400, f"max_tokens {body.limit} + the prompt's {n} tokens exceed the "
+                                f"{self.engine.max_len}-token context; ask for at most {room}",
+                           param="max_tokens", code="context_length_exceeded")  # fmt: skip
+        limit = body.limit or min(self.llm.default_sampling.max_tokens, room)
+        params = body.sampling(self.llm.default_sampling, limit, index)
+        try:
+            return self.engine.submit(encoded, params, loop=asyncio.get_running_loop())
+        except QueueFull as e:
+            raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error") from None
+        except EngineStopped as e:
+            raise APIError(503, f"the engine is not available: {e}", type="server_error") from None
+
+
+def create_app(llm: LLM, name: str = "ernie45", api_key: str | None = None, media: MediaPolicy | None = None,
+               max_batch: int = 16, max_len: int | None = 4096, max_waiting: int = 256,
+               max_body_bytes: int = 64 << 20) -> FastAPI:  # fmt: skip
+    engine = BatchEngine(llm, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting)
+    srv = Server(llm, engine, name, api_key, media or MediaPolicy())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="ernie45", version="1", description="OpenAI-compatible API for ERNIE 4.5 models",
+                  lifespan=lifespan)  # fmt: skip
+    app.state.server = srv
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        start, route = time.perf_counter(), request.url.path
+        if route.startswith("/v1/") and api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            resp = _error(APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                   type="authentication_error", code="invalid_api_key"))  # fmt: skip
+        else:
+            resp = await call_next(request)
+        srv.metrics.observe(route if route in KNOWN else "other", resp.status_code, time.perf_counter() - start)
+        return resp
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(APIError(400, f"the body is not valid JSON ({first.get('msg', '')})"))
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = first.get("msg", "bad request")
+        return _error(APIError(400, f"{where}: {msg}" if where else msg, param=where or None))
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, e: Exception):
+        return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", name))
+
+    @app.get("/health")
+    async def health():
+        if engine.error is not None or not engine._thread.is_alive():
+            raise APIError(503, "the engine is down", type="server_error")
+        return {"status": "ok", **engine.usage()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(srv.metrics.render(engine), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "ernie45",
+                                            "max_model_len": engine.max_len}]}  # fmt: skip
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        srv.check_model(body.model)
+        encoded = await srv.encode_chat(body)
+        handles = [srv.submit(encoded, body, i) for i in range(body.n)]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": created, "model": name}
+        if body.stream:
+            return _sse(_chat_stream(handles, body, head), handles)
+        texts = await _collect(handles, request)
+        choices = []
+        for i, (text, reason) in enumerate(texts):
+            reasoning, content = split_answer(text, body.thinking)
+            msg = {"role": "assistant", "content": content}
+            if reasoning is not None:
+                msg["reasoning_content"] = reasoning
+            choices.append({"index": i, "message": msg, "finish_reason": _finish(reason)})
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(handles)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        srv.check_model(body.model)
+        prompts = body.prompt if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else [body.prompt]
+        encoded = [await run_in_threadpool(srv.encode_prompt, p) for p in prompts]
+        handles = [srv.submit(e, body, i) for e in encoded for i in range(body.n)]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
+        if body.stream:
+            return _sse(_completion_stream(handles, body, head), handles)
+        texts = await _collect(handles, request)
+        choices = [{"index": i, "text": t, "finish_reason": _finish(r), "logprobs": None}
+                   for i, (t, r) in enumerate(texts)]  # fmt: skip
+        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(handles)}
+
+    return app
+
+
+class BodyLimit:
+    """ASGI: read the body first and refuse one over `limit` bytes with 413 (Content-Length or chunked)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        too_big = _error(APIError(413, f"the body is larger than this server's limit of {self.limit} bytes"))
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # afterwards: http.disconnect when the client goes away
+
+        await self.app(scope, replay, send)
+
+
+KNOWN = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _finish(reason: str | None) -> str:
+    return "stop" if reason in (None, "abort") else reason
+
+
+def _usage(handles) -> dict[str, int]:
+    prompt = handles[0].prompt_tokens if handles else 0
+    completion = sum(len(h.request.row.token_ids) for h in handles)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _collect(handles, request: Request) -> list[tuple[str, str | None]]:
+    """Whole answers; if the client goes away first, every request is aborted."""
+
+    async def one(h):
+        text, reason = [], None
+        async for d in h:
+            text.append(d.text)
+            reason = d.finish_reason or reason
+        return "".join(text), reason
+
+    work = asyncio.ensure_future(asyncio.gather(*(one(h) for h in handles)))
+    while not work.done():
+        await asyncio.wait([work], timeout=0.5)
+        if not work.done() and await request.is_disconnected():
+            for h in handles:
+                h.abort()
+            work.cancel()
+            raise APIError(499, "client closed the request")
+    return work.result()
+
+
+async def _merged(handles) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of n requests as they come, tagged with their choice index."""
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, h):
+        try:
+            async for d in h:
+                await q.put((i, d))
+        except Exception as e:  # the engine failed this request: end its choice with an error
+            await q.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    left = len(handles)
+    try:
+        while left:
+            i, d = await q.get()
+            if isinstance(d, Exception):
+                left -= 1
+                yield i, Delta("", [], "error")
+                continue
+            left -= bool(d.finish_reason)
+            yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _chat_stream(handles, body: ChatRequest, head: dict) -> AsyncIterator[dict]:
+    splits = [ReasoningSplit(body.thinking) for _ in handles]
+    for i in range(len(handles)):
+        yield {
+            **head,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        }
+    async for i, d in _merged(handles):
+        reasoning, content = splits[i].feed(d.text, final=d.finish_reason is not None)
+        delta = {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if content:
+            delta["content"] = content
+        if delta or d.finish_reason:
+            finish = _finish(d.finish_reason) if d.finish_reason else None
+            yield {**head, "object": "chat.completion.chunk",
+                   "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    if body.include_usage:
+        yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(handles)}
+
+
+async def _completion_stream(handles, body: CompletionRequest, head: dict) -> AsyncIterator[dict]:
+    async for i, d in _merged(handles):
+        if d.text or d.finish_reason:
+            finish = _finish(d.finish_reason) if d.finish_reason else None
+            yield {
+                **head,
+                "object": "text_completion",
+                "choices": [{"index": i, "text": d.text, "finish_reason": finish, "logprobs": None}],
+            }
+    if body.include_usage:
+        yield {**head, "object": "text_completion", "choices": [], "usage": _usage(handles)}
+
+
+def _sse(chunks: AsyncIterator[dict], handles) -> StreamingResponse:
+    async def body():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # a client that disconnects lands here: its requests give their slots back now
+            for h in handles:
+                h.abort()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
