@@ -41,7 +41,7 @@ def test_demo_tokenizer_and_rows_are_deterministic(tmp_path):
     again = DemoRows(proc, rows=4, budget=512, seed=3)
     assert [s.input_ids for s in rows[2]] == [s.input_ids for s in again[2]]
     assert sum(len(s) for s in rows[1]) <= 512
-    skills = {TASKS[f](random.Random(i))[0] for f in TASKS for i in range(12)}
+    skills = {TASKS[f](random.Random(i))[0] for f in TASKS for i in range(40)}
     assert {"count", "colour", "tallest", "direction", "spoken digits", "arithmetic", "who"} <= skills
 
 

@@ -83,7 +83,8 @@ class LLM:
     """Generation engine. ``LLM(dir)`` loads the checkpoint and its processor; ``LLM()`` the embedded demo model;
     or pass a model and its processor."""
 
-    def __init__(self, model_or_dir: Any = None, dtype=None, device=None, processor: Processor | None = None) -> None:
+    def __init__(self, model_or_dir: Any = None, dtype=None, device=None, processor: Processor | None = None,
+                 quantization: str | None = None) -> None:  # fmt: skip
         if model_or_dir is None:
             from ..demo import default_model_path
 
@@ -101,6 +102,8 @@ class LLM:
                 raise ValueError("pass processor= with a model object (or give LLM a checkpoint directory)")
             self.processor = processor or load_processor(source)
         self.model.eval()
+        if quantization:
+            self._quantize(quantization)
         self._check_token_ids()
         c = self.model.config
         eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
@@ -116,6 +119,15 @@ class LLM:
                     f"the tokenizer's {role} placeholder is id {ids[role]} but config.{field} is "
                     f"{getattr(c, field)}: tokenizer and model do not belong together"
                 )
+
+    def _quantize(self, spec: str) -> None:
+        """ "int8", "int4" (groups of 32) or "int4-g64" / "int4-g128": weight-only, on the fly."""
+        from ..model.quant import quantize
+
+        kind, _, group = spec.partition("-g")
+        if kind not in ("int8", "int4") or (group and not group.isdigit()):
+            raise ValueError(f"quantization {spec!r}: use int8, int4, int4-g64 or int4-g128")
+        quantize(self.model, bits=int(kind[3:]), group_size=int(group or 32))
 
     @staticmethod
     def _generation_defaults(path: Path) -> SamplingParams:

@@ -1,0 +1,142 @@
+"""Decode and prefill speed: ernie45 (fp32, bf16, int8, int4) against transformers eager, side by side.
+
+    python benchmarks/decode.py                 # ERNIE-4.5-0.3B shapes, batch 1, prompt 512, 128 new tokens
+    python benchmarks/decode.py --shape 21b-4l  # the 21B-A3B shapes cut to 4 layers (about 5 GB in bf16)
+    python benchmarks/decode.py --batch 8 --prompt 2048 --new 64
+
+Random weights (speed does not depend on them). Prefill tok/s = prompt tokens / time to the first token;
+decode tok/s = batch x (new - 1) / (time for new tokens - time to the first token). The bound column is the
+memory-bandwidth limit: measured read bandwidth / weight bytes read per decode step. llama.cpp numbers are
+not measured here (see the README of this folder for how to add them with llama-cpp-python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def read_bandwidth(gib: float = 1.0, repeat: int = 5) -> float:
+    """Bytes/s of a streaming read (a sum over a large fp32 tensor)."""
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def make_checkpoint(shape: str, out: Path) -> Path:
+    """A random checkpoint in the official layout, written by transformers (bf16)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ernie45 import presets
+    from ernie45.official_config import to_official
+
+    name = {"0.3b": "ernie-4.5-0.3b", "21b-4l": "ernie-4.5-21b-a3b"}[shape]
+    over = {"num_hidden_layers": 4, "moe_layer_end_index": 3} if shape == "21b-4l" else {}
+    d = to_official(presets.get(name, **over))
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    return out
+
+
+def timed(fn, repeat: int = 2) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        gc.collect()
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int, new: int):
+    from ernie45.engine import LLM, SamplingParams
+
+    llm = LLM(path, dtype=dtype, quantization=quant)
+    ids = torch.randint(100, 1000, (batch, prompt), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def run(n):
+        return lambda: llm.generate(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+
+    run(2)()  # warm-up
+    first = timed(run(1))
+    whole = timed(run(new), repeat=1)
+    params = sum(p.numel() * p.element_size() for n, p in llm.model.named_parameters() if "embed_tokens" not in n)
+    params += sum(b.numel() * b.element_size() for b in llm.model.buffers())
+    return batch * prompt / first, batch * (new - 1) / (whole - first), params
+
+
+def bench_transformers(path: Path, dtype, batch: int, prompt: int, new: int):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ids = torch.randint(100, 1000, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        def go():
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        return go
+
+    run(2)()
+    first = timed(run(1))
+    whole = timed(run(new), repeat=1)
+    return batch * prompt / first, batch * (new - 1) / (whole - first)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=["0.3b", "21b-4l"], default="0.3b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", default="", help="comma list of rows to run (e.g. 'ernie45 bf16,transformers bf16')")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    bw = read_bandwidth()
+    rows = [("ernie45 fp32", torch.float32, None), ("ernie45 bf16", torch.bfloat16, None),
+            ("ernie45 int8", torch.float32, "int8"), ("ernie45 int4", torch.float32, "int4"),
+            ("transformers fp32", torch.float32, "hf"), ("transformers bf16", torch.bfloat16, "hf")]  # fmt: skip
+    if args.only:
+        keep = {s.strip() for s in args.only.split(",")}
+        rows = [r for r in rows if r[0] in keep]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_checkpoint(args.shape, Path(tmp) / "ckpt")
+        for name, dtype, quant in rows:
+            if quant == "hf":
+                pre, dec = bench_transformers(path, dtype, args.batch, args.prompt, args.new)
+                results[name] = (pre, dec, None)
+            else:
+                pre, dec, nbytes = bench_ernie45(path, dtype, quant, args.batch, args.prompt, args.new)
+                results[name] = (pre, dec, nbytes)
+            print(f"  done: {name}", flush=True)
+    base = results.get("transformers bf16", (None, None))[1]
+    print(f"\n{args.shape} shapes, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
+          f"{args.threads} threads; read bandwidth {bw / 1e9:.1f} GB/s")  # fmt: skip
+    head = ("engine", "prefill tok/s", "decode tok/s", "vs hf bf16", "bound tok/s", "% bound")
+    print(f"{head[0]:20} {head[1]:>13} {head[2]:>12} {head[3]:>10} {head[4]:>11} {head[5]:>7}")
+    for name, (pre, dec, nbytes) in results.items():
+        bound = bw / nbytes * args.batch if nbytes else None
+        ratio = f"{dec / base:.2f}x" if base else "-"
+        pct = f"{dec / bound:.0%}" if bound else "-"
+        print(f"{name:20} {pre:13.1f} {dec:12.1f} {ratio:>10} {bound or 0:11.1f} {pct:>7}")
+
+
+if __name__ == "__main__":
+    main()

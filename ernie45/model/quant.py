@@ -1,0 +1,144 @@
+"""Weight-only quantization on torch's packed kernels: int8 per output channel, int4 in groups of 32/64/128.
+
+`quantize(model, bits)` swaps every eligible `nn.Linear` (attention, dense and shared MLPs, optionally the
+LM head) for a `QuantLinear`, and each routed expert group's stacked weights for per-expert quantized
+matrices. Activations stay in the model's float dtype; only the weights shrink (int8: 1 byte, int4: half a
+byte per weight, plus one scale (and zero) per channel or group).
+
+CPU kernels: `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; CUDA: the same int8 kernel
+and `torch._weight_int4pack_mm`. Dequantised weights are kept nowhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .moe import ExpertGroup
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (int8 [N, K], scales [N]): symmetric, one scale per output channel."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (codes 0..15 int32 [N, K], scales_and_zeros [K/group, N, 2]): asymmetric per group.
+
+    The kernels read w ≈ (code - 8) * scale + zero, so zero is the group's minimum plus 8 steps.
+    """
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 needs the input width ({k}) to be a multiple of the group size {group}")
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    codes = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
+    zeros = lo + 8 * scale
+    return codes, torch.stack([scale, zeros], dim=-1).transpose(0, 1).contiguous()
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T (+ b) with W stored as int8 per channel or packed int4 per group."""
+
+    def __init__(self, linear_weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = 32) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        if bits == 4 and group not in GROUP_SIZES:
+            raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group}")
+        self.bits, self.group = bits, group
+        self.out_features, self.in_features = linear_weight.shape
+        self.dtype = linear_weight.dtype if linear_weight.dtype.is_floating_point else torch.float32
+        dev = linear_weight.device
+        if bits == 8:
+            q, scale = quantize_int8(linear_weight)
+            self.register_buffer("qweight", q)
+            self.register_buffer("scales", scale.to(self.dtype))
+        else:
+            codes, sz = quantize_int4(linear_weight, group)
+            if dev.type == "cpu":
+                packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            else:
+                packed = torch._convert_weight_to_int4pack(((codes[:, 1::2] << 4) | codes[:, ::2]).to(torch.uint8), 8)
+            self.register_buffer("qweight", packed)
+            self.register_buffer("scales", sz.to(torch.bfloat16 if dev.type == "cuda" else self.dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
+        elif x2.device.type == "cpu":
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scales.to(x2.dtype))
+        else:
+            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group, self.scales).to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        tail = f", group={self.group}" if self.bits == 4 else ""
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}{tail}"
+
+
+class QuantExpertGroup(ExpertGroup):
+    """An expert group whose experts are QuantLinear pairs; tokens run expert by expert (only experts hit)."""
+
+    def experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n, k = ids.shape
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[token]
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                gate, up = self.q_gate_up[e](xs[start : start + c]).chunk(2, dim=-1)
+                ys[start : start + c] = self.q_down[e](F.silu(gate) * up)
+                start += c
+        ys = ys * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+def _quantize_group(group: ExpertGroup, bits: int, size: int) -> None:
+    gate_up, down = group.gate_up_proj.data, group.down_proj.data
+    group.q_gate_up = nn.ModuleList([QuantLinear(gate_up[e], None, bits, size) for e in range(group.num_experts)])
+    group.q_down = nn.ModuleList([QuantLinear(down[e], None, bits, size) for e in range(group.num_experts)])
+    del group.gate_up_proj, group.down_proj
+    group.__class__ = QuantExpertGroup
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = False, experts: bool = True,
+             encoders: bool = False) -> nn.Module:  # fmt: skip
+    """Quantize `model` in place (text trunk linears; the LM head, experts and media encoders by choice)."""
+    skip = () if encoders else ("vision_tower", "resampler_model", "audio_tower", "audio_resampler")
+    targets = []
+    for name, module in list(model.named_modules()):
+        if any(s in name for s in skip):
+            continue
+        if isinstance(module, ExpertGroup) and experts:
+            _, width, hidden = module.gate_up_proj.shape
+            if bits == 8 or (hidden % group_size == 0 and width // 2 % group_size == 0):
+                _quantize_group(module, bits, group_size)
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not any(s in full for s in skip):
+                if full.endswith("lm_head") and not lm_head:
+                    continue
+                targets.append((module, child_name, child))
+    for parent, child_name, child in targets:
+        if bits == 4 and child.in_features % group_size:
+            continue  # a width the int4 kernel cannot tile stays in float
+        setattr(parent, child_name, QuantLinear(child.weight.data, child.bias, bits, group_size))
+    model.config.ernie45_quantization = {"bits": bits, "group_size": group_size, "lm_head": lm_head}
+    return model

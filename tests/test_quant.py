@@ -1,0 +1,58 @@
+"""Weight-only int8 / int4 quantization: kernels against float, and whole models against their float logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from chat_fixtures import EXTRA, tiny_chat_config, write_spm_tokenizer
+
+from ernie45.engine import LLM
+from ernie45.model import Ernie45ForConditionalGeneration
+from ernie45.model.quant import QuantExpertGroup, QuantLinear, quantize_int4, quantize_int8
+
+
+@pytest.mark.parametrize("bits,group,tol", [(8, 32, 0.01), (4, 32, 0.12), (4, 64, 0.15), (4, 128, 0.2)])
+def test_quant_linear_tracks_the_float_layer(bits, group, tol):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    x = torch.randn(5, 3, 256)
+    q = QuantLinear(lin.weight.data, lin.bias.data, bits, group)
+    want, got = lin(x), q(x)
+    assert got.shape == want.shape
+    rel = (got - want).norm() / want.norm()
+    assert rel < tol
+    assert q.qweight.dtype in (torch.int8, torch.uint8, torch.int32)  # no float copy of the weight is kept
+    assert not any(b.dtype.is_floating_point and b.numel() >= lin.weight.numel() for b in q.buffers())
+
+
+def test_codes_round_trip():
+    w = torch.randn(8, 64)
+    q, s = quantize_int8(w)
+    assert (q.float() * s[:, None] - w).abs().max() <= s.max() / 2 + 1e-6
+    codes, sz = quantize_int4(w, 32)
+    deq = (codes.view(8, 2, 32).float() - 8) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]
+    assert (deq.view(8, 64) - w).abs().max() <= sz[..., 0].max() / 2 + 1e-5
+    with pytest.raises(ValueError, match="multiple of the group"):
+        quantize_int4(torch.randn(4, 48), 32)
+
+
+def test_quantized_moe_model_stays_close(tmp_path):
+    path = tmp_path / "ckpt"
+    write_spm_tokenizer(path)
+    torch.manual_seed(0)
+    groups = [dict(name="text", num_experts=4, intermediate_size=32, modalities=[0, 1, 2, 3])]
+    config = tiny_chat_config(400 + len(EXTRA), hidden_size=64, intermediate_size=128, expert_groups=groups,
+                              moe_shared_intermediate_size=64)  # fmt: skip
+    Ernie45ForConditionalGeneration(config).save_pretrained(path)
+    ids = torch.tensor([[400, 294, 261, 358, 341, 313, 300, 290]])
+    ref = LLM(path).model(input_ids=ids).logits
+    for spec, tol in (("int8", 0.02), ("int4", 0.25)):
+        llm = LLM(path, quantization=spec)
+        assert any(isinstance(m, QuantExpertGroup) for m in llm.model.modules())
+        assert any(isinstance(m, QuantLinear) for m in llm.model.modules())
+        out = llm.model(input_ids=ids).logits
+        rel = (out - ref).norm() / ref.norm()
+        assert rel < tol, (spec, rel)
+        assert len(llm.generate("hello", None)[0].token_ids) >= 1
+    with pytest.raises(ValueError, match="use int8, int4"):
+        LLM(path, quantization="int3")
