@@ -16,13 +16,16 @@ def test_quant_linear_tracks_the_float_layer(bits, group, tol):
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=True)
     x = torch.randn(5, 3, 256)
-    q = QuantLinear(lin.weight.data, lin.bias.data, bits, group)
+    q = QuantLinear.from_float(lin.weight.data, lin.bias.data, bits, group)
     want, got = lin(x), q(x)
     assert got.shape == want.shape
     rel = (got - want).norm() / want.norm()
     assert rel < tol
     assert q.qweight.dtype in (torch.int8, torch.uint8, torch.int32)  # no float copy of the weight is kept
     assert not any(b.dtype.is_floating_point and b.numel() >= lin.weight.numel() for b in q.buffers())
+    codes, scales = q.portable()  # what a saved checkpoint holds: rebuilt, it computes the same
+    again = QuantLinear(codes, scales, lin.bias.data, bits, group)
+    assert torch.allclose(again(x), got, atol=1e-5)
 
 
 def test_codes_round_trip():
@@ -36,14 +39,19 @@ def test_codes_round_trip():
         quantize_int4(torch.randn(4, 48), 32)
 
 
-def test_quantized_moe_model_stays_close(tmp_path):
-    path = tmp_path / "ckpt"
+def _moe_checkpoint(path):
+    """A tiny MoE checkpoint whose widths the int4 kernel can tile (multiples of 32)."""
     write_spm_tokenizer(path)
     torch.manual_seed(0)
     groups = [dict(name="text", num_experts=4, intermediate_size=32, modalities=[0, 1, 2, 3])]
     config = tiny_chat_config(400 + len(EXTRA), hidden_size=64, intermediate_size=128, expert_groups=groups,
                               moe_shared_intermediate_size=64)  # fmt: skip
     Ernie45ForConditionalGeneration(config).save_pretrained(path)
+    return path
+
+
+def test_quantized_moe_model_stays_close(tmp_path):
+    path = _moe_checkpoint(tmp_path / "ckpt")
     ids = torch.tensor([[400, 294, 261, 358, 341, 313, 300, 290]])
     ref = LLM(path).model(input_ids=ids).logits
     for spec, tol in (("int8", 0.02), ("int4", 0.25)):
@@ -56,3 +64,20 @@ def test_quantized_moe_model_stays_close(tmp_path):
         assert len(llm.generate("hello", None)[0].token_ids) >= 1
     with pytest.raises(ValueError, match="use int8, int4"):
         LLM(path, quantization="int3")
+
+
+def test_quantize_command_writes_a_checkpoint_that_loads_as_quantized(tmp_path, capsys):
+    from ernie45.cli import main
+
+    src = _moe_checkpoint(tmp_path / "src")
+    ids = torch.tensor([[400, 294, 261, 358, 341, 313]])
+    for bits in (8, 4):
+        out = tmp_path / f"q{bits}"
+        assert main(["quantize", str(src), str(out), "--bits", str(bits)]) == 0
+        assert f"int{bits}" in capsys.readouterr().out
+        on_the_fly = LLM(src, quantization=f"int{bits}").model(input_ids=ids).logits
+        saved = LLM(out)  # the tokenizer came along; the loader sees the quantization in config.json
+        assert any(isinstance(m, QuantLinear) for m in saved.model.modules())
+        assert torch.allclose(saved.model(input_ids=ids).logits, on_the_fly, atol=1e-5)
+    assert main(["quantize", str(src), str(tmp_path / "q8"), "--bits", "8"]) == 2  # never over a checkpoint
+    assert "not empty" in capsys.readouterr().err

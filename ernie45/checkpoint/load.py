@@ -148,8 +148,14 @@ def load(
     config, model_type = read_config(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
-    files, kind = weight_files(path, allow_pickle)
     model = build_on_meta(config)
+    if getattr(config, "ernie45_quantization", None):  # written by `ernie45 quantize`
+        from .quantized import load_quantized
+
+        load_quantized(path, model, dtype, device)
+        model.config.name_or_path = str(path)
+        return model.eval()
+    files, kind = weight_files(path, allow_pickle)
     filler = _Filler(model, RULES_BY_MODEL_TYPE[model_type], dtype, device)
     tensors = list(iter_tensors(files, kind))
     for key, t_dtype, shape, read in tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=None):

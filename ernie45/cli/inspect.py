@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from .. import presets
 from ..checkpoint import build_on_meta, export
 from ..config import MODALITIES, Ernie45Config
@@ -111,3 +113,33 @@ def add_commands(sub) -> None:
     ex.add_argument("out", metavar="OUT", help="output directory")
     ex.add_argument("--shard-size-gb", type=float, default=5.0, help="largest shard size (default 5)")
     ex.set_defaults(func=cmd_export)
+    q = sub.add_parser("quantize", help="weight-only int8 / int4 copy of a checkpoint (ernie45 loads it as is)")
+    q.add_argument("dir", metavar="DIR", help="checkpoint directory (any layout ernie45 reads)")
+    q.add_argument("out", metavar="OUT", help="new output directory")
+    q.add_argument("--bits", type=int, choices=[4, 8], required=True, help="8: per-channel int8; 4: group-wise int4")
+    q.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4 group size (default 32)")
+    q.add_argument("--lm-head", action="store_true", help="quantize the LM head too (default: keep it in float)")
+    q.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Load, quantize the weights (int8 per channel / int4 per group), save with the tokenizer beside them."""
+    import shutil
+
+    from ..checkpoint import load
+    from ..checkpoint.quantized import save_quantized
+    from ..model.quant import quantize
+
+    src, out = Path(args.dir), Path(args.out)
+    if not (src / "config.json").is_file():
+        raise UsageError(f"{src} is not a checkpoint directory (no config.json)")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not empty; choose a new directory")
+    model = load(src, dtype=torch.float32)
+    quantize(model, bits=args.bits, group_size=args.group_size, lm_head=args.lm_head)
+    save_quantized(model, out)
+    for f in src.iterdir():  # tokenizer, chat template, processor and generation settings travel along
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(f, out / f.name)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+    print(f"wrote {out} (int{args.bits}{f', groups of {args.group_size}' if args.bits == 4 else ''}, {size:.1f} MiB)")

@@ -46,39 +46,61 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W stored as int8 per channel or packed int4 per group."""
 
-    def __init__(self, linear_weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = 32) -> None:
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, bits: int,
+                 group: int = 32, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        """codes: int8 [N, K] (bits 8) or 0..15 integers [N, K] (bits 4); scales: [N] or [K/group, N, 2]."""
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         if bits == 4 and group not in GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group}")
-        self.bits, self.group = bits, group
-        self.out_features, self.in_features = linear_weight.shape
-        self.dtype = linear_weight.dtype if linear_weight.dtype.is_floating_point else torch.float32
-        dev = linear_weight.device
+        self.bits, self.group, self.dtype = bits, group, dtype
+        self.out_features, self.in_features = codes.shape
         if bits == 8:
-            q, scale = quantize_int8(linear_weight)
-            self.register_buffer("qweight", q)
-            self.register_buffer("scales", scale.to(self.dtype))
+            self.register_buffer("qweight", codes.to(torch.int8))
+            self.register_buffer("scales", scales.to(dtype))
         else:
-            codes, sz = quantize_int4(linear_weight, group)
-            if dev.type == "cpu":
+            codes = codes.to(torch.int32)
+            if codes.device.type == "cpu":
                 packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
             else:
                 packed = torch._convert_weight_to_int4pack(((codes[:, 1::2] << 4) | codes[:, ::2]).to(torch.uint8), 8)
             self.register_buffer("qweight", packed)
-            self.register_buffer("scales", sz.to(torch.bfloat16 if dev.type == "cuda" else self.dtype))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+            self.register_buffer("scales", scales.to(torch.bfloat16 if codes.device.type == "cuda" else dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = 32) -> QuantLinear:
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        codes, scales = quantize_int8(weight) if bits == 8 else quantize_int4(weight, group)
+        return cls(codes, scales, bias, bits, group, dtype)
+
+    def portable(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) in the device-independent form `__init__` takes (for saving).
+
+        int4's packed tile layout is the kernel's own; the codes are read back through the kernel itself
+        (x = identity gives the dequantised W^T exactly), so no second copy is ever kept.
+        """
+        if self.bits == 8:
+            return self.qweight, self.scales.float()
+        sz = self.scales.float()
+        eye = torch.eye(self.in_features, dtype=self.dtype, device=self.qweight.device)
+        w = self.forward_nobias(eye).float().T  # [N, K]
+        scale = sz[..., 0].T.repeat_interleave(self.group, dim=1)  # [N, K]
+        zero = sz[..., 1].T.repeat_interleave(self.group, dim=1)
+        codes = torch.round((w - zero) / scale + 8).clamp(0, 15).to(torch.uint8)
+        return codes, sz
+
+    def forward_nobias(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            return torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
+        if x2.device.type == "cpu":
+            return torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scales.to(x2.dtype))
+        return torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group, self.scales).to(x2.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if self.bits == 8:
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
-        elif x2.device.type == "cpu":
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scales.to(x2.dtype))
-        else:
-            y = torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group, self.scales).to(x2.dtype)
+        y = self.forward_nobias(x.reshape(-1, shape[-1]))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -111,8 +133,9 @@ class QuantExpertGroup(ExpertGroup):
 
 def _quantize_group(group: ExpertGroup, bits: int, size: int) -> None:
     gate_up, down = group.gate_up_proj.data, group.down_proj.data
-    group.q_gate_up = nn.ModuleList([QuantLinear(gate_up[e], None, bits, size) for e in range(group.num_experts)])
-    group.q_down = nn.ModuleList([QuantLinear(down[e], None, bits, size) for e in range(group.num_experts)])
+    experts = range(group.num_experts)
+    group.q_gate_up = nn.ModuleList([QuantLinear.from_float(gate_up[e], None, bits, size) for e in experts])
+    group.q_down = nn.ModuleList([QuantLinear.from_float(down[e], None, bits, size) for e in experts])
     del group.gate_up_proj, group.down_proj
     group.__class__ = QuantExpertGroup
 
@@ -139,6 +162,6 @@ def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = 
     for parent, child_name, child in targets:
         if bits == 4 and child.in_features % group_size:
             continue  # a width the int4 kernel cannot tile stays in float
-        setattr(parent, child_name, QuantLinear(child.weight.data, child.bias, bits, group_size))
+        setattr(parent, child_name, QuantLinear.from_float(child.weight.data, child.bias, bits, group_size))
     model.config.ernie45_quantization = {"bits": bits, "group_size": group_size, "lm_head": lm_head}
     return model
