@@ -267,3 +267,24 @@ def test_generated_requests_never_break_the_server(llm):
             check()
         assert httpx.get(url + "/health").status_code == 200
         assert any(400 <= s < 500 for s in seen) and any(s == 200 for s in seen)
+
+
+def test_engine_reuses_a_cached_prompt_prefix(llm):
+    from ernie45.engine.batcher import BatchEngine
+
+    history = [{"role": "user", "content": "Tell me a long story about a cat and a dog and a bird."}]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    engine = BatchEngine(llm, max_batch=2, max_len=256)
+    try:
+        first = "".join(d.text for d in engine.submit(llm.processor.encode_chat(history), params))
+        follow = [*history, {"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}]
+        enc = llm.processor.encode_chat(follow)
+        got = "".join(d.text for d in engine.submit(enc, params))
+        reused = engine.stats["prefix_cached_tokens"]
+        assert reused >= 16  # the second turn started from the first turn's cache
+        assert got == llm.chat(follow, params)[0].text  # and answers exactly as if computed afresh
+        fresh = llm.processor.encode_chat([{"role": "user", "content": "x"}])
+        other = "".join(d.text for d in engine.submit(fresh, params))
+        assert engine.stats["prefix_cached_tokens"] == reused and other  # nothing shared, nothing reused
+    finally:
+        engine.shutdown()

@@ -25,9 +25,27 @@ from .llm import LLM, Delta, RowState
 from .sampling import SamplingParams, apply_penalties, sample
 from .slots import SlotKVCache
 
+MIN_PREFIX = 16  # shorter shared prefixes are cheaper to recompute than to look up and copy
+
+
+def _has_media(encoded: dict[str, Any]) -> bool:
+    return any(k not in ("input_ids", "attention_mask") for k in encoded)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
 
 class QueueFull(RuntimeError):
     """More requests wait than the engine was told to hold (`max_waiting`)."""
+
+
+class RequestFailed(RuntimeError):
+    """This request could not be completed (the engine goes on with the others)."""
 
 
 class EngineStopped(RuntimeError):
@@ -116,12 +134,14 @@ class BatchEngine:
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
         self.slots: list[Request | None] = [None] * max_batch
+        self.slot_tokens: list[list[int] | None] = [None] * max_batch  # ids whose K/V a slot holds (text only)
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._stop = False
         self.error: BaseException | None = None
-        self.stats = {"requests": 0, "finished": 0, "aborted": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                      "steps": 0, "latency_sum": 0.0, "ttft_sum": 0.0}  # fmt: skip
+        self.stats = {"requests": 0, "finished": 0, "aborted": 0, "failed": 0, "prompt_tokens": 0,
+                      "completion_tokens": 0, "steps": 0, "latency_sum": 0.0, "ttft_sum": 0.0,
+                      "prefix_cached_tokens": 0}  # fmt: skip
         self._thread = threading.Thread(target=self._loop, name="ernie45-engine", daemon=True)
         self._thread.start()
 
@@ -131,6 +151,8 @@ class BatchEngine:
         if self._stop or self.error is not None or not self._thread.is_alive():
             raise EngineStopped("the engine is not running" + (f": {self.error}" if self.error else ""))
         n = len(encoded["input_ids"])
+        if n == 0:
+            raise ValueError("the prompt is empty (no tokens)")
         if n + 1 > self.max_len:
             raise ValueError(f"the prompt has {n} tokens; this engine holds {self.max_len} per request")
         out = queue.Queue() if loop is None else (loop, asyncio.Queue())
@@ -188,9 +210,15 @@ class BatchEngine:
         for req in list(self.prefilling):
             if budget <= 0:
                 break
-            budget -= self._prefill(req, budget)
+            try:
+                budget -= self._prefill(req, budget)
+            except Exception as e:  # one bad request fails alone; the engine serves the others
+                self._fail([req], e)
         if self.running:
-            self._decode()
+            try:
+                self._decode()
+            except Exception as e:
+                self._fail(list(self.running), e)
         self._release()  # finished requests give their slots back before anyone looks
         self.stats["steps"] += 1
 
@@ -210,6 +238,13 @@ class BatchEngine:
         if req.aborted and not req.finished:
             self._finish_aborted(req)
 
+    def _fail(self, reqs: list[Request], error: Exception) -> None:
+        for req in reqs:
+            if not req.finished:
+                req.finished = True
+                self.stats["failed"] += 1
+                req.emit(RequestFailed(f"generation failed: {type(error).__name__}: {error}"))
+
     def _finish_aborted(self, req: Request) -> None:
         req.finished = True
         self.stats["aborted"] += 1
@@ -219,22 +254,55 @@ class BatchEngine:
         with self._cv:
             while self.waiting and None in self.slots:
                 req = self.waiting.popleft()
-                req.slot = self.slots.index(None)
-                self.slots[req.slot] = req
-                self.cache.reset(req.slot)
-                vocab, dev = self.model.config.vocab_size, self.model.device
-                ids = torch.tensor(req.encoded["input_ids"], device=dev).clamp(max=vocab - 1)
-                req.seen = torch.zeros(1, vocab, dtype=torch.bool, device=dev)
-                req.seen[0, ids] = True
-                req.counts = torch.zeros(1, vocab, dtype=torch.long, device=dev)
-                if req.params.seed is not None:
-                    req.generator = torch.Generator(dev).manual_seed(req.params.seed)
-                self.prefilling.append(req)
+                try:
+                    req.slot = self._place(req)
+                    self.slots[req.slot] = req
+                    vocab, dev = self.model.config.vocab_size, self.model.device
+                    ids = torch.tensor(req.encoded["input_ids"], dtype=torch.long, device=dev).clamp(0, vocab - 1)
+                    req.seen = torch.zeros(1, vocab, dtype=torch.bool, device=dev)
+                    req.seen[0, ids] = True
+                    req.counts = torch.zeros(1, vocab, dtype=torch.long, device=dev)
+                    if req.params.seed is not None:
+                        req.generator = torch.Generator(dev).manual_seed(req.params.seed)
+                    self.prefilling.append(req)
+                except Exception as e:
+                    if req.slot >= 0:
+                        self.slots[req.slot] = None
+                    self._fail([req], e)
+
+    def _place(self, req: Request) -> int:
+        """A free slot for `req`, starting from the longest cached prefix of its prompt that any slot holds.
+
+        Slots keep their tokens after their request ends, so a follow-up turn of a chat (whose prompt is the
+        last prompt plus the answer) starts where the last one stopped. Prompts with media never share.
+        """
+        free = [i for i, r in enumerate(self.slots) if r is None]
+        ids = req.encoded["input_ids"]
+        text = not _has_media(req.encoded)
+        src, reuse = None, 0
+        for i, held in enumerate(self.slot_tokens if text else []):
+            if held:
+                n = min(_common_prefix(held, ids), len(ids) - 1)  # one prompt token is computed, for its logits
+                if n >= MIN_PREFIX and (n > reuse or (n == reuse and i in free)):
+                    src, reuse = i, n
+        if src is not None and src in free:
+            slot = src
+            self.cache.lengths[slot] = reuse
+        else:
+            slot = min(free, key=lambda i: self.slot_tokens[i] is not None)  # an empty slot first
+            if src is not None:
+                self.cache.copy_prefix(src, slot, reuse)
+            else:
+                self.cache.reset(slot)
+        self.slot_tokens[slot] = list(ids[:reuse]) if text else None
+        req.done_prompt = reuse
+        self.stats["prefix_cached_tokens"] += reuse
+        return slot
 
     def _prefill(self, req: Request, budget: int) -> int:
         """Feed the next chunk of `req`'s prompt into its slot; on the last chunk, sample its first token."""
         enc, dev = req.encoded, self.model.device
-        media = any(k != "input_ids" and k != "attention_mask" for k in enc)
+        media = _has_media(enc)
         start = req.done_prompt
         end = req.prompt_len if media else min(req.prompt_len, start + max(budget, 1))
         ids = torch.tensor([enc["input_ids"][start:end]], device=dev)
@@ -247,6 +315,8 @@ class BatchEngine:
             kwargs["attention_mask"] = torch.ones(1, end, dtype=torch.long, device=dev)
         logits = self.model(input_ids=ids, cache=view, logits_to_keep=1, **kwargs).logits[:, -1]
         req.done_prompt = end
+        if self.slot_tokens[req.slot] is not None:
+            self.slot_tokens[req.slot].extend(enc["input_ids"][start:end])
         if end == req.prompt_len:
             self.prefilling.remove(req)
             self.running.append(req)
@@ -263,12 +333,17 @@ class BatchEngine:
         for r in rows:
             tokens[r.slot, 0] = r.last_token
             active[r.slot] = True
+            if self.slot_tokens[r.slot] is not None:
+                self.slot_tokens[r.slot].append(r.last_token)
         view = self.cache.decode(n, active)
         text_type = torch.zeros(n, 1, dtype=torch.long, device=dev)
         out = self.model(input_ids=tokens, attention_mask=view.mask, position_ids=view.positions, cache=view,
                          moe_mm_token_type_ids=text_type).logits[:, -1]  # fmt: skip
         for r in list(rows):
-            self._take(r, out[r.slot : r.slot + 1])
+            try:
+                self._take(r, out[r.slot : r.slot + 1])
+            except Exception as e:
+                self._fail([r], e)
 
     def _take(self, req: Request, logits: torch.Tensor) -> None:
         p = req.params

@@ -43,7 +43,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
+
+
+MIN_TEMPERATURE = 1e-4  # below this, logits / temperature overflows: sampling is greedy
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, counts: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -79,5 +82,10 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     """Next token ids [B] from fp32 logits [B, V] (after penalties)."""
     if p.greedy:
         return logits.argmax(-1)
+    logits = logits.nan_to_num(nan=float("-inf"))
     probs = filter_logits(logits, p).softmax(-1)
+    bad = ~torch.isfinite(probs).all(-1)  # overflowing penalties or logits: fall back to the best token
+    if bad.any():
+        best = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
+        probs = torch.where(bad[:, None], best, probs)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]

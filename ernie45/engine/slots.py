@@ -12,7 +12,7 @@ import torch
 
 class SlotKVCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, dtype, device) -> None:
-        shape = (slots, kv_heads, max_len, head_dim)
+        shape = (slots, kv_heads, max_len + 1, head_dim)  # the last position: scratch for idle rows
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.lengths = [0] * slots
@@ -28,6 +28,13 @@ class SlotKVCache:
     def reset(self, slot: int) -> None:
         self.lengths[slot] = 0
         self.deltas[slot] = 0
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot dst starts with slot src's first n cached tokens (a shared prompt prefix)."""
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.lengths[dst], self.deltas[dst] = n, self.deltas[src]
 
     def slot(self, i: int) -> _SlotView:
         return _SlotView(self, i)
@@ -85,8 +92,9 @@ class _DecodeView:
         c = self.cache
         if self.width > c.max_len:
             raise ValueError(f"the KV cache slot holds {c.max_len} tokens")
-        c.k[layer_idx][self.rows, :, self.len] = k[:, :, 0]
-        c.v[layer_idx][self.rows, :, self.len] = v[:, :, 0]
+        at = torch.where(self.active, self.len, c.max_len)  # idle rows write to the scratch position
+        c.k[layer_idx][self.rows, :, at] = k[:, :, 0]
+        c.v[layer_idx][self.rows, :, at] = v[:, :, 0]
         if layer_idx == c.layers - 1:
             for r in self.active.nonzero().flatten().tolist():
                 c.lengths[r] += 1

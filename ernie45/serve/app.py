@@ -61,6 +61,8 @@ class Server:
 
     def submit(self, encoded: dict[str, Any], body, index: int = 0):
         n = len(encoded["input_ids"])
+        if n == 0:
+            raise APIError(400, "the prompt is empty: it has no tokens", param="prompt")
         room = self.engine.max_len - n - 1
         if room < 1:
             raise APIError(400, f"the prompt has {n} tokens; this server holds {self.engine.max_len} per request",
