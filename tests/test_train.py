@@ -222,3 +222,5 @@ def test_encoder_freeze_steps_hold_the_encoders_then_release_them(vl_dir, chat_d
     assert torch.equal(seen[1][0], start[0])  # 2 steps: the encoder did not move (no update, no decay)
     assert not torch.equal(seen[0][1], start[1])  # while the trunk learned from the first step
     assert not torch.equal(seen[2][0], seen[1][0])  # step 3: the encoder trains at its scaled rate
+    torch.save(trainer.lr_scheduler.state_dict(), tmp_path / "scheduler.pt")  # resumable: the Trainer reloads
+    torch.load(tmp_path / "scheduler.pt", weights_only=True)  # its scheduler with weights_only=True

@@ -228,7 +228,7 @@ def _finish(reason: str | None) -> str:
 
 
 def _usage(handles) -> dict[str, int]:
-    prompt = handles[0].prompt_tokens if handles else 0
+    prompt = sum({id(h.request.encoded): h.prompt_tokens for h in handles}.values())  # each prompt once, not n times
     completion = sum(len(h.request.row.token_ids) for h in handles)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -77,7 +77,7 @@ class Ernie45Trainer(Trainer):
         hold = self.encoder_freeze_steps
         if hold and self._encoder_groups and hasattr(scheduler, "lr_lambdas"):
             for i in self._encoder_groups:
-                scheduler.lr_lambdas[i] = _Held(scheduler.lr_lambdas[i], hold)
+                scheduler.lr_lambdas[i] = _held(scheduler.lr_lambdas[i], hold)
             for i in self._encoder_groups:  # LambdaLR applied the unheld factor at construction
                 scheduler.optimizer.param_groups[i]["lr"] = 0.0
         return scheduler
@@ -143,14 +143,17 @@ class Ernie45Trainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-class _Held:
-    """An lr factor that is 0 for the first `steps` steps, then the wrapped schedule's."""
+def _held(inner, steps: int):
+    """An lr factor that is 0 for the first `steps` steps, then the wrapped schedule's.
 
-    def __init__(self, inner, steps: int) -> None:
-        self.inner, self.steps = inner, steps
+    A plain function (not an object): LambdaLR saves nothing of it, so checkpoints stay loadable with
+    torch.load(weights_only=True) and a resumed run rebuilds it from the config.
+    """
 
-    def __call__(self, step: int) -> float:
-        return 0.0 if step < self.steps else self.inner(step)
+    def factor(step: int) -> float:
+        return 0.0 if step < steps else inner(step)
+
+    return factor
 
 
 class _StepEnd(TrainerCallback):
