@@ -48,6 +48,10 @@ def make_checkpoint(shape: str, out: Path) -> Path:
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out)
+    from ernie45.demo import default_model_path  # any tokenizer will do: the prompts are token ids
+
+    for f in default_model_path().glob("tokenizer*"):
+        (out / f.name).write_bytes(f.read_bytes())
     return out
 
 
@@ -125,7 +129,8 @@ def main() -> None:
             else:
                 pre, dec, nbytes = bench_ernie45(path, dtype, quant, args.batch, args.prompt, args.new)
                 results[name] = (pre, dec, nbytes)
-            print(f"  done: {name}", flush=True)
+            pre, dec, nbytes = results[name]
+            print(f"  {name}: prefill {pre:.1f} tok/s, decode {dec:.1f} tok/s", flush=True)
     base = results.get("transformers bf16", (None, None))[1]
     print(f"\n{args.shape} shapes, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
           f"{args.threads} threads; read bandwidth {bw / 1e9:.1f} GB/s")  # fmt: skip
