@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..model.quant import QuantExpertGroup, QuantLinear
+from ..model.quant import QuantLinear, install_experts
 from .files import CheckpointError
 
 KEY = "ernie45_quantization"
@@ -60,10 +60,8 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
     for name, module in list(model.named_modules()):
         if f"{name}.q_gate_up.0.codes" in sd:
             experts = range(module.num_experts)
-            module.q_gate_up = nn.ModuleList([quant(f"{name}.q_gate_up.{e}") for e in experts])
-            module.q_down = nn.ModuleList([quant(f"{name}.q_down.{e}") for e in experts])
-            del module.gate_up_proj, module.down_proj
-            module.__class__ = QuantExpertGroup
+            install_experts(module, [quant(f"{name}.q_gate_up.{e}") for e in experts],
+                            [quant(f"{name}.q_down.{e}") for e in experts])  # fmt: skip
     missing = []
     for name, p in list(model.named_parameters()):
         if not p.is_meta:

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from .detokenize import IncrementalDetokenizer
 from .llm import LLM, Delta, RowState
 from .sampling import SamplingParams, apply_penalties, sample
 from .slots import SlotKVCache
@@ -156,8 +155,7 @@ class BatchEngine:
         if n + 1 > self.max_len:
             raise ValueError(f"the prompt has {n} tokens; this engine holds {self.max_len} per request")
         out = queue.Queue() if loop is None else (loop, asyncio.Queue())
-        tok = self.llm.processor.tokenizer
-        row = RowState(IncrementalDetokenizer(tok, params.stop, self.llm.processor.hidden_ids), params, self.llm.eos, n)
+        row = self.llm.row_state(params, n)
         req = Request(next(self._ids), encoded, params, row, out)
         with self._cv:
             if len(self.waiting) >= self.max_waiting:

@@ -174,17 +174,13 @@ class LLM:
             return prompt
         return {"input_ids": list(prompt)}
 
+    def row_state(self, params: SamplingParams, prompt_tokens: int) -> RowState:
+        """The per-request state that detokenizes, applies stop rules and says when a row is done."""
+        detok = IncrementalDetokenizer(self.processor.tokenizer, params.stop, self.processor.hidden_ids)
+        return RowState(detok, params, self.eos, prompt_tokens)
+
     def _rows(self, encoded: list[dict], params: SamplingParams) -> list[RowState]:
-        tok = self.processor.tokenizer
-        return [
-            RowState(
-                IncrementalDetokenizer(tok, params.stop, self.processor.hidden_ids),
-                params,
-                self.eos,
-                len(e["input_ids"]),
-            )
-            for e in encoded
-        ]
+        return [self.row_state(params, len(e["input_ids"])) for e in encoded]
 
     def _complete(self, encoded: list[dict], params: SamplingParams, chat: bool) -> list[Completion]:
         rows = self._rows(encoded, params)

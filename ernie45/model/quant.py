@@ -131,13 +131,18 @@ class QuantExpertGroup(ExpertGroup):
         return torch.zeros_like(x).index_add_(0, token, ys)
 
 
+def install_experts(group: ExpertGroup, gate_up: list[QuantLinear], down: list[QuantLinear]) -> None:
+    """Turn `group` into a QuantExpertGroup running these per-expert matrices (its stacked weights go)."""
+    group.q_gate_up, group.q_down = nn.ModuleList(gate_up), nn.ModuleList(down)
+    del group.gate_up_proj, group.down_proj
+    group.__class__ = QuantExpertGroup
+
+
 def _quantize_group(group: ExpertGroup, bits: int, size: int) -> None:
     gate_up, down = group.gate_up_proj.data, group.down_proj.data
     experts = range(group.num_experts)
-    group.q_gate_up = nn.ModuleList([QuantLinear.from_float(gate_up[e], None, bits, size) for e in experts])
-    group.q_down = nn.ModuleList([QuantLinear.from_float(down[e], None, bits, size) for e in experts])
-    del group.gate_up_proj, group.down_proj
-    group.__class__ = QuantExpertGroup
+    install_experts(group, [QuantLinear.from_float(gate_up[e], None, bits, size) for e in experts],
+                    [QuantLinear.from_float(down[e], None, bits, size) for e in experts])  # fmt: skip
 
 
 @torch.no_grad()
