@@ -18,6 +18,7 @@ from torch import nn
 from .moe import ExpertGroup
 
 GROUP_SIZES = (32, 64, 128)
+DECODE_ROWS = 32  # up to this many rows a CPU int8 matmul takes the bf16 kernel, above it a dequantised matmul
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +58,8 @@ class QuantLinear(nn.Module):
         self.bits, self.group, self.dtype = bits, group, dtype
         self.out_features, self.in_features = codes.shape
         if bits == 8:
-            self.register_buffer("qweight", codes.to(torch.int8))
+            # an owned copy: a view into a memory-mapped file can sit at an address the bf16 kernel cannot load
+            self.register_buffer("qweight", codes.to(torch.int8, copy=True).contiguous())
             self.register_buffer("scales", scales.to(dtype))
         else:
             codes = codes.to(torch.int32)
@@ -93,9 +95,18 @@ class QuantLinear(nn.Module):
 
     def forward_nobias(self, x2: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
+            if x2.device.type == "cpu" and x2.dtype == torch.float32:
+                # torch's CPU int8 kernel is ~10x faster on bf16 rows than on fp32 ones (0.16 vs 1.8 ms for
+                # 1x1024x3072), and a dense matmul on the dequantised weight beats it for many rows (prefill)
+                if x2.shape[0] <= DECODE_ROWS:
+                    xb = x2.to(torch.bfloat16)
+                    return torch._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16)).float()
+                return x2 @ (self.qweight.float() * self.scales.float()[:, None]).T
             return torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
-        if x2.device.type == "cpu":
-            return torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scales.to(x2.dtype))
+        if x2.device.type == "cpu":  # bf16 rows: 25x faster than fp32 ones for one row, 70x for 128 rows
+            xb = x2.to(torch.bfloat16)
+            y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group, self.scales.to(torch.bfloat16))
+            return y.to(x2.dtype)
         return torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group, self.scales).to(x2.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
