@@ -6,7 +6,7 @@ import pytest
 import torch
 from chat_fixtures import EXTRA, tiny_chat_config, write_spm_tokenizer
 
-from ernie45.engine import LLM
+from ernie45.engine import LLM, SamplingParams
 from ernie45.model import Ernie45ForConditionalGeneration
 from ernie45.model.quant import QuantExpertGroup, QuantLinear, quantize_int4, quantize_int8
 
@@ -82,3 +82,23 @@ def test_quantize_command_writes_a_checkpoint_that_loads_as_quantized(tmp_path, 
         assert torch.allclose(saved.model(input_ids=ids).logits, on_the_fly, atol=1e-5)
     assert main(["quantize", str(src), str(tmp_path / "q8"), "--bits", "8"]) == 2  # never over a checkpoint
     assert "not empty" in capsys.readouterr().err
+
+
+def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):
+    from ernie45.model.packed import PackedLinear
+
+    path = _moe_checkpoint(tmp_path / "ckpt")
+    ids = torch.tensor([[400, 294, 261, 358, 341, 313, 300, 290]])
+    packed = LLM(path, dtype=torch.bfloat16)
+    assert isinstance(packed.model.lm_head, PackedLinear)
+    assert "packed" not in " ".join(packed.model.state_dict())  # the oneDNN copies stay out of the state dict
+    plain = Ernie45ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    with torch.no_grad():
+        want, got = plain(input_ids=ids).logits.float(), packed.model(input_ids=ids).logits.float()
+    assert (got - want).norm() / want.norm() < 0.02
+    sampling = SamplingParams(max_tokens=6, temperature=0)
+    assert (
+        LLM(plain, processor=packed.processor).generate([ids[0].tolist()], sampling)[0].token_ids
+        == packed.generate([ids[0].tolist()], sampling)[0].token_ids
+    )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load
+from ..model.packed import pack_bf16_linears
 from ..processing.chat_template import split_reasoning
 from ..processing.processor import Processor, load_processor
 from .cache import StaticKVCache
@@ -95,15 +96,19 @@ class LLM:
                 dtype = torch.float32  # bf16/fp16 storage computes faster in fp32 on CPUs without AMX
             self.model = load(path, dtype=dtype, device=device)
             self.processor = processor or load_processor(path)
+            owned = True
         else:
             self.model = model_or_dir
             source = getattr(self.model.config, "name_or_path", "")
             if processor is None and not source:
                 raise ValueError("pass processor= with a model object (or give LLM a checkpoint directory)")
             self.processor = processor or load_processor(source)
+            owned = False
         self.model.eval()
         if quantization:
             self._quantize(quantization)
+        if owned:  # a model we loaded ourselves is inference-only: bf16 linears take oneDNN's packed kernel
+            pack_bf16_linears(self.model)
         self._check_token_ids()
         c = self.model.config
         eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
