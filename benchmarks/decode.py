@@ -77,9 +77,24 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
     run(2)()  # warm-up
     first = timed(run(1))
     whole = timed(run(new), repeat=1)
-    params = sum(p.numel() * p.element_size() for n, p in llm.model.named_parameters() if "embed_tokens" not in n)
-    params += sum(b.numel() * b.element_size() for b in llm.model.buffers())
-    return batch * prompt / first, batch * (new - 1) / (whole - first), params
+    return batch * prompt / first, batch * (new - 1) / (whole - first), bytes_per_step(llm.model, batch)
+
+
+def bytes_per_step(model, batch: int) -> float:
+    """Weight bytes one decode step reads: all but the embedding table, routed experts at the share a step hits."""
+    from ernie45.model.packed import PackedLinear
+
+    c = model.config
+    groups = c.expert_groups or []
+    hit = min(1.0, batch * c.moe_k / groups[0]["num_experts"]) if groups else 1.0  # text tokens: the text group
+    total = 0.0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if "embed_tokens" in name or "vision" in name or "audio" in name or "resampler" in name:
+            continue
+        routed = ".groups." in name and not name.endswith(("gate.weight", "e_score_correction_bias"))
+        total += t.numel() * t.element_size() * (hit if routed else 1.0)
+    total += sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, PackedLinear))
+    return total
 
 
 def bench_transformers(path: Path, dtype, batch: int, prompt: int, new: int):
