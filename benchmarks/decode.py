@@ -6,18 +6,21 @@
 
 Random weights (speed does not depend on them). Prefill tok/s = prompt tokens / time to the first token;
 decode tok/s = batch x (new - 1) / (time for new tokens - time to the first token). The bound column is the
-memory-bandwidth limit: measured read bandwidth / weight bytes read per decode step. llama.cpp numbers are
-not measured here (see the README of this folder for how to add them with llama-cpp-python).
+memory-bandwidth limit: measured read bandwidth / weight bytes read per decode step. The llama.cpp rows (the
+same checkpoint as GGUF BF16, Q8_0, Q4_0, through llama-cpp-python) appear once `benchmarks/setup_llamacpp.sh`
+has installed it.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import llamacpp
 import torch
 
 
@@ -48,10 +51,10 @@ def make_checkpoint(shape: str, out: Path) -> Path:
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out)
-    from ernie45.demo import default_model_path  # any tokenizer will do: the prompts are token ids
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from chat_fixtures import write_spm_tokenizer  # any tokenizer will do (prompts are token ids); the GGUF
 
-    for f in default_model_path().glob("tokenizer*"):
-        (out / f.name).write_bytes(f.read_bytes())
+    write_spm_tokenizer(out)  # converter wants a sentencepiece model, as the official checkpoints ship
     return out
 
 
@@ -78,6 +81,16 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
     first = timed(run(1))
     whole = timed(run(new), repeat=1)
     return batch * prompt / first, batch * (new - 1) / (whole - first), bytes_per_step(llm.model, batch)
+
+
+def bytes_per_step_share(path: Path, batch: int) -> float:
+    """The share of a checkpoint's weight bytes one decode step reads (for the GGUF rows' bound)."""
+    from ernie45.checkpoint import build_on_meta
+    from ernie45.official_config import read_config
+
+    model = build_on_meta(read_config(path)[0])
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return bytes_per_step(model, batch) / total
 
 
 def bytes_per_step(model, batch: int) -> float:
@@ -131,14 +144,23 @@ def main() -> None:
     rows = [("ernie45 fp32", torch.float32, None), ("ernie45 bf16", torch.bfloat16, None),
             ("ernie45 int8", torch.float32, "int8"), ("ernie45 int4", torch.float32, "int4"),
             ("transformers fp32", torch.float32, "hf"), ("transformers bf16", torch.bfloat16, "hf")]  # fmt: skip
+    keep = {s.strip() for s in args.only.split(",")}
+    why_not = llamacpp.available()
+    if why_not is None:
+        rows += [(f"llama.cpp {f}", None, f) for f in llamacpp.FORMATS]
+    else:
+        print(f"no llama.cpp rows: {why_not}")
     if args.only:
-        keep = {s.strip() for s in args.only.split(",")}
         rows = [r for r in rows if r[0] in keep]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(args.shape, Path(tmp) / "ckpt")
         for name, dtype, quant in rows:
-            if quant == "hf":
+            if quant in llamacpp.FORMATS:
+                gguf = llamacpp.convert(path, Path(tmp), quant)
+                pre, dec = llamacpp.bench(gguf, args.batch, args.prompt, args.new, args.threads)
+                results[name] = (pre, dec, gguf.stat().st_size * bytes_per_step_share(path, args.batch))
+            elif quant == "hf":
                 pre, dec = bench_transformers(path, dtype, args.batch, args.prompt, args.new)
                 results[name] = (pre, dec, None)
             else:
