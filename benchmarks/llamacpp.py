@@ -55,6 +55,7 @@ def bench(gguf: Path, batch: int, prompt: int, new: int, threads: int) -> tuple[
     (what a user of that API gets).
     """
     import llama_cpp
+    import numpy as np
 
     llm = llama_cpp.Llama(str(gguf), n_ctx=prompt + new + 8, n_batch=min(prompt, 2048), n_ubatch=min(prompt, 512),
                           n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
@@ -70,6 +71,6 @@ def bench(gguf: Path, batch: int, prompt: int, new: int, threads: int) -> tuple[
         t = time.perf_counter()
         for _ in range(new - 1):
             llm.eval([token])
-            token = int(llm.scores[llm.n_tokens - 1].argmax())
+            token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())  # greedy
         dec += time.perf_counter() - t
     return batch * prompt / pre, batch * (new - 1) / dec
