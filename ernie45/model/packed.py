@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENCODERS = ("vision_tower", "resampler_model", "audio_tower", "audio_resampler")  # few tokens: left as they are
+from .trunk import ENCODER_MODULES  # few tokens each: left as they are
 
 
 def _mkldnn_ops() -> bool:
@@ -42,7 +42,7 @@ def pack_bf16_linears(model: nn.Module) -> int:
     """
     targets = []
     for path, parent in model.named_modules():
-        if any(e in path for e in ENCODERS):
+        if any(e in path for e in ENCODER_MODULES):
             continue
         for name, child in parent.named_children():
             w = getattr(child, "weight", None)

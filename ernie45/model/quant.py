@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .moe import ExpertGroup
+from .trunk import ENCODER_MODULES
 
 GROUP_SIZES = (32, 64, 128)
 DECODE_ROWS = 32  # up to this many rows a CPU int8 matmul takes the bf16 kernel, above it a dequantised matmul
@@ -160,7 +161,7 @@ def _quantize_group(group: ExpertGroup, bits: int, size: int) -> None:
 def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = False, experts: bool = True,
              encoders: bool = False) -> nn.Module:  # fmt: skip
     """Quantize `model` in place (text trunk linears; the LM head, experts and media encoders by choice)."""
-    skip = () if encoders else ("vision_tower", "resampler_model", "audio_tower", "audio_resampler")
+    skip = () if encoders else ENCODER_MODULES
     targets = []
     for name, module in list(model.named_modules()):
         if any(s in name for s in skip):

@@ -23,6 +23,9 @@ from .moe import ExpertGroup, MoEBlock, Router
 from .positions import rope_index, text_positions
 from .vision import Resampler, VisionConfig, VisionTransformer
 
+# the media encoders' module names: what quantization, packing and the trainer's encoder lr treat apart
+ENCODER_MODULES = ("vision_tower", "resampler_model", "audio_tower", "audio_resampler")
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: Ernie45Config, layer_idx: int) -> None:

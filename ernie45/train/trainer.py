@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..model.trunk import ENCODER_MODULES
 from .losses import BiasBalancer, cross_entropy, dpo_loss, moe_losses, sequence_logps
 
 
@@ -52,7 +53,7 @@ class Ernie45Trainer(Trainer):
         """AdamW as the Trainer builds it, with the media encoders and resamplers at `encoder_lr_scale` x lr."""
         if (self.encoder_lr_scale == 1.0 and not self.encoder_freeze_steps) or self.optimizer is not None:
             return super().create_optimizer(*args, **kwargs)
-        encoder = ("vision_tower", "resampler_model", "audio_tower", "audio_resampler")
+        encoder = ENCODER_MODULES
         groups: dict[tuple[bool, bool], list] = {}
         for name, p in self.model.named_parameters():
             if p.requires_grad:
