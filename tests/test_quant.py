@@ -11,11 +11,12 @@ from ernie45.model import Ernie45ForConditionalGeneration
 from ernie45.model.quant import QuantExpertGroup, QuantLinear, quantize_int4, quantize_int8
 
 
-@pytest.mark.parametrize("rows", [15, 66])  # int8 on CPU: the bf16 decode kernel, and the prefill path
+@pytest.mark.parametrize("rows", [15, 66])  # on CPU: the packed decode kernels, and the dequantised prefill path
+@pytest.mark.parametrize("out", [96, 128])  # int4 tiles are read back directly for multiples of 64 rows
 @pytest.mark.parametrize("bits,group,tol", [(8, 32, 0.01), (4, 32, 0.12), (4, 64, 0.15), (4, 128, 0.2)])
-def test_quant_linear_tracks_the_float_layer(bits, group, tol, rows):
+def test_quant_linear_tracks_the_float_layer(bits, group, tol, rows, out):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(256, 96, bias=True)
+    lin = torch.nn.Linear(256, out, bias=True)
     x = torch.randn(rows // 3, 3, 256)
     q = QuantLinear.from_float(lin.weight.data, lin.bias.data, bits, group)
     want, got = lin(x), q(x)
@@ -27,6 +28,19 @@ def test_quant_linear_tracks_the_float_layer(bits, group, tol, rows):
     codes, scales = q.portable()  # what a saved checkpoint holds: rebuilt, it computes the same
     again = QuantLinear(codes, scales, lin.bias.data, bits, group)
     assert torch.allclose(again(x), got, atol=1e-5)
+
+
+def test_int4_prefill_path_matches_the_kernel():
+    """Many rows run on W^T unpacked from the CPU kernel's tiles: the same codes, the same products."""
+    torch.manual_seed(0)
+    w = torch.randn(192, 128)
+    codes, scales = quantize_int4(w, 32)
+    q = QuantLinear(codes, scales, None, 4, 32)
+    assert torch.equal(q.portable()[0].long(), codes.long())
+    x = torch.randn(40, 128)
+    kernel = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), q.qweight, 32, q.scales.bfloat16()).float()
+    got = q(x)  # 40 rows > DECODE_ROWS: the dequantised path
+    assert (got - kernel).norm() / kernel.norm() < 0.01  # only the kernel's bf16 rounding differs
 
 
 def test_codes_round_trip():

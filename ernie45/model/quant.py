@@ -19,7 +19,8 @@ from .moe import ExpertGroup
 from .trunk import ENCODER_MODULES
 
 GROUP_SIZES = (32, 64, 128)
-DECODE_ROWS = 32  # up to this many rows a CPU int8 matmul takes the bf16 kernel, above it a dequantised matmul
+DECODE_ROWS = 32  # up to this many rows a CPU matmul takes the packed kernel, above it a dequantised matmul
+CPU_INT4_BLOCK = 64  # torch's CPU int4 tiles: 64 output rows, each byte one column of rows j and j + 32
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,12 +88,34 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             return self.qweight, self.scales.float()
         sz = self.scales.float()
+        if self._unpackable():
+            return self._cpu_int4_codes().T.contiguous(), sz
         eye = torch.eye(self.in_features, dtype=self.dtype, device=self.qweight.device)
         w = self.forward_nobias(eye).float().T  # [N, K]
         scale = sz[..., 0].T.repeat_interleave(self.group, dim=1)  # [N, K]
         zero = sz[..., 1].T.repeat_interleave(self.group, dim=1)
         codes = torch.round((w - zero) / scale + 8).clamp(0, 15).to(torch.uint8)
         return codes, sz
+
+    def _unpackable(self) -> bool:
+        """Whether the int4 tiles are torch's CPU layout, which `_cpu_int4_codes` reads directly."""
+        return self.bits == 4 and self.qweight.device.type == "cpu" and self.out_features % CPU_INT4_BLOCK == 0
+
+    def _cpu_int4_codes(self) -> torch.Tensor:
+        """The int4 codes 0..15 as uint8 [K, N] (W^T's layout), unpacked from the CPU kernel's tiles."""
+        n, k, half = self.out_features, self.in_features, CPU_INT4_BLOCK // 2
+        tiles = self.qweight.view(n // CPU_INT4_BLOCK, k, half)
+        codes = torch.cat([tiles & 15, tiles >> 4], dim=-1)  # [N/64, K, 64]
+        return codes.permute(1, 0, 2).reshape(k, n)
+
+    def dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """W^T [K, N] in `dtype`, made for one call (prefill) and dropped after it."""
+        if self.bits == 8:
+            return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).T
+        sz = self.scales.to(dtype)  # [K/group, N, 2]
+        scale = sz[..., 0].repeat_interleave(self.group, dim=0)
+        zero = sz[..., 1].repeat_interleave(self.group, dim=0)
+        return (self._cpu_int4_codes().to(dtype) - 8) * scale + zero
 
     def forward_nobias(self, x2: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
@@ -102,9 +125,11 @@ class QuantLinear(nn.Module):
                 if x2.shape[0] <= DECODE_ROWS:
                     xb = x2.to(torch.bfloat16)
                     return torch._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16)).float()
-                return x2 @ (self.qweight.float() * self.scales.float()[:, None]).T
+                return x2 @ self.dequantized_t(torch.float32)
             return torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
         if x2.device.type == "cpu":  # bf16 rows: 25x faster than fp32 ones for one row, 70x for 128 rows
+            if x2.shape[0] > DECODE_ROWS and self._unpackable():  # prefill: the kernel is slow on many rows
+                return x2 @ self.dequantized_t(x2.dtype)
             xb = x2.to(torch.bfloat16)
             y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group, self.scales.to(torch.bfloat16))
             return y.to(x2.dtype)
