@@ -39,18 +39,19 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(_polygon(shape, cx, cy, r), fill=colour)
 
 
-def shape_scene(rng: random.Random, size: int | None = None) -> tuple[Image.Image, list[tuple[str, str]]]:
-    """1-4 shapes of distinct (shape, colour) on white or black; returns the image and [(colour, shape)]."""
+def shape_scene(rng: random.Random, size: int | None = None, cells: bool = False):
+    """1-4 shapes of distinct (shape, colour) on white or black; returns the image and [(colour, shape)] (and,
+    with `cells`, each shape's quadrant (x, y) in 0..1)."""
     size = size or rng.randint(64, 96)
     bg_name = rng.choice(["white", "black"])
     img = Image.new("RGB", (size, size), COLOURS[bg_name])
     draw = ImageDraw.Draw(img)
     n = rng.randint(1, 4)
-    cells = rng.sample([(i, j) for i in range(2) for j in range(2)], n)  # one shape per quadrant: no overlap
+    places = rng.sample([(i, j) for i in range(2) for j in range(2)], n)  # one shape per quadrant: no overlap
     colours = [c for c in COLOURS if c != bg_name]
     used: set[tuple[str, str]] = set()
     objects = []
-    for i, j in cells:
+    for i, j in places:
         while True:
             item = (rng.choice(colours), rng.choice(SHAPES))
             if item not in used:
@@ -61,7 +62,7 @@ def shape_scene(rng: random.Random, size: int | None = None) -> tuple[Image.Imag
         cy = (j + 0.5) * size / 2 + rng.uniform(-2, 2)
         draw_shape(draw, item[1], cx, cy, r, COLOURS[item[0]])
         objects.append(item)
-    return img, objects
+    return (img, objects, places) if cells else (img, objects)
 
 
 def bar_chart(rng: random.Random, size: int = 96) -> tuple[Image.Image, dict[str, int]]:

@@ -124,6 +124,11 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
 
         configure(proc)
         samples = None
+        stage0 = d["demo"].get("encoder_pretrain")
+        if stage0:  # the media encoders learn from the pictures' and clips' facts before the trunk reads them
+            from ..demo.encoders import pretrain_encoders
+
+            pretrain_encoders(model, proc, seed=t["seed"], **stage0)
     else:
         samples, problems = load_samples(proc, d["train"], d["kind"], d["loss_on"], d["on_error"], d["max_tokens"])
         if not samples:
