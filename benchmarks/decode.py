@@ -1,4 +1,5 @@
-"""Decode and prefill speed: ernie45 (fp32, bf16, int8, int4) against transformers eager, side by side.
+"""Decode and prefill speed: ernie45 (fp32, bf16, int8, int4; eager and with the decode step compiled) against
+transformers eager and llama.cpp, side by side.
 
     python benchmarks/decode.py                 # ERNIE-4.5-0.3B shapes, batch 1, prompt 512, 128 new tokens
     python benchmarks/decode.py --shape 21b-4l  # the 21B-A3B shapes cut to 4 layers (about 5 GB in bf16)
@@ -68,16 +69,21 @@ def timed(fn, repeat: int = 2) -> float:
     return best
 
 
-def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int, new: int):
+def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int, new: int, compile: bool = False):
     from ernie45.engine import LLM, SamplingParams
 
-    llm = LLM(path, dtype=dtype, quantization=quant)
+    llm = LLM(path, dtype=dtype, quantization=quant, compile=compile)
     ids = torch.randint(100, 1000, (batch, prompt), generator=torch.Generator().manual_seed(1)).tolist()
 
     def run(n):
         return lambda: llm.generate(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
-    run(2)()  # warm-up
+    t = time.perf_counter()
+    run(2)()  # warm-up (and, compiled, the compile)
+    if compile:
+        print(f"    compile + first call: {time.perf_counter() - t:.0f} s", flush=True)
+        if llm.decoder.failed:
+            print(f"    compile failed, eager numbers: {llm.decoder.failed}", flush=True)
     first = timed(run(1))
     whole = timed(run(new), repeat=1)
     return batch * prompt / first, batch * (new - 1) / (whole - first), bytes_per_step(llm.model, batch)
@@ -143,6 +149,8 @@ def main() -> None:
     bw = read_bandwidth()
     rows = [("ernie45 fp32", torch.float32, None), ("ernie45 bf16", torch.bfloat16, None),
             ("ernie45 int8", torch.float32, "int8"), ("ernie45 int4", torch.float32, "int4"),
+            ("ernie45 bf16 compiled", torch.bfloat16, None), ("ernie45 int8 compiled", torch.float32, "int8"),
+            ("ernie45 int4 compiled", torch.float32, "int4"),
             ("transformers fp32", torch.float32, "hf"), ("transformers bf16", torch.bfloat16, "hf")]  # fmt: skip
     keep = {s.strip() for s in args.only.split(",")}
     why_not = llamacpp.available()
@@ -164,7 +172,8 @@ def main() -> None:
                 pre, dec = bench_transformers(path, dtype, args.batch, args.prompt, args.new)
                 results[name] = (pre, dec, None)
             else:
-                pre, dec, nbytes = bench_ernie45(path, dtype, quant, args.batch, args.prompt, args.new)
+                compiled = name.endswith("compiled")
+                pre, dec, nbytes = bench_ernie45(path, dtype, quant, args.batch, args.prompt, args.new, compiled)
                 results[name] = (pre, dec, nbytes)
             pre, dec, nbytes = results[name]
             print(f"  {name}: prefill {pre:.1f} tok/s, decode {dec:.1f} tok/s", flush=True)
@@ -172,12 +181,12 @@ def main() -> None:
     print(f"\n{args.shape} shapes, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
           f"{args.threads} threads; read bandwidth {bw / 1e9:.1f} GB/s")  # fmt: skip
     head = ("engine", "prefill tok/s", "decode tok/s", "vs hf bf16", "bound tok/s", "% bound")
-    print(f"{head[0]:20} {head[1]:>13} {head[2]:>12} {head[3]:>10} {head[4]:>11} {head[5]:>7}")
+    print(f"{head[0]:22} {head[1]:>13} {head[2]:>12} {head[3]:>10} {head[4]:>11} {head[5]:>7}")
     for name, (pre, dec, nbytes) in results.items():
         bound = bw / nbytes * args.batch if nbytes else None
         ratio = f"{dec / base:.2f}x" if base else "-"
         pct = f"{dec / bound:.0%}" if bound else "-"
-        print(f"{name:20} {pre:13.1f} {dec:12.1f} {ratio:>10} {bound or 0:11.1f} {pct:>7}")
+        print(f"{name:22} {pre:13.1f} {dec:12.1f} {ratio:>10} {bound or 0:11.1f} {pct:>7}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def _open_llm(args: argparse.Namespace):
     path = Path(args.model)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise UsageError(f"{path} is not a checkpoint directory (it needs config.json, weights and a tokenizer)")
-    return LLM(path, dtype=args.dtype)
+    quantization, compile = getattr(args, "quantization", None), getattr(args, "compile", None)
+    return LLM(path, dtype=args.dtype, quantization=quantization, compile=compile)
 
 
 def _sampling(args: argparse.Namespace, llm):
@@ -159,6 +160,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the checkpoint's, else 1.0)")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
+    p.add_argument("--quantization", choices=["int8", "int4", "int4-g64", "int4-g128"],
+                   help="weight-only quantization on the fly (default: none)")  # fmt: skip
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through torch.compile (default: on for CUDA only; the first answer waits)")  # fmt: skip
 
 
 def add_commands(sub) -> None:

@@ -20,6 +20,7 @@ from ..model.packed import pack_bf16_linears
 from ..processing.chat_template import split_reasoning
 from ..processing.processor import Processor, load_processor
 from .cache import StaticKVCache
+from .compiled import CompiledDecoder
 from .detokenize import IncrementalDetokenizer
 from .sampling import SamplingParams, apply_penalties, sample
 
@@ -85,7 +86,9 @@ class LLM:
     or pass a model and its processor."""
 
     def __init__(self, model_or_dir: Any = None, dtype=None, device=None, processor: Processor | None = None,
-                 quantization: str | None = None) -> None:  # fmt: skip
+                 quantization: str | None = None, compile: bool | None = None) -> None:  # fmt: skip
+        """compile: decode through torch.compile (fixed shapes; CUDA graphs on GPU); None = on for CUDA only.
+        The first generation of each batch size and length bucket pays the compile time."""
         if model_or_dir is None:
             from ..demo import default_model_path
 
@@ -110,6 +113,9 @@ class LLM:
         if owned:  # a model we loaded ourselves is inference-only: bf16 linears take oneDNN's packed kernel
             pack_bf16_linears(self.model)
         self._check_token_ids()
+        if compile is None:
+            compile = self.model.device.type == "cuda"
+        self.decoder = CompiledDecoder(self.model) if compile else None
         c = self.model.config
         eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
         sep = self.processor.ids.get("sep")
@@ -201,7 +207,8 @@ class LLM:
         limit = model.config.max_position_embeddings
         if width >= limit:
             raise ValueError(f"the prompt has {width} tokens; this model reads at most {limit}")
-        cache = StaticKVCache.for_model(model, b, min(width + params.max_tokens, limit))
+        length = min(width + params.max_tokens, limit)
+        cache = self.decoder.cache(b, length) if self.decoder else StaticKVCache.for_model(model, b, length)
         vocab = model.config.vocab_size
         seen = torch.zeros(b, vocab, dtype=torch.bool, device=model.device)
         seen.scatter_(1, batch["input_ids"].clamp(max=vocab - 1), batch["attention_mask"].bool())
@@ -209,8 +216,8 @@ class LLM:
         generator = torch.Generator(model.device).manual_seed(params.seed) if params.seed is not None else None
         mask = batch["attention_mask"]
         logits = model(**batch, cache=cache, logits_to_keep=1).logits[:, -1]
-        text_type = torch.zeros(b, 1, dtype=torch.long, device=model.device)  # decoded tokens are text
-        for _ in range(cache.max_len - width):
+        decode = self.decoder.stepper(cache, mask) if self.decoder else self._eager_step(cache, mask)
+        for _ in range(length - width):
             tokens = sample(apply_penalties(logits.float(), seen, counts, params), params, generator)
             for row, tok in zip(rows, tokens.tolist(), strict=True):
                 if row.finish_reason is None:
@@ -221,15 +228,25 @@ class LLM:
                 return
             seen.scatter_(1, tokens[:, None], True)
             counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None]))
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = model(
-                input_ids=tokens[:, None], attention_mask=mask, cache=cache, moe_mm_token_type_ids=text_type
-            ).logits[:, -1]
+            logits = decode(tokens)
         for row in rows:
             if row.finish_reason is None:
                 row.finish_reason = "length"
                 row.pending += row.detok.flush()
         yield
+
+    def _eager_step(self, cache: StaticKVCache, padding_mask: torch.Tensor):
+        """tokens [B] -> next logits [B, V], the cache growing by one position a step."""
+        text_type = torch.zeros(padding_mask.shape[0], 1, dtype=torch.long, device=padding_mask.device)
+        state = {"mask": padding_mask}
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            mask = state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+            out = self.model(input_ids=tokens[:, None], attention_mask=mask, cache=cache,
+                             moe_mm_token_type_ids=text_type)  # fmt: skip
+            return out.logits[:, -1]
+
+        return step
 
 
 def _as_list(prompts) -> list:
