@@ -110,7 +110,7 @@ def test_shipped_demo_model_quick_eval():
         assert results[skill][0] >= floor, (skill, results[skill])
 
 
-QUICK_FLOORS = {"who": 0.9, "greet": 0.9, "count": 0.8, "direction": 0.3}  # direction: chance is 1/6
+QUICK_FLOORS = {"who": 0.9, "greet": 0.9, "count": 0.8, "direction": 0.7, "spoken digits": 0.7}  # chance: 1/6, ~0
 
 
 def test_multi_turn_media_samples_ask_distinct_questions_about_one_picture():
