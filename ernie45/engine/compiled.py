@@ -50,7 +50,9 @@ class CompiledDecoder:
         mode = "reduce-overhead" if cuda and backend == "inductor" else None
         self.caches: dict[tuple[int, int], FixedKVCache] = {}
         self.failed: str | None = None
-        self._fn = torch.compile(self._step, backend=backend, mode=mode, dynamic=False)
+        # freezing: inductor folds the (inference-only) weights in as constants and prepacks the CPU linears
+        options = {"freezing": True} if backend == "inductor" and not cuda else None
+        self._fn = torch.compile(self._step, backend=backend, mode=mode, dynamic=False, options=options)
 
     def cache(self, batch: int, length: int) -> FixedKVCache:
         limit = self.model.config.max_position_embeddings

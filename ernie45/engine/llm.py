@@ -110,11 +110,11 @@ class LLM:
         self.model.eval()
         if quantization:
             self._quantize(quantization)
-        if owned:  # a model we loaded ourselves is inference-only: bf16 linears take oneDNN's packed kernel
-            pack_bf16_linears(self.model)
-        self._check_token_ids()
         if compile is None:
             compile = self.model.device.type == "cuda"
+        if owned and not compile:  # inference-only: bf16 linears take oneDNN's packed kernel (compiled decode
+            pack_bf16_linears(self.model)  # gets inductor's own prepacking instead: it cannot lower ours)
+        self._check_token_ids()
         self.decoder = CompiledDecoder(self.model) if compile else None
         c = self.model.config
         eos = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
