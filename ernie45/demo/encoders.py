@@ -122,7 +122,7 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
         stats["direction"] = _accuracy(parts[0], targets[0])
 
         if audio:
-            losses["speech"], stats["speech tokens"] = _speech_loss(trunk, proc, heads, rng, batch // 2)
+            losses["speech"], stats["speech clips"] = _speech_loss(trunk, proc, heads, rng, batch // 2)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
