@@ -94,3 +94,19 @@ def test_gradients_flow_to_experts_and_router(ref_moe_dir):
     assert group.gate_up_proj.grad.abs().sum() > 0
     assert group.gate.weight.grad.abs().sum() > 0
     assert group.gate.e_score_correction_bias.grad is None  # adjusted by the balancing rule, not by gradient
+
+
+def test_decode_expert_paths_agree_in_bf16_and_fp32():
+    """A decode step's few (token, expert) pairs: gathered weights in fp32, one matmul per expert hit in bf16 on
+    CPU (the gathered bf16 einsum is pathologically slow there); both compute the same mixture."""
+    from ernie45.model.moe import ExpertGroup
+
+    torch.manual_seed(0)
+    group = ExpertGroup(64, 8, 32, 2, 1e-12).eval()
+    torch.nn.init.normal_(group.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(group.down_proj, std=0.1)
+    x, ids, w = torch.randn(3, 64), torch.tensor([[0, 5], [5, 7], [2, 0]]), torch.rand(3, 2)
+    with torch.inference_mode():
+        want = group.experts(x, ids, w)  # fp32: the gather path
+        got = group.to(torch.bfloat16).experts(x.bfloat16(), ids, w).float()
+    assert (got - want).norm() / want.norm() < 0.02

@@ -62,7 +62,9 @@ class ExpertGroup(nn.Module):
         pair per expert hit (torch's grouped matmul has no CPU backward yet).
         """
         n, k = ids.shape
-        if n * k <= GATHER_MAX_ROWS and not _needs_grad(x, self.gate_up_proj):
+        half_cpu = x.device.type == "cpu" and self.gate_up_proj.dtype in (torch.bfloat16, torch.float16)
+        # (on CPU the gathered bf16 einsum is ~35x slower than one matmul per expert hit: 271 vs 7.4 ms, 21B shapes)
+        if n * k <= GATHER_MAX_ROWS and not _needs_grad(x, self.gate_up_proj) and not half_cpu:
             h = torch.einsum("nh,nkih->nki", x, self.gate_up_proj[ids].to(x.dtype))
             gate, up = h.chunk(2, dim=-1)
             y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[ids].to(x.dtype))
