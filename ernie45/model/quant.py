@@ -118,18 +118,17 @@ class QuantLinear(nn.Module):
         return ((codes - 8) * sz[..., 0] + sz[..., 1]).view(k, n)
 
     def forward_nobias(self, x2: torch.Tensor) -> torch.Tensor:
+        cpu = x2.device.type == "cpu"
+        # CPU prefill: a bf16 matmul on the dequantised weight beats the packed kernels for many rows
+        int8_fp32 = self.bits == 8 and x2.dtype == torch.float32
+        if cpu and x2.shape[0] > DECODE_ROWS and (int8_fp32 or self._unpackable()):
+            return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
         if self.bits == 8:
-            if x2.device.type == "cpu" and x2.dtype == torch.float32:
-                # torch's CPU int8 kernel is ~10x faster on bf16 rows than on fp32 ones (0.16 vs 1.8 ms for
-                # 1x1024x3072), and a dense matmul on the dequantised weight beats it for many rows (prefill)
-                if x2.shape[0] <= DECODE_ROWS:
-                    xb = x2.to(torch.bfloat16)
-                    return torch._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16)).float()
-                return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).float()
+            if cpu and int8_fp32:  # the CPU int8 kernel is ~10x faster on bf16 rows (0.16 vs 1.8 ms, 1x1024x3072)
+                xb = x2.to(torch.bfloat16)
+                return torch._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16)).float()
             return torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
-        if x2.device.type == "cpu":  # bf16 rows: 25x faster than fp32 ones for one row, 70x for 128 rows
-            if x2.shape[0] > DECODE_ROWS and self._unpackable():  # prefill: the kernel is slow on many rows
-                return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
+        if cpu:  # bf16 rows: 25x faster than fp32 ones for one row, 70x for 128 rows
             xb = x2.to(torch.bfloat16)
             y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group, self.scales.to(torch.bfloat16))
             return y.to(x2.dtype)
