@@ -69,12 +69,19 @@ class ExpertGroup(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[ids].to(x.dtype))
             return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
+        grouped = GROUPED_MM and not _needs_grad(x, self.gate_up_proj) and x.dtype == self.gate_up_proj.dtype
+        return self.sorted_experts(x, ids, weights, grouped)
+
+    def sorted_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       grouped: bool = False) -> torch.Tensor:  # fmt: skip
+        """The same sum with tokens sorted by expert: one grouped matmul, or one `expert` call per expert hit."""
+        k = ids.shape[1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)
         token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts)
         xs = x[token]
-        if GROUPED_MM and not _needs_grad(x, self.gate_up_proj) and xs.dtype == self.gate_up_proj.dtype:
+        if grouped:
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
             ys = torch._grouped_mm((F.silu(gate) * up).contiguous(), self.down_proj.transpose(1, 2), offs=offs)
@@ -83,11 +90,15 @@ class ExpertGroup(nn.Module):
             start = 0
             for e, c in enumerate(counts.tolist()):
                 if c:
-                    gate, up = F.linear(xs[start : start + c], self.gate_up_proj[e]).chunk(2, dim=-1)
-                    ys[start : start + c] = F.linear(F.silu(gate) * up, self.down_proj[e]).to(ys.dtype)
+                    ys[start : start + c] = self.expert(e, xs[start : start + c]).to(ys.dtype)
                     start += c
         ys = ys.to(x.dtype) * weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert `e` (SwiGLU) on its rows."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> (output [N, H], router logits [N, E] fp32, chosen experts [N, k])."""

@@ -150,21 +150,11 @@ class QuantExpertGroup(ExpertGroup):
     """An expert group whose experts are QuantLinear pairs; tokens run expert by expert (only experts hit)."""
 
     def experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n, k = ids.shape
-        flat = ids.reshape(-1)
-        order = flat.argsort(stable=True)
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x[token]
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                gate, up = self.q_gate_up[e](xs[start : start + c]).chunk(2, dim=-1)
-                ys[start : start + c] = self.q_down[e](F.silu(gate) * up)
-                start += c
-        ys = ys * weights.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return self.sorted_experts(x, ids, weights)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.q_gate_up[e](x).chunk(2, dim=-1)
+        return self.q_down[e](F.silu(gate) * up)
 
 
 def install_experts(group: ExpertGroup, gate_up: list[QuantLinear], down: list[QuantLinear]) -> None:
