@@ -160,13 +160,15 @@ def main() -> None:
         print(f"no llama.cpp rows: {why_not}")
     if args.only:
         rows = [r for r in rows if r[0] in keep]
-    results = {}
+    results, notes = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(args.shape, Path(tmp) / "ckpt")
         for name, dtype, quant in rows:
             if quant in llamacpp.FORMATS:
                 gguf = llamacpp.convert(path, Path(tmp), quant)
-                pre, dec = llamacpp.bench(gguf, args.batch, args.prompt, args.new, args.threads)
+                pre, dec, note = llamacpp.bench(gguf, args.batch, args.prompt, args.new, args.threads)
+                if note:
+                    notes.append(f"{name}: {note}")
                 results[name] = (pre, dec, gguf.stat().st_size * bytes_per_step_share(path, args.batch))
             elif quant == "hf":
                 pre, dec = bench_transformers(path, dtype, args.batch, args.prompt, args.new)
@@ -187,6 +189,8 @@ def main() -> None:
         ratio = f"{dec / base:.2f}x" if base else "-"
         pct = f"{dec / bound:.0%}" if bound else "-"
         print(f"{name:22} {pre:13.1f} {dec:12.1f} {ratio:>10} {bound or 0:11.1f} {pct:>7}")
+    for note in notes:
+        print(f"  {note}")
 
 
 if __name__ == "__main__":
