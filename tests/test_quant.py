@@ -116,3 +116,32 @@ def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):
         LLM(plain, processor=packed.processor).generate([ids[0].tolist()], sampling)[0].token_ids
         == packed.generate([ids[0].tolist()], sampling)[0].token_ids
     )
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_bf16_decode_kernel_matches_a_matmul(rows):
+    from ernie45.model import cpu_gemv
+
+    if cpu_gemv.kernel() is None:
+        pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: the kernel is not used (torch's linear is)")
+    torch.manual_seed(0)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    w = torch.randn(1027, 96, dtype=torch.bfloat16)  # N not a multiple of the kernel's 4-row blocks
+    want = x.float() @ w.float().T
+    assert torch.allclose(cpu_gemv.gemv(x, w), want, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_decode_kernel_can_be_switched_off(monkeypatch):
+    from ernie45.model import cpu_gemv
+    from ernie45.model.packed import PackedLinear
+
+    monkeypatch.setenv("ERNIE45_CPU_KERNELS", "0")
+    cpu_gemv.kernel.cache_clear()
+    try:
+        lin = torch.nn.Linear(64, 40, dtype=torch.bfloat16)
+        packed = PackedLinear(lin)
+        assert packed.plain is None and "oneDNN" in repr(packed)
+        x = torch.randn(2, 64, dtype=torch.bfloat16)
+        assert torch.allclose(packed(x).float(), lin(x).float(), atol=0.05)
+    finally:
+        cpu_gemv.kernel.cache_clear()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_gemv
 from .trunk import ENCODER_MODULES  # few tokens each: left as they are
 
 
@@ -19,20 +20,36 @@ def _mkldnn_ops() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` whose bf16 weight lives in oneDNN's layout; other input dtypes are cast to bf16."""
+    """An `nn.Linear` whose bf16 weight lives in oneDNN's layout; other input dtypes are cast to bf16.
+
+    With the AVX512-BF16 decode kernel (`cpu_gemv`), up to `cpu_gemv.MAX_ROWS` rows read the plain weight
+    through it instead, and more rows a matmul on the plain weight (the packed copy is then not made).
+    """
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)  # not a buffer
+        w = linear.weight.detach()
+        self.plain = w.contiguous() if cpu_gemv.kernel() is not None and cpu_gemv.usable(w) else None
+        self.packed = None if self.plain is not None else torch.ops.mkldnn._reorder_linear_weight(w, None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
-        return y.to(x.dtype)
+        if self.plain is None:
+            y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
+            return y.to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= cpu_gemv.MAX_ROWS:
+            y = cpu_gemv.gemv(x2, self.plain)
+        else:
+            y = F.linear(x2.to(torch.bfloat16), self.plain)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bf16 oneDNN-packed"
+        kind = "oneDNN-packed" if self.plain is None else "AVX512-BF16 decode kernel"
+        return f"in={self.in_features}, out={self.out_features}, bf16 {kind}"
 
 
 def pack_bf16_linears(model: nn.Module) -> int:
