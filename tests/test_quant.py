@@ -145,3 +145,17 @@ def test_bf16_decode_kernel_can_be_switched_off(monkeypatch):
         assert torch.allclose(packed(x).float(), lin(x).float(), atol=0.05)
     finally:
         cpu_gemv.kernel.cache_clear()
+
+
+@pytest.mark.parametrize(("bits", "group", "rows"), [(8, 32, 1), (8, 32, 5), (4, 32, 1), (4, 64, 3), (4, 128, 8)])
+def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows):
+    from ernie45.model import cpu_gemv
+    from ernie45.model.quant import QuantLinear
+
+    if cpu_gemv.kernel() is None:
+        pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: torch's packed kernels run instead")
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(torch.randn(192, 256), None, bits, group)
+    x = torch.randn(rows, 256)
+    want = x @ q.dequantized_t(torch.float32)
+    assert torch.allclose(q(x), want, atol=1e-4, rtol=1e-4)

@@ -1,10 +1,12 @@
-"""A bf16 matrix-vector kernel for CPU decode, built on first use with the local C++ compiler.
+"""Matrix-vector kernels for CPU decode (bf16, int8, int4 weights), built on first use with the local C++
+compiler.
 
-One decode step reads every weight once for a row or a few: the time is memory traffic. torch's bf16 linear
-for one row reads weights at well below the machine's bandwidth (also through oneDNN's packed layout), while
-a plain loop over the weight rows with AVX512-BF16 dot products streams them at close to it. The kernel
-needs AVX512-BF16 and a C++ compiler; without either (or with `ERNIE45_CPU_KERNELS=0`) `kernel()` is None and
-callers keep torch's ops. The build (about a minute, once per machine) lands in torch's extension cache.
+One decode step reads every weight once for a row or a few: the time is memory traffic. torch's kernels for
+one row read weights well below the machine's bandwidth (bf16 also through oneDNN's packed layout, int8 and
+int4 through their packed matmuls), while a plain loop streaming the weights with AVX512 dot products gets
+close to it. The kernels need AVX512-BF16 and a C++ compiler; without either (or with
+`ERNIE45_CPU_KERNELS=0`) `kernel()` is None and callers keep torch's ops. The build (about a minute, once per
+machine) lands in torch's extension cache.
 """
 
 from __future__ import annotations
@@ -55,6 +57,88 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   });
   return y;
 }
+
+// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; x [M, K] fp32, w [N, K] int8, K % 16 == 0.
+torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kChar);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat);
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1) && x.size(1) % 16 == 0);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const int8_t* W = w.data_ptr<int8_t>();
+  const float* X = x.data_ptr<float>();
+  const float* S = scale.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  constexpr int64_t R = 4;
+  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * R, rows = std::min(R, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        __m512 acc[R] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        const float* xm = X + m * K;
+        for (int64_t k = 0; k < K; k += 16) {
+          const __m512 xv = _mm512_loadu_ps(xm + k);
+          for (int64_t r = 0; r < rows; ++r) {
+            const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + (n0 + r) * K + k));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), xv, acc[r]);
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) Y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r]) * S[n0 + r];
+      }
+    }
+  });
+  return y;
+}
+
+// int4 in torch's CPU tile layout: tiles [N/64, K, 32] bytes, byte j of (tile t, column k) holds the codes of
+// rows 64t + j (low nibble) and 64t + j + 32 (high nibble); sz [K/G, N, 2] = (scale, zero) per group of G
+// columns, w = (code - 8) * scale + zero. Vectorised over the 64 rows of a tile: per column one broadcast of
+// x and four FMAs; per group the code sums are scaled and sum(x) * (zero - 8 scale) added.
+torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, int64_t group) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && sz.scalar_type() == torch::kFloat && x.is_contiguous());
+  const int64_t M = x.size(0), K = x.size(1), N = sz.size(1);
+  TORCH_CHECK(N % 64 == 0 && K % group == 0 && tiles.numel() == N * K / 2 && sz.size(0) == K / group);
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* T = tiles.data_ptr<uint8_t>();
+  const float* X = x.data_ptr<float>();
+  const float* SZ = sz.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  at::parallel_for(0, N / 64, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = X + m * K;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t g = 0; g < K / group; ++g) {
+          __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+          float xsum = 0.f;
+          for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+            const __m512 xb = _mm512_set1_ps(xm[k]);
+            xsum += xm[k];
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(T + (t * K + k) * 32));
+            const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+            const __m128i q[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
+                                  _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
+            for (int i = 0; i < 4; ++i)
+              part[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q[i])), xb, part[i]);
+          }
+          const float* row = SZ + (g * N + t * 64) * 2;  // (scale, zero) pairs of this tile's 64 rows
+          const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+          const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+          const __m512 xs = _mm512_set1_ps(xsum), eight = _mm512_set1_ps(8.f);
+          for (int i = 0; i < 4; ++i) {
+            const __m512 a = _mm512_loadu_ps(row + 32 * i), c = _mm512_loadu_ps(row + 32 * i + 16);
+            const __m512 s = _mm512_permutex2var_ps(a, evens, c), z = _mm512_permutex2var_ps(a, odds, c);
+            acc[i] = _mm512_fmadd_ps(part[i], s, acc[i]);
+            acc[i] = _mm512_fmadd_ps(xs, _mm512_fnmadd_ps(eight, s, z), acc[i]);
+          }
+        }
+        for (int i = 0; i < 4; ++i) _mm512_storeu_ps(Y + m * N + t * 64 + 16 * i, acc[i]);
+      }
+    }
+  });
+  return y;
+}
 """
 
 
@@ -69,7 +153,8 @@ def _cpu_flags() -> set[str]:
 
 @lru_cache(maxsize=1)
 def kernel():
-    """The compiled module (with `gemv_bf16`), or None where it cannot run here (the reason is logged once)."""
+    """The compiled module (`gemv_bf16`, `gemv_int8`, `gemv_int4`), or None where it cannot run here (the reason
+    is logged once)."""
     if os.environ.get("ERNIE45_CPU_KERNELS", "1") == "0":
         return None
     if "avx512_bf16" not in _cpu_flags():
@@ -82,7 +167,8 @@ def kernel():
         from torch.utils.cpp_extension import load_inline
 
         flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
-        return load_inline("ernie45_cpu_gemv", cpp_sources=_SOURCE, functions=["gemv_bf16"], extra_cflags=flags)
+        functions = ["gemv_bf16", "gemv_int8", "gemv_int4"]
+        return load_inline("ernie45_cpu_gemv", cpp_sources=_SOURCE, functions=functions, extra_cflags=flags)
     except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
         log.warning("bf16 decode kernel did not build (%s); using torch's linear", str(e).splitlines()[0][:200])
         return None
@@ -101,3 +187,13 @@ def usable(weight: torch.Tensor) -> bool:
 def gemv(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x2 [M <= MAX_ROWS, K] @ weight[N, K]^T in fp32 (x2 is cast to bf16)."""
     return kernel().gemv_bf16(x2.to(torch.bfloat16).contiguous(), weight)
+
+
+def gemv_int8(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] @ (qweight int8 [N, K] * scales [N])^T in fp32."""
+    return kernel().gemv_int8(x2.float().contiguous(), qweight, scales.float())
+
+
+def gemv_int4(x2: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
+    """x2 [M, K] @ W^T in fp32, W in torch's CPU int4 tiles with (scale, zero) [K/group, N, 2] per group."""
+    return kernel().gemv_int4(x2.float().contiguous(), tiles, scales_zeros.float().contiguous(), group)

@@ -5,8 +5,10 @@ LM head) for a `QuantLinear`, and each routed expert group's stacked weights for
 matrices. Activations stay in the model's float dtype; only the weights shrink (int8: 1 byte, int4: half a
 byte per weight, plus one scale (and zero) per channel or group).
 
-CPU kernels: `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; CUDA: the same int8 kernel
-and `torch._weight_int4pack_mm`. Dequantised weights are kept nowhere.
+CPU kernels: for decode (a few rows) ernie45's own (`cpu_gemv`) where they build, else
+`torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the
+weight dequantised for that call. CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised
+weights are kept nowhere.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_gemv
 from .moe import ExpertGroup
 from .trunk import ENCODER_MODULES
 
@@ -123,6 +126,11 @@ class QuantLinear(nn.Module):
         int8_fp32 = self.bits == 8 and x2.dtype == torch.float32
         if cpu and x2.shape[0] > DECODE_ROWS and (int8_fp32 or self._unpackable()):
             return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
+        if cpu and x2.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.kernel() is not None:  # decode: stream the codes
+            if self.bits == 8 and self.in_features % 16 == 0:
+                return cpu_gemv.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
+            if self._unpackable():
+                return cpu_gemv.gemv_int4(x2, self.qweight, self.scales, self.group).to(x2.dtype)
         if self.bits == 8:
             if cpu and int8_fp32:  # the CPU int8 kernel is ~10x faster on bf16 rows (0.16 vs 1.8 ms, 1x1024x3072)
                 xb = x2.to(torch.bfloat16)
