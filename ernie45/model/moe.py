@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Ernie45Config
+from . import cpu_gemv
 from .layers import SwiGLU
 
 GATHER_MAX_ROWS = 16  # up to this many (token, expert) pairs, gather the experts' weights instead of sorting
@@ -96,9 +97,13 @@ class ExpertGroup(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `e` (SwiGLU) on its rows."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[e])
+        """Expert `e` (SwiGLU) on its rows (a few bf16 rows on CPU: the decode kernel, as the dense linears)."""
+        w1, w2 = self.gate_up_proj[e], self.down_proj[e]
+        if x.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.usable(w1) and not _needs_grad(x, w1) and cpu_gemv.kernel():
+            gate, up = cpu_gemv.gemv(x, w1).chunk(2, dim=-1)
+            return cpu_gemv.gemv(F.silu(gate) * up, w2).to(x.dtype)
+        gate, up = F.linear(x, w1).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> (output [N, H], router logits [N, E] fp32, chosen experts [N, k])."""
