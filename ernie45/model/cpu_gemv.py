@@ -174,6 +174,11 @@ def kernel():
         return None
 
 
+def ready() -> bool:
+    """Whether the kernels run here and now (not while torch.compile traces: it keeps torch's own ops)."""
+    return not torch.compiler.is_compiling() and kernel() is not None
+
+
 def usable(weight: torch.Tensor) -> bool:
     """Whether `weight` [N, K] fits the kernel (CPU, bf16, contiguous, K a multiple of 32)."""
     return (

@@ -99,7 +99,7 @@ class ExpertGroup(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `e` (SwiGLU) on its rows (a few bf16 rows on CPU: the decode kernel, as the dense linears)."""
         w1, w2 = self.gate_up_proj[e], self.down_proj[e]
-        if x.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.usable(w1) and not _needs_grad(x, w1) and cpu_gemv.kernel():
+        if x.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.usable(w1) and not _needs_grad(x, w1) and cpu_gemv.ready():
             gate, up = cpu_gemv.gemv(x, w1).chunk(2, dim=-1)
             return cpu_gemv.gemv(F.silu(gate) * up, w2).to(x.dtype)
         gate, up = F.linear(x, w1).chunk(2, dim=-1)
