@@ -91,17 +91,23 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
 }
 
 // int4 in torch's CPU tile layout: tiles [N/64, K, 32] bytes, byte j of (tile t, column k) holds the codes of
-// rows 64t + j (low nibble) and 64t + j + 32 (high nibble); sz [K/G, N, 2] = (scale, zero) per group of G
-// columns, w = (code - 8) * scale + zero. Vectorised over the 64 rows of a tile: per column one broadcast of
+// rows 64t + j (low nibble) and 64t + j + 32 (high nibble); sz [K/G, N, 2] bf16 = (scale, zero) per group of
+// G columns, w = (code - 8) * scale + zero. Vectorised over the 64 rows of a tile: per column one broadcast of
 // x and four FMAs; per group the code sums are scaled and sum(x) * (zero - 8 scale) added.
+static inline __m512 bf16x16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 is fp32's upper half)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, int64_t group) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && sz.scalar_type() == torch::kFloat && x.is_contiguous());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && sz.scalar_type() == torch::kBFloat16);
+  TORCH_CHECK(x.is_contiguous() && sz.is_contiguous());
   const int64_t M = x.size(0), K = x.size(1), N = sz.size(1);
   TORCH_CHECK(N % 64 == 0 && K % group == 0 && tiles.numel() == N * K / 2 && sz.size(0) == K / group);
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* T = tiles.data_ptr<uint8_t>();
   const float* X = x.data_ptr<float>();
-  const float* SZ = sz.data_ptr<float>();
+  const uint16_t* SZ = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   float* Y = y.data_ptr<float>();
   const __m256i low = _mm256_set1_epi8(0x0F);
   at::parallel_for(0, N / 64, 1, [&](int64_t t0, int64_t t1) {
@@ -122,12 +128,12 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, 
             for (int i = 0; i < 4; ++i)
               part[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q[i])), xb, part[i]);
           }
-          const float* row = SZ + (g * N + t * 64) * 2;  // (scale, zero) pairs of this tile's 64 rows
+          const uint16_t* row = SZ + (g * N + t * 64) * 2;  // (scale, zero) pairs of this tile's 64 rows
           const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
           const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
           const __m512 xs = _mm512_set1_ps(xsum), eight = _mm512_set1_ps(8.f);
           for (int i = 0; i < 4; ++i) {
-            const __m512 a = _mm512_loadu_ps(row + 32 * i), c = _mm512_loadu_ps(row + 32 * i + 16);
+            const __m512 a = bf16x16(row + 32 * i), c = bf16x16(row + 32 * i + 16);
             const __m512 s = _mm512_permutex2var_ps(a, evens, c), z = _mm512_permutex2var_ps(a, odds, c);
             acc[i] = _mm512_fmadd_ps(part[i], s, acc[i]);
             acc[i] = _mm512_fmadd_ps(xs, _mm512_fnmadd_ps(eight, s, z), acc[i]);
@@ -200,5 +206,5 @@ def gemv_int8(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> 
 
 
 def gemv_int4(x2: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """x2 [M, K] @ W^T in fp32, W in torch's CPU int4 tiles with (scale, zero) [K/group, N, 2] per group."""
-    return kernel().gemv_int4(x2.float().contiguous(), tiles, scales_zeros.float().contiguous(), group)
+    """x2 [M, K] @ W^T in fp32, W in torch's CPU int4 tiles with bf16 (scale, zero) [K/group, N, 2] per group."""
+    return kernel().gemv_int4(x2.float().contiguous(), tiles, scales_zeros.to(torch.bfloat16).contiguous(), group)

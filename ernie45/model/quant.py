@@ -73,7 +73,7 @@ class QuantLinear(nn.Module):
             else:
                 packed = torch._convert_weight_to_int4pack(((codes[:, 1::2] << 4) | codes[:, ::2]).to(torch.uint8), 8)
             self.register_buffer("qweight", packed)
-            self.register_buffer("scales", scales.to(torch.bfloat16 if codes.device.type == "cuda" else dtype))
+            self.register_buffer("scales", scales.to(torch.bfloat16))  # what the kernels read: no cast per call
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
 
     @classmethod
