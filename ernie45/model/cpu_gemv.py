@@ -28,9 +28,24 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+// Weight rows four at a time (four streams the prefetcher follows), every input row against them while they
+// sit in L1: step(acc, m, n0, rows, k) adds columns k.. of input row m times rows n0.. into acc; y = sums.
+template <int64_t STEP, class Step, class Finish>
+void row_blocks(int64_t M, int64_t N, int64_t K, float* Y, Step step, Finish finish) {
+  constexpr int64_t R = 4;
+  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * R, rows = std::min(R, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        __m512 acc[R] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t k = 0; k < K; k += STEP) step(acc, m, n0, rows, k);
+        for (int64_t r = 0; r < rows; ++r) Y[m * N + n0 + r] = finish(_mm512_reduce_add_ps(acc[r]), n0 + r);
+      }
+    }
+  });
+}
+
 // y[m, n] = sum_k x[m, k] * w[n, k]; x [M, K] bf16, w [N, K] bf16 row-major, K % 32 == 0; y fp32.
-// Four weight rows at a time (four streams the prefetcher follows), every input row against them while
-// they sit in L1.
 torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16, "bf16 only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1) && x.size(1) % 32 == 0);
@@ -38,23 +53,11 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  float* Y = y.data_ptr<float>();
-  constexpr int64_t R = 4;
-  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * R, rows = std::min(R, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 acc[R] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        const uint16_t* xm = X + m * K;
-        for (int64_t k = 0; k < K; k += 32) {
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + k);
-          for (int64_t r = 0; r < rows; ++r)
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(W + (n0 + r) * K + k), xv);
-        }
-        for (int64_t r = 0; r < rows; ++r) Y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r]);
-      }
-    }
-  });
+  row_blocks<32>(M, N, K, y.data_ptr<float>(), [&](__m512* acc, int64_t m, int64_t n0, int64_t rows, int64_t k) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k);
+    for (int64_t r = 0; r < rows; ++r)
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(W + (n0 + r) * K + k), xv);
+  }, [](float sum, int64_t) { return sum; });
   return y;
 }
 
@@ -68,25 +71,13 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   const int8_t* W = w.data_ptr<int8_t>();
   const float* X = x.data_ptr<float>();
   const float* S = scale.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-  constexpr int64_t R = 4;
-  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * R, rows = std::min(R, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 acc[R] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        const float* xm = X + m * K;
-        for (int64_t k = 0; k < K; k += 16) {
-          const __m512 xv = _mm512_loadu_ps(xm + k);
-          for (int64_t r = 0; r < rows; ++r) {
-            const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + (n0 + r) * K + k));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), xv, acc[r]);
-          }
-        }
-        for (int64_t r = 0; r < rows; ++r) Y[m * N + n0 + r] = _mm512_reduce_add_ps(acc[r]) * S[n0 + r];
-      }
+  row_blocks<16>(M, N, K, y.data_ptr<float>(), [&](__m512* acc, int64_t m, int64_t n0, int64_t rows, int64_t k) {
+    const __m512 xv = _mm512_loadu_ps(X + m * K + k);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + (n0 + r) * K + k));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), xv, acc[r]);
     }
-  });
+  }, [&](float sum, int64_t n) { return sum * S[n]; });
   return y;
 }
 
