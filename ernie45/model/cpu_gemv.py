@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("ernie45")
+NAME = "ernie45_cpu_gemv"
 MAX_ROWS = 8  # rows one call takes (decode batches); more rows go to a matmul
 K_MULTIPLE = 32  # one AVX512-BF16 dot product consumes 32 input columns
 
@@ -161,11 +162,13 @@ def kernel():
         log.info("bf16 decode kernel: no C++ compiler found; using torch's linear")
         return None
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import _get_build_directory, load_inline
 
+        if not any(Path(_get_build_directory(NAME, False)).glob("*.so")):
+            log.warning("compiling ernie45's CPU decode kernels (once per machine, about a minute)")
         flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
         functions = ["gemv_bf16", "gemv_int8", "gemv_int4"]
-        return load_inline("ernie45_cpu_gemv", cpp_sources=_SOURCE, functions=functions, extra_cflags=flags)
+        return load_inline(NAME, cpp_sources=_SOURCE, functions=functions, extra_cflags=flags)
     except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
         log.warning("bf16 decode kernel did not build (%s); using torch's linear", str(e).splitlines()[0][:200])
         return None
