@@ -49,8 +49,9 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
     float_dtype = dtype or next((t.dtype for k, t in sd.items() if t.dtype.is_floating_point), torch.float32)
 
     def quant(name: str) -> QuantLinear:
-        return QuantLinear(sd.pop(f"{name}.codes"), sd.pop(f"{name}.scales"), sd.pop(f"{name}.bias", None), bits,
-                           group, float_dtype)  # fmt: skip
+        codes = sd.pop(f"{name}.codes")
+        width = 8 if codes.dtype == torch.int8 else bits  # int8 codes are signed, int4 ones 0..15 (the head: int8)
+        return QuantLinear(codes, sd.pop(f"{name}.scales"), sd.pop(f"{name}.bias", None), width, group, float_dtype)
 
     for name in sorted({k[: -len(".codes")] for k in sd if k.endswith(".codes")}):
         parent_name, _, leaf = name.rpartition(".")

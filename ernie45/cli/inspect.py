@@ -118,7 +118,8 @@ def add_commands(sub) -> None:
     q.add_argument("out", metavar="OUT", help="new output directory")
     q.add_argument("--bits", type=int, choices=[4, 8], required=True, help="8: per-channel int8; 4: group-wise int4")
     q.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32, help="int4 group size (default 32)")
-    q.add_argument("--lm-head", action="store_true", help="quantize the LM head too (default: keep it in float)")
+    q.add_argument("--float-lm-head", action="store_true",
+                   help="keep the LM head in float (default: int8 per channel, whatever --bits says)")  # fmt: skip
     q.set_defaults(func=cmd_quantize)
 
 
@@ -136,7 +137,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty; choose a new directory")
     model = load(src, dtype=torch.float32)
-    quantize(model, bits=args.bits, group_size=args.group_size, lm_head=args.lm_head)
+    quantize(model, bits=args.bits, group_size=args.group_size, lm_head=not args.float_lm_head)
     save_quantized(model, out)
     for f in src.iterdir():  # tokenizer, chat template, processor and generation settings travel along
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):

@@ -7,13 +7,8 @@ vision and audio paths (encoder + resampler, exactly what the trunk will read) d
 that are thrown away afterwards:
 
 - shape scenes: per quadrant, which shape (or none) and which colour (or none), read from the mean of the
-  quadrant's tokens by one head shared by all quadrants — so the tokens say what lies under them; and from the
-  mean of all tokens, each shape's colour and each colour's shape — the answers themselves, bound, where the
-  trunk reads them with one even-handed attention (the model trained without it took the colour of the wrong
-  shape a third of the time);
-- bar charts: each label's value (0 = no such bar) from all tokens at once (learned fast, but in a layout the
-  trunk never learned to read), and again from the mean of all tokens, with which bar is the tallest and the
-  shortest;
+  quadrant's tokens by one head shared by all quadrants — so every token says what lies under it;
+- bar charts: each label's value (0 = no such bar) from all tokens;
 - videos: the motion, colour and shape from the mean of all tokens — so the motion must be visible in each
   token (the resampler's frame pairs), not only across them;
 - speech: the words, by CTC over the audio tokens.
@@ -34,7 +29,7 @@ from torch import nn
 from ..model.trunk import ENCODER_MODULES
 from ..processing.processor import Processor
 from .scenes import COLOURS, MOTIONS, NUMBER_WORDS, SHAPES, bar_chart, moving_video, shape_scene
-from .tasks import SPOKEN_OPS, speak, spoken_prompt
+from .tasks import SPOKEN_OPS, speak
 
 log = logging.getLogger("ernie45.train")
 WORDS = (*NUMBER_WORDS, "what", "is", *SPOKEN_OPS)  # every word the demo's speech says
@@ -46,9 +41,7 @@ class Heads(nn.Module):
     def __init__(self, width: int, image_tokens: int, audio: bool) -> None:
         super().__init__()
         self.quadrant = nn.Linear(width, 1 + len(SHAPES) + 1 + len(COLOUR_NAMES))
-        self.scene = nn.Linear(width, len(SHAPES) * (1 + len(COLOUR_NAMES)) + len(COLOUR_NAMES) * (1 + len(SHAPES)))
         self.chart = nn.Linear(width * image_tokens, len(LABELS) * 10)
-        self.pooled_chart = nn.Linear(width, len(LABELS) * 10 + 2 * len(LABELS))  # values, tallest, shortest
         self.video = nn.Linear(width, len(MOTIONS) + len(COLOUR_NAMES) + len(SHAPES))
         self.words = nn.Linear(width, 1 + len(WORDS)) if audio else None  # 0 = CTC blank
 
@@ -58,21 +51,6 @@ def _quadrants(feats: torch.Tensor, grid: int) -> torch.Tensor:
     half = grid // 2
     x = feats.view(feats.shape[0], 2, half, 2, half, -1)  # (y, row, x, column)
     return x.mean(dim=(2, 4)).flatten(1, 2)
-
-
-def bindings(shape_t: torch.Tensor, colour_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-quadrant class ids [B, 4] (0 = empty) -> (each shape's colour id [B, 4 shapes], each colour's shape
-    id [B, 8 colours]); 0 = absent, -100 (ignored) where the shape or colour occurs twice."""
-
-    def bind(keys: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
-        out = torch.zeros(keys.shape[0], n, dtype=torch.long)
-        for b in range(keys.shape[0]):
-            for key, val in zip(keys[b].tolist(), vals[b].tolist(), strict=True):
-                if key:
-                    out[b, key - 1] = -100 if out[b, key - 1] else val
-        return out
-
-    return bind(shape_t, colour_t, len(SHAPES)), bind(colour_t, shape_t, len(COLOUR_NAMES))
 
 
 def _scene_batch(rng: random.Random, n: int):
@@ -116,37 +94,21 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
         losses, stats = {}, {}
         images, shape_t, colour_t = _scene_batch(rng, batch)
         x = proc.image([_square(img, side) for img in images])
-        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(batch, grid * grid, -1)
-        logits = heads.quadrant(_quadrants(feats, grid))
+        q = _quadrants(trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(batch, grid * grid, -1), grid)
+        logits = heads.quadrant(q)
         s_log, c_log = logits[..., : 1 + len(SHAPES)], logits[..., 1 + len(SHAPES) :]
         losses["shape"] = F.cross_entropy(s_log.flatten(0, 1), shape_t.flatten())
         losses["colour"] = F.cross_entropy(c_log.flatten(0, 1), colour_t.flatten())
         present = shape_t > 0
         stats["shape"], stats["colour"] = _accuracy(s_log[present], shape_t[present]), _accuracy(c_log, colour_t)
-        colour_of, shape_of = bindings(shape_t, colour_t)
-        logits = heads.scene(feats.mean(1))
-        split = len(SHAPES) * (1 + len(COLOUR_NAMES))
-        b_col = logits[:, :split].reshape(batch, len(SHAPES), -1)
-        b_shp = logits[:, split:].reshape(batch, len(COLOUR_NAMES), -1)
-        losses["binding"] = F.cross_entropy(b_col.flatten(0, 1), colour_of.flatten()) + F.cross_entropy(
-            b_shp.flatten(0, 1), shape_of.flatten()
-        )
-        stats["binding"] = _accuracy(b_col[colour_of > 0], colour_of[colour_of > 0])
 
         charts = [bar_chart(rng) for _ in range(batch // 2)]
         x = proc.image([_square(img, side) for img, _ in charts])
         values = torch.tensor([[v.get(label, 0) for label in LABELS] for _, v in charts])
-        extremes = torch.tensor([[LABELS.index(max(v, key=v.get)), LABELS.index(min(v, key=v.get))] for _, v in charts])
-        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(charts), grid * grid, -1)
-        flat = heads.chart(feats.flatten(1)).view(len(charts), len(LABELS), 10)
-        logits = heads.pooled_chart(feats.mean(1))  # the whole chart, where one even attention reads it
-        v_log = logits[:, : len(LABELS) * 10].reshape(len(charts), len(LABELS), 10)
-        e_log = logits[:, len(LABELS) * 10 :].reshape(len(charts), 2, len(LABELS))
-        losses["bar"] = sum(F.cross_entropy(lg.flatten(0, 1), t.flatten())
-                            for lg, t in ((flat, values), (v_log, values), (e_log, extremes)))  # fmt: skip
-        stats["bar value"] = _accuracy(flat[values > 0], values[values > 0])
-        stats["pooled bar"] = _accuracy(v_log[values > 0], values[values > 0])
-        stats["tallest"] = _accuracy(e_log[:, 0], extremes[:, 0])
+        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(charts), -1)
+        logits = heads.chart(feats).view(len(charts), len(LABELS), 10)
+        losses["bar"] = F.cross_entropy(logits.flatten(0, 1), values.flatten())
+        stats["bar value"] = _accuracy(logits[values > 0], values[values > 0])
 
         videos = [moving_video(rng) for _ in range(batch // 2)]
         x = proc.video([v for v, *_ in videos])
@@ -181,7 +143,13 @@ def _cos(x: float) -> float:
 
 def _speech_loss(trunk, proc: Processor, heads: Heads, rng: random.Random, n: int) -> tuple[torch.Tensor, float]:
     """CTC over the audio tokens of `n` fresh clips (spoken digits and spoken questions)."""
-    texts = [spoken_prompt(rng)[1] for _ in range(n)]  # the clips the chat data speaks
+    texts = []
+    for _ in range(n):
+        if rng.random() < 0.7:
+            texts.append(" ".join(NUMBER_WORDS[rng.randint(0, 9)] for _ in range(rng.randint(1, 4))))
+        else:
+            a, b = NUMBER_WORDS[rng.randint(0, 9)], NUMBER_WORDS[rng.randint(0, 9)]
+            texts.append(f"what is {a} {rng.choice(list(SPOKEN_OPS))} {b}")
     x = proc.audio([speak(t, rng) for t in texts])
     feats = trunk.encode_audio(x["audio_values"], x["audio_lengths"])
     per = proc.audio.config.mel_frames_per_token

@@ -132,13 +132,13 @@ class LLM:
                 )
 
     def _quantize(self, spec: str) -> None:
-        """ "int8", "int4" (groups of 32) or "int4-g64" / "int4-g128": weight-only, on the fly."""
+        """ "int8", "int4" (groups of 32) or "int4-g64" / "int4-g128": weight-only, on the fly; the LM head in int8."""
         from ..model.quant import quantize
 
         kind, _, group = spec.partition("-g")
         if kind not in ("int8", "int4") or (group and not group.isdigit()):
             raise ValueError(f"quantization {spec!r}: use int8, int4, int4-g64 or int4-g128")
-        quantize(self.model, bits=int(kind[3:]), group_size=int(group or 32))
+        quantize(self.model, bits=int(kind[3:]), group_size=int(group or 32), lm_head=True)  # head in int8
 
     @staticmethod
     def _generation_defaults(path: Path) -> SamplingParams:

@@ -166,9 +166,12 @@ def kernel():
 
         if not any(Path(_get_build_directory(NAME, False)).glob("*.so")):
             log.warning("compiling ernie45's CPU decode kernels (once per machine, about a minute)")
-        flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+        # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
+        flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
         functions = ["gemv_bf16", "gemv_int8", "gemv_int4"]
-        return load_inline(NAME, cpp_sources=_SOURCE, functions=functions, extra_cflags=flags)
+        return load_inline(
+            NAME, cpp_sources=_SOURCE, functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"]
+        )
     except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
         log.warning("bf16 decode kernel did not build (%s); using torch's linear", str(e).splitlines()[0][:200])
         return None

@@ -182,7 +182,8 @@ def _quantize_group(group: ExpertGroup, bits: int, size: int) -> None:
 @torch.no_grad()
 def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = False, experts: bool = True,
              encoders: bool = False) -> nn.Module:  # fmt: skip
-    """Quantize `model` in place (text trunk linears; the LM head, experts and media encoders by choice)."""
+    """Quantize `model` in place (text trunk linears; the LM head (always int8), experts and media encoders by
+    choice)."""
     skip = () if encoders else ENCODER_MODULES
     targets = []
     for name, module in list(model.named_modules()):
@@ -199,8 +200,12 @@ def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = 
                     continue
                 targets.append((module, child_name, child))
     for parent, child_name, child in targets:
-        if bits == 4 and child.in_features % group_size:
+        # the LM head goes to int8 at any width: it is the largest single read of a decode step (a 100k-token
+        # vocabulary), and its errors land straight on the logits (llama.cpp keeps its output tensor above 4 bits)
+        head = child_name == "lm_head"
+        if bits == 4 and not head and child.in_features % group_size:
             continue  # a width the int4 kernel cannot tile stays in float
-        setattr(parent, child_name, QuantLinear.from_float(child.weight.data, child.bias, bits, group_size))
+        b = 8 if head else bits
+        setattr(parent, child_name, QuantLinear.from_float(child.weight.data, child.bias, b, group_size))
     model.config.ernie45_quantization = {"bits": bits, "group_size": group_size, "lm_head": lm_head}
     return model
