@@ -1,5 +1,5 @@
 """Decode and prefill speed: ernie45 (fp32, bf16, int8, int4; eager and with the decode step compiled; with its
-own CPU decode kernels and, as "torch ops", without) against transformers eager and llama.cpp, side by side.
+own CPU decode kernels, "own kernels", and without) against transformers eager and llama.cpp, side by side.
 
     python benchmarks/decode.py                 # ERNIE-4.5-0.3B shapes, batch 1, prompt 512, 128 new tokens
     python benchmarks/decode.py --shape 21b-4l  # the 21B-A3B shapes cut to 4 layers (about 5 GB in bf16)
@@ -63,7 +63,7 @@ def make_checkpoint(shape: str, out: Path) -> Path:
 
 @contextlib.contextmanager
 def own_kernels(on: bool):
-    """ernie45's CPU decode kernels on (the default) or off (torch's ops, as `ERNIE45_CPU_KERNELS=0`)."""
+    """ernie45's CPU decode kernels on (`ERNIE45_CPU_KERNELS=1`) or off (torch's ops, the default)."""
     from ernie45.model import cpu_gemv
 
     before = os.environ.get("ERNIE45_CPU_KERNELS")
@@ -168,8 +168,8 @@ def main() -> None:
             ("ernie45 int8", torch.float32, "int8"), ("ernie45 int4", torch.float32, "int4"),
             ("ernie45 bf16 compiled", torch.bfloat16, None), ("ernie45 int8 compiled", torch.float32, "int8"),
             ("ernie45 int4 compiled", torch.float32, "int4"),
-            ("ernie45 bf16 torch ops", torch.bfloat16, None), ("ernie45 int8 torch ops", torch.float32, "int8"),
-            ("ernie45 int4 torch ops", torch.float32, "int4"),
+            ("ernie45 bf16 own kernels", torch.bfloat16, None), ("ernie45 int8 own kernels", torch.float32, "int8"),
+            ("ernie45 int4 own kernels", torch.float32, "int4"),
             ("transformers fp32", torch.float32, "hf"), ("transformers bf16", torch.bfloat16, "hf")]  # fmt: skip
     keep = {s.strip() for s in args.only.split(",")}
     why_not = llamacpp.available()
@@ -193,8 +193,8 @@ def main() -> None:
                 pre, dec = bench_transformers(path, dtype, args.batch, args.prompt, args.new)
                 results[name] = (pre, dec, None)
             else:
-                compiled, torch_ops = name.endswith("compiled"), name.endswith("torch ops")
-                with own_kernels(not torch_ops):
+                compiled = name.endswith("compiled")
+                with own_kernels(name.endswith("own kernels")):
                     pre, dec, nbytes = bench_ernie45(path, dtype, quant, args.batch, args.prompt, args.new, compiled)
                 results[name] = (pre, dec, nbytes)
             pre, dec, nbytes = results[name]

@@ -118,9 +118,20 @@ def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):
     )
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
-def test_bf16_decode_kernel_matches_a_matmul(rows):
+@pytest.fixture
+def own_kernels(monkeypatch):
+    """ernie45's CPU decode kernels switched on (they are off by default) for one test."""
     from ernie45.model import cpu_gemv
+
+    monkeypatch.setenv("ERNIE45_CPU_KERNELS", "1")
+    cpu_gemv.kernel.cache_clear()
+    yield cpu_gemv
+    cpu_gemv.kernel.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_bf16_decode_kernel_matches_a_matmul(rows, own_kernels):
+    cpu_gemv = own_kernels
 
     if cpu_gemv.kernel() is None:
         pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: the kernel is not used (torch's linear is)")
@@ -131,11 +142,11 @@ def test_bf16_decode_kernel_matches_a_matmul(rows):
     assert torch.allclose(cpu_gemv.gemv(x, w), want, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_decode_kernel_can_be_switched_off(monkeypatch):
+def test_bf16_decode_kernels_are_off_by_default(monkeypatch):
     from ernie45.model import cpu_gemv
     from ernie45.model.packed import PackedLinear
 
-    monkeypatch.setenv("ERNIE45_CPU_KERNELS", "0")
+    monkeypatch.delenv("ERNIE45_CPU_KERNELS", raising=False)
     cpu_gemv.kernel.cache_clear()
     try:
         lin = torch.nn.Linear(64, 40, dtype=torch.bfloat16)
@@ -148,10 +159,10 @@ def test_bf16_decode_kernel_can_be_switched_off(monkeypatch):
 
 
 @pytest.mark.parametrize(("bits", "group", "rows"), [(8, 32, 1), (8, 32, 5), (4, 32, 1), (4, 64, 3), (4, 128, 8)])
-def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows):
-    from ernie45.model import cpu_gemv
+def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows, own_kernels):
     from ernie45.model.quant import QuantLinear
 
+    cpu_gemv = own_kernels
     if cpu_gemv.kernel() is None:
         pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: torch's packed kernels run instead")
     torch.manual_seed(0)

@@ -4,9 +4,10 @@ compiler.
 One decode step reads every weight once for a row or a few: the time is memory traffic. torch's kernels for
 one row read weights well below the machine's bandwidth (bf16 also through oneDNN's packed layout, int8 and
 int4 through their packed matmuls), while a plain loop streaming the weights with AVX512 dot products gets
-close to it. The kernels need AVX512-BF16 and a C++ compiler; without either (or with
-`ERNIE45_CPU_KERNELS=0`) `kernel()` is None and callers keep torch's ops. The build (about a minute, once per
-machine) lands in torch's extension cache.
+close to it — in isolation. Measured in whole decode steps (benchmarks/decode.py, "own kernels" rows) they
+were not faster than torch's (bf16 equal, int8 and int4 slower on 2 cores), so they are off unless
+`ERNIE45_CPU_KERNELS=1`; they need AVX512-BF16 and a C++ compiler, and without either `kernel()` is None and
+callers keep torch's ops. The build (about a minute, once per machine) lands in torch's extension cache.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def _cpu_flags() -> set[str]:
 def kernel():
     """The compiled module (`gemv_bf16`, `gemv_int8`, `gemv_int4`), or None where it cannot run here (the reason
     is logged once)."""
-    if os.environ.get("ERNIE45_CPU_KERNELS", "1") == "0":
+    if os.environ.get("ERNIE45_CPU_KERNELS", "0") != "1":
         return None
     if "avx512_bf16" not in _cpu_flags():
         log.info("bf16 decode kernel: this CPU has no AVX512-BF16; using torch's linear")
