@@ -5,7 +5,7 @@ LM head) for a `QuantLinear`, and each routed expert group's stacked weights for
 matrices. Activations stay in the model's float dtype; only the weights shrink (int8: 1 byte, int4: half a
 byte per weight, plus one scale (and zero) per channel or group).
 
-CPU kernels: for decode (a few rows) ernie45's own (`cpu_gemv`) where they build, else
+CPU kernels: for decode (a few rows) ernie45's own (`cpu_gemv`) when switched on, else
 `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the
 weight dequantised for that call. CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised
 weights are kept nowhere.
