@@ -37,9 +37,11 @@ def test_int4_prefill_path_matches_the_kernel():
     codes, scales = quantize_int4(w, 32)
     q = QuantLinear(codes, scales, None, 4, 32)
     assert torch.equal(q.portable()[0].long(), codes.long())
-    x = torch.randn(40, 128)
+    from ernie45.model.quant import PACKED_ROWS
+
+    x = torch.randn(PACKED_ROWS[4] + 1, 128)
     kernel = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), q.qweight, 32, q.scales.bfloat16()).float()
-    got = q(x)  # 40 rows > DECODE_ROWS: the dequantised path
+    got = q(x)  # more rows than PACKED_ROWS: the dequantised path
     assert (got - kernel).norm() / kernel.norm() < 0.01  # only the kernel's bf16 rounding differs
 
 

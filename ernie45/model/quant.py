@@ -22,7 +22,10 @@ from .moe import ExpertGroup
 from .trunk import ENCODER_MODULES
 
 GROUP_SIZES = (32, 64, 128)
-DECODE_ROWS = 32  # up to this many rows a CPU matmul takes the packed kernel, above it a dequantised matmul
+# up to this many rows a CPU matmul takes the packed kernel, above it a bf16 matmul on the dequantised weight
+# (measured crossovers, 2 cores: int8 dequantises in ~2 ms per 8M weights, int4 in ~19 ms, so int4 experts
+# with 24-256 prefill rows each were 3-8x slower dequantised than on the kernel)
+PACKED_ROWS = {8: 32, 4: 256}
 CPU_INT4_BLOCK = 64  # torch's CPU int4 tiles: 64 output rows, each byte one column of rows j and j + 32
 
 
@@ -124,7 +127,7 @@ class QuantLinear(nn.Module):
         cpu = x2.device.type == "cpu"
         # CPU prefill: a bf16 matmul on the dequantised weight beats the packed kernels for many rows
         int8_fp32 = self.bits == 8 and x2.dtype == torch.float32
-        if cpu and x2.shape[0] > DECODE_ROWS and (int8_fp32 or self._unpackable()):
+        if cpu and x2.shape[0] > PACKED_ROWS[self.bits] and (int8_fp32 or self._unpackable()):
             return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
         if cpu and x2.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.ready():  # decode: stream the codes
             if self.bits == 8 and self.in_features % 16 == 0:
