@@ -15,9 +15,7 @@ has installed it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -25,6 +23,8 @@ from pathlib import Path
 
 import llamacpp
 import torch
+
+from ernie45.model import cpu_gemv
 
 
 def read_bandwidth(gib: float = 1.0, repeat: int = 5) -> float:
@@ -59,21 +59,6 @@ def make_checkpoint(shape: str, out: Path) -> Path:
 
     write_spm_tokenizer(out)  # converter wants a sentencepiece model, as the official checkpoints ship
     return out
-
-
-@contextlib.contextmanager
-def own_kernels(on: bool):
-    """ernie45's CPU decode kernels on (`ERNIE45_CPU_KERNELS=1`) or off (torch's ops, the default)."""
-    from ernie45.model import cpu_gemv
-
-    before = os.environ.get("ERNIE45_CPU_KERNELS")
-    os.environ["ERNIE45_CPU_KERNELS"] = "1" if on else "0"
-    cpu_gemv.kernel.cache_clear()
-    try:
-        yield
-    finally:
-        os.environ.pop("ERNIE45_CPU_KERNELS") if before is None else os.environ.update(ERNIE45_CPU_KERNELS=before)
-        cpu_gemv.kernel.cache_clear()
 
 
 def timed(fn, repeat: int = 2) -> float:
@@ -194,7 +179,7 @@ def main() -> None:
                 results[name] = (pre, dec, None)
             else:
                 compiled = name.endswith("compiled")
-                with own_kernels(name.endswith("own kernels")):
+                with cpu_gemv.switched(name.endswith("own kernels")):
                     pre, dec, nbytes = bench_ernie45(path, dtype, quant, args.batch, args.prompt, args.new, compiled)
                 results[name] = (pre, dec, nbytes)
             pre, dec, nbytes = results[name]

@@ -121,14 +121,12 @@ def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):
 
 
 @pytest.fixture
-def own_kernels(monkeypatch):
+def own_kernels():
     """ernie45's CPU decode kernels switched on (they are off by default) for one test."""
     from ernie45.model import cpu_gemv
 
-    monkeypatch.setenv("ERNIE45_CPU_KERNELS", "1")
-    cpu_gemv.kernel.cache_clear()
-    yield cpu_gemv
-    cpu_gemv.kernel.cache_clear()
+    with cpu_gemv.switched(True):
+        yield cpu_gemv
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])

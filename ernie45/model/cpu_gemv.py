@@ -12,9 +12,11 @@ callers keep torch's ops. The build (about a minute, once per machine) lands in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -176,6 +178,22 @@ def kernel():
     except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
         log.warning("bf16 decode kernel did not build (%s); using torch's linear", str(e).splitlines()[0][:200])
         return None
+
+
+@contextlib.contextmanager
+def switched(on: bool) -> Iterator[None]:
+    """The kernels on or off inside the block (as `ERNIE45_CPU_KERNELS` says), as they were after it."""
+    before = os.environ.get("ERNIE45_CPU_KERNELS")
+    os.environ["ERNIE45_CPU_KERNELS"] = "1" if on else "0"
+    kernel.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["ERNIE45_CPU_KERNELS"]
+        else:
+            os.environ["ERNIE45_CPU_KERNELS"] = before
+        kernel.cache_clear()
 
 
 def ready() -> bool:
