@@ -170,3 +170,22 @@ def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows
     x = torch.randn(rows, 256)
     want = x @ q.dequantized_t(torch.float32)
     assert torch.allclose(q(x), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not __import__("ernie45.model.quant", fromlist=["x"]).int8_decode_available(),
+                    reason="FBGEMM's int8 product needs VNNI")  # fmt: skip
+def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 96, bias=True)
+    q = QuantLinear.from_float(lin.weight.data, lin.bias.data, 8)
+    codes = q.qweight.clone()
+    x = torch.randn(3, 256)
+    before = q(x)
+    assert q.prepare_int8_decode() and not q.prepare_int8_decode()
+    assert q.qweight is None and torch.equal(q.codes(), codes)  # the codes live in FBGEMM's packing only
+    after = q(x)  # the row quantized to 8 bits: close to the weight-only product, not equal
+    assert not torch.equal(after, before)
+    assert (after - before).norm() / before.norm() < 0.01
+    many = torch.randn(40, 256)  # prefill rows: the dequantised weight, as before preparing
+    assert torch.allclose(q(many), QuantLinear(codes, q.scales, lin.bias.data, 8)(many), atol=1e-4)
+    assert torch.equal(q.portable()[0], codes)

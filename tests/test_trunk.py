@@ -110,3 +110,51 @@ def test_decode_expert_paths_agree_in_bf16_and_fp32():
         want = group.experts(x, ids, w)  # fp32: the gather path
         got = group.to(torch.bfloat16).experts(x.bfloat16(), ids, w).float()
     assert (got - want).norm() / want.norm() < 0.02
+
+
+def test_fused_projections_give_the_same_logits_and_decode(ref_moe_dir):
+    """q/k/v and gate/up fused into one linear each (what the engine does to its own models): same numbers,
+    prefill and cached decode, with a left-padded batch."""
+    from ernie45.model.layers import fuse_projections
+
+    plain, fused = ernie45.load(ref_moe_dir), ernie45.load(ref_moe_dir)
+    n = fuse_projections(fused)
+    layers = plain.config.num_hidden_layers
+    assert n >= layers + 1  # every attention, and the dense MLP / shared experts
+    assert fuse_projections(fused) == 0  # twice is once
+    keys = " ".join(fused.state_dict())
+    assert "qkv_proj" in keys and "q_proj" not in keys and "gate_up_proj.weight" in keys
+    ids = _ids(2, 10)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    for model in (plain, fused):
+        model.eval()
+    assert (_logits(fused, ids, attention_mask=mask) - _logits(plain, ids, attention_mask=mask)).abs().max() <= 1e-5
+    caches = [DynamicCache(config=plain.config) for _ in range(2)]
+    with torch.no_grad():
+        outs = []
+        for model, cache in zip((plain, fused), caches, strict=True):
+            model(ids[:, :7], attention_mask=mask[:, :7], cache=cache, use_cache=True)
+            outs.append(model(ids[:, 7:8], attention_mask=mask[:, :8], cache=cache, use_cache=True).logits)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+
+
+def test_one_query_attention_matches_sdpa():
+    """The fp32 CPU decode attention (two grouped matmuls) against SDPA, with GQA and a padding mask."""
+    import torch.nn.functional as F
+
+    from ernie45.model.layers import _one_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 37, 16), torch.randn(2, 2, 37, 16)
+    mask = torch.ones(2, 1, 1, 37, dtype=torch.bool)
+    mask[1, ..., :5] = False
+    for m in (None, mask):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=0.25, enable_gqa=True)
+        got = _one_query_attention(q, k, v, m, 0.25)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() < 1e-5
+    # the masked row ignores what it may not see: changing those keys changes nothing
+    k2 = k.clone()
+    k2[1, :, :5] += 100
+    assert torch.allclose(_one_query_attention(q, k2, v, mask, 0.25)[1], _one_query_attention(q, k, v, mask, 0.25)[1])

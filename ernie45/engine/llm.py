@@ -16,7 +16,9 @@ from typing import Any
 import torch
 
 from ..checkpoint import load
+from ..model.layers import fuse_projections
 from ..model.packed import pack_bf16_linears
+from ..model.quant import prepare_int8_decode
 from ..processing.chat_template import split_reasoning
 from ..processing.processor import Processor, load_processor
 from .cache import StaticKVCache
@@ -108,12 +110,16 @@ class LLM:
             self.processor = processor or load_processor(source)
             owned = False
         self.model.eval()
+        if owned:  # inference-only: q/k/v and gate/up as one matmul each
+            fuse_projections(self.model)
         if quantization:
             self._quantize(quantization)
         if compile is None:
             compile = self.model.device.type == "cuda"
         if owned and not compile:  # inference-only: bf16 linears take oneDNN's packed kernel (compiled decode
             pack_bf16_linears(self.model)  # gets inductor's own prepacking instead: it cannot lower ours)
+        if (owned or quantization) and not compile:  # int8 decode on FBGEMM's int8 x int8 product
+            prepare_int8_decode(self.model)
         self._check_token_ids()
         self.decoder = CompiledDecoder(self.model) if compile else None
         c = self.model.config

@@ -2,16 +2,19 @@
 
 `quantize(model, bits)` swaps every eligible `nn.Linear` (attention, dense and shared MLPs, optionally the
 LM head) for a `QuantLinear`, and each routed expert group's stacked weights for per-expert quantized
-matrices. Activations stay in the model's float dtype; only the weights shrink (int8: 1 byte, int4: half a
-byte per weight, plus one scale (and zero) per channel or group).
+matrices. Activations stay in the model's float dtype (but see int8 decode below); only the weights shrink
+(int8: 1 byte, int4: half a byte per weight, plus one scale (and zero) per channel or group).
 
-CPU kernels: for decode (a few rows) ernie45's own (`cpu_gemv`) when switched on, else
-`torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the
-weight dequantised for that call. CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised
-weights are kept nowhere.
+CPU kernels: for decode (a few rows) int8 weights the engine has prepared (`prepare_int8_decode`: CPUs with
+VNNI) go through FBGEMM's int8 x int8 product, the row quantized to 8 bits on each call, as llama.cpp's Q8_0
+does; else ernie45's own (`cpu_gemv`) when switched on, else `torch._weight_int8pack_mm` and
+`torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the weight dequantised for that call.
+CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised weights are kept nowhere.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +55,16 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return codes, torch.stack([scale, zeros], dim=-1).transpose(0, 1).contiguous()
 
 
+def int8_decode_available() -> bool:
+    """FBGEMM's int8 product runs here at full 8-bit range (VNNI; without it the row must lose a bit)."""
+    vnni = {"avx512_vnni", "avx_vnni"} & cpu_gemv._cpu_flags()
+    return torch.backends.quantized.engine in ("x86", "fbgemm") and bool(vnni)
+
+
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W stored as int8 per channel or packed int4 per group."""
+
+    dynamic = None  # int8 prepared for CPU decode: FBGEMM's packing of the codes (which then live only there)
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, bits: int,
                  group: int = 32, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
@@ -79,6 +90,29 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", scales.to(torch.bfloat16))  # what the kernels read: no cast per call
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
 
+    def prepare_int8_decode(self) -> bool:
+        """Repack int8 codes for FBGEMM's int8 x int8 product (CPU, VNNI): for a few rows about 1.5x faster than
+        torch's int8 kernel, the row quantized to 8 bits per call (not weight-only any more: the engine's
+        choice, for decode; `benchmarks/quant_quality.py` reports what it costs). Returns whether it did."""
+        if self.bits != 8 or self.dynamic is not None or self.qweight.device.type != "cpu":
+            return False
+        zeros = torch.zeros(self.out_features, dtype=torch.long)
+        try:  # torch's quantized tensors are deprecated: when they go, decode keeps torch's int8 kernel
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zeros, 0)
+                self.dynamic = torch.ops.quantized.linear_prepack(q, None)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return False
+        self.qweight = None  # one copy of the codes: codes() reads them back from the packing
+        return True
+
+    def codes(self) -> torch.Tensor:
+        """int8 [N, K] (bits 8) or the kernel's packed int4 codes."""
+        if self.dynamic is not None:
+            return torch.ops.quantized.linear_unpack(self.dynamic)[0].int_repr()
+        return self.qweight
+
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = 32) -> QuantLinear:
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -92,7 +126,7 @@ class QuantLinear(nn.Module):
         (x = identity gives the dequantised W^T exactly), so no second copy is ever kept.
         """
         if self.bits == 8:
-            return self.qweight, self.scales.float()
+            return self.codes(), self.scales.float()
         sz = self.scales.float()
         if self._unpackable():
             return self._cpu_int4_codes().T.contiguous(), sz
@@ -117,13 +151,17 @@ class QuantLinear(nn.Module):
     def dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T [K, N] in `dtype`, made for one call (prefill) and dropped after it."""
         if self.bits == 8:
-            return (self.qweight.to(dtype) * self.scales.to(dtype)[:, None]).T
+            return (self.codes().to(dtype) * self.scales.to(dtype)[:, None]).T
         sz = self.scales.to(dtype)[:, None]  # [K/group, 1, N, 2]: one scale and zero per group, broadcast
         k, n = self.in_features, self.out_features
         codes = self._cpu_int4_codes().view(k // self.group, self.group, n).to(dtype)
         return ((codes - 8) * sz[..., 0] + sz[..., 1]).view(k, n)
 
     def forward_nobias(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.dynamic is not None:
+            if x2.shape[0] <= PACKED_ROWS[8]:
+                return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.dynamic, False).to(x2.dtype)
+            return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
         cpu = x2.device.type == "cpu"
         # CPU prefill: a bf16 matmul on the dequantised weight beats the packed kernels for many rows
         int8_fp32 = self.bits == 8 and x2.dtype == torch.float32
@@ -212,3 +250,11 @@ def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = 
         setattr(parent, child_name, QuantLinear.from_float(child.weight.data, child.bias, b, group_size))
     model.config.ernie45_quantization = {"bits": bits, "group_size": group_size, "lm_head": lm_head}
     return model
+
+
+def prepare_int8_decode(model: nn.Module) -> int:
+    """Every CPU int8 QuantLinear of `model` onto FBGEMM's int8 product for decode (where VNNI runs it); returns
+    how many."""
+    if not int8_decode_available():
+        return 0
+    return sum(m.prepare_int8_decode() for m in model.modules() if isinstance(m, QuantLinear))
