@@ -88,7 +88,7 @@ def test_encoder_stage_learns_colour_from_the_pictures_facts():
     proc = configure(ernie45.load_processor(default_model_path()))
     stats = pretrain_encoders(model, proc, steps=60, batch=8, lr=2e-3, log_every=60)
     assert stats["colour"] > 0.5  # 9 classes (8 colours or nothing) per quadrant: chance is far below
-    assert set(stats) == {"shape", "colour", "bar value", "direction", "speech clips"}
+    assert set(stats) == {"shape", "colour", "bar value", "column bars", "direction", "speech clips"}
 
 
 def test_score_rules():

@@ -8,9 +8,11 @@ that are thrown away afterwards:
 
 - shape scenes: per quadrant, which shape (or none) and which colour (or none), read from the mean of the
   quadrant's tokens by one head shared by all quadrants — so every token says what lies under it;
-- bar charts: per token, the value of each labelled bar that crosses the token's column (0 = none), so every
-  token says which bars lie above or below it and how tall they are: the trunk finds bar C by what its tokens
-  say, not by where they sit (nothing in a token's features says where it is);
+- bar charts: each label's value (0 = no such bar) from all tokens; and per token, the value of each labelled
+  bar that crosses the token's column (0 = none), so that every token says which bars lie above or below it
+  and how tall they are: the trunk must find bar C by what its tokens say, since nothing in a token's
+  features says where it is (the first head alone let the encoder put values where only a position-aware
+  linear map reads them: 100% there, 27% through the trunk);
 - videos: the motion, colour and shape from the mean of all tokens — so the motion must be visible in each
   token (the resampler's frame pairs), not only across them;
 - speech: the words, by CTC over the audio tokens.
@@ -40,10 +42,11 @@ LABELS = "ABCDE"
 
 
 class Heads(nn.Module):
-    def __init__(self, width: int, audio: bool) -> None:
+    def __init__(self, width: int, image_tokens: int, audio: bool) -> None:
         super().__init__()
         self.quadrant = nn.Linear(width, 1 + len(SHAPES) + 1 + len(COLOUR_NAMES))
-        self.chart = nn.Linear(width, len(LABELS) * 10)
+        self.chart = nn.Linear(width * image_tokens, len(LABELS) * 10)
+        self.column = nn.Linear(width, len(LABELS) * 10)
         self.video = nn.Linear(width, len(MOTIONS) + len(COLOUR_NAMES) + len(SHAPES))
         self.words = nn.Linear(width, 1 + len(WORDS)) if audio else None  # 0 = CTC blank
 
@@ -98,7 +101,7 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     side = int(proc.image.min_pixels**0.5)
     grid = side // (proc.image.patch_size * proc.image.merge_size)
     audio = hasattr(trunk, "audio_tower")
-    heads = Heads(c.hidden_size, audio)
+    heads = Heads(c.hidden_size, grid * grid, audio)
     encoder = [p for n, p in trunk.named_parameters() if n.split(".")[0] in ENCODER_MODULES]
     opt = torch.optim.AdamW([*encoder, *heads.parameters()], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + _cos(s / steps)))
@@ -119,11 +122,15 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
 
         charts = [bar_chart(rng) for _ in range(batch // 2)]
         x = proc.image([_square(img, side) for img, _ in charts])
-        values = torch.stack([column_values(v, grid) for _, v in charts])  # [B, grid*grid, 5]
+        values = torch.tensor([[v.get(label, 0) for label in LABELS] for _, v in charts])
         feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(charts), grid * grid, -1)
-        logits = heads.chart(feats).view(*values.shape, 10)
-        losses["bar"] = F.cross_entropy(logits.flatten(0, 2), values.flatten())
+        logits = heads.chart(feats.flatten(1)).view(len(charts), len(LABELS), 10)
+        losses["bar"] = F.cross_entropy(logits.flatten(0, 1), values.flatten())
         stats["bar value"] = _accuracy(logits[values > 0], values[values > 0])
+        columns = torch.stack([column_values(v, grid) for _, v in charts])  # [B, grid*grid, 5]
+        logits = heads.column(feats).view(*columns.shape, 10)
+        losses["column"] = F.cross_entropy(logits.flatten(0, 2), columns.flatten())
+        stats["column bars"] = _accuracy(logits[columns > 0], columns[columns > 0])
 
         videos = [moving_video(rng) for _ in range(batch // 2)]
         x = proc.video([v for v, *_ in videos])
