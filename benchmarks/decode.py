@@ -104,6 +104,7 @@ def bytes_per_step_share(path: Path, batch: int) -> float:
 def bytes_per_step(model, batch: int) -> float:
     """Weight bytes one decode step reads: all but the embedding table, routed experts at the share a step hits."""
     from ernie45.model.packed import PackedLinear
+    from ernie45.model.quant import QuantLinear
 
     c = model.config
     groups = c.expert_groups or []
@@ -115,6 +116,9 @@ def bytes_per_step(model, batch: int) -> float:
         routed = ".groups." in name and not name.endswith(("gate.weight", "e_score_correction_bias"))
         total += t.numel() * t.element_size() * (hit if routed else 1.0)
     total += sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, PackedLinear))
+    for name, m in model.named_modules():  # int8 codes held in FBGEMM's packing (not a buffer)
+        if isinstance(m, QuantLinear) and m.dynamic is not None:
+            total += m.in_features * m.out_features * (hit if ".groups." in name else 1.0)
     return total
 
 

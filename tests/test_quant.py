@@ -186,6 +186,7 @@ def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
     after = q(x)  # the row quantized to 8 bits: close to the weight-only product, not equal
     assert not torch.equal(after, before)
     assert (after - before).norm() / before.norm() < 0.01
-    many = torch.randn(40, 256)  # prefill rows: the dequantised weight, as before preparing
-    assert torch.allclose(q(many), QuantLinear(codes, q.scales, lin.bias.data, 8)(many), atol=1e-4)
+    many = torch.randn(40, 256)  # prefill rows: the same product
+    want = QuantLinear(codes, q.scales, lin.bias.data, 8)(many)
+    assert (q(many) - want).norm() / want.norm() < 0.01
     assert torch.equal(q.portable()[0], codes)

@@ -5,10 +5,11 @@ LM head) for a `QuantLinear`, and each routed expert group's stacked weights for
 matrices. Activations stay in the model's float dtype (but see int8 decode below); only the weights shrink
 (int8: 1 byte, int4: half a byte per weight, plus one scale (and zero) per channel or group).
 
-CPU kernels: for decode (a few rows) int8 weights the engine has prepared (`prepare_int8_decode`: CPUs with
-VNNI) go through FBGEMM's int8 x int8 product, the row quantized to 8 bits on each call, as llama.cpp's Q8_0
-does; else ernie45's own (`cpu_gemv`) when switched on, else `torch._weight_int8pack_mm` and
-`torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the weight dequantised for that call.
+CPU kernels: int8 weights the engine has prepared (`prepare_int8_decode`: CPUs with VNNI) go through FBGEMM's
+int8 x int8 product for any number of rows, each row quantized to 8 bits on each call, as llama.cpp's Q8_0
+does. Otherwise, for decode (a few rows), ernie45's own (`cpu_gemv`) when switched on, else
+`torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the weight
+dequantised for that call.
 CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised weights are kept nowhere.
 """
 
@@ -91,9 +92,11 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
 
     def prepare_int8_decode(self) -> bool:
-        """Repack int8 codes for FBGEMM's int8 x int8 product (CPU, VNNI): for a few rows about 1.5x faster than
-        torch's int8 kernel, the row quantized to 8 bits per call (not weight-only any more: the engine's
-        choice, for decode; `benchmarks/quant_quality.py` reports what it costs). Returns whether it did."""
+        """Repack int8 codes for FBGEMM's int8 x int8 product (CPU, VNNI): for one row about 1.5x faster than
+        torch's int8 kernel and for 512 a little faster than the dequantised bf16 matmul, each row quantized to
+        8 bits per call (not weight-only any more: the engine's choice; `benchmarks/quant_quality.py --decode`
+        reports what it costs). Reading the codes back (`codes()`) is slow: for saving, not for compute.
+        Returns whether it did."""
         if self.bits != 8 or self.dynamic is not None or self.qweight.device.type != "cpu":
             return False
         zeros = torch.zeros(self.out_features, dtype=torch.long)
@@ -158,10 +161,8 @@ class QuantLinear(nn.Module):
         return ((codes - 8) * sz[..., 0] + sz[..., 1]).view(k, n)
 
     def forward_nobias(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.dynamic is not None:
-            if x2.shape[0] <= PACKED_ROWS[8]:
-                return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.dynamic, False).to(x2.dtype)
-            return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
+        if self.dynamic is not None:  # any row count: 512 prefill rows take 3.4 ms here vs 3.9 dequantised (3072x1024)
+            return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.dynamic, False).to(x2.dtype)
         cpu = x2.device.type == "cpu"
         # CPU prefill: a bf16 matmul on the dequantised weight beats the packed kernels for many rows
         int8_fp32 = self.bits == 8 and x2.dtype == torch.float32
