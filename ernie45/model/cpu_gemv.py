@@ -32,19 +32,24 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
-// Weight rows four at a time (four streams the prefetcher follows), every input row against them while they
-// sit in L1: step(acc, m, n0, rows, k) adds columns k.. of input row m times rows n0.. into acc; y = sums.
-template <int64_t STEP, class Step, class Finish>
-void row_blocks(int64_t M, int64_t N, int64_t K, float* Y, Step step, Finish finish) {
-  constexpr int64_t R = 4;
-  at::parallel_for(0, (N + R - 1) / R, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * R, rows = std::min(R, N - n0);
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 acc[R] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t k = 0; k < K; k += STEP) step(acc, m, n0, rows, k);
-        for (int64_t r = 0; r < rows; ++r) Y[m * N + n0 + r] = finish(_mm512_reduce_add_ps(acc[r]), n0 + r);
+// Every weight row is streamed once, start to end, with a software prefetch PF bytes ahead (the hardware
+// prefetcher stops at each 4 KB page): on 2 cores 22-26 GB/s, against 16-18 for oneDNN's packed bf16 kernel
+// and for four rows read interleaved. Each input row (M <= 8) is dotted with the weight bytes while they sit in
+// L1: dot(acc, row, k) adds columns k..k+63 bytes' worth of every input row into acc[m]; y = finish(sum, n).
+constexpr int64_t PF = 2048;
+
+template <class Dot, class Finish>
+void stream_rows(int64_t M, int64_t N, int64_t row_bytes, const char* base, float* Y, Dot dot, Finish finish) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const char* row = base + n * row_bytes;
+      __m512 acc[8];
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        _mm_prefetch(row + b + PF, _MM_HINT_T0);
+        dot(acc, row + b, b);
       }
+      for (int64_t m = 0; m < M; ++m) Y[m * N + n] = finish(_mm512_reduce_add_ps(acc[m]), n);
     }
   });
 }
@@ -54,33 +59,35 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16, "bf16 only");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1) && x.size(1) % 32 == 0);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M <= 8, "at most 8 rows");
   auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-  row_blocks<32>(M, N, K, y.data_ptr<float>(), [&](__m512* acc, int64_t m, int64_t n0, int64_t rows, int64_t k) {
-    const __m512bh xv = (__m512bh)_mm512_loadu_si512(X + m * K + k);
-    for (int64_t r = 0; r < rows; ++r)
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(W + (n0 + r) * K + k), xv);
+  const char* W = reinterpret_cast<const char*>(w.data_ptr<at::BFloat16>());
+  const char* X = reinterpret_cast<const char*>(x.data_ptr<at::BFloat16>());
+  stream_rows(M, N, K * 2, W, y.data_ptr<float>(), [&](__m512* acc, const char* wp, int64_t b) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp);
+    for (int64_t m = 0; m < M; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(X + m * K * 2 + b));
   }, [](float sum, int64_t) { return sum; });
   return y;
 }
 
-// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; x [M, K] fp32, w [N, K] int8, K % 16 == 0.
+// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; x [M, K] fp32, w [N, K] int8, K % 64 == 0.
 torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kChar);
   TORCH_CHECK(scale.scalar_type() == torch::kFloat);
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1) && x.size(1) % 16 == 0);
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1) && x.size(1) % 64 == 0);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M <= 8, "at most 8 rows");
   auto y = torch::empty({M, N}, x.options());
-  const int8_t* W = w.data_ptr<int8_t>();
   const float* X = x.data_ptr<float>();
   const float* S = scale.data_ptr<float>();
-  row_blocks<16>(M, N, K, y.data_ptr<float>(), [&](__m512* acc, int64_t m, int64_t n0, int64_t rows, int64_t k) {
-    const __m512 xv = _mm512_loadu_ps(X + m * K + k);
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(W + (n0 + r) * K + k));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), xv, acc[r]);
-    }
+  stream_rows(M, N, K, reinterpret_cast<const char*>(w.data_ptr<int8_t>()), y.data_ptr<float>(),
+              [&](__m512* acc, const char* wp, int64_t b) {
+    __m512 wv[4];
+    for (int i = 0; i < 4; ++i)
+      wv[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp) + i)));
+    for (int64_t m = 0; m < M; ++m)
+      for (int i = 0; i < 4; ++i) acc[m] = _mm512_fmadd_ps(wv[i], _mm512_loadu_ps(X + m * K + b + 16 * i), acc[m]);
   }, [&](float sum, int64_t n) { return sum * S[n]; });
   return y;
 }
@@ -116,7 +123,9 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, 
           for (int64_t k = g * group; k < (g + 1) * group; ++k) {
             const __m512 xb = _mm512_set1_ps(xm[k]);
             xsum += xm[k];
-            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(T + (t * K + k) * 32));
+            const uint8_t* col = T + (t * K + k) * 32;
+            if (!(k & 1)) _mm_prefetch(reinterpret_cast<const char*>(col) + PF, _MM_HINT_T0);
+            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
             const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
             const __m128i q[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
                                   _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
