@@ -115,6 +115,9 @@ def bytes_per_step(model, batch: int) -> float:
             continue
         routed = ".groups." in name and not name.endswith(("gate.weight", "e_score_correction_bias"))
         total += t.numel() * t.element_size() * (hit if routed else 1.0)
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    if head is not None and head is model.model.embed_tokens.weight:  # tied: the table is read as the LM head
+        total += head.numel() * head.element_size()
     total += sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, PackedLinear))
     for name, m in model.named_modules():  # int8 codes held in FBGEMM's packing (not a buffer)
         if isinstance(m, QuantLinear) and m.dynamic is not None:
