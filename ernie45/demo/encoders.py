@@ -8,11 +8,7 @@ that are thrown away afterwards:
 
 - shape scenes: per quadrant, which shape (or none) and which colour (or none), read from the mean of the
   quadrant's tokens by one head shared by all quadrants — so every token says what lies under it;
-- bar charts: each label's value (0 = no such bar) from all tokens; and per token, the value of each labelled
-  bar that crosses the token's column (0 = none), so that every token says which bars lie above or below it
-  and how tall they are: the trunk must find bar C by what its tokens say, since nothing in a token's
-  features says where it is (the first head alone let the encoder put values where only a position-aware
-  linear map reads them: 100% there, 27% through the trunk);
+- bar charts: each label's value (0 = no such bar) from all tokens;
 - videos: the motion, colour and shape from the mean of all tokens — so the motion must be visible in each
   token (the resampler's frame pairs), not only across them;
 - speech: the words, by CTC over the audio tokens.
@@ -32,7 +28,7 @@ from torch import nn
 
 from ..model.trunk import ENCODER_MODULES
 from ..processing.processor import Processor
-from .scenes import COLOURS, MOTIONS, NUMBER_WORDS, SHAPES, bar_chart, bar_spans, moving_video, shape_scene
+from .scenes import COLOURS, MOTIONS, NUMBER_WORDS, SHAPES, bar_chart, moving_video, shape_scene
 from .tasks import SPOKEN_OPS, speak
 
 log = logging.getLogger("ernie45.train")
@@ -46,7 +42,6 @@ class Heads(nn.Module):
         super().__init__()
         self.quadrant = nn.Linear(width, 1 + len(SHAPES) + 1 + len(COLOUR_NAMES))
         self.chart = nn.Linear(width * image_tokens, len(LABELS) * 10)
-        self.column = nn.Linear(width, len(LABELS) * 10)
         self.video = nn.Linear(width, len(MOTIONS) + len(COLOUR_NAMES) + len(SHAPES))
         self.words = nn.Linear(width, 1 + len(WORDS)) if audio else None  # 0 = CTC blank
 
@@ -56,19 +51,6 @@ def _quadrants(feats: torch.Tensor, grid: int) -> torch.Tensor:
     half = grid // 2
     x = feats.view(feats.shape[0], 2, half, 2, half, -1)  # (y, row, x, column)
     return x.mean(dim=(2, 4)).flatten(1, 2)
-
-
-def column_values(values: dict[str, int], grid: int, size: int = 96, min_overlap: float = 4.0) -> torch.Tensor:
-    """[grid*grid, 5] targets for a `size`-pixel chart seen as a grid x grid token picture: for each token (row-major)
-    and label A-E, the bar's value if at least `min_overlap` pixels of that bar's width lie in the token's column,
-    else 0."""
-    out = torch.zeros(grid, len(LABELS), dtype=torch.long)
-    step = size / grid
-    for k, (x0, x1) in enumerate(bar_spans(len(values), size)):
-        for col in range(grid):
-            if min(x1, (col + 1) * step) - max(x0, col * step) >= min_overlap:
-                out[col, k] = values[LABELS[k]]
-    return out.repeat(grid, 1)
 
 
 def _scene_batch(rng: random.Random, n: int):
@@ -123,14 +105,10 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
         charts = [bar_chart(rng) for _ in range(batch // 2)]
         x = proc.image([_square(img, side) for img, _ in charts])
         values = torch.tensor([[v.get(label, 0) for label in LABELS] for _, v in charts])
-        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(charts), grid * grid, -1)
-        logits = heads.chart(feats.flatten(1)).view(len(charts), len(LABELS), 10)
+        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(charts), -1)
+        logits = heads.chart(feats).view(len(charts), len(LABELS), 10)
         losses["bar"] = F.cross_entropy(logits.flatten(0, 1), values.flatten())
         stats["bar value"] = _accuracy(logits[values > 0], values[values > 0])
-        columns = torch.stack([column_values(v, grid) for _, v in charts])  # [B, grid*grid, 5]
-        logits = heads.column(feats).view(*columns.shape, 10)
-        losses["column"] = F.cross_entropy(logits.flatten(0, 2), columns.flatten())
-        stats["column bars"] = _accuracy(logits[columns > 0], columns[columns > 0])
 
         videos = [moving_video(rng) for _ in range(batch // 2)]
         x = proc.video([v for v, *_ in videos])

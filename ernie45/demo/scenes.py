@@ -65,12 +65,6 @@ def shape_scene(rng: random.Random, size: int | None = None, cells: bool = False
     return (img, objects, places) if cells else (img, objects)
 
 
-def bar_spans(n: int, size: int = 96) -> list[tuple[float, float]]:
-    """The x extent (x0, x1) of each of `n` bars in a `size`-pixel chart."""
-    width = (size - 10) / n
-    return [(6 + k * width + width * 0.15, 6 + (k + 1) * width - width * 0.15) for k in range(n)]
-
-
 def bar_chart(rng: random.Random, size: int = 96) -> tuple[Image.Image, dict[str, int]]:
     """2-5 bars labelled A-E with distinct integer values 1-9."""
     n = rng.randint(2, 5)
@@ -80,7 +74,10 @@ def bar_chart(rng: random.Random, size: int = 96) -> tuple[Image.Image, dict[str
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=10)
     base, top = size - 14, 6
-    for (label, v), (x0, x1) in zip(values.items(), bar_spans(n, size), strict=True):
+    width = (size - 10) / n
+    for k, (label, v) in enumerate(values.items()):
+        x0 = 6 + k * width + width * 0.15
+        x1 = 6 + (k + 1) * width - width * 0.15
         y = base - (base - top) * v / 9
         draw.rectangle([x0, y, x1, base], fill=(40, 70, 230))
         draw.text(((x0 + x1) / 2 - 3, base + 1), label, fill=(0, 0, 0), font=font)

@@ -112,24 +112,26 @@ def speak(text: str, rng: random.Random) -> np.ndarray:
     return wave16
 
 
-def spoken_prompt(rng: random.Random) -> tuple[str, str, str]:
-    """(skill, what the clip says, the answer): 1-4 spoken digits to transcribe, or a spoken arithmetic question."""
+def audio_task(rng: random.Random) -> tuple[str, list[dict], str]:
     if rng.random() < 0.7:
         digits = " ".join(NUMBER_WORDS[rng.randint(0, 9)] for _ in range(rng.randint(1, 4)))
-        return "spoken digits", digits, digits
+        return (
+            "spoken digits",
+            _user([{"type": "audio", "audio": speak(digits, rng)}], "Transcribe the audio."),
+            (digits),
+        )
     op = rng.choice(list(SPOKEN_OPS))
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     if op == "minus" and b > a:
         a, b = b, a
     result = SPOKEN_OPS[op](a, b)
+    question = f"what is {NUMBER_WORDS[a]} {op} {NUMBER_WORDS[b]}"
     answer = NUMBER_WORDS[result] if result < 10 else str(result)
-    return "spoken question", f"what is {NUMBER_WORDS[a]} {op} {NUMBER_WORDS[b]}", f"{answer}."
-
-
-def audio_task(rng: random.Random) -> tuple[str, list[dict], str]:
-    skill, said, answer = spoken_prompt(rng)
-    ask = "Transcribe the audio." if skill == "spoken digits" else "Answer the question."
-    return skill, _user([{"type": "audio", "audio": speak(said, rng)}], ask), answer
+    return (
+        "spoken question",
+        _user([{"type": "audio", "audio": speak(question, rng)}], "Answer the question."),
+        (f"{answer}."),
+    )
 
 
 @lru_cache(maxsize=1)
@@ -160,7 +162,7 @@ def definitions() -> list[tuple[str, str]]:
 
 
 def text_task(rng: random.Random) -> tuple[str, list[dict], str]:
-    kind = rng.choice(["define", "arithmetic", "arithmetic", "arithmetic", "who", "greet"])
+    kind = rng.choice(["define", "arithmetic", "arithmetic", "who", "greet"])
     if kind == "define":
         word, gloss = rng.choice(definitions())
         article = "an" if word[0] in "aeiou" else "a"
