@@ -172,7 +172,7 @@ def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows
     assert torch.allclose(q(x), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not __import__("ernie45.model.quant", fromlist=["x"]).int8_decode_available(),
+@pytest.mark.skipif(not __import__("ernie45.model.quant", fromlist=["x"]).fbgemm_int8_available(),
                     reason="FBGEMM's int8 product needs VNNI")  # fmt: skip
 def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
     torch.manual_seed(0)
@@ -181,7 +181,7 @@ def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
     codes = q.qweight.clone()
     x = torch.randn(3, 256)
     before = q(x)
-    assert q.prepare_int8_decode() and not q.prepare_int8_decode()
+    assert q.prepare_fbgemm_int8() and not q.prepare_fbgemm_int8()
     assert q.qweight is None and torch.equal(q.codes(), codes)  # the codes live in FBGEMM's packing only
     after = q(x)  # the row quantized to 8 bits: close to the weight-only product, not equal
     assert not torch.equal(after, before)

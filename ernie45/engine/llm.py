@@ -18,7 +18,7 @@ import torch
 from ..checkpoint import load
 from ..model.layers import fuse_projections
 from ..model.packed import pack_bf16_linears
-from ..model.quant import prepare_int8_decode
+from ..model.quant import prepare_fbgemm_int8
 from ..processing.chat_template import split_reasoning
 from ..processing.processor import Processor, load_processor
 from .cache import StaticKVCache
@@ -118,8 +118,8 @@ class LLM:
             compile = self.model.device.type == "cuda"
         if owned and not compile:  # inference-only: bf16 linears take oneDNN's packed kernel (compiled decode
             pack_bf16_linears(self.model)  # gets inductor's own prepacking instead: it cannot lower ours)
-        if (owned or quantization) and not compile:  # int8 decode on FBGEMM's int8 x int8 product
-            prepare_int8_decode(self.model)
+        if (owned or quantization) and not compile:  # int8 on FBGEMM's int8 x int8 product
+            prepare_fbgemm_int8(self.model)
         self._check_token_ids()
         self.decoder = CompiledDecoder(self.model) if compile else None
         c = self.model.config

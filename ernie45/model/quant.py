@@ -5,7 +5,7 @@ LM head) for a `QuantLinear`, and each routed expert group's stacked weights for
 matrices. Activations stay in the model's float dtype (but see int8 decode below); only the weights shrink
 (int8: 1 byte, int4: half a byte per weight, plus one scale (and zero) per channel or group).
 
-CPU kernels: int8 weights the engine has prepared (`prepare_int8_decode`: CPUs with VNNI) go through FBGEMM's
+CPU kernels: int8 weights the engine has prepared (`prepare_fbgemm_int8`: CPUs with VNNI) go through FBGEMM's
 int8 x int8 product for any number of rows, each row quantized to 8 bits on each call, as llama.cpp's Q8_0
 does. Otherwise, for decode (a few rows), ernie45's own (`cpu_gemv`) when switched on, else
 `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the weight
@@ -56,7 +56,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     return codes, torch.stack([scale, zeros], dim=-1).transpose(0, 1).contiguous()
 
 
-def int8_decode_available() -> bool:
+def fbgemm_int8_available() -> bool:
     """FBGEMM's int8 product runs here at full 8-bit range (VNNI; without it the row must lose a bit)."""
     vnni = {"avx512_vnni", "avx_vnni"} & cpu_gemv._cpu_flags()
     return torch.backends.quantized.engine in ("x86", "fbgemm") and bool(vnni)
@@ -91,7 +91,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", scales.to(torch.bfloat16))  # what the kernels read: no cast per call
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
 
-    def prepare_int8_decode(self) -> bool:
+    def prepare_fbgemm_int8(self) -> bool:
         """Repack int8 codes for FBGEMM's int8 x int8 product (CPU, VNNI): for one row about 1.5x faster than
         torch's int8 kernel and for 512 a little faster than the dequantised bf16 matmul, each row quantized to
         8 bits per call (not weight-only any more: the engine's choice; `benchmarks/quant_quality.py --decode`
@@ -253,9 +253,9 @@ def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = 
     return model
 
 
-def prepare_int8_decode(model: nn.Module) -> int:
-    """Every CPU int8 QuantLinear of `model` onto FBGEMM's int8 product for decode (where VNNI runs it); returns
+def prepare_fbgemm_int8(model: nn.Module) -> int:
+    """Every CPU int8 QuantLinear of `model` onto FBGEMM's int8 product (where VNNI runs it); returns
     how many."""
-    if not int8_decode_available():
+    if not fbgemm_int8_available():
         return 0
-    return sum(m.prepare_int8_decode() for m in model.modules() if isinstance(m, QuantLinear))
+    return sum(m.prepare_fbgemm_int8() for m in model.modules() if isinstance(m, QuantLinear))
