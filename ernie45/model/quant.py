@@ -65,7 +65,7 @@ def fbgemm_int8_available() -> bool:
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W stored as int8 per channel or packed int4 per group."""
 
-    dynamic = None  # int8 prepared for CPU decode: FBGEMM's packing of the codes (which then live only there)
+    dynamic = None  # int8 prepared for FBGEMM (CPU): its packing of the codes (which then live only there)
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, bits: int,
                  group: int = 32, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
@@ -100,7 +100,7 @@ class QuantLinear(nn.Module):
         if self.bits != 8 or self.dynamic is not None or self.qweight.device.type != "cpu":
             return False
         zeros = torch.zeros(self.out_features, dtype=torch.long)
-        try:  # torch's quantized tensors are deprecated: when they go, decode keeps torch's int8 kernel
+        try:  # torch's quantized tensors are deprecated: when they go, int8 keeps torch's own kernels
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 q = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zeros, 0)
