@@ -122,7 +122,7 @@ def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):
 
 @pytest.fixture
 def own_kernels():
-    """ernie45's CPU decode kernels switched on (they are off by default) for one test."""
+    """All of ernie45's CPU decode kernels switched on (by default only the bf16 one is) for one test."""
     from ernie45.model import cpu_gemv
 
     with cpu_gemv.switched(True):
@@ -142,18 +142,24 @@ def test_bf16_decode_kernel_matches_a_matmul(rows, own_kernels):
     assert torch.allclose(cpu_gemv.gemv(x, w), want, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_decode_kernels_are_off_by_default(monkeypatch):
+def test_bf16_decode_kernel_is_on_by_default_and_the_quantized_ones_are_not(monkeypatch):
     from ernie45.model import cpu_gemv
     from ernie45.model.packed import PackedLinear
 
     monkeypatch.delenv("ERNIE45_CPU_KERNELS", raising=False)
     cpu_gemv.kernel.cache_clear()
     try:
+        if cpu_gemv.kernel() is None:
+            pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: torch's kernels run")
+        assert cpu_gemv.ready() and not cpu_gemv.ready(quantized=True)
         lin = torch.nn.Linear(64, 40, dtype=torch.bfloat16)
         packed = PackedLinear(lin)
-        assert packed.plain is None and "oneDNN" in repr(packed)
+        assert packed.plain is not None and "AVX512-BF16" in repr(packed)
         x = torch.randn(2, 64, dtype=torch.bfloat16)
         assert torch.allclose(packed(x).float(), lin(x).float(), atol=0.05)
+        monkeypatch.setenv("ERNIE45_CPU_KERNELS", "0")
+        cpu_gemv.kernel.cache_clear()
+        assert not cpu_gemv.ready() and "oneDNN" in repr(PackedLinear(lin))
     finally:
         cpu_gemv.kernel.cache_clear()
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load
+from ..model import hugepages
 from ..model.layers import fuse_projections
 from ..model.packed import pack_bf16_linears
 from ..model.quant import prepare_fbgemm_int8
@@ -120,6 +121,8 @@ class LLM:
             pack_bf16_linears(self.model)  # gets inductor's own prepacking instead: it cannot lower ours)
         if (owned or quantization) and not compile:  # int8 on FBGEMM's int8 x int8 product
             prepare_fbgemm_int8(self.model)
+        if self.model.device.type == "cpu":  # the weights, in their final layout, onto 2 MB pages
+            hugepages.collapse_process_memory()
         self._check_token_ids()
         self.decoder = CompiledDecoder(self.model) if compile else None
         c = self.model.config

@@ -22,8 +22,8 @@ def _mkldnn_ops() -> bool:
 class PackedLinear(nn.Module):
     """An `nn.Linear` whose bf16 weight lives in oneDNN's layout; other input dtypes are cast to bf16.
 
-    With the AVX512-BF16 decode kernel switched on (`cpu_gemv`), up to `cpu_gemv.MAX_ROWS` rows read the plain weight
-    through it instead, and more rows a matmul on the plain weight (the packed copy is then not made).
+    Where the AVX512-BF16 decode kernel runs (`cpu_gemv`, on by default), up to `cpu_gemv.MAX_ROWS` rows read the
+    plain weight through it instead, and more rows a matmul on the plain weight (the packed copy is then not made).
     """
 
     def __init__(self, linear: nn.Linear) -> None:

@@ -168,7 +168,7 @@ class QuantLinear(nn.Module):
         int8_fp32 = self.bits == 8 and x2.dtype == torch.float32
         if cpu and x2.shape[0] > PACKED_ROWS[self.bits] and (int8_fp32 or self._unpackable()):
             return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
-        if cpu and x2.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.ready():  # decode: stream the codes
+        if cpu and x2.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.ready(quantized=True):  # decode: stream codes
             if self.bits == 8 and self.in_features % 64 == 0:
                 return cpu_gemv.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
             if self._unpackable():
