@@ -85,6 +85,7 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
     from ernie45.engine import LLM, SamplingParams
 
     llm = LLM(path, dtype=dtype, quantization=quant, compile=compile)
+    hugepages.wait()  # the weights on 2 MB pages before timing
     ids = torch.randint(100, 1000, (batch, prompt), generator=torch.Generator().manual_seed(1)).tolist()
 
     def run(n):

@@ -34,3 +34,10 @@ def test_collapse_moves_a_large_tensor_onto_huge_pages(monkeypatch):
     if "[madvise]" in setting:  # (under THP=always the tensor may have been on huge pages from the start)
         assert _anon_huge_kb() - before >= 32 << 10
     assert int(x.sum()) == 64 << 20  # the data survives the move
+    y = torch.ones(64 << 20, dtype=torch.uint8)
+    before = _anon_huge_kb()
+    assert hugepages.collapse_process_memory(background=True) == 0
+    hugepages.wait()
+    if "[madvise]" in setting:
+        assert _anon_huge_kb() - before >= 32 << 10
+    assert int(y.sum()) == 64 << 20

@@ -122,7 +122,7 @@ class LLM:
         if (owned or quantization) and not compile:  # int8 on FBGEMM's int8 x int8 product
             prepare_fbgemm_int8(self.model)
         if self.model.device.type == "cpu":  # the weights, in their final layout, onto 2 MB pages
-            hugepages.collapse_process_memory()
+            hugepages.collapse_process_memory(background=True)
         self._check_token_ids()
         self.decoder = CompiledDecoder(self.model) if compile else None
         c = self.model.config
