@@ -14,13 +14,14 @@ from ..processing.processor import Processor
 from ..train.data import Sample, tokenize_chat
 from .tasks import draw
 
-DEMO_IMAGE = {"min_pixels": 112 * 112, "max_pixels": 112 * 112}
+DEMO_IMAGE = {"min_pixels": 140 * 140, "max_pixels": 140 * 140}
 DEMO_VIDEO = {"min_frames": 8, "max_frames": 8, "min_pixels": 84 * 84, "max_pixels": 84 * 84,
               "draw_timestamps": False}  # fmt: skip
 
 
 def configure(proc: Processor) -> Processor:
-    """The demo's media sizes: 112 px images (16 tokens), 8-frame 84 px videos (36 tokens)."""
+    """The demo's media sizes: 140 px images (25 tokens: a 5 x 5 grid, one column per bar of a chart) and
+    8-frame 84 px videos (36 tokens)."""
     for k, v in DEMO_IMAGE.items():
         setattr(proc.image, k, v)
     for k, v in DEMO_VIDEO.items():

@@ -6,9 +6,12 @@ shape moves (it knew the axis, not the sign). Here each picture's, video's and c
 vision and audio paths (encoder + resampler, exactly what the trunk will read) directly, through small heads
 that are thrown away afterwards:
 
-- shape scenes: per quadrant, which shape (or none) and which colour (or none), read from the mean of the
-  quadrant's tokens by one head shared by all quadrants — so every token says what lies under it;
-- bar charts: each label's value (0 = no such bar) from all tokens;
+- shape scenes: what lies under each token (its shape and colour, or nothing); the colour of each shape and
+  the shape of each colour (or none), each read by one attention query over the tokens (`Probe`, a trunk
+  layer's read in miniature); the count from their mean — so a token that says "star" also says which colour,
+  as the trunk's question will ask;
+- bar charts: each token's column's bar value and label (the chart gives each label one token column); each
+  label's value (0 = no such bar) and which bar is the tallest and the shortest, by queries over the tokens;
 - videos: the motion, colour and shape from the mean of all tokens — so the motion must be visible in each
   token (the resampler's frame pairs), not only across them;
 - speech: the words, by CTC over the audio tokens.
@@ -37,31 +40,66 @@ COLOUR_NAMES = tuple(COLOURS)
 LABELS = "ABCDE"
 
 
-class Heads(nn.Module):
-    def __init__(self, width: int, image_tokens: int, audio: bool) -> None:
+class Probe(nn.Module):
+    """One attention read, as a trunk layer makes it: a learned query per name weighs the tokens by their keys
+    and sums their class logits."""
+
+    def __init__(self, width: int, queries: int, classes: int, dim: int = 64) -> None:
         super().__init__()
-        self.quadrant = nn.Linear(width, 1 + len(SHAPES) + 1 + len(COLOUR_NAMES))
-        self.chart = nn.Linear(width * image_tokens, len(LABELS) * 10)
+        self.query = nn.Parameter(torch.randn(queries, dim) * dim**-0.5)
+        self.key = nn.Linear(width, dim)
+        self.value = nn.Linear(width, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] -> [B, queries, classes]."""
+        weights = (self.query @ self.key(tokens).transpose(1, 2) * self.query.shape[-1] ** -0.5).softmax(-1)
+        return weights @ self.value(tokens)
+
+
+class Heads(nn.Module):
+    def __init__(self, width: int, audio: bool) -> None:
+        super().__init__()
+        self.colour_of = Probe(width, len(SHAPES), 1 + len(COLOUR_NAMES))  # 0 = no such shape
+        self.shape_of = Probe(width, len(COLOUR_NAMES), 1 + len(SHAPES))  # 0 = no such colour
+        self.count = nn.Linear(width, 4)
+        self.token = nn.Linear(width, 1 + len(SHAPES) + 1 + len(COLOUR_NAMES))  # what lies under each token
+        self.column = nn.Linear(width, 10 + len(LABELS))  # a chart token: its column's bar value and label
+        self.value_of = Probe(width, len(LABELS), 10)  # 0 = no such bar
+        self.extreme = Probe(width, 2, len(LABELS))  # tallest, shortest
         self.video = nn.Linear(width, len(MOTIONS) + len(COLOUR_NAMES) + len(SHAPES))
         self.words = nn.Linear(width, 1 + len(WORDS)) if audio else None  # 0 = CTC blank
 
 
-def _quadrants(feats: torch.Tensor, grid: int) -> torch.Tensor:
-    """[B, grid*grid, D] image tokens (row-major) -> [B, 4, D]: the mean of each quadrant, index 2 * y + x."""
-    half = grid // 2
-    x = feats.view(feats.shape[0], 2, half, 2, half, -1)  # (y, row, x, column)
-    return x.mean(dim=(2, 4)).flatten(1, 2)
-
-
-def _scene_batch(rng: random.Random, n: int):
-    images, shape_t, colour_t = [], torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, 4, dtype=torch.long)
+def _scene_batch(rng: random.Random, n: int, grid: int):
+    """Pictures; per shape and per colour, the other attribute (0 = absent, -100 = twice: not asked); per token
+    (row-major), the shape and colour under it: its centre in the shape's box, or the shape's centre in it."""
+    images, counts = [], torch.zeros(n, dtype=torch.long)
+    colour_of = torch.zeros(n, len(SHAPES), dtype=torch.long)
+    shape_of = torch.zeros(n, len(COLOUR_NAMES), dtype=torch.long)
+    under = torch.zeros(n, 2, grid, grid, dtype=torch.long)
+    centres = (torch.arange(grid) + 0.5) / grid
     for b in range(n):
-        img, objects, cells = shape_scene(rng, cells=True)
+        img, objects, where = shape_scene(rng, geometry=True)
         images.append(img)
-        for (colour, shape), (i, j) in zip(objects, cells, strict=True):
-            shape_t[b, 2 * j + i] = 1 + SHAPES.index(shape)
-            colour_t[b, 2 * j + i] = 1 + COLOUR_NAMES.index(colour)
-    return images, shape_t, colour_t
+        counts[b] = len(objects) - 1
+        shapes, colours = [s for _, s in objects], [c for c, _ in objects]
+        for (colour, shape), (cx, cy, r) in zip(objects, where, strict=True):
+            i, j = SHAPES.index(shape), COLOUR_NAMES.index(colour)
+            colour_of[b, i] = 1 + j if shapes.count(shape) == 1 else -100
+            shape_of[b, j] = 1 + i if colours.count(colour) == 1 else -100
+            inside = ((centres[:, None] - cy).abs() <= r) & ((centres[None, :] - cx).abs() <= r)
+            inside[int(cy * grid), int(cx * grid)] = True  # the token under the centre, however small the shape
+            under[b, 0][inside], under[b, 1][inside] = 1 + i, 1 + j
+    return images, counts, colour_of, shape_of, under.flatten(2)
+
+
+def _column_targets(values: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, 5] bar values (0 = absent) -> [B, 2, grid * grid]: each token's column's value, and its label where
+    the bar exists (-100 elsewhere). The chart gives label k the k-th fifth of the width (`bar_chart`)."""
+    column = (torch.arange(grid) * len(LABELS)) // grid  # the label slot under each token column
+    value = values[:, column][:, None, :].expand(-1, grid, -1)
+    label = torch.where(value > 0, column.expand_as(value), -100)
+    return torch.stack([value, label], 1).flatten(2)
 
 
 def _square(img: Image.Image, side: int) -> Image.Image:
@@ -82,8 +120,9 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     rng = random.Random(seed * 7_919 + 17)
     side = int(proc.image.min_pixels**0.5)
     grid = side // (proc.image.patch_size * proc.image.merge_size)
+    tokens = grid * grid
     audio = hasattr(trunk, "audio_tower")
-    heads = Heads(c.hidden_size, grid * grid, audio)
+    heads = Heads(c.hidden_size, audio)
     encoder = [p for n, p in trunk.named_parameters() if n.split(".")[0] in ENCODER_MODULES]
     opt = torch.optim.AdamW([*encoder, *heads.parameters()], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + _cos(s / steps)))
@@ -92,23 +131,33 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     start = time.perf_counter()
     for step in range(steps):
         losses, stats = {}, {}
-        images, shape_t, colour_t = _scene_batch(rng, batch)
+        images, counts, colour_of, shape_of, under = _scene_batch(rng, batch, grid)
         x = proc.image([_square(img, side) for img in images])
-        q = _quadrants(trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(batch, grid * grid, -1), grid)
-        logits = heads.quadrant(q)
-        s_log, c_log = logits[..., : 1 + len(SHAPES)], logits[..., 1 + len(SHAPES) :]
-        losses["shape"] = F.cross_entropy(s_log.flatten(0, 1), shape_t.flatten())
-        losses["colour"] = F.cross_entropy(c_log.flatten(0, 1), colour_t.flatten())
-        present = shape_t > 0
-        stats["shape"], stats["colour"] = _accuracy(s_log[present], shape_t[present]), _accuracy(c_log, colour_t)
+        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(batch, tokens, -1)
+        c_log, s_log, n_log = heads.colour_of(feats), heads.shape_of(feats), heads.count(feats.mean(1))
+        losses["colour"] = F.cross_entropy(c_log.flatten(0, 1), colour_of.flatten(), ignore_index=-100)
+        losses["shape"] = F.cross_entropy(s_log.flatten(0, 1), shape_of.flatten(), ignore_index=-100)
+        losses["count"] = F.cross_entropy(n_log, counts)
+        t_log = heads.token(feats).split([1 + len(SHAPES), 1 + len(COLOUR_NAMES)], dim=-1)
+        losses["tokens"] = sum(F.cross_entropy(lg.transpose(1, 2), under[:, k]) for k, lg in enumerate(t_log))
+        stats["colour"] = _accuracy(c_log[colour_of > 0], colour_of[colour_of > 0])
+        stats["shape"] = _accuracy(s_log[shape_of > 0], shape_of[shape_of > 0])
+        stats["count"] = _accuracy(n_log, counts)
 
         charts = [bar_chart(rng) for _ in range(batch // 2)]
         x = proc.image([_square(img, side) for img, _ in charts])
         values = torch.tensor([[v.get(label, 0) for label in LABELS] for _, v in charts])
-        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(charts), -1)
-        logits = heads.chart(feats).view(len(charts), len(LABELS), 10)
-        losses["bar"] = F.cross_entropy(logits.flatten(0, 1), values.flatten())
-        stats["bar value"] = _accuracy(logits[values > 0], values[values > 0])
+        extremes = torch.tensor([[LABELS.index(f(v, key=v.get)) for f in (max, min)] for _, v in charts])
+        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(charts), tokens, -1)
+        v_log, e_log = heads.value_of(feats), heads.extreme(feats)
+        losses["bar"] = F.cross_entropy(v_log.flatten(0, 1), values.flatten())
+        losses["extreme"] = F.cross_entropy(e_log.flatten(0, 1), extremes.flatten())
+        columns = _column_targets(values, grid)
+        k_log = heads.column(feats).split([10, len(LABELS)], dim=-1)
+        losses["columns"] = sum(F.cross_entropy(lg.transpose(1, 2), columns[:, k]) for k, lg in enumerate(k_log))
+        stats["bar value"] = _accuracy(v_log[values > 0], values[values > 0])
+        stats["tallest"] = _accuracy(e_log[:, 0], extremes[:, 0])
+        stats["shortest"] = _accuracy(e_log[:, 1], extremes[:, 1])
 
         videos = [moving_video(rng) for _ in range(batch // 2)]
         x = proc.video([v for v, *_ in videos])

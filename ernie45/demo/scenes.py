@@ -39,9 +39,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(_polygon(shape, cx, cy, r), fill=colour)
 
 
-def shape_scene(rng: random.Random, size: int | None = None, cells: bool = False):
+def shape_scene(rng: random.Random, size: int | None = None, geometry: bool = False):
     """1-4 shapes of distinct (shape, colour) on white or black; returns the image and [(colour, shape)] (and,
-    with `cells`, each shape's quadrant (x, y) in 0..1)."""
+    with `geometry`, each shape's centre and radius as fractions of the side)."""
     size = size or rng.randint(64, 96)
     bg_name = rng.choice(["white", "black"])
     img = Image.new("RGB", (size, size), COLOURS[bg_name])
@@ -50,7 +50,7 @@ def shape_scene(rng: random.Random, size: int | None = None, cells: bool = False
     places = rng.sample([(i, j) for i in range(2) for j in range(2)], n)  # one shape per quadrant: no overlap
     colours = [c for c in COLOURS if c != bg_name]
     used: set[tuple[str, str]] = set()
-    objects = []
+    objects, where = [], []
     for i, j in places:
         while True:
             item = (rng.choice(colours), rng.choice(SHAPES))
@@ -62,11 +62,16 @@ def shape_scene(rng: random.Random, size: int | None = None, cells: bool = False
         cy = (j + 0.5) * size / 2 + rng.uniform(-2, 2)
         draw_shape(draw, item[1], cx, cy, r, COLOURS[item[0]])
         objects.append(item)
-    return (img, objects, places) if cells else (img, objects)
+        where.append((cx / size, cy / size, r / size))
+    return (img, objects, where) if geometry else (img, objects)
 
 
 def bar_chart(rng: random.Random, size: int = 96) -> tuple[Image.Image, dict[str, int]]:
-    """2-5 bars labelled A-E with distinct integer values 1-9."""
+    """2-5 bars labelled A-E with distinct integer values 1-9.
+
+    Each label has its own fifth of the width (A the first, E the last, whether or not the later bars exist),
+    so at the demo's 5 x 5 token grid every bar and its label fall in one token column.
+    """
     n = rng.randint(2, 5)
     labels = "ABCDE"[:n]
     values = dict(zip(labels, rng.sample(range(1, 10), n), strict=True))
@@ -74,14 +79,13 @@ def bar_chart(rng: random.Random, size: int = 96) -> tuple[Image.Image, dict[str
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=10)
     base, top = size - 14, 6
-    width = (size - 10) / n
+    slot = size / 5
     for k, (label, v) in enumerate(values.items()):
-        x0 = 6 + k * width + width * 0.15
-        x1 = 6 + (k + 1) * width - width * 0.15
+        x0, x1 = k * slot + slot * 0.2, (k + 1) * slot - slot * 0.2
         y = base - (base - top) * v / 9
         draw.rectangle([x0, y, x1, base], fill=(40, 70, 230))
         draw.text(((x0 + x1) / 2 - 3, base + 1), label, fill=(0, 0, 0), font=font)
-    draw.line([4, base, size - 4, base], fill=(0, 0, 0))
+    draw.line([1, base, size - 2, base], fill=(0, 0, 0))
     return img, values
 
 
