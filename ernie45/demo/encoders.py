@@ -114,7 +114,8 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
 
 def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int = 16, lr: float = 1e-3,
                       seed: int = 0, log_every: int = 50) -> dict[str, float]:  # fmt: skip
-    """Train the vision and audio paths of `model` in place for `steps` steps; returns the last accuracies."""
+    """Train the vision and audio paths of `model` in place for `steps` steps; returns the last step's accuracies
+    and its summed loss ("loss")."""
     trunk, c = model.model, model.config
     torch.manual_seed(seed)
     rng = random.Random(seed * 7_919 + 17)
@@ -178,10 +179,11 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
         torch.nn.utils.clip_grad_norm_(encoder, 1.0)
         opt.step()
         sched.step()
+        stats["loss"] = loss.item()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             eta = (time.perf_counter() - start) / (step + 1) * (steps - step - 1)
             log.info("encoders %d/%d loss %.3f %s (eta %.0fs)", step + 1, steps, loss.item(),
-                     " ".join(f"{k} {v:.0%}" for k, v in stats.items()), eta)  # fmt: skip
+                     " ".join(f"{k} {v:.0%}" for k, v in stats.items() if k != "loss"), eta)  # fmt: skip
     model.zero_grad(set_to_none=True)
     return stats
 
