@@ -112,26 +112,24 @@ def speak(text: str, rng: random.Random) -> np.ndarray:
     return wave16
 
 
-def audio_task(rng: random.Random) -> tuple[str, list[dict], str]:
+def spoken_prompt(rng: random.Random) -> tuple[str, str, str]:
+    """(skill, what the clip says, the answer): 1-4 spoken digits to transcribe, or a spoken arithmetic question."""
     if rng.random() < 0.7:
         digits = " ".join(NUMBER_WORDS[rng.randint(0, 9)] for _ in range(rng.randint(1, 4)))
-        return (
-            "spoken digits",
-            _user([{"type": "audio", "audio": speak(digits, rng)}], "Transcribe the audio."),
-            (digits),
-        )
+        return "spoken digits", digits, digits
     op = rng.choice(list(SPOKEN_OPS))
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     if op == "minus" and b > a:
         a, b = b, a
     result = SPOKEN_OPS[op](a, b)
-    question = f"what is {NUMBER_WORDS[a]} {op} {NUMBER_WORDS[b]}"
     answer = NUMBER_WORDS[result] if result < 10 else str(result)
-    return (
-        "spoken question",
-        _user([{"type": "audio", "audio": speak(question, rng)}], "Answer the question."),
-        (f"{answer}."),
-    )
+    return "spoken question", f"what is {NUMBER_WORDS[a]} {op} {NUMBER_WORDS[b]}", f"{answer}."
+
+
+def audio_task(rng: random.Random) -> tuple[str, list[dict], str]:
+    skill, said, answer = spoken_prompt(rng)
+    ask = "Transcribe the audio." if skill == "spoken digits" else "Answer the question."
+    return skill, _user([{"type": "audio", "audio": speak(said, rng)}], ask), answer
 
 
 @lru_cache(maxsize=1)
