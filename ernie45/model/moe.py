@@ -100,8 +100,7 @@ class ExpertGroup(nn.Module):
         """Expert `e` (SwiGLU) on its rows (a few bf16 rows on CPU: the decode kernel, as the dense linears)."""
         w1, w2 = self.gate_up_proj[e], self.down_proj[e]
         if x.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.usable(w1) and not _needs_grad(x, w1) and cpu_gemv.ready():
-            gate, up = cpu_gemv.gemv(x, w1).chunk(2, dim=-1)
-            return cpu_gemv.gemv(F.silu(gate) * up, w2).to(x.dtype)
+            return cpu_gemv.gemv(cpu_gemv.silu_mul(cpu_gemv.gemv(x, w1)), w2, x.dtype == torch.bfloat16).to(x.dtype)
         gate, up = F.linear(x, w1).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w2)
 

@@ -39,8 +39,8 @@ class PackedLinear(nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
             return y.to(x.dtype)
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= cpu_gemv.MAX_ROWS:
-            y = cpu_gemv.gemv(x2, self.plain)
+        if x2.shape[0] <= cpu_gemv.MAX_ROWS:  # rounded to bf16 in the kernel where no bias follows
+            y = cpu_gemv.gemv(x2, self.plain, self.bias is None and x.dtype == torch.bfloat16)
         else:
             y = F.linear(x2.to(torch.bfloat16), self.plain)
         if self.bias is not None:

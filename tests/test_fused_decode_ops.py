@@ -1,0 +1,94 @@
+"""The fused CPU decode ops (`cpu_gemv.rmsnorm`, `silu_mul`, `decode_attention`) against the torch code they
+replace, and the model's choice between them."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ernie45.model import cpu_gemv
+from ernie45.model.layers import RMSNorm, SwiGLU
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def kernels():
+    if cpu_gemv.kernel() is None:
+        pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: the model keeps torch's ops")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_matches_the_eager_norm(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(96, eps=1e-6).to(dtype)
+    norm.weight.data = torch.randn(96).to(dtype)
+    x = (torch.randn(2, 3, 96) * 5).to(dtype)
+    with torch.no_grad():
+        with cpu_gemv.switched(False):
+            want = norm(x)
+        got = cpu_gemv.rmsnorm(x, norm.weight, norm.eps)
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.bfloat16:  # the same roundings: equal but for a rare last-bit tie
+        assert (got != want).float().mean() < 0.01
+    assert torch.allclose(got.float(), want.float(), atol=1e-5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_silu_times_up_including_tails_and_extremes(dtype):
+    torch.manual_seed(0)
+    gate_up = (torch.randn(3, 2 * 41) * 6).to(dtype)  # 41: not a multiple of the 16-lane vectors
+    gate_up[0, :4] = torch.tensor([-200.0, -90.0, 0.0, 120.0]).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    got = cpu_gemv.silu_mul(gate_up)
+    want = F.silu(gate) * up
+    assert got.dtype == dtype and got.shape == (3, 41)
+    assert torch.allclose(got.float(), want.float(), atol=1e-5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "dim"), [(1, 16, 2, 300, 128), (3, 6, 3, 17, 32)])
+def test_decode_attention_matches_sdpa_on_cache_views_with_a_mask(dtype, batch, heads, kv_heads, length, dim):
+    torch.manual_seed(0)
+    buf_k, buf_v = (torch.randn(batch, kv_heads, length + 9, dim).to(dtype) for _ in range(2))
+    k, v = buf_k[:, :, :length], buf_v[:, :, :length]  # a cache's first positions: not contiguous
+    q = torch.randn(batch, heads, 1, dim).to(dtype)
+    mask = torch.rand(batch, 1, 1, length) > 0.4
+    mask[..., -1] = True
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for m in (None, mask, mask[:1]):  # none, per row, one row broadcast
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, scale=0.3, enable_gqa=True)
+        got = cpu_gemv.decode_attention(q, k, v, m, 0.3)
+        assert got.dtype == dtype and got.shape == q.shape
+        assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (got.float() - want).abs().max()
+
+
+def test_the_fused_ops_stay_out_of_autograd_and_follow_the_switch():
+    x = torch.randn(2, 8, requires_grad=True)
+    assert not cpu_gemv.fused(x)  # training needs torch's ops for the backward
+    with torch.no_grad():
+        assert cpu_gemv.fused(x)
+        with cpu_gemv.switched(False):
+            assert not cpu_gemv.fused(x)
+    assert not cpu_gemv.fused(torch.zeros(2, dtype=torch.float16))
+    mlp = SwiGLU(32, 48)
+    mlp.gate_up_proj = torch.nn.Linear(32, 96)  # as fuse_projections leaves it
+    y = torch.randn(4, 32)
+    y.requires_grad_(True)
+    mlp(y).sum().backward()  # the eager path: gradients flow
+    assert y.grad is not None and y.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_matches_the_complex_rotation_on_a_strided_view(dtype):
+    from ernie45.model.layers import apply_interleaved_rope, rope_cos_sin
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 1, 7, 64).to(dtype).transpose(1, 2)  # [B, heads, S, D] as Attention.project views it
+    x = qkv[:, :5]
+    cos, sin = rope_cos_sin(torch.tensor([[3], [11]]), 64, 10000.0)
+    with cpu_gemv.switched(False):
+        want = apply_interleaved_rope(x, cos, sin)
+    got = cpu_gemv.rope(x, cos, sin)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.allclose(got.float(), want.float(), atol=1e-5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert not cpu_gemv.fused(torch.zeros(512, 1024))  # prefill-sized: torch's multi-threaded ops
