@@ -73,7 +73,7 @@ def kernel():
             NAME, cpp_sources=_SOURCE.read_text(), functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"]
         )
     except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
-        log.warning("bf16 decode kernel did not build (%s); using torch's linear", str(e).splitlines()[0][:200])
+        log.warning("CPU decode kernels did not build (%s); using torch's ops", str(e).splitlines()[0][:200])
         return None
 
 
@@ -114,9 +114,14 @@ def fused(*tensors: torch.Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if needs_grad(*tensors):
         return False
     return _mode() != "0" and kernel() is not None
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd must see an op on these tensors (then the kernels here, which have no backward, stay out)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)

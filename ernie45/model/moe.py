@@ -19,10 +19,6 @@ GATHER_MAX_ROWS = 16  # up to this many (token, expert) pairs, gather the expert
 GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
-def _needs_grad(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-
-
 class Router(nn.Module):
     """fp32 softmax router with an aux-loss-free correction bias that only steers top-k selection."""
 
@@ -65,12 +61,12 @@ class ExpertGroup(nn.Module):
         n, k = ids.shape
         half_cpu = x.device.type == "cpu" and self.gate_up_proj.dtype in (torch.bfloat16, torch.float16)
         # (on CPU the gathered bf16 einsum is ~35x slower than one matmul per expert hit: 271 vs 7.4 ms, 21B shapes)
-        if n * k <= GATHER_MAX_ROWS and not _needs_grad(x, self.gate_up_proj) and not half_cpu:
+        if n * k <= GATHER_MAX_ROWS and not cpu_gemv.needs_grad(x, self.gate_up_proj) and not half_cpu:
             h = torch.einsum("nh,nkih->nki", x, self.gate_up_proj[ids].to(x.dtype))
             gate, up = h.chunk(2, dim=-1)
             y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[ids].to(x.dtype))
             return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
-        grouped = GROUPED_MM and not _needs_grad(x, self.gate_up_proj) and x.dtype == self.gate_up_proj.dtype
+        grouped = GROUPED_MM and not cpu_gemv.needs_grad(x, self.gate_up_proj) and x.dtype == self.gate_up_proj.dtype
         return self.sorted_experts(x, ids, weights, grouped)
 
     def sorted_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -99,7 +95,8 @@ class ExpertGroup(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `e` (SwiGLU) on its rows (a few bf16 rows on CPU: the decode kernel, as the dense linears)."""
         w1, w2 = self.gate_up_proj[e], self.down_proj[e]
-        if x.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.usable(w1) and not _needs_grad(x, w1) and cpu_gemv.ready():
+        rows_fit = x.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.usable(w1)
+        if rows_fit and not cpu_gemv.needs_grad(x, w1) and cpu_gemv.ready():
             return cpu_gemv.gemv(cpu_gemv.silu_mul(cpu_gemv.gemv(x, w1)), w2, x.dtype == torch.bfloat16).to(x.dtype)
         gate, up = F.linear(x, w1).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w2)
