@@ -29,8 +29,9 @@ def configure(proc: Processor) -> Processor:
     return proc
 
 
-def make_sample(proc: Processor, rng: random.Random, mix: dict | None = None, turns: int = 1) -> Sample:
-    skill, messages, answer = draw(rng, mix, turns)
+def make_sample(proc: Processor, rng: random.Random, mix: dict | None = None, turns: int = 1,
+                describe_last: bool = False) -> Sample:  # fmt: skip
+    skill, messages, answer = draw(rng, mix, turns, describe_last)
     sample = tokenize_chat(proc, [*messages, {"role": "assistant", "content": answer}])
     sample.source = skill
     return sample
@@ -38,11 +39,12 @@ def make_sample(proc: Processor, rng: random.Random, mix: dict | None = None, tu
 
 class DemoRows(Dataset):
     """`rows` packed rows of at most `budget` tokens, each drawn from seed (seed, index); media samples ask up to
-    `turns` questions."""
+    `turns` questions (a description last with `describe_last`)."""
 
     def __init__(self, proc: Processor, rows: int, budget: int, seed: int = 0, mix: dict | None = None,
-                 turns: int = 1) -> None:  # fmt: skip
+                 turns: int = 1, describe_last: bool = False) -> None:  # fmt: skip
         self.proc, self.rows, self.budget, self.seed, self.mix, self.turns = proc, rows, budget, seed, mix, turns
+        self.describe_last = describe_last
 
     def __len__(self) -> int:
         return self.rows
@@ -51,7 +53,7 @@ class DemoRows(Dataset):
         rng = random.Random(self.seed * 1_000_003 + i)
         row, used = [], 0
         while True:
-            s = make_sample(self.proc, rng, self.mix, self.turns)
+            s = make_sample(self.proc, rng, self.mix, self.turns, self.describe_last)
             if used + len(s) > self.budget:
                 return row or [s]
             row.append(s)

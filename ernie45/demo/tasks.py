@@ -181,11 +181,14 @@ DEFAULT_MIX = {"image": 0.3, "chart": 0.15, "video": 0.15, "audio": 0.2, "text":
 QUESTIONS = {"image": image_questions, "chart": chart_questions, "video": video_questions}
 
 
-def draw(rng: random.Random, mix: dict[str, float] | None = None, turns: int = 1) -> tuple[str, list[dict], str]:
+def draw(rng: random.Random, mix: dict[str, float] | None = None, turns: int = 1,
+         describe_last: bool = False) -> tuple[str, list[dict], str]:  # fmt: skip
     """(skill, messages, answer) for a task drawn by the mix weights.
 
     With `turns` > 1 a picture or video gets up to that many distinct questions as one conversation (the
     media in the first turn): more supervised answers per encoded image, the cheapest signal the demo gets.
+    With `describe_last` a description comes after the other questions: it names every colour and shape, so a
+    colour or shape question after it could be answered by copying the text instead of reading the picture.
     """
     mix = mix or DEFAULT_MIX
     family = rng.choices(list(mix), weights=list(mix.values()))[0]
@@ -194,6 +197,8 @@ def draw(rng: random.Random, mix: dict[str, float] | None = None, turns: int = 1
     parts, qas = QUESTIONS[family](rng)
     unique = list(dict.fromkeys(qas))
     chosen = rng.sample(unique, rng.randint(1, min(turns, len(unique))))
+    if describe_last:
+        chosen.sort(key=lambda qa: qa[0] == "describe")  # stable: the others keep their drawn order
     messages: list[dict] = []
     for i, (_, question, answer) in enumerate(chosen):
         messages += _user(parts if i == 0 else [], question)
