@@ -154,8 +154,9 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
         demo = d["demo"]
         rows = demo.get("rows", t["max_steps"] * t["batch_size"] * t["grad_accum"])
         seed = demo.get("seed", t["seed"])
-        dataset = DemoRows(proc, rows, d["max_tokens"], seed, demo.get("mix"), demo.get("turns", 1),
-                           demo.get("describe_last", False))
+        dataset = DemoRows(
+            proc, rows, d["max_tokens"], seed, demo.get("mix"), demo.get("turns", 1), demo.get("describe_last", False)
+        )
         collator = lambda rows: collate_packed(rows, d["max_tokens"], pad, positions)  # noqa: E731
     elif d["pack"]:
         dataset = pack(samples, d["max_tokens"])
