@@ -95,6 +95,8 @@ def test_quantize_command_writes_a_checkpoint_that_loads_as_quantized(tmp_path, 
         on_the_fly = LLM(src, quantization=f"int{bits}").model(input_ids=ids).logits
         saved = LLM(out)  # the tokenizer came along; the loader sees the quantization in config.json
         assert any(isinstance(m, QuantLinear) for m in saved.model.modules())
+        fused = [m for m in saved.model.modules() if isinstance(getattr(m, "gate_up_proj", None), QuantLinear)]
+        assert fused  # the loaded codes stacked into one gate/up matmul, as on the fly
         assert torch.allclose(saved.model(input_ids=ids).logits, on_the_fly, atol=1e-5)
     assert main(["quantize", str(src), str(tmp_path / "q8"), "--bits", "8"]) == 2  # never over a checkpoint
     assert "not empty" in capsys.readouterr().err
@@ -142,7 +144,7 @@ def test_bf16_decode_kernel_matches_a_matmul(rows, own_kernels):
     assert torch.allclose(cpu_gemv.gemv(x, w), want, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_decode_kernel_is_on_by_default_and_the_quantized_ones_are_not(monkeypatch):
+def test_bf16_and_int4_decode_kernels_are_on_by_default_and_int8_is_not(monkeypatch):
     from ernie45.model import cpu_gemv
     from ernie45.model.packed import PackedLinear
 
@@ -151,7 +153,8 @@ def test_bf16_decode_kernel_is_on_by_default_and_the_quantized_ones_are_not(monk
     try:
         if cpu_gemv.kernel() is None:
             pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: torch's kernels run")
-        assert cpu_gemv.ready() and not cpu_gemv.ready(quantized=True)
+        assert cpu_gemv.ready() and not cpu_gemv.ready("int8")
+        assert cpu_gemv.ready("int4") == ({"avx512vbmi", "avx512_vnni"} <= cpu_gemv._cpu_flags())
         lin = torch.nn.Linear(64, 40, dtype=torch.bfloat16)
         packed = PackedLinear(lin)
         assert packed.plain is not None and "AVX512-BF16" in repr(packed)
@@ -159,7 +162,10 @@ def test_bf16_decode_kernel_is_on_by_default_and_the_quantized_ones_are_not(monk
         assert torch.allclose(packed(x).float(), lin(x).float(), atol=0.05)
         monkeypatch.setenv("ERNIE45_CPU_KERNELS", "0")
         cpu_gemv.kernel.cache_clear()
-        assert not cpu_gemv.ready() and "oneDNN" in repr(PackedLinear(lin))
+        assert not cpu_gemv.ready() and not cpu_gemv.ready("int4") and "oneDNN" in repr(PackedLinear(lin))
+        monkeypatch.setenv("ERNIE45_CPU_KERNELS", "bf16")
+        cpu_gemv.kernel.cache_clear()
+        assert cpu_gemv.ready() and not cpu_gemv.ready("int4")
     finally:
         cpu_gemv.kernel.cache_clear()
 
@@ -174,7 +180,17 @@ def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows
     torch.manual_seed(0)
     q = QuantLinear.from_float(torch.randn(192, 256), None, bits, group)
     x = torch.randn(rows, 256)
-    want = x @ q.dequantized_t(torch.float32)
+    exact = x @ q.dequantized_t(torch.float32)
+    if bits == 4 and not cpu_gemv.ready("int4"):
+        pytest.skip("no AVX512-VBMI / VNNI here: int4 decode runs on torch's kernel")
+    if bits == 4:  # the int4 kernel rounds x to int8 per 32 columns (scale max|x| / 127) for the codes' part;
+        amax = x.view(rows, -1, 32).abs().amax(-1, keepdim=True)  # each group's zero meets the exact sum of x
+        xq = (torch.round(x.view(rows, -1, 32) * (127 / amax)) * (amax / 127)).view(rows, -1)
+        zeros = q.scales.float()[..., 1]  # [K / group, N]
+        want = xq @ q.dequantized_t(torch.float32) + (x - xq).view(rows, -1, group).sum(-1) @ zeros
+        assert 1e-3 < (want - exact).norm() / exact.norm() < 0.02  # what rounding x costs: small, not nothing
+    else:
+        want = exact
     assert torch.allclose(q(x), want, atol=1e-4, rtol=1e-4)
 
 

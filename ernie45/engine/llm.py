@@ -111,7 +111,8 @@ class LLM:
             self.processor = processor or load_processor(source)
             owned = False
         self.model.eval()
-        if owned:  # inference-only: q/k/v and gate/up as one matmul each
+        if owned:  # inference-only: no gradients (the CPU decode kernels stay out of autograd's way), q/k/v and
+            self.model.requires_grad_(False)  # gate/up as one matmul each
             fuse_projections(self.model)
         if quantization:
             self._quantize(quantization)

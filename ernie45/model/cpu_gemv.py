@@ -6,11 +6,16 @@ one row read weights well below the machine's bandwidth (bf16 also through oneDN
 int4 through their packed matmuls), while a plain loop streaming the weights with AVX512 dot products gets
 closer to it. With the weights on 2 MB pages (`hugepages`) the bf16 kernel reads 24 GB/s against 14 for torch's
 bf16 linear over a model's worth of matrices, and whole 0.3B decode steps run ~19% faster (3 interleaved
-runs of `benchmarks/decode.py`'s rows: 23.9 vs 20.0 tok/s), so it is on by default for bf16 weights. The int8
-and int4 kernels gained nothing in whole steps on 2 cores (int8 runs on FBGEMM where it can) and are on only
-with `ERNIE45_CPU_KERNELS=1`; `ERNIE45_CPU_KERNELS=0` switches all off. They need AVX512-BF16 and a C++
-compiler; without either `kernel()` is None and callers keep torch's ops. The build (about a minute, once per
-machine) lands in torch's extension cache; the C++ is `csrc/cpu_decode.cpp`.
+runs of `benchmarks/decode.py`'s rows: 23.9 vs 20.0 tok/s), so it is on by default for bf16 weights.
+
+int4 decode is bound by arithmetic, not memory, on 2 cores: torch's kernel and a plain fp32-FMA loop both turn
+every code into a float. The int4 kernel here rounds x to int8 per 32 columns (as llama.cpp's Q4_0 x Q8_0 does;
+~0.6% relative error on a random product) and multiplies codes by x with VNNI, 64 multiply-adds an
+instruction; it needs AVX512-VBMI and VNNI besides BF16 and is on by default where they are. The int8 kernel
+gained nothing in whole steps (int8 runs on FBGEMM where it can) and is on only with `ERNIE45_CPU_KERNELS=1`;
+`ERNIE45_CPU_KERNELS=0` switches all off, `=bf16` leaves only the bf16 one. The kernels need AVX512-BF16 and a
+C++ compiler; without either `kernel()` is None and callers keep torch's ops. The build (about a minute, once
+per machine) lands in torch's extension cache; the C++ is `csrc/cpu_decode.cpp`.
 
 Besides the matvecs, a decode step's small ops cost more than their arithmetic: each RMSNorm was 7 torch ops,
 RoPE 8, SwiGLU's product 3, and SDPA's flash kernel for one query ~100 us a layer, every one of them on data the
@@ -67,7 +72,8 @@ def kernel():
         if not any(Path(_get_build_directory(NAME, False)).glob("*.so")):
             log.warning("compiling ernie45's CPU decode kernels (once per machine, about a minute)")
         # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
-        flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+        isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"]
+        flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
         functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention"]
         return load_inline(
             NAME, cpp_sources=_SOURCE.read_text(), functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"]
@@ -78,8 +84,8 @@ def kernel():
 
 
 def _mode() -> str:
-    """`ERNIE45_CPU_KERNELS`: "bf16" (default) the bf16 kernel only, "1" all three, "0" none."""
-    return os.environ.get("ERNIE45_CPU_KERNELS", "bf16")
+    """`ERNIE45_CPU_KERNELS`: unset the default kernels (bf16, int4), "bf16" the bf16 one only, "1" all, "0" none."""
+    return os.environ.get("ERNIE45_CPU_KERNELS", "default")
 
 
 @contextlib.contextmanager
@@ -98,11 +104,17 @@ def switched(on: bool) -> Iterator[None]:
         kernel.cache_clear()
 
 
-def ready(quantized: bool = False) -> bool:
-    """Whether the bf16 (or the int8 / int4) kernels run here and now (not while torch.compile traces: it keeps
-    torch's own ops)."""
-    on = _mode() == "1" or not quantized
+def ready(kind: str = "bf16") -> bool:
+    """Whether the `kind` ("bf16", "int8", "int4") matvec kernel runs here and now (not while torch.compile
+    traces: it keeps torch's own ops)."""
+    mode = _mode()
+    on = mode == "1" or mode == kind or (mode == "default" and kind in _DEFAULT_KINDS)
+    if kind == "int4":
+        on = on and {"avx512vbmi", "avx512_vnni"} <= _cpu_flags()
     return on and not torch.compiler.is_compiling() and kernel() is not None
+
+
+_DEFAULT_KINDS = ("bf16", "int4")
 
 
 def fused(*tensors: torch.Tensor) -> bool:
@@ -185,5 +197,6 @@ def gemv_int8(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> 
 
 
 def gemv_int4(x2: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:
-    """x2 [M, K] @ W^T in fp32, W in torch's CPU int4 tiles with bf16 (scale, zero) [K/group, N, 2] per group."""
+    """x2 [M, K] @ W^T in fp32, W in torch's CPU int4 tiles with bf16 (scale, zero) [K/group, N, 2] per group; x2
+    rounded to int8 per 32 columns inside."""
     return kernel().gemv_int4(x2.float().contiguous(), tiles, scales_zeros.to(torch.bfloat16).contiguous(), group)

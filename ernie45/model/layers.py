@@ -189,7 +189,11 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _stacked(*linears: nn.Linear) -> nn.Linear:
+def _stacked(*linears: nn.Module) -> nn.Module:
+    """The linears' output rows one under the other, as one linear (a module type with `stack`, such as the
+    quantized linear, stacks itself)."""
+    if type(linears[0]) is not nn.Linear:
+        return type(linears[0]).stack(*linears)
     w = torch.cat([m.weight.detach() for m in linears])
     out = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device=w.device, dtype=w.dtype)
     out.weight = nn.Parameter(w, requires_grad=False)
@@ -198,20 +202,27 @@ def _stacked(*linears: nn.Linear) -> nn.Linear:
     return out
 
 
+def _stackable(*linears: nn.Module) -> bool:
+    kind = type(linears[0])
+    same = all(type(m) is kind for m in linears)
+    return same and (kind is nn.Linear or (hasattr(kind, "stack") and kind.stackable(*linears)))
+
+
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> int:
     """Inference only: each attention's q, k, v and each SwiGLU's gate and up become one linear (a decode step
     then makes 4 matmul calls per layer instead of 7, on longer matrices that stream faster). Run before
-    quantizing or packing (those then see the fused linear; per-row quantization gives the same codes). The
+    quantizing or packing (those then see the fused linear; per-row quantization gives the same codes), or on a
+    loaded quantized checkpoint (its int8 / int4 codes stack as they are). The
     fused model's state dict no longer has the official names: the engine does this to the models it owns.
     Returns how many were fused."""
     n = 0
     for m in list(model.modules()):
-        if isinstance(m, Attention) and m.qkv_proj is None and type(m.q_proj) is nn.Linear:
+        if isinstance(m, Attention) and m.qkv_proj is None and _stackable(m.q_proj, m.k_proj, m.v_proj):
             m.qkv_proj = _stacked(m.q_proj, m.k_proj, m.v_proj)
             m.q_proj = m.k_proj = m.v_proj = None
             n += 1
-        elif isinstance(m, SwiGLU) and m.gate_up_proj is None and type(m.gate_proj) is nn.Linear:
+        elif isinstance(m, SwiGLU) and m.gate_up_proj is None and _stackable(m.gate_proj, m.up_proj):
             m.gate_up_proj = _stacked(m.gate_proj, m.up_proj)
             m.gate_proj = m.up_proj = None
             n += 1

@@ -7,7 +7,8 @@ matrices. Activations stay in the model's float dtype (but see int8 decode below
 
 CPU kernels: int8 weights the engine has prepared (`prepare_fbgemm_int8`: CPUs with VNNI) go through FBGEMM's
 int8 x int8 product for any number of rows, each row quantized to 8 bits on each call, as llama.cpp's Q8_0
-does. Otherwise, for decode (a few rows), ernie45's own (`cpu_gemv`) when switched on, else
+does. Otherwise, for decode (a few rows), ernie45's own (`cpu_gemv`: int4 by default where the CPU has
+VNNI and VBMI, x rounded to int8 per 32 columns as for FBGEMM's int8; int8 when switched on), else
 `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the weight
 dequantised for that call.
 CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised weights are kept nowhere.
@@ -122,6 +123,27 @@ class QuantLinear(nn.Module):
         codes, scales = quantize_int8(weight) if bits == 8 else quantize_int4(weight, group)
         return cls(codes, scales, bias, bits, group, dtype)
 
+    @staticmethod
+    def stackable(*parts: QuantLinear) -> bool:
+        """Whether `stack` takes these: same bits, group, dtype and input width, biases all or none, not yet
+        packed for FBGEMM."""
+        first = parts[0]
+        return all(
+            p.bits == first.bits and p.group == first.group and p.dtype == first.dtype and p.dynamic is None
+            and p.in_features == first.in_features and (p.bias is None) == (first.bias is None)
+            for p in parts
+        )  # fmt: skip
+
+    @classmethod
+    def stack(cls, *parts: QuantLinear) -> QuantLinear:
+        """One QuantLinear whose output rows are the parts' one under the other (fusing q/k/v or gate/up of a
+        loaded quantized checkpoint): the codes and scales move as they are, so outputs are the parts' exactly."""
+        codes, scales = zip(*(p.portable() for p in parts), strict=True)
+        first = parts[0]
+        bias = None if first.bias is None else torch.cat([p.bias.detach() for p in parts])
+        scales_dim = 0 if first.bits == 8 else 1  # [N] per channel, or [K/group, N, 2]
+        return cls(torch.cat(codes), torch.cat(scales, scales_dim), bias, first.bits, first.group, first.dtype)
+
     def portable(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales) in the device-independent form `__init__` takes (for saving).
 
@@ -168,10 +190,10 @@ class QuantLinear(nn.Module):
         int8_fp32 = self.bits == 8 and x2.dtype == torch.float32
         if cpu and x2.shape[0] > PACKED_ROWS[self.bits] and (int8_fp32 or self._unpackable()):
             return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
-        if cpu and x2.shape[0] <= cpu_gemv.MAX_ROWS and cpu_gemv.ready(quantized=True):  # decode: stream codes
-            if self.bits == 8 and self.in_features % 64 == 0:
+        if cpu and x2.shape[0] <= cpu_gemv.MAX_ROWS:  # decode: stream the codes
+            if self.bits == 8 and self.in_features % 64 == 0 and cpu_gemv.ready("int8"):
                 return cpu_gemv.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
-            if self._unpackable():
+            if self._unpackable() and cpu_gemv.ready("int4"):
                 return cpu_gemv.gemv_int4(x2, self.qweight, self.scales, self.group).to(x2.dtype)
         if self.bits == 8:
             if cpu and int8_fp32:  # the CPU int8 kernel is ~10x faster on bf16 rows (0.16 vs 1.8 ms, 1x1024x3072)

@@ -2,6 +2,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 
 // Every weight row is streamed once, start to end, with a software prefetch PF bytes ahead (the hardware
 // prefetcher stops at each 4 KB page): on 2 cores 22-26 GB/s, against 16-18 for oneDNN's packed bf16 kernel
@@ -71,8 +74,11 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
 
 // int4 in torch's CPU tile layout: tiles [N/64, K, 32] bytes, byte j of (tile t, column k) holds the codes of
 // rows 64t + j (low nibble) and 64t + j + 32 (high nibble); sz [K/G, N, 2] bf16 = (scale, zero) per group of
-// G columns, w = (code - 8) * scale + zero. Vectorised over the 64 rows of a tile: per column one broadcast of
-// x and four FMAs; per group the code sums are scaled and sum(x) * (zero - 8 scale) added.
+// G columns, w = (code - 8) * scale + zero. As llama.cpp does for Q4_0, x is rounded to int8 per 32 columns
+// (scale max|x| / 127) so that VNNI multiplies codes by x: one vpdpbusd is 64 multiply-adds (16 rows x 4
+// columns) where an fp32 FMA is 16, and no code is converted to float. AVX512-VBMI's two-table byte permute
+// turns four columns of the tile (rows across bytes) into 16 rows x 4 columns per register (one row per lane).
+// Per row and group: y += scale * (sum_b xs_b * (codes . q)_b - 8 * sum_b xs_b sum(q_b)) + zero * sum(x).
 static inline __m512 bf16x16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 is fp32's upper half)
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -81,43 +87,84 @@ static inline __m512 bf16x16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 i
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, int64_t group) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && sz.scalar_type() == torch::kBFloat16);
   TORCH_CHECK(x.is_contiguous() && sz.is_contiguous());
-  const int64_t M = x.size(0), K = x.size(1), N = sz.size(1);
-  TORCH_CHECK(N % 64 == 0 && K % group == 0 && tiles.numel() == N * K / 2 && sz.size(0) == K / group);
+  const int64_t M = x.size(0), K = x.size(1), N = sz.size(1), B = K / 32, G = K / group;
+  TORCH_CHECK(N % 64 == 0 && group % 32 == 0 && K % group == 0 && tiles.numel() == N * K / 2 && sz.size(0) == G);
+  // x per 32 columns: int8 values q, their scale xs; per group: c = sum_b xs_b * sum(q_b) and sum(x)
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto xs = torch::empty({M, B}, x.options()), xc = torch::empty({M, G, 2}, x.options());
+  const float* X = x.data_ptr<float>();
+  int8_t* Q = q.data_ptr<int8_t>();
+  float *XS = xs.data_ptr<float>(), *XC = xc.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float c = 0.f, total = 0.f;
+      for (int64_t b = g * group / 32; b < (g + 1) * group / 32; ++b) {
+        const float* xb = X + m * K + b * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(xb[i]));
+        const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int qsum = 0;
+        for (int i = 0; i < 32; ++i) {
+          const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+          Q[m * K + b * 32 + i] = static_cast<int8_t>(v);
+          qsum += v;
+          total += xb[i];
+        }
+        XS[m * B + b] = scale;
+        c += scale * qsum;
+      }
+      XC[(m * G + g) * 2] = c;
+      XC[(m * G + g) * 2 + 1] = total;
+    }
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* T = tiles.data_ptr<uint8_t>();
-  const float* X = x.data_ptr<float>();
   const uint16_t* SZ = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
   float* Y = y.data_ptr<float>();
-  const __m256i low = _mm256_set1_epi8(0x0F);
   at::parallel_for(0, N / 64, 1, [&](int64_t t0, int64_t t1) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512i idx[2];  // lane i <- bytes i, 32 + i of the first table and i, 32 + i of the second (rows i, 16 + i)
+    for (int h = 0; h < 2; ++h) {
+      alignas(64) uint8_t b[64];
+      for (int i = 0; i < 16; ++i)
+        for (int c = 0; c < 4; ++c) b[4 * i + c] = static_cast<uint8_t>(16 * h + i + 32 * c);
+      idx[h] = _mm512_load_si512(b);
+    }
+    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t m = 0; m < M; ++m) {
-        const float* xm = X + m * K;
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t g = 0; g < K / group; ++g) {
+        for (int64_t g = 0; g < G; ++g) {
           __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-          float xsum = 0.f;
-          for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-            const __m512 xb = _mm512_set1_ps(xm[k]);
-            xsum += xm[k];
-            const uint8_t* col = T + (t * K + k) * 32;
-            if (!(k & 1)) _mm_prefetch(reinterpret_cast<const char*>(col) + PF, _MM_HINT_T0);
-            const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
-            const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-            const __m128i q[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1),
-                                  _mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)};
-            for (int i = 0; i < 4; ++i)
-              part[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q[i])), xb, part[i]);
+          for (int64_t b = g * group / 32; b < (g + 1) * group / 32; ++b) {
+            __m512i dot[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                              _mm512_setzero_si512()};
+            for (int64_t k = b * 32; k < b * 32 + 32; k += 4) {
+              const char* col = reinterpret_cast<const char*>(T + (t * K + k) * 32);
+              _mm_prefetch(col + PF, _MM_HINT_T0);
+              _mm_prefetch(col + PF + 64, _MM_HINT_T0);
+              const __m512i a = _mm512_loadu_si512(col), c = _mm512_loadu_si512(col + 64);
+              const __m512i alo = _mm512_and_si512(a, low), clo = _mm512_and_si512(c, low);
+              const __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), low);
+              const __m512i chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+              int32_t four;
+              std::memcpy(&four, Q + m * K + k, 4);
+              const __m512i xv = _mm512_set1_epi32(four);
+              dot[0] = _mm512_dpbusd_epi32(dot[0], _mm512_permutex2var_epi8(alo, idx[0], clo), xv);
+              dot[1] = _mm512_dpbusd_epi32(dot[1], _mm512_permutex2var_epi8(alo, idx[1], clo), xv);
+              dot[2] = _mm512_dpbusd_epi32(dot[2], _mm512_permutex2var_epi8(ahi, idx[0], chi), xv);
+              dot[3] = _mm512_dpbusd_epi32(dot[3], _mm512_permutex2var_epi8(ahi, idx[1], chi), xv);
+            }
+            const __m512 f = _mm512_set1_ps(XS[m * B + b]);
+            for (int i = 0; i < 4; ++i) part[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), f, part[i]);
           }
           const uint16_t* row = SZ + (g * N + t * 64) * 2;  // (scale, zero) pairs of this tile's 64 rows
-          const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-          const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-          const __m512 xs = _mm512_set1_ps(xsum), eight = _mm512_set1_ps(8.f);
+          const __m512 c8 = _mm512_set1_ps(8.f * XC[(m * G + g) * 2]), total = _mm512_set1_ps(XC[(m * G + g) * 2 + 1]);
           for (int i = 0; i < 4; ++i) {
-            const __m512 a = bf16x16(row + 32 * i), c = bf16x16(row + 32 * i + 16);
-            const __m512 s = _mm512_permutex2var_ps(a, evens, c), z = _mm512_permutex2var_ps(a, odds, c);
-            acc[i] = _mm512_fmadd_ps(part[i], s, acc[i]);
-            acc[i] = _mm512_fmadd_ps(xs, _mm512_fnmadd_ps(eight, s, z), acc[i]);
+            const __m512 lo = bf16x16(row + 32 * i), hi = bf16x16(row + 32 * i + 16);
+            const __m512 s = _mm512_permutex2var_ps(lo, evens, hi), z = _mm512_permutex2var_ps(lo, odds, hi);
+            acc[i] = _mm512_fmadd_ps(_mm512_sub_ps(part[i], c8), s, acc[i]);
+            acc[i] = _mm512_fmadd_ps(total, z, acc[i]);
           }
         }
         for (int i = 0; i < 4; ++i) _mm512_storeu_ps(Y + m * N + t * 64 + 16 * i, acc[i]);
