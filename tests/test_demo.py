@@ -146,3 +146,18 @@ def test_multi_turn_media_samples_ask_distinct_questions_about_one_picture():
         questions = [p["text"] for m in users for p in m["content"] if p["type"] == "text"]
         assert len(set(questions)) == len(questions) and answer
     assert draw(random.Random(1), {"audio": 1.0}, turns=3)[1][0]["role"] == "user"  # audio stays one turn
+
+
+def test_describe_last_keeps_the_description_after_the_questions_it_would_answer():
+    from ernie45.demo.tasks import draw
+
+    def order(describe_last: bool) -> list[list[str]]:
+        rng = random.Random(11)
+        convs = [draw(rng, {"image": 1.0}, turns=3, describe_last=describe_last) for _ in range(60)]
+        texts = [[p["text"] for m in msgs if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
+                 for _, msgs, _ in convs]  # fmt: skip
+        return [["Describe" in q for q in qs] for qs in texts]
+
+    early = lambda flags: any(flags[:-1]) and not flags[-1]  # noqa: E731  a description before another question
+    assert any(early(f) for f in order(False))  # drawn order: descriptions do come first sometimes
+    assert not any(any(f[:-1]) for f in order(True))  # with describe_last only ever the last question
