@@ -92,3 +92,54 @@ def test_rope_matches_the_complex_rotation_on_a_strided_view(dtype):
     assert got.dtype == dtype and got.shape == want.shape
     assert torch.allclose(got.float(), want.float(), atol=1e-5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
     assert not cpu_gemv.fused(torch.zeros(512, 1024))  # prefill-sized: torch's multi-threaded ops
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_decode_layers_give_the_eager_steps_numbers(dtype, batch):
+    """A decode step's attention half and dense MLP half as one call each (`Attention.decode_block`,
+    `SwiGLU.decode_block`): the same logits as the layer-by-layer eager step, through a padded batch's mask."""
+    from chat_fixtures import tiny_chat_config
+
+    from ernie45.engine.cache import StaticKVCache
+    from ernie45.model.layers import fuse_projections
+    from ernie45.model.packed import pack_bf16_linears
+    from ernie45.model.trunk import Ernie45ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = tiny_chat_config(300, hidden_size=64, intermediate_size=128, head_dim=32, moe_layer_start_index=1)
+    model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
+    fuse_projections(model)
+    if dtype == torch.bfloat16:
+        assert pack_bf16_linears(model) > 0
+    ids = torch.randint(3, 300, (batch, 7))
+    padding = torch.ones(batch, 9, dtype=torch.long)
+    padding[-1, :2] = 0  # the last row left-padded (a no-op mask for one row)
+    calls = []
+    block = cpu_gemv.attention_block
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return block(*args, **kwargs)
+
+    def steps(fused: bool) -> torch.Tensor:
+        cache = StaticKVCache.for_model(model, batch, 16)
+        if not fused:
+            cache.reserve = None  # a cache that does not hand out its buffers: the eager layers run
+        out = [model(input_ids=ids[:, :5], cache=cache, attention_mask=padding[:, :5]).logits[:, -1]]
+        for t in range(5, 7):
+            mask = padding[:, : t + 1]
+            pos = (mask.cumsum(-1) - 1)[:, -1:]
+            step = model(input_ids=ids[:, t : t + 1], cache=cache, attention_mask=mask, position_ids=pos)
+            out.append(step.logits[:, -1])
+        return torch.stack(out)
+
+    with torch.inference_mode():
+        want = steps(False)
+        cpu_gemv.attention_block = counted
+        try:
+            got = steps(True)
+        finally:
+            cpu_gemv.attention_block = block
+    assert len(calls) == 2 * config.num_hidden_layers  # two decode steps through every layer's fused call
+    assert torch.equal(got, want)

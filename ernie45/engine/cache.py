@@ -35,5 +35,14 @@ class StaticKVCache:
         self.lengths[layer_idx] = end
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
+    def reserve(self, layer_idx: int, n: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The layer's K and V buffers and the position where the next `n` tokens go, counted as written (for a
+        fused decode step that writes them itself: `layers.Attention.decode_block`)."""
+        start = self.lengths[layer_idx]
+        if start + n > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} tokens; this step needs {start + n}")
+        self.lengths[layer_idx] = start + n
+        return self.k[layer_idx], self.v[layer_idx], start
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]

@@ -26,6 +26,7 @@ class FixedKVCache(StaticKVCache):
     are the whole buffers (the step's mask hides what is not yet written)."""
 
     at: torch.Tensor | None = None
+    reserve = None  # decode writes go to `at`: no fused eager step writes at the lengths
 
     def reset(self) -> None:
         self.lengths = [0] * len(self.lengths)

@@ -74,7 +74,8 @@ def kernel():
         # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
         isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"]
         flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
-        functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention"]
+        functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention",
+                     "decode_attention_block", "decode_mlp_block"]  # fmt: skip
         return load_inline(
             NAME, cpp_sources=_SOURCE.read_text(), functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"]
         )
@@ -160,9 +161,13 @@ def attention_fits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) 
     """Whether `decode_attention` takes these shapes: one query, head dim a multiple of 16 up to 256, at most 16
     query heads per KV head, a bool mask (or none)."""
     b, h, s, d = q.shape
+    return s == 1 and k.dtype == q.dtype and k.stride(-1) == 1 and heads_fit(h, k.shape[1], d, mask)
+
+
+def heads_fit(heads: int, kv_heads: int, head_dim: int, mask: torch.Tensor | None) -> bool:
     return (
-        s == 1 and d % 16 == 0 and d <= 256 and h % k.shape[1] == 0 and h // k.shape[1] <= 16
-        and k.dtype == q.dtype and k.stride(-1) == 1 and (mask is None or mask.dtype == torch.bool)
+        head_dim % 16 == 0 and head_dim <= 256 and heads % kv_heads == 0 and heads // kv_heads <= 16
+        and (mask is None or mask.dtype == torch.bool)
     )  # fmt: skip
 
 
@@ -171,9 +176,33 @@ def decode_attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v for q [B, H, 1, D] over k, v [B, KV, L, D] (GQA), mask [B or 1, 1, 1, L] True = may
     attend; fp32 inside, out in q's dtype. The KV head's keys and values are read once for all its query heads."""
-    b, length = q.shape[0], k.shape[2]
-    allowed = torch.empty(0, dtype=torch.bool) if mask is None else mask.expand(b, 1, 1, length).reshape(b, length)
-    return kernel().decode_attention(q.contiguous(), k, v, allowed.contiguous(), scale)
+    return kernel().decode_attention(q.contiguous(), k, v, _allowed(mask, q.shape[0], k.shape[2]), scale)
+
+
+def _allowed(mask: torch.Tensor | None, b: int, length: int) -> torch.Tensor:
+    if mask is None:
+        return torch.empty(0, dtype=torch.bool)
+    return mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
+
+
+def attention_block(
+    h: torch.Tensor, norm: torch.Tensor, eps: float, wqkv: torch.Tensor, wo: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor], slot: tuple[torch.Tensor, torch.Tensor, int],
+    mask: torch.Tensor | None, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """A decode step's attention half in one call: h [B, 1, E] + o(attention(rope(qkv(rmsnorm(h))))), this
+    position's K and V written into the cache buffers `slot` = (k, v [B, KV, max_len, D], position)."""
+    kbuf, vbuf, start = slot
+    b, half = h.shape[0], kbuf.shape[3] // 2
+    cos, sin = (t.float().expand(b, 1, half).contiguous() for t in rope)
+    allowed = _allowed(mask, b, start + 1)
+    k = kernel()
+    return k.decode_attention_block(h.contiguous(), norm, eps, wqkv, wo, cos, sin, kbuf, vbuf, start, allowed, scale)
+
+
+def mlp_block(h: torch.Tensor, norm: torch.Tensor, eps: float, gate_up: torch.Tensor, down: torch.Tensor):
+    """A decode step's dense MLP half in one call: h [B, 1, E] + down(silu(gate) * up) of rmsnorm(h)."""
+    return kernel().decode_mlp_block(h.contiguous(), norm, eps, gate_up, down)
 
 
 def usable(weight: torch.Tensor) -> bool:

@@ -40,9 +40,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, rope, mask, cache=None, modality=None, router_out=None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache)
-        x = self.post_attention_layernorm(h)
-        return h + (self.mlp(x, modality, router_out) if isinstance(self.mlp, MoEBlock) else self.mlp(x))
+        fused = self.self_attn.decode_block(h, self.input_layernorm, rope, mask, cache)  # CPU decode: one call
+        h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache) if fused is None else fused
+        if isinstance(self.mlp, MoEBlock):
+            return h + self.mlp(self.post_attention_layernorm(h), modality, router_out)
+        fused = self.mlp.decode_block(h, self.post_attention_layernorm)
+        return h + self.mlp(self.post_attention_layernorm(h)) if fused is None else fused
 
 
 class Ernie45PreTrainedModel(PreTrainedModel):

@@ -384,3 +384,38 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                         H, KV, L, D, ks, vs, scale);
   return o;
 }
+
+// ---- A decoder layer's decode step in two calls: the attention half and the dense MLP half, each from its
+// RMSNorm through its residual add, composed of the ops above in the eager code's order and roundings (so the
+// same numbers). One call instead of ~20 torch ops and ~6 module calls from Python per half.
+
+// x2 [M, K] @ w[N, K]^T in x2's dtype: the bf16 matvec kernel for bf16, torch's linear otherwise.
+static torch::Tensor matvec(torch::Tensor x2, torch::Tensor w) {
+  if (x2.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16 && x2.size(1) % 32 == 0)
+    return gemv_bf16_to<at::BFloat16>(x2.contiguous(), w);
+  return at::linear(x2, w);
+}
+
+// h [B, 1, E] -> h + o_proj(attention(rope(qkv_proj(rmsnorm(h))))), writing this position's K and V into the
+// cache buffers kbuf, vbuf [B, KV, max_len, D] at `start` and attending over positions 0..start.
+torch::Tensor decode_attention_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wqkv,
+                                     torch::Tensor wo, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
+                                     torch::Tensor vbuf, int64_t start, torch::Tensor allowed, double scale) {
+  const int64_t B = h.size(0), E = h.size(2), KV = kbuf.size(1), D = kbuf.size(3);
+  TORCH_CHECK(h.size(1) == 1 && start < kbuf.size(2) && wqkv.size(0) % D == 0);
+  const int64_t N = wqkv.size(0) / D, H = N - 2 * KV;
+  auto qkv = matvec(rmsnorm(h, ln, eps).view({B, E}), wqkv).view({B, 1, N, D}).transpose(1, 2);
+  auto qk = rope(qkv.narrow(1, 0, H + KV), cos, sin);
+  kbuf.narrow(2, start, 1).copy_(qk.narrow(1, H, KV));
+  vbuf.narrow(2, start, 1).copy_(qkv.narrow(1, H + KV, KV));
+  auto out = decode_attention(qk.narrow(1, 0, H).contiguous(), kbuf.narrow(2, 0, start + 1),
+                              vbuf.narrow(2, 0, start + 1), allowed, scale);
+  return h + matvec(out.view({B, H * D}), wo).view({B, 1, E});
+}
+
+// h [B, 1, E] -> h + down(silu(gate) * up) of rmsnorm(h), gate|up one matrix.
+torch::Tensor decode_mlp_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wgu, torch::Tensor wd) {
+  const int64_t B = h.size(0), E = h.size(2);
+  auto act = silu_mul(matvec(rmsnorm(h, ln, eps).view({B, E}), wgu));
+  return h + matvec(act, wd).view({B, 1, E});
+}
