@@ -1,6 +1,7 @@
 """Decode and prefill speed: ernie45 (fp32, bf16, int8, int4; eager and with the decode step compiled; as shipped,
-with all its own CPU decode kernels ("own kernels"), with torch's only ("torch kernels"), without the fused
-decode ops ("unfused"), and on 4 KB pages) against transformers eager and llama.cpp, side by side.
+with all its own CPU decode kernels ("own kernels"), with torch's only ("torch kernels"), int4 on torch's kernel
+("torch kernel"), without the fused decode ops ("unfused"), with them but each layer op by op instead of two
+calls ("op by op"), and on 4 KB pages) against transformers eager and llama.cpp, side by side.
 
     python benchmarks/decode.py                 # ERNIE-4.5-0.3B shapes, batch 1, prompt 512, 128 new tokens
     python benchmarks/decode.py --shape 21b-4l  # the 21B-A3B shapes cut to 4 layers (about 5 GB in bf16)
@@ -28,6 +29,7 @@ from pathlib import Path
 import llamacpp
 import torch
 
+from ernie45.engine.cache import StaticKVCache
 from ernie45.model import cpu_gemv, hugepages
 
 
@@ -107,18 +109,20 @@ def variant(row: str) -> Iterator[None]:
     """The engine as the row's name says: all own kernels, torch's only, 4 KB pages, without the fused decode ops
     (RMSNorm, RoPE, SwiGLU's product and attention as torch's ops, the bf16 matvec kernel kept), or as shipped."""
     names = {"own kernels": ("ERNIE45_CPU_KERNELS", "1"), "torch kernels": ("ERNIE45_CPU_KERNELS", "0"),
-             "4K pages": ("ERNIE45_HUGEPAGES", "0")}  # fmt: skip
+             "torch kernel": ("ERNIE45_CPU_KERNELS", "bf16"), "4K pages": ("ERNIE45_HUGEPAGES", "0")}  # fmt: skip
     changed = dict(v for k, v in names.items() if row.endswith(k))
     before = {k: os.environ.get(k) for k in changed}
     os.environ.update(changed)
     cpu_gemv.kernel.cache_clear()
-    fused = cpu_gemv.fused
+    fused, reserve = cpu_gemv.fused, StaticKVCache.reserve
     if row.endswith("unfused"):
         cpu_gemv.fused = lambda *tensors: False
+    if row.endswith("op by op"):  # the fused ops, but no layer half as one call (they need `reserve`)
+        StaticKVCache.reserve = None
     try:
         yield
     finally:
-        cpu_gemv.fused = fused
+        cpu_gemv.fused, StaticKVCache.reserve = fused, reserve
         for k, v in before.items():
             if v is None:
                 del os.environ[k]
@@ -200,6 +204,7 @@ def main() -> None:
             ("ernie45 int8 own kernels", torch.float32, "int8"), ("ernie45 int4 own kernels", torch.float32, "int4"),
             ("ernie45 bf16 torch kernels", torch.bfloat16, None), ("ernie45 bf16 4K pages", torch.bfloat16, None),
             ("ernie45 bf16 unfused", torch.bfloat16, None), ("ernie45 int4 unfused", torch.float32, "int4"),
+            ("ernie45 bf16 op by op", torch.bfloat16, None), ("ernie45 int4 torch kernel", torch.float32, "int4"),
             ("transformers fp32", torch.float32, "hf"), ("transformers bf16", torch.bfloat16, "hf")]  # fmt: skip
     keep = {s.strip() for s in args.only.split(",")}
     why_not = llamacpp.available()
