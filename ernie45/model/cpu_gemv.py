@@ -22,7 +22,10 @@ RoPE 8, SwiGLU's product 3, and SDPA's flash kernel for one query ~100 us a laye
 streamed weights just pushed out of cache. The fused ops here (`rmsnorm`, `rope`, `silu_mul`,
 `decode_attention`; fp32 or bf16, decode-sized inputs outside autograd, see `fused`) do each in one call with
 the eager code's roundings: 0.3B decode bf16 23.4 -> 26.1 tok/s, int4 36.0 -> 41.5 (`benchmarks/decode.py`,
-rows "unfused", one run).
+rows "unfused", one run). A dense layer's decode step goes further: `attention_block` and `mlp_block` are its two
+halves, each one call from Python (the same ops composed in C++, so the same numbers), taken by
+`layers.Attention.decode_block` / `SwiGLU.decode_block` when the weights are plain and the cache hands out its
+buffers.
 """
 
 from __future__ import annotations
