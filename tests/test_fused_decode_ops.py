@@ -94,9 +94,9 @@ def test_rope_matches_the_complex_rotation_on_a_strided_view(dtype):
     assert not cpu_gemv.fused(torch.zeros(512, 1024))  # prefill-sized: torch's multi-threaded ops
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_decode_layers_give_the_eager_steps_numbers(dtype, batch):
+def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch):
     """A decode step's attention half and dense MLP half as one call each (`Attention.decode_block`,
     `SwiGLU.decode_block`): the same logits as the layer-by-layer eager step, through a padded batch's mask."""
     from chat_fixtures import tiny_chat_config
@@ -104,14 +104,20 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(dtype, batch):
     from ernie45.engine.cache import StaticKVCache
     from ernie45.model.layers import fuse_projections
     from ernie45.model.packed import pack_bf16_linears
+    from ernie45.model.quant import quantize
     from ernie45.model.trunk import Ernie45ForConditionalGeneration
 
     torch.manual_seed(0)
     config = tiny_chat_config(300, hidden_size=64, intermediate_size=128, head_dim=32, moe_layer_start_index=1)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
     fuse_projections(model)
-    if dtype == torch.bfloat16:
+    if kind == "bf16":
         assert pack_bf16_linears(model) > 0
+    if kind == "int4":
+        if not cpu_gemv.ready("int4"):
+            pytest.skip("no AVX512-VBMI / VNNI here: int4 layers run op by op on torch's kernel")
+        quantize(model, bits=4)
     ids = torch.randint(3, 300, (batch, 7))
     padding = torch.ones(batch, 9, dtype=torch.long)
     padding[-1, :2] = 0  # the last row left-padded (a no-op mask for one row)

@@ -188,8 +188,11 @@ def _allowed(mask: torch.Tensor | None, b: int, length: int) -> torch.Tensor:
     return mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
 
 
+Weight = tuple[torch.Tensor, torch.Tensor, int]  # a linear for the layer calls: (w, int4 scales or empty, group)
+
+
 def attention_block(
-    h: torch.Tensor, norm: torch.Tensor, eps: float, wqkv: torch.Tensor, wo: torch.Tensor,
+    h: torch.Tensor, norm: torch.Tensor, eps: float, qkv: Weight, o: Weight,
     rope: tuple[torch.Tensor, torch.Tensor], slot: tuple[torch.Tensor, torch.Tensor, int],
     mask: torch.Tensor | None, scale: float,
 ) -> torch.Tensor:  # fmt: skip
@@ -200,12 +203,12 @@ def attention_block(
     cos, sin = (t.float().expand(b, 1, half).contiguous() for t in rope)
     allowed = _allowed(mask, b, start + 1)
     k = kernel()
-    return k.decode_attention_block(h.contiguous(), norm, eps, wqkv, wo, cos, sin, kbuf, vbuf, start, allowed, scale)
+    return k.decode_attention_block(h.contiguous(), norm, eps, *qkv, *o, cos, sin, kbuf, vbuf, start, allowed, scale)
 
 
-def mlp_block(h: torch.Tensor, norm: torch.Tensor, eps: float, gate_up: torch.Tensor, down: torch.Tensor):
+def mlp_block(h: torch.Tensor, norm: torch.Tensor, eps: float, gate_up: Weight, down: Weight) -> torch.Tensor:
     """A decode step's dense MLP half in one call: h [B, 1, E] + down(silu(gate) * up) of rmsnorm(h)."""
-    return kernel().decode_mlp_block(h.contiguous(), norm, eps, gate_up, down)
+    return kernel().decode_mlp_block(h.contiguous(), norm, eps, *gate_up, *down)
 
 
 def usable(weight: torch.Tensor) -> bool:

@@ -141,31 +141,39 @@ class Attention(nn.Module):
         self, h: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor], mask: Any, cache: Any
     ) -> torch.Tensor | None:
         """h + self(norm(h)) for one decode token as one `cpu_gemv` call (no module or torch op calls from
-        Python, the same numbers), or None where it does not apply: CPU, fp32 or bf16, plain fused weights, a
-        cache that hands out its buffers (`reserve`)."""
+        Python, the same numbers), or None where it does not apply: CPU, fp32 or bf16, fused q/k/v in a form
+        the call reads (`decode_weight`), a cache that hands out its buffers (`reserve`)."""
         if h.shape[1] != 1 or cache is None or getattr(cache, "reserve", None) is None or self.qkv_proj is None:
             return None
-        wqkv, wo = plain_weight(self.qkv_proj, h.dtype), plain_weight(self.o_proj, h.dtype)
-        if wqkv is None or wo is None or norm.weight.dtype != h.dtype or isinstance(mask, FlashMask):
+        qkv, o = decode_weight(self.qkv_proj, h.dtype), decode_weight(self.o_proj, h.dtype)
+        if qkv is None or o is None or norm.weight.dtype != h.dtype or isinstance(mask, FlashMask):
             return None
         if not cpu_gemv.heads_fit(self.num_heads, self.num_kv_heads, self.head_dim, mask):
             return None
-        if not cpu_gemv.fused(h, norm.weight, wqkv, wo):
+        if not cpu_gemv.fused(h, norm.weight, qkv[0], o[0]):
             return None
         slot = cache.reserve(self.layer_idx, 1)
         if slot[0].dtype != h.dtype:
             cache.lengths[self.layer_idx] -= 1  # not ours to write: hand the position back
             return None
-        return cpu_gemv.attention_block(h, norm.weight, norm.eps, wqkv, wo, rope, slot, mask, self.head_dim**-0.5)
+        return cpu_gemv.attention_block(h, norm.weight, norm.eps, qkv, o, rope, slot, mask, self.head_dim**-0.5)
 
 
-def plain_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
-    """The [N, K] weight a fused decode call can read from this linear (an `nn.Linear` or a bf16 `PackedLinear`
-    of `dtype`, no bias), else None."""
+_NO_SCALES = torch.empty(0)
+
+
+def decode_weight(linear: nn.Module, dtype: torch.dtype) -> cpu_gemv.Weight | None:
+    """How a fused decode call reads this linear (no bias): an `nn.Linear` of `dtype` or a bf16 `PackedLinear`'s
+    plain weight as (w, empty, 0), an int4 quantized linear's tiles as (tiles, scales, group); else None."""
     if getattr(linear, "bias", None) is not None:
         return None
+    if getattr(linear, "bits", None) == 4:  # model.quant.QuantLinear (not imported here: it builds on layers)
+        if linear._unpackable() and linear.dynamic is None and cpu_gemv.ready("int4"):
+            return linear.qweight, linear.scales, linear.group
+        return None
     w = linear.weight if type(linear) is nn.Linear else getattr(linear, "plain", None)
-    return w if w is not None and w.dtype == dtype and w.is_contiguous() else None
+    ok = w is not None and w.dtype == dtype and w.is_contiguous()
+    return (w, _NO_SCALES, 0) if ok else None
 
 
 def _one_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
@@ -222,8 +230,10 @@ class SwiGLU(nn.Module):
         """h + self(norm(h)) for decode-sized h as one `cpu_gemv` call, or None where it does not apply."""
         if self.gate_up_proj is None or norm.weight.dtype != h.dtype:
             return None
-        gate_up, down = plain_weight(self.gate_up_proj, h.dtype), plain_weight(self.down_proj, h.dtype)
-        if gate_up is None or down is None or h.shape[1] != 1 or not cpu_gemv.fused(h, norm.weight, gate_up, down):
+        gate_up, down = decode_weight(self.gate_up_proj, h.dtype), decode_weight(self.down_proj, h.dtype)
+        if gate_up is None or down is None or h.shape[1] != 1:
+            return None
+        if not cpu_gemv.fused(h, norm.weight, gate_up[0], down[0]):
             return None
         return cpu_gemv.mlp_block(h, norm.weight, norm.eps, gate_up, down)
 

@@ -389,33 +389,39 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // RMSNorm through its residual add, composed of the ops above in the eager code's order and roundings (so the
 // same numbers). One call instead of ~20 torch ops and ~6 module calls from Python per half.
 
-// x2 [M, K] @ w[N, K]^T in x2's dtype: the bf16 matvec kernel for bf16, torch's linear otherwise.
-static torch::Tensor matvec(torch::Tensor x2, torch::Tensor w) {
+// x2 [M, K] @ W^T in x2's dtype. W is w [N, K] (the bf16 matvec kernel for bf16, torch's linear otherwise) or,
+// with sz non-empty, int4 tiles w with their (scale, zero) pairs sz in groups of `group` (the int4 kernel).
+static torch::Tensor matvec(torch::Tensor x2, torch::Tensor w, torch::Tensor sz, int64_t group) {
+  if (sz.numel()) return gemv_int4(x2.to(torch::kFloat).contiguous(), w, sz, group).to(x2.scalar_type());
   if (x2.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16 && x2.size(1) % 32 == 0)
     return gemv_bf16_to<at::BFloat16>(x2.contiguous(), w);
   return at::linear(x2, w);
 }
 
 // h [B, 1, E] -> h + o_proj(attention(rope(qkv_proj(rmsnorm(h))))), writing this position's K and V into the
-// cache buffers kbuf, vbuf [B, KV, max_len, D] at `start` and attending over positions 0..start.
+// cache buffers kbuf, vbuf [B, KV, max_len, D] at `start` and attending over positions 0..start. Each linear
+// comes as (w, sz, group), see matvec.
 torch::Tensor decode_attention_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wqkv,
-                                     torch::Tensor wo, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
+                                     torch::Tensor sqkv, int64_t gqkv, torch::Tensor wo, torch::Tensor so,
+                                     int64_t go, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
                                      torch::Tensor vbuf, int64_t start, torch::Tensor allowed, double scale) {
   const int64_t B = h.size(0), E = h.size(2), KV = kbuf.size(1), D = kbuf.size(3);
-  TORCH_CHECK(h.size(1) == 1 && start < kbuf.size(2) && wqkv.size(0) % D == 0);
-  const int64_t N = wqkv.size(0) / D, H = N - 2 * KV;
-  auto qkv = matvec(rmsnorm(h, ln, eps).view({B, E}), wqkv).view({B, 1, N, D}).transpose(1, 2);
-  auto qk = rope(qkv.narrow(1, 0, H + KV), cos, sin);
+  auto qkv = matvec(rmsnorm(h, ln, eps).view({B, E}), wqkv, sqkv, gqkv);
+  TORCH_CHECK(h.size(1) == 1 && start < kbuf.size(2) && qkv.size(1) % D == 0);
+  const int64_t N = qkv.size(1) / D, H = N - 2 * KV;
+  auto heads = qkv.view({B, 1, N, D}).transpose(1, 2);
+  auto qk = rope(heads.narrow(1, 0, H + KV), cos, sin);
   kbuf.narrow(2, start, 1).copy_(qk.narrow(1, H, KV));
-  vbuf.narrow(2, start, 1).copy_(qkv.narrow(1, H + KV, KV));
+  vbuf.narrow(2, start, 1).copy_(heads.narrow(1, H + KV, KV));
   auto out = decode_attention(qk.narrow(1, 0, H).contiguous(), kbuf.narrow(2, 0, start + 1),
                               vbuf.narrow(2, 0, start + 1), allowed, scale);
-  return h + matvec(out.view({B, H * D}), wo).view({B, 1, E});
+  return h + matvec(out.view({B, H * D}), wo, so, go).view({B, 1, E});
 }
 
-// h [B, 1, E] -> h + down(silu(gate) * up) of rmsnorm(h), gate|up one matrix.
-torch::Tensor decode_mlp_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wgu, torch::Tensor wd) {
+// h [B, 1, E] -> h + down(silu(gate) * up) of rmsnorm(h), gate|up one matrix; linears as in matvec.
+torch::Tensor decode_mlp_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wgu, torch::Tensor sgu,
+                               int64_t ggu, torch::Tensor wd, torch::Tensor sd, int64_t gd) {
   const int64_t B = h.size(0), E = h.size(2);
-  auto act = silu_mul(matvec(rmsnorm(h, ln, eps).view({B, E}), wgu));
-  return h + matvec(act, wd).view({B, 1, E});
+  auto act = silu_mul(matvec(rmsnorm(h, ln, eps).view({B, E}), wgu, sgu, ggu));
+  return h + matvec(act, wd, sd, gd).view({B, 1, E});
 }
