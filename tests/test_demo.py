@@ -161,3 +161,17 @@ def test_describe_last_keeps_the_description_after_the_questions_it_would_answer
     early = lambda flags: any(flags[:-1]) and not flags[-1]  # noqa: E731  a description before another question
     assert any(early(f) for f in order(False))  # drawn order: descriptions do come first sometimes
     assert not any(any(f[:-1]) for f in order(True))  # with describe_last only ever the last question
+
+
+def test_a_missing_wordnet_is_named_not_replaced(monkeypatch, capsys):
+    from ernie45.cli import main
+    from ernie45.demo import tasks
+
+    monkeypatch.setattr(tasks, "WORDNET", tasks.Path("/nonexistent/data.noun"))
+    tasks.definitions.cache_clear()
+    try:
+        assert main(["eval-demo", "--n", "10"]) == 2  # the text family defines a word among 10
+    finally:
+        tasks.definitions.cache_clear()
+    err = capsys.readouterr().err
+    assert "apt-get install wordnet-base" in err and "Traceback" not in err

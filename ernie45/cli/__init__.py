@@ -7,11 +7,12 @@ import sys
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
+from ..demo import MissingDataSource
 from ..processing.tokenizer import TokenizerError
 from . import chat, demo, inspect, serve, train
 from .errors import UsageError
 
-USER_ERRORS = (UsageError, ConfigError, CheckpointError, TokenizerError)
+USER_ERRORS = (UsageError, ConfigError, CheckpointError, TokenizerError, MissingDataSource)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import MissingDataSource
 from .scenes import NUMBER_WORDS, SHAPES, bar_chart, moving_video, shape_scene
 
 PERSONA = (
@@ -93,7 +94,7 @@ image_task, chart_task, video_task = _one(image_questions), _one(chart_questions
 def _espeak() -> str:
     exe = shutil.which("espeak-ng")
     if exe is None:
-        raise RuntimeError("espeak-ng is needed to make the demo's speech data: apt-get install espeak-ng")
+        raise MissingDataSource("espeak-ng is needed to make the demo's speech data: apt-get install espeak-ng")
     return exe
 
 
@@ -132,30 +133,25 @@ def audio_task(rng: random.Random) -> tuple[str, list[dict], str]:
     return skill, _user([{"type": "audio", "audio": speak(said, rng)}], ask), answer
 
 
+WORDNET = Path("/usr/share/wordnet/data.noun")
+
+
 @lru_cache(maxsize=1)
 def definitions() -> list[tuple[str, str]]:
-    """(noun, gloss) pairs from WordNet when wordnet-base is installed (Debian), else a small built-in set."""
-    path = Path("/usr/share/wordnet/data.noun")
+    """(noun, gloss) pairs from WordNet (Debian's wordnet-base). No stand-in: the recipes' rows, the tokenizer's
+    text and the evaluation must all see the same words, or a run would train on different data than it says."""
+    if not WORDNET.is_file():
+        raise MissingDataSource(f"the demo's definitions come from WordNet ({WORDNET}): apt-get install wordnet-base")
     out = []
-    if path.is_file():
-        for line in path.read_text(errors="ignore").splitlines():
-            if line.startswith(" ") or "|" not in line:
-                continue
-            fields, gloss = line.split("|", 1)
-            parts = fields.split()
-            word = parts[4]
-            gloss = gloss.split(";")[0].strip()
-            if word.isalpha() and word.islower() and 3 <= len(word) <= 10 and 10 <= len(gloss) <= 70:
-                out.append((word, gloss))
-    if not out:
-        out = [
-            ("dog", "a domesticated animal that barks"),
-            ("cat", "a small domesticated feline"),
-            ("apple", "the round fruit of an apple tree"),
-            ("chair", "a seat for one person"),
-            ("book", "a written work bound between covers"),
-            ("river", "a large natural stream of water"),
-        ]
+    for line in WORDNET.read_text(errors="ignore").splitlines():
+        if line.startswith(" ") or "|" not in line:
+            continue
+        fields, gloss = line.split("|", 1)
+        parts = fields.split()
+        word = parts[4]
+        gloss = gloss.split(";")[0].strip()
+        if word.isalpha() and word.islower() and 3 <= len(word) <= 10 and 10 <= len(gloss) <= 70:
+            out.append((word, gloss))
     return out[:4000]
 
 
