@@ -48,13 +48,14 @@ K_MULTIPLE = 32  # one AVX512-BF16 dot product consumes 32 input columns
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.cpp"
 
 
-def _cpu_flags() -> set[str]:
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+    return frozenset(line.split(":", 1)[-1].split())
 
 
 @lru_cache(maxsize=1)
