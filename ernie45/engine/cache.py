@@ -17,7 +17,7 @@ class StaticKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.lengths = [0] * layers
-        self.max_len = max_len
+        self.max_len, self.dtype = max_len, dtype
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int) -> StaticKVCache:

@@ -142,8 +142,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor | None:
         """h + self(norm(h)) for one decode token as one `cpu_gemv` call (no module or torch op calls from
         Python, the same numbers), or None where it does not apply: CPU, fp32 or bf16, fused q/k/v in a form
-        the call reads (`decode_weight`), a cache that hands out its buffers (`reserve`)."""
-        if h.shape[1] != 1 or cache is None or getattr(cache, "reserve", None) is None or self.qkv_proj is None:
+        the call reads (`decode_weight`), a cache of h's dtype that hands out its buffers (`reserve`)."""
+        if h.shape[1] != 1 or getattr(cache, "reserve", None) is None or getattr(cache, "dtype", None) != h.dtype:
+            return None
+        if self.qkv_proj is None:
             return None
         qkv, o = decode_weight(self.qkv_proj, h.dtype), decode_weight(self.o_proj, h.dtype)
         if qkv is None or o is None or norm.weight.dtype != h.dtype or isinstance(mask, FlashMask):
@@ -153,9 +155,6 @@ class Attention(nn.Module):
         if not cpu_gemv.fused(h, norm.weight, qkv[0], o[0]):
             return None
         slot = cache.reserve(self.layer_idx, 1)
-        if slot[0].dtype != h.dtype:
-            cache.lengths[self.layer_idx] -= 1  # not ours to write: hand the position back
-            return None
         return cpu_gemv.attention_block(h, norm.weight, norm.eps, qkv, o, rope, slot, mask, self.head_dim**-0.5)
 
 
@@ -261,9 +260,9 @@ def _stackable(*linears: nn.Module) -> bool:
 def fuse_projections(model: nn.Module) -> int:
     """Inference only: each attention's q, k, v and each SwiGLU's gate and up become one linear (a decode step
     then makes 4 matmul calls per layer instead of 7, on longer matrices that stream faster). Run before
-    quantizing or packing (those then see the fused linear; per-row quantization gives the same codes), or on a
-    loaded quantized checkpoint (its int8 / int4 codes stack as they are). The
-    fused model's state dict no longer has the official names: the engine does this to the models it owns.
+    quantizing or packing (those then see the fused linear; per-row quantization gives the same codes), or on
+    a loaded quantized checkpoint (its int8 / int4 codes stack as they are). The fused model's state dict no
+    longer has the official names: the engine does this to the models it owns.
     Returns how many were fused."""
     n = 0
     for m in list(model.modules()):
