@@ -106,8 +106,9 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
 
 @contextlib.contextmanager
 def variant(row: str) -> Iterator[None]:
-    """The engine as the row's name says: all own kernels, torch's only, 4 KB pages, without the fused decode ops
-    (RMSNorm, RoPE, SwiGLU's product and attention as torch's ops, the bf16 matvec kernel kept), or as shipped."""
+    """The engine as the row's name says: all own kernels, torch's only, int4 on torch's kernel, 4 KB pages,
+    without the fused decode ops (RMSNorm, RoPE, SwiGLU's product and attention as torch's ops, the bf16 matvec
+    kernel kept), with them but each layer op by op (no layer half as one call), or as shipped."""
     names = {"own kernels": ("ERNIE45_CPU_KERNELS", "1"), "torch kernels": ("ERNIE45_CPU_KERNELS", "0"),
              "torch kernel": ("ERNIE45_CPU_KERNELS", "bf16"), "4K pages": ("ERNIE45_HUGEPAGES", "0")}  # fmt: skip
     changed = dict(v for k, v in names.items() if row.endswith(k))

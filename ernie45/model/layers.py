@@ -166,10 +166,8 @@ def decode_weight(linear: nn.Module, dtype: torch.dtype) -> cpu_gemv.Weight | No
     plain weight as (w, empty, 0), an int4 quantized linear's tiles as (tiles, scales, group); else None."""
     if getattr(linear, "bias", None) is not None:
         return None
-    if getattr(linear, "bits", None) == 4:  # model.quant.QuantLinear (not imported here: it builds on layers)
-        if linear._unpackable() and linear.dynamic is None and cpu_gemv.ready("int4"):
-            return linear.qweight, linear.scales, linear.group
-        return None
+    if hasattr(linear, "int4_tiles"):  # model.quant.QuantLinear (not imported here: it builds on layers)
+        return linear.int4_tiles()
     w = linear.weight if type(linear) is nn.Linear else getattr(linear, "plain", None)
     ok = w is not None and w.dtype == dtype and w.is_contiguous()
     return (w, _NO_SCALES, 0) if ok else None

@@ -173,6 +173,12 @@ class QuantLinear(nn.Module):
         codes = torch.cat([tiles & 15, tiles >> 4], dim=-1)  # [N/64, K, 64]
         return codes.permute(1, 0, 2).reshape(k, n)
 
+    def int4_tiles(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(tiles, scales, group) where ernie45's int4 decode kernel reads this linear here and now, else None."""
+        if self.bits == 4 and self.dynamic is None and self._unpackable() and cpu_gemv.ready("int4"):
+            return self.qweight, self.scales, self.group
+        return None
+
     def dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T [K, N] in `dtype`, made for one call (prefill) and dropped after it."""
         if self.bits == 8:
@@ -193,8 +199,8 @@ class QuantLinear(nn.Module):
         if cpu and x2.shape[0] <= cpu_gemv.MAX_ROWS:  # decode: stream the codes
             if self.bits == 8 and self.in_features % 64 == 0 and cpu_gemv.ready("int8"):
                 return cpu_gemv.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
-            if self._unpackable() and cpu_gemv.ready("int4"):
-                return cpu_gemv.gemv_int4(x2, self.qweight, self.scales, self.group).to(x2.dtype)
+            if (tiles := self.int4_tiles()) is not None:
+                return cpu_gemv.gemv_int4(x2, *tiles).to(x2.dtype)
         if self.bits == 8:
             if cpu and int8_fp32:  # the CPU int8 kernel is ~10x faster on bf16 rows (0.16 vs 1.8 ms, 1x1024x3072)
                 xb = x2.to(torch.bfloat16)
