@@ -149,3 +149,48 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch):
             cpu_gemv.attention_block = block
     assert len(calls) == 2 * config.num_hidden_layers  # two decode steps through every layer's fused call
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int4"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("vision", [False, True])
+def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
+    """A MoE layer's decode half as one call (`MoEBlock.decode_block`): router, the picked experts' weighted
+    sum and the shared experts give the module's numbers bit for bit; a row routed by another group (an image
+    token of a VL model) keeps the module path."""
+    from chat_fixtures import tiny_chat_config
+
+    from ernie45.model.layers import fuse_projections
+    from ernie45.model.moe import MoEBlock
+    from ernie45.model.packed import pack_bf16_linears
+    from ernie45.model.quant import quantize
+    from ernie45.model.trunk import Ernie45ForConditionalGeneration
+
+    if kind == "int4" and not cpu_gemv.ready("int4"):
+        pytest.skip("no AVX512-VBMI / VNNI here: int4 experts run on torch's kernel")
+    torch.manual_seed(0)
+    groups = [dict(name="text", num_experts=6, intermediate_size=32, modalities=[0, 3] if vision else [0, 1, 2, 3])]
+    if vision:
+        groups.append(dict(name="vision", num_experts=4, intermediate_size=64, modalities=[1, 2]))
+    config = tiny_chat_config(300, hidden_size=64, head_dim=32, moe_layer_start_index=1, expert_groups=groups, moe_k=3)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
+    fuse_projections(model)
+    if kind == "bf16":
+        assert pack_bf16_linears(model) > 0
+    else:
+        quantize(model, bits=4)
+    block, norm = next((m.mlp, m.post_attention_layernorm) for m in model.model.layers if isinstance(m.mlp, MoEBlock))
+    for group in block.groups.values():  # the correction bias steers selection away from the top probabilities
+        group.gate.e_score_correction_bias.normal_(0, 0.3)
+    h = torch.randn(batch, 1, 64).to(dtype) * 4
+    text = torch.zeros(batch, 1, dtype=torch.long)
+    with torch.inference_mode():
+        for modality in (None, text):
+            got = block.decode_block(h, norm, modality)
+            assert got is not None, "the fused MoE call should take text decode rows"
+            assert torch.equal(got, h + block(norm(h), modality))
+        image = text.clone()
+        image[-1] = 1
+        assert (block.decode_block(h, norm, image) is None) == vision
+    assert block.decode_block(h.clone().requires_grad_(True), norm) is None  # autograd must see the module's ops

@@ -82,7 +82,7 @@ def kernel():
         isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"]
         flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
         functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention",
-                     "decode_attention_block", "decode_mlp_block"]  # fmt: skip
+                     "decode_attention_block", "decode_mlp_block", "decode_moe_block"]  # fmt: skip
         return load_inline(
             NAME, cpp_sources=_SOURCE.read_text(), functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"]
         )
@@ -214,6 +214,23 @@ def attention_block(
 def mlp_block(h: torch.Tensor, norm: torch.Tensor, eps: float, gate_up: Weight, down: Weight) -> torch.Tensor:
     """A decode step's dense MLP half in one call: h [B, 1, E] + down(silu(gate) * up) of rmsnorm(h)."""
     return kernel().decode_mlp_block(h.contiguous(), norm, eps, *gate_up, *down)
+
+
+Experts = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]
+"""A routed group's experts for `moe_block`: gate_up weights, their int4 scales (empty list: bf16), down weights,
+their scales, the int4 group size."""
+_NONE: Weight = (torch.empty(0), torch.empty(0), 0)
+
+
+def moe_block(h: torch.Tensor, norm: torch.Tensor, eps: float, router, experts: Experts,
+              shared: tuple[Weight, Weight] | None) -> torch.Tensor:  # fmt: skip
+    """A decode step's MoE half in one call: h [B, 1, E] + shared(x) + the weighted sum of the experts the
+    `router` (a `moe.Router`) picks for each row, x = rmsnorm(h). Only the picked experts' weights are read."""
+    w1, s1, w2, s2, group = experts
+    (sw1, ss1, sg1), (sw2, ss2, sg2) = shared or (_NONE, _NONE)
+    weight, bias = router.weight.float(), router.e_score_correction_bias.float()
+    return kernel().decode_moe_block(h.contiguous(), norm, eps, weight, bias, router.top_k, router.norm_min,
+                                     w1, s1, w2, s2, group, sw1, ss1, sg1, sw2, ss2, sg2)  # fmt: skip
 
 
 def usable(weight: torch.Tensor) -> bool:

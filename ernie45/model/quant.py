@@ -231,8 +231,24 @@ class QuantExpertGroup(ExpertGroup):
         return self.sorted_experts(x, ids, weights)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.q_gate_up[e](x).chunk(2, dim=-1)
+        gate_up = self.q_gate_up[e](x)
+        if cpu_gemv.fused(gate_up):  # decode rows: SwiGLU's product in one call, as the dense layers do
+            return self.q_down[e](cpu_gemv.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.q_down[e](F.silu(gate) * up)
+
+    def decode_experts(self, x: torch.Tensor) -> cpu_gemv.Experts | None:
+        """The experts' int4 tiles where the int4 kernel reads every one of them here and now, else None."""
+        if not cpu_gemv.ready("int4") or cpu_gemv.needs_grad(x):
+            return None
+        if getattr(self, "_decode_experts", False) is False:  # made once: 2 x 64 lookups per layer and step
+            tiles = [m.int4_tiles() for m in [*self.q_gate_up, *self.q_down]]
+            groups = {t[2] for t in tiles if t is not None}
+            ok = None not in tiles and len(groups) == 1
+            n = len(self.q_gate_up)
+            self._decode_experts = ([t[0] for t in tiles[:n]], [t[1] for t in tiles[:n]],
+                                    [t[0] for t in tiles[n:]], [t[1] for t in tiles[n:]], groups.pop()) if ok else None  # fmt: skip
+        return self._decode_experts
 
 
 def install_experts(group: ExpertGroup, gate_up: list[QuantLinear], down: list[QuantLinear]) -> None:
