@@ -244,10 +244,11 @@ class QuantExpertGroup(ExpertGroup):
         if getattr(self, "_decode_experts", False) is False:  # made once: 2 x 64 lookups per layer and step
             tiles = [m.int4_tiles() for m in [*self.q_gate_up, *self.q_down]]
             groups = {t[2] for t in tiles if t is not None}
-            ok = None not in tiles and len(groups) == 1
-            n = len(self.q_gate_up)
-            self._decode_experts = ([t[0] for t in tiles[:n]], [t[1] for t in tiles[:n]],
-                                    [t[0] for t in tiles[n:]], [t[1] for t in tiles[n:]], groups.pop()) if ok else None  # fmt: skip
+            self._decode_experts = None
+            if None not in tiles and len(groups) == 1:
+                up, down = tiles[: len(self.q_gate_up)], tiles[len(self.q_gate_up) :]
+                self._decode_experts = ([t[0] for t in up], [t[1] for t in up], [t[0] for t in down],
+                                        [t[1] for t in down], groups.pop())  # fmt: skip
         return self._decode_experts
 
 

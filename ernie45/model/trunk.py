@@ -43,7 +43,8 @@ class DecoderLayer(nn.Module):
         fused = self.self_attn.decode_block(h, self.input_layernorm, rope, mask, cache)  # CPU decode: one call
         h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache) if fused is None else fused
         if isinstance(self.mlp, MoEBlock):
-            fused = None if router_out is not None else self.mlp.decode_block(h, self.post_attention_layernorm, modality)
+            norm = self.post_attention_layernorm
+            fused = None if router_out is not None else self.mlp.decode_block(h, norm, modality)
             return h + self.mlp(self.post_attention_layernorm(h), modality, router_out) if fused is None else fused
         fused = self.mlp.decode_block(h, self.post_attention_layernorm)
         return h + self.mlp(self.post_attention_layernorm(h)) if fused is None else fused
