@@ -200,4 +200,3 @@ class MoEBlock(nn.Module):
         if modality is not None and bool(modality.any()):
             return None
         return next((self.groups[n] for n, mods in self.group_modalities.items() if 0 in mods), None)
-
