@@ -1,7 +1,8 @@
 """Decode and prefill speed: ernie45 (fp32, bf16, int8, int4; eager and with the decode step compiled; as shipped,
 with all its own CPU decode kernels ("own kernels"), with torch's only ("torch kernels"), int4 on torch's kernel
 ("torch kernel"), without the fused decode ops ("unfused"), with them but each layer op by op instead of two
-calls ("op by op"), and on 4 KB pages) against transformers eager and llama.cpp, side by side.
+calls ("op by op"; also a MoE layer's half), op by op with bf16 experts on torch's grouped matmul ("grouped
+experts"), and on 4 KB pages) against transformers eager and llama.cpp, side by side.
 
     python benchmarks/decode.py                 # ERNIE-4.5-0.3B shapes, batch 1, prompt 512, 128 new tokens
     python benchmarks/decode.py --shape 21b-4l  # the 21B-A3B shapes cut to 4 layers (about 5 GB in bf16)
@@ -31,6 +32,7 @@ import torch
 
 from ernie45.engine.cache import StaticKVCache
 from ernie45.model import cpu_gemv, hugepages
+from ernie45.model.moe import ExpertGroup, MoEBlock
 
 
 def read_bandwidth(gib: float = 1.0, repeat: int = 5) -> tuple[float, float]:
@@ -108,22 +110,28 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
 def variant(row: str) -> Iterator[None]:
     """The engine as the row's name says: all own kernels, torch's only, int4 on torch's kernel, 4 KB pages,
     without the fused decode ops (RMSNorm, RoPE, SwiGLU's product and attention as torch's ops, the bf16 matvec
-    kernel kept), with them but each layer op by op (no layer half as one call), or as shipped."""
+    kernel kept), with them but each layer op by op (no layer half as one call), op by op with a MoE layer's bf16
+    experts on torch's grouped matmul instead of the matvec kernel, or as shipped."""
     names = {"own kernels": ("ERNIE45_CPU_KERNELS", "1"), "torch kernels": ("ERNIE45_CPU_KERNELS", "0"),
              "torch kernel": ("ERNIE45_CPU_KERNELS", "bf16"), "4K pages": ("ERNIE45_HUGEPAGES", "0")}  # fmt: skip
     changed = dict(v for k, v in names.items() if row.endswith(k))
     before = {k: os.environ.get(k) for k in changed}
     os.environ.update(changed)
     cpu_gemv.kernel.cache_clear()
-    fused, reserve = cpu_gemv.fused, StaticKVCache.reserve
+    fused, reserve, moe_half = cpu_gemv.fused, StaticKVCache.reserve, MoEBlock.decode_block
+    reads = ExpertGroup.kernel_reads
     if row.endswith("unfused"):
         cpu_gemv.fused = lambda *tensors: False
-    if row.endswith("op by op"):  # the fused ops, but no layer half as one call (they need `reserve`)
-        StaticKVCache.reserve = None
+    if row.endswith(("op by op", "grouped experts")):  # the fused ops, but no layer half as one call
+        StaticKVCache.reserve = None  # (the attention half needs `reserve`)
+        MoEBlock.decode_block = lambda *args: None
+    if row.endswith("grouped experts"):  # and the bf16 experts through torch's grouped matmul, as before
+        ExpertGroup.kernel_reads = lambda *args: False
     try:
         yield
     finally:
-        cpu_gemv.fused, StaticKVCache.reserve = fused, reserve
+        cpu_gemv.fused, StaticKVCache.reserve, MoEBlock.decode_block = fused, reserve, moe_half
+        ExpertGroup.kernel_reads = reads
         for k, v in before.items():
             if v is None:
                 del os.environ[k]
@@ -205,7 +213,9 @@ def main() -> None:
             ("ernie45 int8 own kernels", torch.float32, "int8"), ("ernie45 int4 own kernels", torch.float32, "int4"),
             ("ernie45 bf16 torch kernels", torch.bfloat16, None), ("ernie45 bf16 4K pages", torch.bfloat16, None),
             ("ernie45 bf16 unfused", torch.bfloat16, None), ("ernie45 int4 unfused", torch.float32, "int4"),
-            ("ernie45 bf16 op by op", torch.bfloat16, None), ("ernie45 int4 torch kernel", torch.float32, "int4"),
+            ("ernie45 bf16 op by op", torch.bfloat16, None), ("ernie45 int4 op by op", torch.float32, "int4"),
+            ("ernie45 bf16 grouped experts", torch.bfloat16, None),
+            ("ernie45 int4 torch kernel", torch.float32, "int4"),
             ("transformers fp32", torch.float32, "hf"), ("transformers bf16", torch.bfloat16, "hf")]  # fmt: skip
     keep = {s.strip() for s in args.only.split(",")}
     why_not = llamacpp.available()
