@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import ernie45
+from ernie45.demo import DEMO_DIR
 from ernie45.demo.data import DemoRows, configure
 from ernie45.demo.eval import score
 from ernie45.demo.scenes import COLOURS, bar_chart, moving_video, shape_scene
@@ -175,3 +176,26 @@ def test_a_missing_wordnet_is_named_not_replaced(monkeypatch, capsys):
         tasks.definitions.cache_clear()
     err = capsys.readouterr().err
     assert "apt-get install wordnet-base" in err and "Traceback" not in err
+
+
+def test_split_numbers_cuts_every_number_into_digits_and_keeps_the_rest(tmp_path):
+    """`model.split_numbers` (a recipe key): numbers become their first digit, with the space, then one token per
+    digit; the vocabulary, the ids and every text without digits stay as they were, and the trained model's
+    saved tokenizer keeps the cut."""
+    from transformers import AutoTokenizer
+
+    from ernie45.demo.tokenizer import split_numbers
+    from ernie45.train.recipe import DEFAULTS, build_model, merge
+
+    cfg = merge(DEFAULTS, {"model": {"path": str(DEMO_DIR), "split_numbers": True}})
+    _, proc = build_model(cfg)
+    tok, plain = proc.tokenizer, AutoTokenizer.from_pretrained(DEMO_DIR)
+    assert split_numbers(tok) == 0  # done once: nothing left to drop
+    assert len(tok) == len(plain) and tok.convert_tokens_to_ids(["Ġ4", "7"]) == plain.convert_tokens_to_ids(["Ġ4", "7"])
+    for n in range(0, 1000, 7):
+        digits = str(n)
+        assert tok.tokenize(f"is {n}.") == ["is", "Ġ" + digits[0], *digits[1:], "."]
+    words = "What color is the star? The value of C is 5. Hello! I see a red circle."
+    assert tok(words)["input_ids"] == plain(words)["input_ids"]
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).tokenize(" 385") == ["Ġ3", "8", "5"]

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..processing.tokenizer import SPECIAL_TOKENS
 from .tasks import corpus
@@ -39,3 +39,18 @@ def build_tokenizer(out: str | Path, vocab_size: int = 4096, seed: int = 1234) -
         "additional_special_tokens": list(SPECIAL_TOKENS.values()),
     }))  # fmt: skip
     return out
+
+
+def split_numbers(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Drop the BPE merges that join two digits, in place: every number becomes its first digit (with the space
+    before it) and then one token per digit ("47" -> "Ġ4", "7"; "100" -> "Ġ1", "0", "0"). Trained on this text,
+    byte-level BPE had merged some numbers into one token and split others ("38" -> "Ġ38", "47" -> "Ġ4", "7"), so
+    sums had no regular form to learn. The vocabulary and every id stay (single digits keep their tokens); only
+    how numbers are cut changes. Returns how many merges went."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = state["model"]["merges"]
+    pairs = [m if isinstance(m, list) else m.split(" ") for m in merges]
+    keep = [m for m, (a, b) in zip(merges, pairs, strict=True) if not (a[-1].isdigit() and b[0].isdigit())]
+    state["model"]["merges"] = keep
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+    return len(merges) - len(keep)

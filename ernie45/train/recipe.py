@@ -22,7 +22,8 @@ from .trainer import DPOSettings, Ernie45Trainer, LossWeights
 log = logging.getLogger("ernie45.train")
 
 DEFAULTS: dict[str, Any] = {
-    "model": {"path": None, "preset": None, "overrides": {}, "tokenizer": None, "dtype": None},
+    "model": {"path": None, "preset": None, "overrides": {}, "tokenizer": None, "dtype": None,
+              "split_numbers": False},
     "data": {"train": [], "kind": "chat", "loss_on": "assistant", "on_error": "skip", "pack": True,
              "max_tokens": 2048},
     "train": {"output_dir": "runs/ernie45", "max_steps": 100, "learning_rate": 1e-4, "batch_size": 1,
@@ -49,7 +50,12 @@ def merge(base: dict, over: dict) -> dict:
 def build_model(cfg: dict):
     m = cfg["model"]
     if m.get("path"):
-        return load(m["path"], dtype=m.get("dtype")), load_processor(m.get("tokenizer") or m["path"])
+        processor = load_processor(m.get("tokenizer") or m["path"])
+        if m.get("split_numbers"):  # from here on every number is cut into digits (saved with the model)
+            from ..demo.tokenizer import split_numbers
+
+            log.info("split_numbers: %d merges of two digits dropped", split_numbers(processor.tokenizer))
+        return load(m["path"], dtype=m.get("dtype")), processor
     if not m.get("preset") or not m.get("tokenizer"):
         raise ValueError("model: give `path` (a checkpoint), or `preset` plus `tokenizer` (a directory, or `demo`)")
     torch.manual_seed(cfg["train"]["seed"])
