@@ -84,6 +84,81 @@ static inline __m512 bf16x16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 i
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+struct Int4Rows {  // one gemv_int4 call's operands (see below)
+  const uint8_t* T;
+  const uint16_t* SZ;
+  const int8_t* Q;
+  const float *XS, *XC;
+  float* Y;
+  int64_t K, N, B, G, group;
+};
+
+// Rows m0 .. m0 + R - 1 of y for tile t (its 64 output rows): every four tile columns are loaded and permuted
+// into 16 rows x 4 columns once and multiplied by each of the R rows of x, so a batch decodes the codes once per
+// R rows instead of once per row. Each row's sums are formed in the same order for any R (the same numbers).
+template <int R>
+static void int4_tile_rows(const Int4Rows& a, int64_t t, int64_t m0) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i idx[2];  // lane i <- bytes i, 32 + i of the first table and i, 32 + i of the second (rows i, 16 + i)
+  for (int h = 0; h < 2; ++h) {
+    alignas(64) uint8_t b[64];
+    for (int i = 0; i < 16; ++i)
+      for (int c = 0; c < 4; ++c) b[4 * i + c] = static_cast<uint8_t>(16 * h + i + 32 * c);
+    idx[h] = _mm512_load_si512(b);
+  }
+  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const int64_t K = a.K, N = a.N, B = a.B, G = a.G, per = a.group / 32;
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 part[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) part[r][i] = _mm512_setzero_ps();
+    for (int64_t b = g * per; b < (g + 1) * per; ++b) {
+      __m512i dot[R][4];
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 4; ++i) dot[r][i] = _mm512_setzero_si512();
+      for (int64_t k = b * 32; k < b * 32 + 32; k += 4) {
+        const char* col = reinterpret_cast<const char*>(a.T + (t * K + k) * 32);
+        _mm_prefetch(col + PF, _MM_HINT_T0);
+        _mm_prefetch(col + PF + 64, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(col), c = _mm512_loadu_si512(col + 64);
+        const __m512i vlo = _mm512_and_si512(v, low), clo = _mm512_and_si512(c, low);
+        const __m512i vhi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        const __m512i chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+        const __m512i codes[4] = {_mm512_permutex2var_epi8(vlo, idx[0], clo),
+                                  _mm512_permutex2var_epi8(vlo, idx[1], clo),
+                                  _mm512_permutex2var_epi8(vhi, idx[0], chi),
+                                  _mm512_permutex2var_epi8(vhi, idx[1], chi)};
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, a.Q + (m0 + r) * K + k, 4);
+          const __m512i xv = _mm512_set1_epi32(four);
+          for (int i = 0; i < 4; ++i) dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], codes[i], xv);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 f = _mm512_set1_ps(a.XS[(m0 + r) * B + b]);
+        for (int i = 0; i < 4; ++i) part[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][i]), f, part[r][i]);
+      }
+    }
+    const uint16_t* row = a.SZ + (g * N + t * 64) * 2;  // (scale, zero) pairs of this tile's 64 rows
+    for (int i = 0; i < 4; ++i) {
+      const __m512 lo = bf16x16(row + 32 * i), hi = bf16x16(row + 32 * i + 16);
+      const __m512 s = _mm512_permutex2var_ps(lo, evens, hi), z = _mm512_permutex2var_ps(lo, odds, hi);
+      for (int r = 0; r < R; ++r) {
+        const float* xc = a.XC + ((m0 + r) * G + g) * 2;
+        acc[r][i] = _mm512_fmadd_ps(_mm512_sub_ps(part[r][i], _mm512_set1_ps(8.f * xc[0])), s, acc[r][i]);
+        acc[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(xc[1]), z, acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(a.Y + (m0 + r) * N + t * 64 + 16 * i, acc[r][i]);
+}
+
 torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, int64_t group) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat && sz.scalar_type() == torch::kBFloat16);
   TORCH_CHECK(x.is_contiguous() && sz.is_contiguous());
@@ -117,58 +192,14 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, 
       XC[(m * G + g) * 2 + 1] = total;
     }
   auto y = torch::empty({M, N}, x.options());
-  const uint8_t* T = tiles.data_ptr<uint8_t>();
-  const uint16_t* SZ = reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>());
-  float* Y = y.data_ptr<float>();
+  const Int4Rows a{tiles.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>()), Q,
+                   XS, XC, y.data_ptr<float>(), K, N, B, G, group};
   at::parallel_for(0, N / 64, 1, [&](int64_t t0, int64_t t1) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    __m512i idx[2];  // lane i <- bytes i, 32 + i of the first table and i, 32 + i of the second (rows i, 16 + i)
-    for (int h = 0; h < 2; ++h) {
-      alignas(64) uint8_t b[64];
-      for (int i = 0; i < 16; ++i)
-        for (int c = 0; c < 4; ++c) b[4 * i + c] = static_cast<uint8_t>(16 * h + i + 32 * c);
-      idx[h] = _mm512_load_si512(b);
-    }
-    const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t g = 0; g < G; ++g) {
-          __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-          for (int64_t b = g * group / 32; b < (g + 1) * group / 32; ++b) {
-            __m512i dot[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
-                              _mm512_setzero_si512()};
-            for (int64_t k = b * 32; k < b * 32 + 32; k += 4) {
-              const char* col = reinterpret_cast<const char*>(T + (t * K + k) * 32);
-              _mm_prefetch(col + PF, _MM_HINT_T0);
-              _mm_prefetch(col + PF + 64, _MM_HINT_T0);
-              const __m512i a = _mm512_loadu_si512(col), c = _mm512_loadu_si512(col + 64);
-              const __m512i alo = _mm512_and_si512(a, low), clo = _mm512_and_si512(c, low);
-              const __m512i ahi = _mm512_and_si512(_mm512_srli_epi16(a, 4), low);
-              const __m512i chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
-              int32_t four;
-              std::memcpy(&four, Q + m * K + k, 4);
-              const __m512i xv = _mm512_set1_epi32(four);
-              dot[0] = _mm512_dpbusd_epi32(dot[0], _mm512_permutex2var_epi8(alo, idx[0], clo), xv);
-              dot[1] = _mm512_dpbusd_epi32(dot[1], _mm512_permutex2var_epi8(alo, idx[1], clo), xv);
-              dot[2] = _mm512_dpbusd_epi32(dot[2], _mm512_permutex2var_epi8(ahi, idx[0], chi), xv);
-              dot[3] = _mm512_dpbusd_epi32(dot[3], _mm512_permutex2var_epi8(ahi, idx[1], chi), xv);
-            }
-            const __m512 f = _mm512_set1_ps(XS[m * B + b]);
-            for (int i = 0; i < 4; ++i) part[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), f, part[i]);
-          }
-          const uint16_t* row = SZ + (g * N + t * 64) * 2;  // (scale, zero) pairs of this tile's 64 rows
-          const __m512 c8 = _mm512_set1_ps(8.f * XC[(m * G + g) * 2]), total = _mm512_set1_ps(XC[(m * G + g) * 2 + 1]);
-          for (int i = 0; i < 4; ++i) {
-            const __m512 lo = bf16x16(row + 32 * i), hi = bf16x16(row + 32 * i + 16);
-            const __m512 s = _mm512_permutex2var_ps(lo, evens, hi), z = _mm512_permutex2var_ps(lo, odds, hi);
-            acc[i] = _mm512_fmadd_ps(_mm512_sub_ps(part[i], c8), s, acc[i]);
-            acc[i] = _mm512_fmadd_ps(total, z, acc[i]);
-          }
-        }
-        for (int i = 0; i < 4; ++i) _mm512_storeu_ps(Y + m * N + t * 64 + 16 * i, acc[i]);
-      }
+    for (int64_t t = t0; t < t1; ++t) {  // rows four at a time: each tile column's codes decoded once for them
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) int4_tile_rows<4>(a, t, m);
+      for (; m + 2 <= M; m += 2) int4_tile_rows<2>(a, t, m);
+      if (m < M) int4_tile_rows<1>(a, t, m);
     }
   });
   return y;
