@@ -194,6 +194,25 @@ def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows
     assert torch.allclose(q(x), want, atol=1e-4, rtol=1e-4)
 
 
+def test_a_batch_row_gets_the_numbers_it_gets_alone(own_kernels):
+    """The decode kernels share work between the rows of a batch (int4: each tile's codes decoded once for up to
+    four rows), never the sums: a row's result does not depend on the rows beside it."""
+    from ernie45.model.quant import QuantLinear
+
+    cpu_gemv = own_kernels
+    if cpu_gemv.kernel() is None or not cpu_gemv.ready("int4"):
+        pytest.skip("no AVX512-BF16 / VBMI / VNNI CPU or no C++ compiler here")
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(torch.randn(128, 256), None, 4, 64)
+    w = torch.randn(96, 256, dtype=torch.bfloat16)
+    x = torch.randn(8, 256)
+    for m in (2, 3, 5, 7, 8):
+        alone = torch.cat([q(x[i : i + 1]) for i in range(m)])
+        assert torch.equal(q(x[:m]), alone)
+        alone = torch.cat([cpu_gemv.gemv(x[i : i + 1], w) for i in range(m)])
+        assert torch.equal(cpu_gemv.gemv(x[:m], w), alone)
+
+
 @pytest.mark.skipif(not __import__("ernie45.model.quant", fromlist=["x"]).fbgemm_int8_available(),
                     reason="FBGEMM's int8 product needs VNNI")  # fmt: skip
 def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
