@@ -18,7 +18,8 @@ tok/s on the 0.3B shapes, 25.3 -> 31.8 on the 21B-A3B shapes cut to 4 layers: `b
 gained nothing in whole steps (int8 runs on FBGEMM where it can) and is on only with `ERNIE45_CPU_KERNELS=1`;
 `ERNIE45_CPU_KERNELS=0` switches all off, `=bf16` leaves only the bf16 one. The kernels need AVX512-BF16 and a
 C++ compiler; without either `kernel()` is None and callers keep torch's ops. The build (about a minute, once
-per machine) lands in torch's extension cache; the C++ is `csrc/cpu_decode.cpp`.
+per machine) lands in torch's extension cache; the C++ is in `csrc/` (`matvec.cpp`, `fused_ops.cpp`,
+`layer_blocks.cpp`).
 
 Besides the matvecs, a decode step's small ops cost more than their arithmetic: each RMSNorm was 7 torch ops,
 RoPE 8, SwiGLU's product 3, and SDPA's flash kernel for one query ~100 us a layer, every one of them on data the
@@ -53,7 +54,8 @@ NAME = "ernie45_cpu_gemv"
 MAX_ROWS = 8  # rows one call takes (decode batches); more rows go to a matmul
 K_MULTIPLE = 32  # one AVX512-BF16 dot product consumes 32 input columns
 
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_decode.cpp"
+# one translation unit, in this order: the matvec kernels, the fused ops built on them, the layer halves
+_SOURCES = [Path(__file__).with_name("csrc") / f for f in ("matvec.cpp", "fused_ops.cpp", "layer_blocks.cpp")]
 
 
 @lru_cache(maxsize=1)
@@ -88,9 +90,8 @@ def kernel():
         flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
         functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention",
                      "decode_attention_block", "decode_mlp_block", "decode_moe_block"]  # fmt: skip
-        return load_inline(
-            NAME, cpp_sources=_SOURCE.read_text(), functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"]
-        )
+        sources = [f.read_text() for f in _SOURCES]
+        return load_inline(NAME, cpp_sources=sources, functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
         log.warning("CPU decode kernels did not build (%s); using torch's ops", str(e).splitlines()[0][:200])
         return None

@@ -1,0 +1,213 @@
+// The fused decode ops (compiled after matvec.cpp, in one unit: see cpu_gemv.py).
+
+// ---- Fused decode ops: each replaces several tiny torch ops, whose fixed costs (dispatch, allocation, cold
+// caches after the weights streamed past) add up to a fifth of a 0.3B decode step. T is float or bf16; every
+// rounding to T happens where the eager torch code rounds, so results match it to fp32 summation order.
+
+template <class T> static inline float f32(T v) { return static_cast<float>(v); }
+
+// 16 consecutive T as fp32.
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const at::BFloat16* p) { return bf16x16(reinterpret_cast<const uint16_t*>(p)); }
+
+// e^x for x <= 0 (softmax after subtracting the max, SiLU's e^-|x|): 2^n * 2^f, 2^f by its Taylor series to
+// degree 6 on |f| <= 1/2 (relative error ~1e-7, fp32's own); below -104 the result flushes to 0 as expf does.
+static inline __m512 exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.540353e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333356e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550411e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// RMSNorm as layers.RMSNorm computes it: w * T(x * rsqrt(mean(x^2) + eps)), the mean in fp32.
+template <class T>
+void rmsnorm_rows(const T* X, const T* W, T* Y, int64_t M, int64_t D, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* x = X + m * D;
+    float ss = 0.f;
+    for (int64_t d = 0; d < D; ++d) ss += f32(x[d]) * f32(x[d]);
+    const float r = 1.f / std::sqrt(ss / D + eps);
+    for (int64_t d = 0; d < D; ++d) Y[m * D + d] = T(f32(W[d]) * f32(T(f32(x[d]) * r)));
+  }
+}
+
+torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == w.scalar_type());
+  const int64_t D = x.size(-1), M = x.numel() / D;
+  TORCH_CHECK(w.numel() == D);
+  auto y = torch::empty_like(x);
+  if (x.scalar_type() == torch::kBFloat16)
+    rmsnorm_rows(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, D, eps);
+  else
+    rmsnorm_rows(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), M, D, eps);
+  return y;
+}
+
+// SwiGLU's product from the fused gate|up output: y = T(T(silu(gate)) * up) over [M, 2F] -> [M, F].
+template <class T>
+void silu_mul_rows(const T* GU, T* Y, int64_t M, int64_t F) {
+  float buf[16];
+  for (int64_t m = 0; m < M; ++m) {
+    const T* g = GU + m * 2 * F;
+    const T* u = g + F;
+    for (int64_t i = 0; i < F; i += 16) {
+      const int64_t n = std::min<int64_t>(16, F - i);
+      for (int64_t j = 0; j < 16; ++j) buf[j] = j < n ? f32(g[i + j]) : 0.f;
+      const __m512 x = _mm512_loadu_ps(buf);  // silu(x) = x / (1 + e^-x), e^-|x| keeps exp's input <= 0
+      const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+      const __m512 one = _mm512_set1_ps(1.f);
+      const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+      const __m512 sig = _mm512_mask_div_ps(_mm512_div_ps(one, _mm512_add_ps(one, e)), neg, e, _mm512_add_ps(one, e));
+      _mm512_storeu_ps(buf, _mm512_mul_ps(x, sig));
+      for (int64_t j = 0; j < n; ++j) Y[m * F + i + j] = T(f32(T(buf[j])) * f32(u[i + j]));
+    }
+  }
+}
+
+torch::Tensor silu_mul(torch::Tensor gu) {
+  TORCH_CHECK(gu.is_contiguous() && gu.size(-1) % 2 == 0);
+  const int64_t F = gu.size(-1) / 2, M = gu.numel() / (2 * F);
+  auto sizes = gu.sizes().vec();
+  sizes.back() = F;
+  auto y = torch::empty(sizes, gu.options());
+  if (gu.scalar_type() == torch::kBFloat16)
+    silu_mul_rows(gu.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), M, F);
+  else
+    silu_mul_rows(gu.data_ptr<float>(), y.data_ptr<float>(), M, F);
+  return y;
+}
+
+// Interleaved RoPE as layers.apply_interleaved_rope computes it: pairs (2j, 2j+1) of x [B, N, S, D] (any strides
+// but the last) turned by cos/sin [B, S, D/2] in fp32, out contiguous in x's dtype.
+template <class T>
+void rope_rows(const T* X, const int64_t* xs, const float* C, const float* Sn, T* Y, int64_t B, int64_t N,
+               int64_t S, int64_t D) {
+  const int64_t P = D / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t l = 0; l < S; ++l) {
+        const T* x = X + b * xs[0] + n * xs[1] + l * xs[2];
+        const float* c = C + (b * S + l) * P;
+        const float* sn = Sn + (b * S + l) * P;
+        T* y = Y + ((b * N + n) * S + l) * D;
+        for (int64_t j = 0; j < P; ++j) {
+          const float x0 = f32(x[2 * j]), x1 = f32(x[2 * j + 1]);
+          y[2 * j] = T(x0 * c[j] - x1 * sn[j]);
+          y[2 * j + 1] = T(x1 * c[j] + x0 * sn[j]);
+        }
+      }
+}
+
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  const int64_t B = x.size(0), N = x.size(1), S = x.size(2), D = x.size(3);
+  TORCH_CHECK(x.stride(3) == 1 && D % 2 == 0 && cos.is_contiguous() && sin.is_contiguous());
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.numel() == B * S * D / 2);
+  auto y = torch::empty({B, N, S, D}, x.options());
+  const int64_t xs[3] = {x.stride(0), x.stride(1), x.stride(2)};
+  if (x.scalar_type() == torch::kBFloat16)
+    rope_rows(x.data_ptr<at::BFloat16>(), xs, cos.data_ptr<float>(), sin.data_ptr<float>(),
+              y.data_ptr<at::BFloat16>(), B, N, S, D);
+  else
+    rope_rows(x.data_ptr<float>(), xs, cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<float>(), B, N, S, D);
+  return y;
+}
+
+// Attention of one query per row over a KV cache: q [B, H, 1, D] contiguous; k, v [B, KV, L, D] views whose
+// last dim is contiguous (a cache buffer's first L positions); allowed [B, L] bool or empty (all allowed);
+// D % 16 == 0, D <= 256. Query head h reads KV head h / (H / KV). One task per (row, KV head): the KV head's keys
+// and values are read once for its H / KV query heads; scores, softmax and sums in fp32; out [B, H, 1, D] in T.
+template <class T>
+void one_query_attention(const T* Q, const T* K, const T* V, const bool* A, T* O, int64_t B, int64_t H,
+                         int64_t KV, int64_t L, int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
+  const int64_t G = H / KV, C = D / 16;
+  at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s(G * L);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / KV, g = t % KV;
+      const T* k = K + b * ks[0] + g * ks[1];
+      const T* v = V + b * vs[0] + g * vs[1];
+      const bool* a = A ? A + b * L : nullptr;
+      __m512 q[16 * 16];  // G <= 16 heads x C <= 16 chunks
+      for (int64_t h = 0; h < G; ++h)
+        for (int64_t c = 0; c < C; ++c)
+          q[h * C + c] = _mm512_mul_ps(load16(Q + ((b * H + g * G + h) * D) + 16 * c), _mm512_set1_ps(scale));
+      for (int64_t j = 0; j < L; ++j) {
+        if (a && !a[j]) {
+          for (int64_t h = 0; h < G; ++h) s[h * L + j] = -INFINITY;
+          continue;
+        }
+        __m512 kj[16];
+        for (int64_t c = 0; c < C; ++c) kj[c] = load16(k + j * ks[2] + 16 * c);
+        for (int64_t h = 0; h < G; ++h) {
+          __m512 acc = _mm512_mul_ps(q[h * C], kj[0]);
+          for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(q[h * C + c], kj[c], acc);
+          s[h * L + j] = _mm512_reduce_add_ps(acc);
+        }
+      }
+      for (int64_t h = 0; h < G; ++h) {
+        float* sh = s.data() + h * L;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) mx = std::max(mx, sh[j]);
+        __m512 total = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= L; j += 16) {
+          const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(sh + j), _mm512_set1_ps(mx)));
+          _mm512_storeu_ps(sh + j, e);
+          total = _mm512_add_ps(total, e);
+        }
+        float sum = _mm512_reduce_add_ps(total);
+        if (j < L) {
+          const __mmask16 tail = (__mmask16)((1u << (L - j)) - 1);
+          const __m512 x = _mm512_maskz_loadu_ps(tail, sh + j);
+          const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpos(_mm512_sub_ps(x, _mm512_set1_ps(mx))));
+          _mm512_mask_storeu_ps(sh + j, tail, e);
+          sum += _mm512_reduce_add_ps(e);
+        }
+        __m512 acc[16];
+        for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+        for (int64_t jj = 0; jj < L; ++jj) {
+          if (sh[jj] == 0.f) continue;
+          const __m512 p = _mm512_set1_ps(sh[jj]);
+          for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, load16(v + jj * vs[2] + 16 * c), acc[c]);
+        }
+        float out[16];
+        T* o = O + (b * H + g * G + h) * D;
+        for (int64_t c = 0; c < C; ++c) {
+          _mm512_storeu_ps(out, _mm512_div_ps(acc[c], _mm512_set1_ps(sum)));
+          for (int i = 0; i < 16; ++i) o[16 * c + i] = T(out[i]);
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor allowed,
+                               double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), KV = k.size(1), L = k.size(2);
+  TORCH_CHECK(q.is_contiguous() && q.size(2) == 1 && D % 16 == 0 && D <= 256 && H % KV == 0 && H / KV <= 16);
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type());
+  const bool* A = nullptr;
+  if (allowed.numel()) {
+    TORCH_CHECK(allowed.scalar_type() == torch::kBool && allowed.is_contiguous() && allowed.numel() == B * L);
+    A = allowed.data_ptr<bool>();
+  }
+  auto o = torch::empty_like(q);
+  const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)}, vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  if (q.scalar_type() == torch::kBFloat16)
+    one_query_attention(q.data_ptr<at::BFloat16>(), k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), A,
+                        o.data_ptr<at::BFloat16>(), B, H, KV, L, D, ks, vs, scale);
+  else
+    one_query_attention(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), A, o.data_ptr<float>(), B,
+                        H, KV, L, D, ks, vs, scale);
+  return o;
+}
+

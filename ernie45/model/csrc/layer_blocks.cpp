@@ -1,0 +1,88 @@
+// A decoder layer's decode step as two calls (compiled after matvec.cpp and fused_ops.cpp, in one unit).
+
+// ---- A decoder layer's decode step in two calls: the attention half and the dense MLP half, each from its
+// RMSNorm through its residual add, composed of the ops above in the eager code's order and roundings (so the
+// same numbers). One call instead of ~20 torch ops and ~6 module calls from Python per half.
+
+// x2 [M, K] @ W^T in x2's dtype. W is w [N, K] (the bf16 matvec kernel for bf16, torch's linear otherwise) or,
+// with sz non-empty, int4 tiles w with their (scale, zero) pairs sz in groups of `group` (the int4 kernel).
+static torch::Tensor matvec(torch::Tensor x2, torch::Tensor w, torch::Tensor sz, int64_t group) {
+  if (sz.numel()) return gemv_int4(x2.to(torch::kFloat).contiguous(), w, sz, group).to(x2.scalar_type());
+  if (x2.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16 && x2.size(1) % 32 == 0)
+    return gemv_bf16_to<at::BFloat16>(x2.contiguous(), w);
+  return at::linear(x2, w);
+}
+
+// h [B, 1, E] -> h + o_proj(attention(rope(qkv_proj(rmsnorm(h))))), writing this position's K and V into the
+// cache buffers kbuf, vbuf [B, KV, max_len, D] at `start` and attending over positions 0..start. Each linear
+// comes as (w, sz, group), see matvec.
+torch::Tensor decode_attention_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wqkv,
+                                     torch::Tensor sqkv, int64_t gqkv, torch::Tensor wo, torch::Tensor so,
+                                     int64_t go, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
+                                     torch::Tensor vbuf, int64_t start, torch::Tensor allowed, double scale) {
+  const int64_t B = h.size(0), E = h.size(2), KV = kbuf.size(1), D = kbuf.size(3);
+  auto qkv = matvec(rmsnorm(h, ln, eps).view({B, E}), wqkv, sqkv, gqkv);
+  TORCH_CHECK(h.size(1) == 1 && start < kbuf.size(2) && qkv.size(1) % D == 0);
+  const int64_t N = qkv.size(1) / D, H = N - 2 * KV;
+  auto heads = qkv.view({B, 1, N, D}).transpose(1, 2);
+  auto qk = rope(heads.narrow(1, 0, H + KV), cos, sin);
+  kbuf.narrow(2, start, 1).copy_(qk.narrow(1, H, KV));
+  vbuf.narrow(2, start, 1).copy_(heads.narrow(1, H + KV, KV));
+  auto out = decode_attention(qk.narrow(1, 0, H).contiguous(), kbuf.narrow(2, 0, start + 1),
+                              vbuf.narrow(2, 0, start + 1), allowed, scale);
+  return h + matvec(out.view({B, H * D}), wo, so, go).view({B, 1, E});
+}
+
+// h [B, 1, E] -> h + down(silu(gate) * up) of rmsnorm(h), gate|up one matrix; linears as in matvec.
+torch::Tensor decode_mlp_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wgu, torch::Tensor sgu,
+                               int64_t ggu, torch::Tensor wd, torch::Tensor sd, int64_t gd) {
+  const int64_t B = h.size(0), E = h.size(2);
+  auto act = silu_mul(matvec(rmsnorm(h, ln, eps).view({B, E}), wgu, sgu, ggu));
+  return h + matvec(act, wd, sd, gd).view({B, 1, E});
+}
+
+// ---- A MoE layer's decode half (spec §2) in one call: h + shared(x) + sum_k w_k expert_k(x), x = rmsnorm(h),
+// the experts chosen by one group's fp32 router. The same ops in the same order as MoEBlock's eager path for
+// few rows (router and the sorted-by-expert sum through ATen, each expert as ExpertGroup.expert /
+// QuantExpertGroup.expert compute it), so the same numbers; only the experts a row picked are read.
+
+// One expert on its rows: bf16 weights give gate|up in fp32 and the SwiGLU product rounded to bf16 once (the
+// bf16 matvec's decode form); int4 tiles (s1 non-empty) run as matvec does.
+static torch::Tensor expert_rows(torch::Tensor xs, const torch::Tensor& w1, const torch::Tensor& s1,
+                                 const torch::Tensor& w2, const torch::Tensor& s2, int64_t group) {
+  if (s1.defined()) return matvec(silu_mul(matvec(xs, w1, s1, group)), w2, s2, group);
+  auto act = silu_mul(gemv_bf16_to<float>(xs.contiguous(), w1)).to(torch::kBFloat16);
+  return gemv_bf16_to<at::BFloat16>(act, w2);
+}
+
+// h [B, 1, E]; router [X, E] fp32 and bias [X] (selection only); expert e is (w1[e], s1[e]) -> (w2[e], s2[e]) with
+// s1, s2 empty lists for bf16 weights; the shared SwiGLU's linears as in matvec (sw1 empty: no shared experts).
+torch::Tensor decode_moe_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor router,
+                               torch::Tensor bias, int64_t topk, double norm_min, std::vector<torch::Tensor> w1,
+                               std::vector<torch::Tensor> s1, std::vector<torch::Tensor> w2,
+                               std::vector<torch::Tensor> s2, int64_t group, torch::Tensor sw1, torch::Tensor ss1,
+                               int64_t sg1, torch::Tensor sw2, torch::Tensor ss2, int64_t sg2) {
+  const int64_t B = h.size(0), E = h.size(2), X = static_cast<int64_t>(w1.size());
+  TORCH_CHECK(h.size(1) == 1 && router.size(0) == X && w2.size() == w1.size());
+  TORCH_CHECK(s1.empty() ? s2.empty() : (s1.size() == w1.size() && s2.size() == w1.size()));
+  auto x = rmsnorm(h, ln, eps).view({B, E});
+  auto out = sw1.numel() ? matvec(silu_mul(matvec(x, sw1, ss1, sg1)), sw2, ss2, sg2) : torch::zeros_like(x);
+  auto probs = at::linear(x.to(torch::kFloat), router).softmax(-1);
+  auto ids = std::get<1>(at::topk(probs + bias, topk, -1));
+  auto weights = probs.gather(-1, ids);
+  weights = (weights / weights.sum(-1, true).clamp_min(norm_min)).to(x.scalar_type());
+  auto flat = ids.reshape(-1);
+  auto order = at::argsort(flat, true, 0, false);
+  auto token = at::floor_divide(order, topk);
+  auto xs = x.index_select(0, token);
+  auto ys = torch::empty_like(xs);
+  const auto counts = at::bincount(flat, {}, X);
+  const int64_t* C = counts.data_ptr<int64_t>();
+  const torch::Tensor none;  // bf16 experts: no scales
+  for (int64_t e = 0, start = 0; e < X; start += C[e], ++e)
+    if (C[e])
+      ys.narrow(0, start, C[e]).copy_(expert_rows(xs.narrow(0, start, C[e]), w1[e], s1.empty() ? none : s1[e],
+                                                  w2[e], s2.empty() ? none : s2[e], group));
+  ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(1);
+  return h + (out + torch::zeros_like(x).index_add_(0, token, ys)).view({B, 1, E});
+}

@@ -1,0 +1,207 @@
+// Kernels for CPU decode, built by cpu_gemv.py (torch's cpp_extension) on first use; see its docstring.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+// Every weight row is streamed once, start to end, with a software prefetch PF bytes ahead (the hardware
+// prefetcher stops at each 4 KB page): on 2 cores 22-26 GB/s, against 16-18 for oneDNN's packed bf16 kernel
+// and for four rows read interleaved. Each input row (M <= 8) is dotted with the weight bytes while they sit in
+// L1: dot(acc, row, k) adds columns k..k+63 bytes' worth of every input row into acc[m]; y = finish(sum, n).
+constexpr int64_t PF = 2048;
+
+template <class Out, class Dot, class Finish>
+void stream_rows(int64_t M, int64_t N, int64_t row_bytes, const char* base, Out* Y, Dot dot, Finish finish) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const char* row = base + n * row_bytes;
+      __m512 acc[8];
+      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        _mm_prefetch(row + b + PF, _MM_HINT_T0);
+        dot(acc, row + b, b);
+      }
+      for (int64_t m = 0; m < M; ++m) Y[m * N + n] = Out(finish(_mm512_reduce_add_ps(acc[m]), n));
+    }
+  });
+}
+
+// y[m, n] = sum_k x[m, k] * w[n, k]; x [M, K] bf16, w [N, K] bf16 row-major, K % 32 == 0; y fp32, or bf16
+// (rounded once, as torch's bf16 linear returns it) with bf16_out.
+template <class Out>
+torch::Tensor gemv_bf16_to(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16, "bf16 only");
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1) && x.size(1) % 32 == 0);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M <= 8, "at most 8 rows");
+  auto y = torch::empty({M, N}, x.options().dtype(c10::CppTypeToScalarType<Out>::value));
+  const char* W = reinterpret_cast<const char*>(w.data_ptr<at::BFloat16>());
+  const char* X = reinterpret_cast<const char*>(x.data_ptr<at::BFloat16>());
+  stream_rows(M, N, K * 2, W, y.template data_ptr<Out>(), [&](__m512* acc, const char* wp, int64_t b) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp);
+    for (int64_t m = 0; m < M; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(X + m * K * 2 + b));
+  }, [](float sum, int64_t) { return sum; });
+  return y;
+}
+
+torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, bool bf16_out) {
+  return bf16_out ? gemv_bf16_to<at::BFloat16>(x, w) : gemv_bf16_to<float>(x, w);
+}
+
+// y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; x [M, K] fp32, w [N, K] int8, K % 64 == 0.
+torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kChar);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat);
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.size(1) == w.size(1) && x.size(1) % 64 == 0);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M <= 8, "at most 8 rows");
+  auto y = torch::empty({M, N}, x.options());
+  const float* X = x.data_ptr<float>();
+  const float* S = scale.data_ptr<float>();
+  stream_rows(M, N, K, reinterpret_cast<const char*>(w.data_ptr<int8_t>()), y.data_ptr<float>(),
+              [&](__m512* acc, const char* wp, int64_t b) {
+    __m512 wv[4];
+    for (int i = 0; i < 4; ++i)
+      wv[i] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp) + i)));
+    for (int64_t m = 0; m < M; ++m)
+      for (int i = 0; i < 4; ++i) acc[m] = _mm512_fmadd_ps(wv[i], _mm512_loadu_ps(X + m * K + b + 16 * i), acc[m]);
+  }, [&](float sum, int64_t n) { return sum * S[n]; });
+  return y;
+}
+
+// int4 in torch's CPU tile layout: tiles [N/64, K, 32] bytes, byte j of (tile t, column k) holds the codes of
+// rows 64t + j (low nibble) and 64t + j + 32 (high nibble); sz [K/G, N, 2] bf16 = (scale, zero) per group of
+// G columns, w = (code - 8) * scale + zero. As llama.cpp does for Q4_0, x is rounded to int8 per 32 columns
+// (scale max|x| / 127) so that VNNI multiplies codes by x: one vpdpbusd is 64 multiply-adds (16 rows x 4
+// columns) where an fp32 FMA is 16, and no code is converted to float. AVX512-VBMI's two-table byte permute
+// turns four columns of the tile (rows across bytes) into 16 rows x 4 columns per register (one row per lane).
+// Per row and group: y += scale * (sum_b xs_b * (codes . q)_b - 8 * sum_b xs_b sum(q_b)) + zero * sum(x).
+static inline __m512 bf16x16(const uint16_t* p) {  // 16 bf16 -> 16 fp32 (bf16 is fp32's upper half)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+struct Int4Rows {  // one gemv_int4 call's operands (see below)
+  const uint8_t* T;
+  const uint16_t* SZ;
+  const int8_t* Q;
+  const float *XS, *XC;
+  float* Y;
+  int64_t K, N, B, G, group;
+};
+
+// Rows m0 .. m0 + R - 1 of y for tile t (its 64 output rows): every four tile columns are loaded and permuted
+// into 16 rows x 4 columns once and multiplied by each of the R rows of x, so a batch decodes the codes once per
+// R rows instead of once per row. Each row's sums are formed in the same order for any R (the same numbers).
+template <int R>
+static void int4_tile_rows(const Int4Rows& a, int64_t t, int64_t m0) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i idx[2];  // lane i <- bytes i, 32 + i of the first table and i, 32 + i of the second (rows i, 16 + i)
+  for (int h = 0; h < 2; ++h) {
+    alignas(64) uint8_t b[64];
+    for (int i = 0; i < 16; ++i)
+      for (int c = 0; c < 4; ++c) b[4 * i + c] = static_cast<uint8_t>(16 * h + i + 32 * c);
+    idx[h] = _mm512_load_si512(b);
+  }
+  const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  const int64_t K = a.K, N = a.N, B = a.B, G = a.G, per = a.group / 32;
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 part[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) part[r][i] = _mm512_setzero_ps();
+    for (int64_t b = g * per; b < (g + 1) * per; ++b) {
+      __m512i dot[R][4];
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 4; ++i) dot[r][i] = _mm512_setzero_si512();
+      for (int64_t k = b * 32; k < b * 32 + 32; k += 4) {
+        const char* col = reinterpret_cast<const char*>(a.T + (t * K + k) * 32);
+        _mm_prefetch(col + PF, _MM_HINT_T0);
+        _mm_prefetch(col + PF + 64, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(col), c = _mm512_loadu_si512(col + 64);
+        const __m512i vlo = _mm512_and_si512(v, low), clo = _mm512_and_si512(c, low);
+        const __m512i vhi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        const __m512i chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+        const __m512i codes[4] = {_mm512_permutex2var_epi8(vlo, idx[0], clo),
+                                  _mm512_permutex2var_epi8(vlo, idx[1], clo),
+                                  _mm512_permutex2var_epi8(vhi, idx[0], chi),
+                                  _mm512_permutex2var_epi8(vhi, idx[1], chi)};
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, a.Q + (m0 + r) * K + k, 4);
+          const __m512i xv = _mm512_set1_epi32(four);
+          for (int i = 0; i < 4; ++i) dot[r][i] = _mm512_dpbusd_epi32(dot[r][i], codes[i], xv);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 f = _mm512_set1_ps(a.XS[(m0 + r) * B + b]);
+        for (int i = 0; i < 4; ++i) part[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][i]), f, part[r][i]);
+      }
+    }
+    const uint16_t* row = a.SZ + (g * N + t * 64) * 2;  // (scale, zero) pairs of this tile's 64 rows
+    for (int i = 0; i < 4; ++i) {
+      const __m512 lo = bf16x16(row + 32 * i), hi = bf16x16(row + 32 * i + 16);
+      const __m512 s = _mm512_permutex2var_ps(lo, evens, hi), z = _mm512_permutex2var_ps(lo, odds, hi);
+      for (int r = 0; r < R; ++r) {
+        const float* xc = a.XC + ((m0 + r) * G + g) * 2;
+        acc[r][i] = _mm512_fmadd_ps(_mm512_sub_ps(part[r][i], _mm512_set1_ps(8.f * xc[0])), s, acc[r][i]);
+        acc[r][i] = _mm512_fmadd_ps(_mm512_set1_ps(xc[1]), z, acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(a.Y + (m0 + r) * N + t * 64 + 16 * i, acc[r][i]);
+}
+
+torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, int64_t group) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && sz.scalar_type() == torch::kBFloat16);
+  TORCH_CHECK(x.is_contiguous() && sz.is_contiguous());
+  const int64_t M = x.size(0), K = x.size(1), N = sz.size(1), B = K / 32, G = K / group;
+  TORCH_CHECK(N % 64 == 0 && group % 32 == 0 && K % group == 0 && tiles.numel() == N * K / 2 && sz.size(0) == G);
+  // x per 32 columns: int8 values q, their scale xs; per group: c = sum_b xs_b * sum(q_b) and sum(x)
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
+  auto xs = torch::empty({M, B}, x.options()), xc = torch::empty({M, G, 2}, x.options());
+  const float* X = x.data_ptr<float>();
+  int8_t* Q = q.data_ptr<int8_t>();
+  float *XS = xs.data_ptr<float>(), *XC = xc.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float c = 0.f, total = 0.f;
+      for (int64_t b = g * group / 32; b < (g + 1) * group / 32; ++b) {
+        const float* xb = X + m * K + b * 32;
+        float amax = 0.f;
+        for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(xb[i]));
+        const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int qsum = 0;
+        for (int i = 0; i < 32; ++i) {
+          const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+          Q[m * K + b * 32 + i] = static_cast<int8_t>(v);
+          qsum += v;
+          total += xb[i];
+        }
+        XS[m * B + b] = scale;
+        c += scale * qsum;
+      }
+      XC[(m * G + g) * 2] = c;
+      XC[(m * G + g) * 2 + 1] = total;
+    }
+  auto y = torch::empty({M, N}, x.options());
+  const Int4Rows a{tiles.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>()), Q,
+                   XS, XC, y.data_ptr<float>(), K, N, B, G, group};
+  at::parallel_for(0, N / 64, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {  // rows four at a time: each tile column's codes decoded once for them
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) int4_tile_rows<4>(a, t, m);
+      for (; m + 2 <= M; m += 2) int4_tile_rows<2>(a, t, m);
+      if (m < M) int4_tile_rows<1>(a, t, m);
+    }
+  });
+  return y;
+}
+
