@@ -90,8 +90,8 @@ def kernel():
         flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
         functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention",
                      "decode_attention_block", "decode_mlp_block", "decode_moe_block"]  # fmt: skip
-        sources = [f.read_text() for f in _SOURCES]
-        return load_inline(NAME, cpp_sources=sources, functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        src = [f.read_text() for f in _SOURCES]
+        return load_inline(NAME, cpp_sources=src, functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
         log.warning("CPU decode kernels did not build (%s); using torch's ops", str(e).splitlines()[0][:200])
         return None
