@@ -45,7 +45,7 @@ class DecoderLayer(nn.Module):
         if isinstance(self.mlp, MoEBlock):
             norm = self.post_attention_layernorm
             fused = None if router_out is not None else self.mlp.decode_block(h, norm, modality)
-            return h + self.mlp(self.post_attention_layernorm(h), modality, router_out) if fused is None else fused
+            return h + self.mlp(norm(h), modality, router_out) if fused is None else fused
         fused = self.mlp.decode_block(h, self.post_attention_layernorm)
         return h + self.mlp(self.post_attention_layernorm(h)) if fused is None else fused
 
