@@ -48,24 +48,27 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def build_model(cfg: dict):
-    m = cfg["model"]
-    if m.get("path"):
-        processor = load_processor(m.get("tokenizer") or m["path"])
-        if m.get("split_numbers"):  # from here on every number is cut into digits (saved with the model)
-            from ..demo.tokenizer import split_numbers
+    model, processor = _model_and_processor(cfg["model"], cfg["train"])
+    if cfg["model"].get("split_numbers"):  # from here on every number is cut into digits (saved with the model)
+        from ..demo.tokenizer import split_numbers
 
-            log.info("split_numbers: %d merges of two digits dropped", split_numbers(processor.tokenizer))
-        return load(m["path"], dtype=m.get("dtype")), processor
+        log.info("split_numbers: %d merges of two digits dropped", split_numbers(processor.tokenizer))
+    return model, processor
+
+
+def _model_and_processor(m: dict, train: dict):
+    if m.get("path"):
+        return load(m["path"], dtype=m.get("dtype")), load_processor(m.get("tokenizer") or m["path"])
     if not m.get("preset") or not m.get("tokenizer"):
         raise ValueError("model: give `path` (a checkpoint), or `preset` plus `tokenizer` (a directory, or `demo`)")
-    torch.manual_seed(cfg["train"]["seed"])
+    torch.manual_seed(train["seed"])
     config = presets.get(m["preset"], **m.get("overrides", {}))
     model = Ernie45ForConditionalGeneration(config)
     tokenizer_dir = m["tokenizer"]
     if tokenizer_dir == "demo":  # build the demo tokenizer from the demo's own text
         from ..demo.tokenizer import build_tokenizer
 
-        tokenizer_dir = build_tokenizer(Path(cfg["train"]["output_dir"]) / "tokenizer")
+        tokenizer_dir = build_tokenizer(Path(train["output_dir"]) / "tokenizer")
     config.save_pretrained(tokenizer_dir)  # the processor reads which encoders the model has
     return model, load_processor(tokenizer_dir)
 
