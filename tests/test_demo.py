@@ -46,6 +46,25 @@ def test_demo_tokenizer_and_rows_are_deterministic(tmp_path):
     assert {"count", "colour", "tallest", "direction", "spoken digits", "arithmetic", "who"} <= skills
 
 
+def test_drill_families_ask_only_their_skill_and_a_bad_mix_is_refused(tmp_path):
+    from ernie45.demo.tasks import check_mix, draw
+
+    for i in range(30):
+        skill, messages, answer = draw(random.Random(i), {"colour": 1.0}, turns=4)
+        questions = [m["content"][-1]["text"] for m in messages if m["role"] == "user"]
+        assert skill == "colour" and all(q.startswith("What color is the ") for q in questions)
+        assert len(set(questions)) == len(questions)  # each turn asks about another shape
+        image = messages[0]["content"][0]["image"]
+        colour = answer.rstrip(".").split()[-1]
+        assert COLOURS[colour] in {tuple(p) for p in np.asarray(image).reshape(-1, 3)}
+        skill, _, answer = draw(random.Random(i), {"arithmetic": 1.0})
+        assert skill == "arithmetic" and " is " in answer
+    with pytest.raises(ValueError, match="unknown families \\['colours'\\]"):
+        check_mix({"colours": 1.0})
+    with pytest.raises(ValueError, match="sum to more than 0"):
+        check_mix({"colour": 0.0})
+
+
 def test_chart_bars_and_scene_targets_follow_the_token_grid():
     """Bar k (label "ABCDE"[k]) is drawn inside the k-th fifth of the chart, which is token column k of the 5 x 5
     grid; the stage-0 targets put each bar's value in its column and each shape under its own tokens."""

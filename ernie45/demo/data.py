@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ..processing.processor import Processor
 from ..train.data import Sample, tokenize_chat
-from .tasks import draw
+from .tasks import check_mix, draw
 
 DEMO_IMAGE = {"min_pixels": 140 * 140, "max_pixels": 140 * 140}
 DEMO_VIDEO = {"min_frames": 8, "max_frames": 8, "min_pixels": 84 * 84, "max_pixels": 84 * 84,
@@ -45,6 +45,8 @@ class DemoRows(Dataset):
                  turns: int = 1, describe_last: bool = False) -> None:  # fmt: skip
         self.proc, self.rows, self.budget, self.seed, self.mix, self.turns = proc, rows, budget, seed, mix, turns
         self.describe_last = describe_last
+        if mix is not None:
+            check_mix(mix)
 
     def __len__(self) -> int:
         return self.rows

@@ -59,6 +59,18 @@ def image_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
     return [{"type": "image", "image": img}], qas
 
 
+def colour_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
+    """A scene of 2-4 shapes and a colour question for each shape it holds once: a drill for the one picture
+    skill the mixed questions do not teach (the trunk names another shape's colour; naming the shape of a colour
+    it learns)."""
+    while True:
+        img, objects = shape_scene(rng)
+        shapes = [s for _, s in objects]
+        qas = [("colour", f"What color is the {s}?", f"The {s} is {c}.") for c, s in objects if shapes.count(s) == 1]
+        if len(objects) > 1 and qas:
+            return [{"type": "image", "image": img}], qas
+
+
 def chart_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
     img, values = bar_chart(rng)
     tallest, shortest = max(values, key=values.get), min(values, key=values.get)
@@ -155,6 +167,12 @@ def definitions() -> list[tuple[str, str]]:
     return out[:4000]
 
 
+def arithmetic_task(rng: random.Random) -> tuple[str, list[dict], str]:
+    op = rng.choice(list(SPOKEN_OPS))
+    a, b = (rng.randint(0, 100), rng.randint(0, 100)) if op != "times" else (rng.randint(0, 12), rng.randint(0, 12))
+    return "arithmetic", _user([], f"What is {a} {op} {b}?"), f"{a} {op} {b} is {SPOKEN_OPS[op](a, b)}."
+
+
 def text_task(rng: random.Random) -> tuple[str, list[dict], str]:
     kind = rng.choice(["define", "arithmetic", "arithmetic", "who", "greet"])
     if kind == "define":
@@ -162,9 +180,7 @@ def text_task(rng: random.Random) -> tuple[str, list[dict], str]:
         article = "an" if word[0] in "aeiou" else "a"
         return "define", _user([], f"What is {article} {word}?"), f"{article.capitalize()} {word} is {gloss}."
     if kind == "arithmetic":
-        op = rng.choice(list(SPOKEN_OPS))
-        a, b = (rng.randint(0, 100), rng.randint(0, 100)) if op != "times" else (rng.randint(0, 12), rng.randint(0, 12))
-        return "arithmetic", _user([], f"What is {a} {op} {b}?"), f"{a} {op} {b} is {SPOKEN_OPS[op](a, b)}."
+        return arithmetic_task(rng)
     if kind == "who":
         return "who", _user([], rng.choice(WHO)), PERSONA
     return "greet", _user([], rng.choice(GREETINGS)), "Hello! " + PERSONA.split(":")[0] + "."
@@ -174,7 +190,17 @@ TASKS = {"image": image_task, "chart": chart_task, "video": video_task, "audio":
 DEFAULT_MIX = {"image": 0.3, "chart": 0.15, "video": 0.15, "audio": 0.2, "text": 0.2}
 
 
-QUESTIONS = {"image": image_questions, "chart": chart_questions, "video": video_questions}
+QUESTIONS = {"image": image_questions, "chart": chart_questions, "video": video_questions, "colour": colour_questions}
+# Training-only families (drills): one skill's rows, for a stage that must teach it; evaluation draws TASKS.
+FAMILIES = {**TASKS, "colour": _one(colour_questions), "arithmetic": arithmetic_task}
+
+
+def check_mix(mix: dict[str, float]) -> None:
+    unknown = sorted(set(mix) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"data.demo.mix: unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError("data.demo.mix: weights must be >= 0 and sum to more than 0")
 
 
 def draw(rng: random.Random, mix: dict[str, float] | None = None, turns: int = 1,
@@ -189,7 +215,7 @@ def draw(rng: random.Random, mix: dict[str, float] | None = None, turns: int = 1
     mix = mix or DEFAULT_MIX
     family = rng.choices(list(mix), weights=list(mix.values()))[0]
     if turns <= 1 or family not in QUESTIONS:
-        return TASKS[family](rng)
+        return FAMILIES[family](rng)
     parts, qas = QUESTIONS[family](rng)
     unique = list(dict.fromkeys(qas))
     chosen = rng.sample(unique, rng.randint(1, min(turns, len(unique))))
