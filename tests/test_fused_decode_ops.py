@@ -60,6 +60,10 @@ def test_decode_attention_matches_sdpa_on_cache_views_with_a_mask(dtype, batch, 
         got = cpu_gemv.decode_attention(q, k, v, m, 0.3)
         assert got.dtype == dtype and got.shape == q.shape
         assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (got.float() - want).abs().max()
+    garbage = buf_v.clone()  # a masked position's cache slot may hold anything: it must not reach the output
+    garbage[:, :, :length].masked_fill_(~mask.view(batch, 1, length, 1), float("nan"))
+    got = cpu_gemv.decode_attention(q, k, garbage[:, :, :length], mask, 0.3)
+    assert torch.equal(got, cpu_gemv.decode_attention(q, k, v, mask, 0.3))
 
 
 def test_the_fused_ops_stay_out_of_autograd_and_follow_the_switch():
@@ -96,9 +100,11 @@ def test_rope_matches_the_complex_rotation_on_a_strided_view(dtype):
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int4"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch):
+@pytest.mark.parametrize("dense", [False, True])
+def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
     """A decode step's attention half and dense MLP half as one call each (`Attention.decode_block`,
-    `SwiGLU.decode_block`): the same logits as the layer-by-layer eager step, through a padded batch's mask."""
+    `SwiGLU.decode_block`), and a dense stack's step as one call (`dense_stack`): the same logits as the
+    layer-by-layer eager step, through a padded batch's mask."""
     from chat_fixtures import tiny_chat_config
 
     from ernie45.engine.cache import StaticKVCache
@@ -108,7 +114,8 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch):
     from ernie45.model.trunk import Ernie45ForConditionalGeneration
 
     torch.manual_seed(0)
-    config = tiny_chat_config(300, hidden_size=64, intermediate_size=128, head_dim=32, moe_layer_start_index=1)
+    layout = {"num_hidden_layers": 3, "moe_layer_start_index": 3} if dense else {"moe_layer_start_index": 1}
+    config = tiny_chat_config(300, hidden_size=64, intermediate_size=128, head_dim=32, **layout)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
     fuse_projections(model)
@@ -122,11 +129,15 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch):
     padding = torch.ones(batch, 9, dtype=torch.long)
     padding[-1, :2] = 0  # the last row left-padded (a no-op mask for one row)
     calls = []
-    block = cpu_gemv.attention_block
+    block, stack = cpu_gemv.attention_block, cpu_gemv.dense_stack
 
     def counted(*args, **kwargs):
-        calls.append(1)
+        calls.append("layer")
         return block(*args, **kwargs)
+
+    def counted_stack(*args, **kwargs):
+        calls.append("stack")
+        return stack(*args, **kwargs)
 
     def steps(fused: bool) -> torch.Tensor:
         cache = StaticKVCache.for_model(model, batch, 16)
@@ -142,12 +153,13 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch):
 
     with torch.inference_mode():
         want = steps(False)
-        cpu_gemv.attention_block = counted
+        cpu_gemv.attention_block, cpu_gemv.dense_stack = counted, counted_stack
         try:
             got = steps(True)
         finally:
-            cpu_gemv.attention_block = block
-    assert len(calls) == 2 * config.num_hidden_layers  # two decode steps through every layer's fused call
+            cpu_gemv.attention_block, cpu_gemv.dense_stack = block, stack
+    # two decode steps: a dense stack in one call each, else through every layer's fused call
+    assert calls == (["stack"] * 2 if dense else ["layer"] * 2 * config.num_hidden_layers)
     assert torch.equal(got, want)
 
 

@@ -89,7 +89,8 @@ def kernel():
         isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"]
         flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
         functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention",
-                     "decode_attention_block", "decode_mlp_block", "decode_moe_block"]  # fmt: skip
+                     "decode_attention_block", "decode_mlp_block", "decode_dense_stack",
+                     "decode_moe_block"]  # fmt: skip
         src = [f.read_text() for f in _SOURCES]
         return load_inline(NAME, cpp_sources=src, functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
@@ -210,11 +211,45 @@ def attention_block(
     """A decode step's attention half in one call: h [B, 1, E] + o(attention(rope(qkv(rmsnorm(h))))), this
     position's K and V written into the cache buffers `slot` = (k, v [B, KV, max_len, D], position)."""
     kbuf, vbuf, start = slot
-    b, half = h.shape[0], kbuf.shape[3] // 2
-    cos, sin = (t.float().expand(b, 1, half).contiguous() for t in rope)
-    allowed = _allowed(mask, b, start + 1)
+    cos, sin, allowed = _step_inputs(rope, mask, h.shape[0], kbuf.shape[3] // 2, start + 1)
     k = kernel()
     return k.decode_attention_block(h.contiguous(), norm, eps, *qkv, *o, cos, sin, kbuf, vbuf, start, allowed, scale)
+
+
+_last_step: list = [None, None]  # [key, value] of _step_inputs' one-entry memo
+
+
+def _step_inputs(rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, b: int, half: int,
+                 length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """cos, sin [b, 1, half] fp32 and the allowed positions [b, length] for `decode_attention_block`. Every layer of
+    a step gets the same rope tensors and mask, so they are made once a step, not once a layer: each torch op
+    between two layer calls costs ~10-20 us, the weights streamed in between having pushed Python's working set
+    out of the caches. The memo holds its key's tensors, so an identity match cannot be a reused id."""
+    key = (rope[0], rope[1], mask, b, half, length)
+    last = _last_step[0]
+    if last is not None and all(x is y for x, y in zip(key[:3], last[:3], strict=True)) and key[3:] == last[3:]:
+        return _last_step[1]
+    cos, sin = (t.float().expand(b, 1, half).contiguous() for t in rope)
+    _last_step[:] = [key, (cos, sin, _allowed(mask, b, length))]
+    return _last_step[1]
+
+
+def dense_stack(
+    h: torch.Tensor, layers: list[tuple], rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+    start: int,
+) -> torch.Tensor:  # fmt: skip
+    """A dense stack's decode step in one call: per layer h = attention_block(h, ...), then mlp_block(h, ...), with
+    no Python between layers. Each of `layers` is (norm1, eps1, qkv, o, (kbuf, vbuf), scale, norm2, eps2, gate_up,
+    down); every layer writes this token at `start` of its cache buffers."""
+    tensors: list[torch.Tensor] = []
+    ints: list[int] = []
+    floats: list[float] = []
+    for norm1, eps1, qkv, o, (kbuf, vbuf), scale, norm2, eps2, gate_up, down in layers:
+        tensors += [norm1, qkv[0], qkv[1], o[0], o[1], kbuf, vbuf, norm2, gate_up[0], gate_up[1], down[0], down[1]]
+        ints += [qkv[2], o[2], gate_up[2], down[2]]
+        floats += [eps1, scale, eps2]
+    cos, sin, allowed = _step_inputs(rope, mask, h.shape[0], layers[0][4][0].shape[3] // 2, start + 1)
+    return kernel().decode_dense_stack(h.contiguous(), tensors, ints, floats, cos, sin, start, allowed)
 
 
 def mlp_block(h: torch.Tensor, norm: torch.Tensor, eps: float, gate_up: Weight, down: Weight) -> torch.Tensor:

@@ -141,8 +141,19 @@ class Attention(nn.Module):
         self, h: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor], mask: Any, cache: Any
     ) -> torch.Tensor | None:
         """h + self(norm(h)) for one decode token as one `cpu_gemv` call (no module or torch op calls from
-        Python, the same numbers), or None where it does not apply: CPU, fp32 or bf16, fused q/k/v in a form
-        the call reads (`decode_weight`), a cache of h's dtype that hands out its buffers (`reserve`)."""
+        Python, the same numbers), or None where it does not apply (`decode_weights`)."""
+        weights = self.decode_weights(h, norm, mask, cache)
+        if weights is None:
+            return None
+        slot = cache.reserve(self.layer_idx, 1)
+        return cpu_gemv.attention_block(h, norm.weight, norm.eps, *weights, rope, slot, mask, self.head_dim**-0.5)
+
+    def decode_weights(
+        self, h: torch.Tensor, norm: RMSNorm, mask: Any, cache: Any
+    ) -> tuple[cpu_gemv.Weight, cpu_gemv.Weight] | None:
+        """(qkv, o) as the fused decode call reads them, or None where that call does not apply: one token, CPU,
+        fp32 or bf16, fused q/k/v in a form it reads (`decode_weight`), a cache of h's dtype that hands out its
+        buffers (`reserve`)."""
         if h.shape[1] != 1 or getattr(cache, "reserve", None) is None or getattr(cache, "dtype", None) != h.dtype:
             return None
         if self.qkv_proj is None:
@@ -152,10 +163,7 @@ class Attention(nn.Module):
             return None
         if not cpu_gemv.heads_fit(self.num_heads, self.num_kv_heads, self.head_dim, mask):
             return None
-        if not cpu_gemv.fused(h, norm.weight, qkv[0], o[0]):
-            return None
-        slot = cache.reserve(self.layer_idx, 1)
-        return cpu_gemv.attention_block(h, norm.weight, norm.eps, qkv, o, rope, slot, mask, self.head_dim**-0.5)
+        return (qkv, o) if cpu_gemv.fused(h, norm.weight, qkv[0], o[0]) else None
 
 
 _NO_SCALES = torch.empty(0)
@@ -225,14 +233,17 @@ class SwiGLU(nn.Module):
 
     def decode_block(self, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor | None:
         """h + self(norm(h)) for decode-sized h as one `cpu_gemv` call, or None where it does not apply."""
+        weights = self.decode_weights(h, norm)
+        return None if weights is None else cpu_gemv.mlp_block(h, norm.weight, norm.eps, *weights)
+
+    def decode_weights(self, h: torch.Tensor, norm: RMSNorm) -> tuple[cpu_gemv.Weight, cpu_gemv.Weight] | None:
+        """(gate_up, down) as the fused decode call reads them, or None where that call does not apply."""
         if self.gate_up_proj is None or norm.weight.dtype != h.dtype:
             return None
         gate_up, down = decode_weight(self.gate_up_proj, h.dtype), decode_weight(self.down_proj, h.dtype)
         if gate_up is None or down is None or h.shape[1] != 1:
             return None
-        if not cpu_gemv.fused(h, norm.weight, gate_up[0], down[0]):
-            return None
-        return cpu_gemv.mlp_block(h, norm.weight, norm.eps, gate_up, down)
+        return (gate_up, down) if cpu_gemv.fused(h, norm.weight, gate_up[0], down[0]) else None
 
 
 def _stacked(*linears: nn.Module) -> nn.Module:

@@ -130,6 +130,7 @@ void one_query_attention(const T* Q, const T* K, const T* V, const bool* A, T* O
   const int64_t G = H / KV, C = D / 16;
   at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s(G * L);
+    float sums[16];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, g = t % KV;
       const T* k = K + b * ks[0] + g * ks[1];
@@ -171,18 +172,25 @@ void one_query_attention(const T* Q, const T* K, const T* V, const bool* A, T* O
           _mm512_mask_storeu_ps(sh + j, tail, e);
           sum += _mm512_reduce_add_ps(e);
         }
+        sums[h] = sum;
+      }
+      // out[h] = sum_j p[h, j] v[j] / sums[h]: per 16 columns of v, all G heads at once, so each value is loaded
+      // (and widened) once for the group instead of once per head. Zero weights (masked positions, whose cache
+      // slots may hold anything) are skipped; a weight that underflowed to 0 adds an exact 0. Each head's sum runs
+      // over j in the same order as one head at a time would.
+      for (int64_t c = 0; c < C; ++c) {
         __m512 acc[16];
-        for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+        for (int64_t h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
         for (int64_t jj = 0; jj < L; ++jj) {
-          if (sh[jj] == 0.f) continue;
-          const __m512 p = _mm512_set1_ps(sh[jj]);
-          for (int64_t c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, load16(v + jj * vs[2] + 16 * c), acc[c]);
+          if (a && !a[jj]) continue;
+          const __m512 vj = load16(v + jj * vs[2] + 16 * c);
+          for (int64_t h = 0; h < G; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(s[h * L + jj]), vj, acc[h]);
         }
         float out[16];
-        T* o = O + (b * H + g * G + h) * D;
-        for (int64_t c = 0; c < C; ++c) {
-          _mm512_storeu_ps(out, _mm512_div_ps(acc[c], _mm512_set1_ps(sum)));
-          for (int i = 0; i < 16; ++i) o[16 * c + i] = T(out[i]);
+        for (int64_t h = 0; h < G; ++h) {
+          T* o = O + (b * H + g * G + h) * D + 16 * c;
+          _mm512_storeu_ps(out, _mm512_div_ps(acc[h], _mm512_set1_ps(sums[h])));
+          for (int i = 0; i < 16; ++i) o[i] = T(out[i]);
         }
       }
     }

@@ -41,6 +41,26 @@ torch::Tensor decode_mlp_block(torch::Tensor h, torch::Tensor ln, double eps, to
   return h + matvec(act, wd, sd, gd).view({B, 1, E});
 }
 
+// A dense decoder stack's decode step in one call: each layer's attention half, then its MLP half, exactly as the
+// two calls above (the same numbers), with no Python between layers. Per layer n: t[12n..] = ln1, wqkv, sqkv, wo,
+// so, kbuf, vbuf, ln2, wgu, sgu, wd, sd; g[4n..] = gqkv, go, ggu, gd; f[3n..] = eps1, scale, eps2. Every layer
+// writes this token at `start` of its cache buffers.
+torch::Tensor decode_dense_stack(torch::Tensor h, std::vector<torch::Tensor> t, std::vector<int64_t> g,
+                                 std::vector<double> f, torch::Tensor cos, torch::Tensor sin, int64_t start,
+                                 torch::Tensor allowed) {
+  const size_t n = f.size() / 3;
+  TORCH_CHECK(f.size() == 3 * n && t.size() == 12 * n && g.size() == 4 * n, "12 tensors, 4 ints, 3 floats a layer");
+  for (size_t i = 0; i < n; ++i) {
+    const torch::Tensor* a = t.data() + 12 * i;
+    const int64_t* gi = g.data() + 4 * i;
+    const double* fi = f.data() + 3 * i;
+    h = decode_attention_block(h, a[0], fi[0], a[1], a[2], gi[0], a[3], a[4], gi[1], cos, sin, a[5], a[6], start,
+                               allowed, fi[1]);
+    h = decode_mlp_block(h, a[7], fi[2], a[8], a[9], gi[2], a[10], a[11], gi[3]);
+  }
+  return h;
+}
+
 // ---- A MoE layer's decode half (spec §2) in one call: h + shared(x) + sum_k w_k expert_k(x), x = rmsnorm(h),
 // the experts chosen by one group's fp32 router. The same ops in the same order as MoEBlock's eager path for
 // few rows (router and the sorted-by-expert sum through ATen, each expert as ExpertGroup.expert /
