@@ -31,7 +31,7 @@ import llamacpp
 import torch
 
 from ernie45.engine.cache import StaticKVCache
-from ernie45.model import cpu_gemv, hugepages
+from ernie45.model import cpu_gemv, hugepages, trunk
 from ernie45.model.moe import ExpertGroup, MoEBlock
 
 
@@ -110,8 +110,9 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
 def variant(row: str) -> Iterator[None]:
     """The engine as the row's name says: all own kernels, torch's only, int4 on torch's kernel, 4 KB pages,
     without the fused decode ops (RMSNorm, RoPE, SwiGLU's product and attention as torch's ops, the bf16 matvec
-    kernel kept), with them but each layer op by op (no layer half as one call), op by op with a MoE layer's bf16
-    experts on torch's grouped matmul instead of the matvec kernel, or as shipped."""
+    kernel kept), with them but each layer op by op (no layer half as one call), layer by layer (each half one call,
+    but a dense stack not as one call), op by op with a MoE layer's bf16 experts on torch's grouped matmul instead
+    of the matvec kernel, or as shipped."""
     names = {"own kernels": ("ERNIE45_CPU_KERNELS", "1"), "torch kernels": ("ERNIE45_CPU_KERNELS", "0"),
              "torch kernel": ("ERNIE45_CPU_KERNELS", "bf16"), "4K pages": ("ERNIE45_HUGEPAGES", "0")}  # fmt: skip
     changed = dict(v for k, v in names.items() if row.endswith(k))
@@ -119,19 +120,21 @@ def variant(row: str) -> Iterator[None]:
     os.environ.update(changed)
     cpu_gemv.kernel.cache_clear()
     fused, reserve, moe_half = cpu_gemv.fused, StaticKVCache.reserve, MoEBlock.decode_block
-    reads = ExpertGroup.kernel_reads
+    reads, stack = ExpertGroup.kernel_reads, trunk._dense_stack_step
     if row.endswith("unfused"):
         cpu_gemv.fused = lambda *tensors: False
     if row.endswith(("op by op", "grouped experts")):  # the fused ops, but no layer half as one call
         StaticKVCache.reserve = None  # (the attention half needs `reserve`)
         MoEBlock.decode_block = lambda *args: None
+    if row.endswith(("layer by layer", "op by op", "grouped experts")):
+        trunk._dense_stack_step = lambda *args: None
     if row.endswith("grouped experts"):  # and the bf16 experts through torch's grouped matmul, as before
         ExpertGroup.kernel_reads = lambda *args: False
     try:
         yield
     finally:
         cpu_gemv.fused, StaticKVCache.reserve, MoEBlock.decode_block = fused, reserve, moe_half
-        ExpertGroup.kernel_reads = reads
+        ExpertGroup.kernel_reads, trunk._dense_stack_step = reads, stack
         for k, v in before.items():
             if v is None:
                 del os.environ[k]
@@ -213,6 +216,7 @@ def main() -> None:
             ("ernie45 int8 own kernels", torch.float32, "int8"), ("ernie45 int4 own kernels", torch.float32, "int4"),
             ("ernie45 bf16 torch kernels", torch.bfloat16, None), ("ernie45 bf16 4K pages", torch.bfloat16, None),
             ("ernie45 bf16 unfused", torch.bfloat16, None), ("ernie45 int4 unfused", torch.float32, "int4"),
+            ("ernie45 bf16 layer by layer", torch.bfloat16, None),
             ("ernie45 bf16 op by op", torch.bfloat16, None), ("ernie45 int4 op by op", torch.float32, "int4"),
             ("ernie45 bf16 grouped experts", torch.bfloat16, None),
             ("ernie45 int4 torch kernel", torch.float32, "int4"),

@@ -41,3 +41,43 @@ def test_collapse_moves_a_large_tensor_onto_huge_pages(monkeypatch):
     if "[madvise]" in setting:
         assert _anon_huge_kb() - before >= 32 << 10
     assert int(y.sum()) == 64 << 20
+
+
+def _huge_kb_at(address: int) -> int:
+    """AnonHugePages of the mapping that holds `address` (0 where none does)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_gather_puts_a_modules_tensors_in_one_huge_page_arena_and_keeps_their_sharing(monkeypatch):
+    torch.manual_seed(0)
+    lin, head = torch.nn.Linear(1024, 1536, bias=False), torch.nn.Linear(1024, 1536, bias=False)
+    head.weight = lin.weight  # tied: one Parameter in two modules
+    lin.register_buffer("table", torch.randn(700, 1024))
+    lin.plain = lin.weight.data  # a tensor attribute on the parameter's storage (as PackedLinear's plain weight)
+    lin.small = torch.randn(8)  # under the size floor: left where it is
+    model = torch.nn.Sequential(lin, head)
+    want = {k: v.clone() for k, v in [("w", lin.weight), ("table", lin.table), ("small", lin.small)]}
+    small_at = lin.small.data_ptr()
+    monkeypatch.setenv("ERNIE45_HUGEPAGES", "0")
+    assert hugepages.gather(model) == 0
+    monkeypatch.delenv("ERNIE45_HUGEPAGES")
+    moved = hugepages.gather(model)
+    assert moved >= lin.weight.numel() * 4 + lin.table.numel() * 4
+    assert torch.equal(lin.weight, want["w"]) and torch.equal(lin.table, want["table"])
+    assert torch.equal(lin.small, want["small"]) and lin.small.data_ptr() == small_at
+    assert head.weight is lin.weight and lin.plain.data_ptr() == lin.weight.data_ptr()  # still one storage
+    assert lin.weight.untyped_storage().data_ptr() == lin.table.untyped_storage().data_ptr()  # one arena
+    assert isinstance(lin.weight, torch.nn.Parameter)
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if setting.is_file() and "[never]" not in setting.read_text():
+        assert _huge_kb_at(lin.weight.data_ptr()) >= 2048  # the arena was asked for 2 MB pages before the copy
+    x = torch.randn(3, 1024)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, want["w"]))  # the module computes from the arena

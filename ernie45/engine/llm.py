@@ -123,6 +123,7 @@ class LLM:
         if (owned or quantization) and not compile:  # int8 on FBGEMM's int8 x int8 product
             prepare_fbgemm_int8(self.model)
         if self.model.device.type == "cpu":  # the weights, in their final layout, onto 2 MB pages
+            hugepages.gather(self.model)
             hugepages.collapse_process_memory(background=True)
         self._check_token_ids()
         self.decoder = CompiledDecoder(self.model) if compile else None

@@ -21,6 +21,8 @@ import threading
 import time
 from functools import lru_cache
 
+import torch
+
 log = logging.getLogger("ernie45")
 HUGE = 2 << 20
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
@@ -80,6 +82,49 @@ def collapse_process_memory(min_bytes: int = 8 << 20, background: bool = False) 
     if moved:
         log.info("%.0f MB of weights and buffers on 2 MB pages (%.1f s)", moved / 1e6, time.perf_counter() - start)
     return moved
+
+
+def gather(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int:
+    """Move `module`'s large CPU tensors (parameters, buffers and tensor attributes such as a packed linear's
+    plain weight) into one 2 MB-aligned arena on 2 MB pages, in place (`Tensor.set_`, so every holder of the same
+    tensor object reads the new copy); returns the bytes moved (0 where huge pages are off).
+
+    `collapse_process_memory` can only move whole 2 MB pages of a mapping, and the allocator gives each weight of
+    a few MB its own mapping at a random offset: measured on the 0.3B shapes, a third of a 6 MB down projection
+    stayed on 4 KB pages, and the layers' 72 matvecs read 19.7 GB/s; from the arena 25-26 GB/s. Tensors that
+    share a storage move together and keep sharing it. The arena's pages are asked for 2 MB before the copy
+    touches them, so nothing has to be moved afterwards; resident memory grows by one tensor at a time (each old
+    storage is freed when its last tensor has moved, unless a view not found here still holds it)."""
+    if not enabled():
+        return 0
+    found: dict[int, list[torch.Tensor]] = {}
+    seen: set[int] = set()
+    for m in module.modules():
+        attributes = (v for v in vars(m).values() if type(v) is torch.Tensor)
+        for t in [*m._parameters.values(), *m._buffers.values(), *attributes]:
+            if t is None or id(t) in seen or t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
+                continue  # (oneDNN's packed weights and quantized tensors have no plain storage to move)
+            if t.untyped_storage().nbytes() < min_bytes:
+                continue
+            seen.add(id(t))
+            found.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+    if not found:
+        return 0
+    sizes = {ptr: -(-ts[0].untyped_storage().nbytes() // 4096) * 4096 for ptr, ts in found.items()}
+    total = sum(sizes.values())
+    arena = torch.empty(total + HUGE, dtype=torch.uint8)
+    start = (-arena.data_ptr()) % HUGE
+    _madvise()(arena.data_ptr() + start, (arena.numel() - start) // HUGE * HUGE, MADV_HUGEPAGE)
+    storage, offset = arena.untyped_storage(), start
+    with torch.no_grad():
+        for ptr, ts in found.items():
+            old = ts[0].untyped_storage()
+            arena[offset : offset + old.nbytes()].copy_(torch.empty(0, dtype=torch.uint8).set_(old))
+            for t in ts:
+                size = t.element_size()
+                t.set_(storage, (offset + t.storage_offset() * size) // size, t.size(), t.stride())
+            offset += sizes[ptr]
+    return total
 
 
 def wait() -> None:
