@@ -145,6 +145,21 @@ void one_query_attention(const T* Q, const T* K, const T* V, const bool* A, T* O
           for (int64_t h = 0; h < G; ++h) s[h * L + j] = -INFINITY;
           continue;
         }
+        if constexpr (std::is_same_v<T, at::BFloat16>) {
+          if (D % 32 == 0) {  // bf16 pairs straight into fp32 (exact products): half the instructions, no widening
+            const uint16_t* kr = reinterpret_cast<const uint16_t*>(k + j * ks[2]);
+            __m512bh kb[8];
+            for (int64_t c = 0; c < D / 32; ++c) kb[c] = (__m512bh)_mm512_loadu_si512(kr + 32 * c);
+            for (int64_t h = 0; h < G; ++h) {
+              const uint16_t* qr = reinterpret_cast<const uint16_t*>(Q + (b * H + g * G + h) * D);
+              __m512 acc = _mm512_setzero_ps();
+              for (int64_t c = 0; c < D / 32; ++c)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qr + 32 * c), kb[c]);
+              s[h * L + j] = _mm512_reduce_add_ps(acc) * scale;
+            }
+            continue;
+          }
+        }
         __m512 kj[16];
         for (int64_t c = 0; c < C; ++c) kj[c] = load16(k + j * ks[2] + 16 * c);
         for (int64_t h = 0; h < G; ++h) {
