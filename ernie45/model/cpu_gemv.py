@@ -33,8 +33,12 @@ and the cache hands out its buffers (0.3B bf16 decode 28.8 -> 30.2 tok/s, row "o
 layer's half is one call too (`moe_block`: RMSNorm, the fp32 router, the experts each row picked and the shared
 experts, the module's numbers): on the 21B-A3B shapes cut to 4 layers bf16 decode went 16.5 (experts on torch's
 grouped matmul) -> 18.3 (each expert hit through the bf16 matvec) -> 19.6 tok/s (the half as one call), rows
-"grouped experts" and "op by op" of one run. The int4 kernel decodes each tile's codes once for up to four rows
-of a batch (0.3B batch 8 int4 decode 143 tok/s on torch's kernel, 205 on this one).
+"grouped experts" and "op by op" of one run. A dense stack's step (the 0.3B) is one call for all its layers
+(`dense_stack`): called one half at a time from Python, each call found Python's own code and data pushed out of
+the caches by the weights the call before had streamed, ~5 ms of a ~37 ms step (0.3B bf16 decode 27.1 -> 31.3
+tok/s, rows "layer by layer" and "bf16" of one run, with the weights gathered onto 2 MB pages). The int4 kernel
+decodes each tile's codes once for up to four rows of a batch (0.3B batch 8 int4 decode 143 tok/s on torch's
+kernel, 205 on this one).
 """
 
 from __future__ import annotations

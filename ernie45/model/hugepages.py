@@ -8,6 +8,8 @@ torch's allocations stay on 4 KB pages unless asked: `collapse_process_memory` a
 what is already there onto 2 MB pages (MADV_COLLAPSE, Linux 6.1+). Elsewhere it does nothing. The move copies
 at about 0.4 GB/s here (2.4 GB in 5.9 s), so the engine runs it in a background thread: the first steps of a
 large model may still read 4 KB pages; `wait()` blocks until the move is done (the benchmarks call it).
+A weight of a few MB gets its own mapping from the allocator, whose unaligned edges cannot be collapsed: `gather`
+copies a model's tensors into one aligned arena first (the engine does both).
 """
 
 from __future__ import annotations
