@@ -31,7 +31,7 @@ import llamacpp
 import torch
 
 from ernie45.engine.cache import StaticKVCache
-from ernie45.model import cpu_gemv, hugepages, trunk
+from ernie45.model import cpu_gemv, decode_stack, hugepages
 from ernie45.model.moe import ExpertGroup, MoEBlock
 
 
@@ -120,21 +120,21 @@ def variant(row: str) -> Iterator[None]:
     os.environ.update(changed)
     cpu_gemv.kernel.cache_clear()
     fused, reserve, moe_half = cpu_gemv.fused, StaticKVCache.reserve, MoEBlock.decode_block
-    reads, stack = ExpertGroup.kernel_reads, trunk._dense_stack_step
+    reads, stack = ExpertGroup.kernel_reads, decode_stack.step
     if row.endswith("unfused"):
         cpu_gemv.fused = lambda *tensors: False
     if row.endswith(("op by op", "grouped experts")):  # the fused ops, but no layer half as one call
         StaticKVCache.reserve = None  # (the attention half needs `reserve`)
         MoEBlock.decode_block = lambda *args: None
     if row.endswith(("layer by layer", "op by op", "grouped experts")):
-        trunk._dense_stack_step = lambda *args: None
+        decode_stack.step = lambda *args: None
     if row.endswith("grouped experts"):  # and the bf16 experts through torch's grouped matmul, as before
         ExpertGroup.kernel_reads = lambda *args: False
     try:
         yield
     finally:
         cpu_gemv.fused, StaticKVCache.reserve, MoEBlock.decode_block = fused, reserve, moe_half
-        ExpertGroup.kernel_reads, trunk._dense_stack_step = reads, stack
+        ExpertGroup.kernel_reads, decode_stack.step = reads, stack
         for k, v in before.items():
             if v is None:
                 del os.environ[k]

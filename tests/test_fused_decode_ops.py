@@ -206,3 +206,49 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
         image[-1] = 1
         assert (block.decode_block(h, norm, image) is None) == vision
     assert block.decode_block(h.clone().requires_grad_(True), norm) is None  # autograd must see the module's ops
+
+
+def test_the_dense_stack_keeps_its_plan_and_notices_a_swapped_layer():
+    """The stack's plan is built once and reused; a linear replaced between steps is seen at the next step (the
+    same logits as the eager layers with the same swap)."""
+    from chat_fixtures import tiny_chat_config
+
+    from ernie45.engine.cache import StaticKVCache
+    from ernie45.model import decode_stack
+    from ernie45.model.layers import fuse_projections
+    from ernie45.model.trunk import Ernie45ForConditionalGeneration
+
+    config = tiny_chat_config(300, hidden_size=64, intermediate_size=128, head_dim=32, num_hidden_layers=3,
+                              moe_layer_start_index=3)  # fmt: skip
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(1))
+    builds = []
+    build = decode_stack._build
+
+    def counted(*args):
+        builds.append(1)
+        return build(*args)
+
+    def run(fused: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = Ernie45ForConditionalGeneration(config).eval().requires_grad_(False)
+        fuse_projections(model)
+        cache = StaticKVCache.for_model(model, 1, 16)
+        if not fused:
+            cache.reserve = None
+        out = [model(input_ids=ids[:, :5], cache=cache).logits[:, -1]]
+        for t in range(5, 9):
+            if t == 7:  # a new down projection in the middle layer
+                model.model.layers[1].mlp.down_proj = torch.nn.Linear(128, 64, bias=False).requires_grad_(False)
+            out.append(model(input_ids=ids[:, t : t + 1], cache=cache).logits[:, -1])
+        return torch.stack(out)
+
+    decode_stack._build = counted
+    try:
+        with torch.inference_mode():
+            want = run(False)
+            builds.clear()
+            got = run(True)
+    finally:
+        decode_stack._build = build
+    assert len(builds) == 2  # built at the first decode step, and again after the swap; not at the other two
+    assert torch.equal(got, want)

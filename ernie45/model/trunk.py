@@ -17,7 +17,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOu
 
 from ..attention import FlashMask
 from ..config import AudioConfig, Ernie45Config
-from . import cpu_gemv
+from . import decode_stack
 from .audio import AudioEncoder, AudioResampler
 from .layers import Attention, RMSNorm, SwiGLU, attention_mask, rope_cos_sin
 from .moe import ExpertGroup, MoEBlock, Router
@@ -203,7 +203,7 @@ class Ernie45Model(Ernie45PreTrainedModel):
             )
         rope = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.freq_allocation)
         mask = _layer_mask(attention_mask, seq, past + seq, h.device)
-        stack = None if router_out is not None else _dense_stack_step(self.layers, h, rope, mask, cache)
+        stack = None if router_out is not None else decode_stack.step(self.layers, h, rope, mask, cache)
         for i, layer in enumerate(() if stack is not None else self.layers):
             layer_out = None if router_out is None else []
             if self.gradient_checkpointing and self.training:
@@ -213,29 +213,6 @@ class Ernie45Model(Ernie45PreTrainedModel):
             if layer_out:  # (layer, group, router logits, chosen experts, token rows)
                 router_out.extend((i, *entry) for entry in layer_out)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h if stack is None else stack), cache=cache)
-
-
-def _dense_stack_step(layers: nn.ModuleList, h: torch.Tensor, rope, mask, cache: Any) -> torch.Tensor | None:
-    """A CPU decode step through a dense stack (every layer's two halves fused: `decode_weights`) as one C++ call,
-    or None. Called one layer at a time from here, each call found the code and data Python runs on pushed out of
-    the caches by the weights the last call streamed: 0.3B decode bf16 spent ~5 ms of a ~37 ms step between calls."""
-    plan = []
-    for layer in layers:
-        attn, mlp, norm1, norm2 = layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm
-        if not isinstance(mlp, SwiGLU):
-            return None
-        a, m = attn.decode_weights(h, norm1, mask, cache), mlp.decode_weights(h, norm2)
-        if a is None or m is None:
-            return None
-        plan.append((layer.self_attn.layer_idx, norm1, a, attn.head_dim**-0.5, norm2, m))
-    start = cache.get_seq_length(plan[0][0]) if plan else None
-    if start is None or any(cache.get_seq_length(p[0]) != start for p in plan):
-        return None
-    args = []
-    for idx, norm1, (qkv, o), scale, norm2, (gate_up, down) in plan:
-        buffers = cache.reserve(idx, 1)[:2]
-        args.append((norm1.weight, norm1.eps, qkv, o, buffers, scale, norm2.weight, norm2.eps, gate_up, down))
-    return cpu_gemv.dense_stack(h, args, rope, mask, start)
 
 
 def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor | FlashMask | None:

@@ -1,0 +1,85 @@
+"""A dense stack's CPU decode step as one C++ call (`cpu_gemv.dense_stack`), with its plan kept between steps.
+
+Called one layer half at a time, each call found Python's own code and data pushed out of the caches by the
+weights the call before had streamed: the 0.3B's bf16 decode spent ~5 ms of a ~37 ms step between calls. Deciding
+per step whether every layer can take the fused path (`decode_weights`) still cost ~1 ms of Python on 18 layers,
+so the plan is kept and only checked: each module and tensor it uses must still sit where it was found (the
+containing dict and key), and the step's conditions (dtype, batch, mask kind, cache type, kernel switch) must match.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import cpu_gemv
+from .layers import SwiGLU
+
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layers -> (conditions, checks, plan)
+
+
+def _where(owner: Any, obj: Any) -> tuple[dict, str, Any] | None:
+    """(dict, key, obj): where `owner` holds `obj` (its parameters, buffers, submodules or attributes), or None."""
+    for d in (owner._parameters, owner._buffers, owner._modules, vars(owner)):
+        for k, v in d.items():
+            if v is obj:
+                return d, k, obj
+    return None
+
+
+def _build(layers: nn.ModuleList, h: torch.Tensor, mask: Any, cache: Any) -> tuple[list, list | None] | None:
+    """(plan, checks): per layer (index, norm1, (qkv, o), scale, norm2, (gate_up, down)), and where each module
+    and tensor it uses was found (None: something was not found, the plan serves this step only); or None where a
+    layer does not take the fused path."""
+    plan, checks = [], []
+    for key, layer in layers._modules.items():
+        attn, mlp = layer.self_attn, layer.mlp
+        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        if not isinstance(mlp, SwiGLU):
+            return None
+        a, m = attn.decode_weights(h, norm1, mask, cache), mlp.decode_weights(h, norm2)
+        if a is None or m is None:
+            return None
+        plan.append((attn.layer_idx, norm1, a, attn.head_dim**-0.5, norm2, m))
+        found = [(layers._modules, key, layer), _where(norm1, norm1.weight), _where(norm2, norm2.weight)]
+        found += [_where(layer, part) for part in (attn, mlp, norm1, norm2)]
+        linears = ((attn, attn.qkv_proj, a[0]), (attn, attn.o_proj, a[1]), (mlp, mlp.gate_up_proj, m[0]),
+                   (mlp, mlp.down_proj, m[1]))  # fmt: skip
+        for parent, linear, (w, scales, _) in linears:
+            found += [_where(parent, linear), _where(linear, w)] + ([_where(linear, scales)] if scales.numel() else [])
+        checks += found
+    return plan, None if any(c is None for c in checks) else checks
+
+
+def step(layers: nn.ModuleList, h: torch.Tensor, rope, mask: Any, cache: Any) -> torch.Tensor | None:
+    """h after every layer for one decode token as one call, or None where the stack cannot take it (a MoE layer,
+    weights the call does not read, a prefill, autograd, a cache that does not hand out its buffers). The plan is
+    kept only with gradients off (the engine's case), since whether a tensor requires grad is not checked."""
+    if h.shape[1] != 1 or getattr(cache, "reserve", None) is None:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    mask_kind = None if mask is None else (type(mask), getattr(mask, "dtype", None))
+    conditions = (h.dtype, h.device, h.shape[0], mask_kind, type(cache), getattr(cache, "dtype", None), len(layers),
+                  cpu_gemv._mode())  # fmt: skip
+    kept = None if torch.is_grad_enabled() else _plans.get(layers)  # (requires_grad is not in the conditions)
+    if kept is None or kept[0] != conditions or not all(d.get(k) is v for d, k, v in kept[1]):
+        _plans.pop(layers, None)
+        built = _build(layers, h, mask, cache)
+        if built is None:
+            return None
+        kept = (conditions, built[1], built[0])
+        if built[1] is not None and not torch.is_grad_enabled():
+            _plans[layers] = kept
+    plan = kept[2]
+    start = cache.get_seq_length(plan[0][0]) if plan else None
+    if start is None or any(cache.get_seq_length(p[0]) != start for p in plan):
+        return None
+    args = []
+    for idx, norm1, (qkv, o), scale, norm2, (gate_up, down) in plan:
+        buffers = cache.reserve(idx, 1)[:2]
+        args.append((norm1.weight, norm1.eps, qkv, o, buffers, scale, norm2.weight, norm2.eps, gate_up, down))
+    return cpu_gemv.dense_stack(h, args, rope, mask, start)
