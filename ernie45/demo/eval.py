@@ -21,7 +21,10 @@ def _norm(text: str) -> str:
 
 
 def score(skill: str, got: str, expected: str) -> float:
-    """1.0 for a right answer; for spoken digits the share of words right (1 - word error rate, floored at 0)."""
+    """1.0 for a right answer; for spoken digits the share of words right (1 - word error rate, floored at 0).
+    Arithmetic is scored on its conclusion ("... so 59 plus 73 is 132." -> "59 plus 73 is 132.")."""
+    if skill == "arithmetic":
+        got, expected = got.rsplit("so ", 1)[-1], expected.rsplit("so ", 1)[-1]
     if skill != "spoken digits":
         return float(_norm(got) == _norm(expected))
     want, have = _norm(expected).split(), _norm(got).split()

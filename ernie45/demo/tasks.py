@@ -170,7 +170,33 @@ def definitions() -> list[tuple[str, str]]:
 def arithmetic_task(rng: random.Random) -> tuple[str, list[dict], str]:
     op = rng.choice(list(SPOKEN_OPS))
     a, b = (rng.randint(0, 100), rng.randint(0, 100)) if op != "times" else (rng.randint(0, 12), rng.randint(0, 12))
-    return "arithmetic", _user([], f"What is {a} {op} {b}?"), f"{a} {op} {b} is {SPOKEN_OPS[op](a, b)}."
+    return "arithmetic", _user([], f"What is {a} {op} {b}?"), worked(a, op, b)
+
+
+def worked(a: int, op: str, b: int) -> str:
+    """The answer to "What is a op b?", sums and differences of numbers past 9 worked column by column from the
+    units, then the result: "9 plus 3 is 12; 5 plus 7 plus 1 is 13; so 59 plus 73 is 132." A 14M-parameter model
+    did not learn to write a two-digit sum's digits at once (plus and minus stayed under 10% through three
+    stages); each column is a one-digit fact next to the digits it needs. A difference below 0 works out the
+    larger minus the smaller ("60 is more than 28: ...; so 28 minus 60 is -32."). Products (up to 12 x 12) and
+    one-digit sums stay one sentence."""
+    result = f"{a} {op} {b} is {SPOKEN_OPS[op](a, b)}."
+    if op == "times" or (max(a, b) < 10 and (op == "plus" or a >= b)):
+        return result
+    top, low = (a, b) if op == "plus" or a >= b else (b, a)
+    x, y = (str(v)[::-1] for v in (top, low))
+    steps, carry = [], 0
+    for i in range(max(len(x), len(y))):
+        dx, dy = int(x[i]) if i < len(x) else 0, int(y[i]) if i < len(y) else 0
+        if op == "plus":
+            steps.append(f"{dx} plus {dy}{' plus 1' if carry else ''} is {dx + dy + carry}")
+            carry = (dx + dy + carry) // 10
+        else:  # the top digit less what the column before borrowed, plus 10 where it must borrow itself
+            t = dx - carry
+            carry = int(t < dy)
+            steps.append(f"{t + 10 * carry} minus {dy} is {t + 10 * carry - dy}")
+    swap = f"{top} is more than {low}: " if top != a else ""
+    return f"{swap}{'; '.join(steps)}; so {result}"
 
 
 def text_task(rng: random.Random) -> tuple[str, list[dict], str]:
