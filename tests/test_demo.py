@@ -116,6 +116,32 @@ def test_score_rules():
     assert score("colour", "The star is red.", "The star is red.") == 1.0
     assert score("colour", "The star is blue.", "The star is red.") == 0.0
     assert score("spoken digits", "three five", "three five nine") == pytest.approx(2 / 3)
+    worked = "9 plus 3 is 12; 5 plus 7 plus 1 is 13; so 59 plus 73 is 132."
+    assert score("arithmetic", "59 plus 73 is 132.", worked) == 1.0  # the conclusion is what counts
+    assert score("arithmetic", worked.replace("132", "131"), worked) == 0.0
+    assert score("arithmetic", "9 plus 3 is 12; so 59 plus 73 is 132.", "59 plus 73 is 131.") == 0.0
+
+
+def test_worked_sums_and_differences_add_up_column_by_column():
+    """Every sum and difference on 0..100: the conclusion is the plain answer, and the columns' results, read
+    back (the last in full, then each earlier one's units digit), are that answer's digits."""
+    from ernie45.demo.tasks import worked
+
+    for a in range(101):
+        for b in range(101):
+            for op, want in (("plus", a + b), ("minus", a - b)):
+                text = worked(a, op, b)
+                head, _, conclusion = text.rpartition("so ")
+                assert conclusion == f"{a} {op} {b} is {want}."
+                if not head:  # one-digit sums and differences that stay >= 0 are one sentence
+                    assert max(a, b) < 10 and want >= 0
+                    continue
+                assert head.startswith(f"{max(a, b)} is more than {min(a, b)}: ") == (want < 0)
+                columns = [int(step.rsplit(" is ", 1)[1]) for step in head.split(": ")[-1].rstrip("; ").split("; ")]
+                assert len(columns) == len(str(max(a, b)))
+                digits = str(columns[-1]) + "".join(str(c % 10) for c in reversed(columns[:-1]))
+                assert int(digits) == abs(want), text
+    assert worked(12, "times", 11) == "12 times 11 is 132."
 
 
 def test_smoke_recipe_trains(tmp_path):
