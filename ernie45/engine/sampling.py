@@ -79,7 +79,7 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token ids [B] from fp32 logits [B, V] (after penalties)."""
+    """Next token ids [B] from fp32 logits [B, V] (after penalties); greedy takes logits of any float dtype."""
     if p.greedy:
         return logits.argmax(-1)
     logits = logits.nan_to_num(nan=float("-inf"))

@@ -36,7 +36,10 @@ grouped matmul) -> 18.3 (each expert hit through the bf16 matvec) -> 19.6 tok/s 
 "grouped experts" and "op by op" of one run. A dense stack's step (the 0.3B) is one call for all its layers
 (`dense_stack`): called one half at a time from Python, each call found Python's own code and data pushed out of
 the caches by the weights the call before had streamed, ~5 ms of a ~37 ms step (0.3B bf16 decode 27.1 -> 31.3
-tok/s, rows "layer by layer" and "bf16" of one run, with the weights gathered onto 2 MB pages). The int4 kernel
+tok/s, rows "layer by layer" and "bf16" of one run, with the weights gathered onto 2 MB pages). With bf16 weights
+the stack runs on raw pointers, one workspace a step (~30 ATen ops a layer, a view or an empty each, had cost
+~2.5 ms of a ~36 ms step on code and data the weights had pushed out of the caches: 27.4 -> 29.8 tok/s timed
+around the calls, `benchmarks/decode.py` 70 -> 72% of the bound). The int4 kernel
 decodes each tile's codes once for up to four rows of a batch (0.3B batch 8 int4 decode 143 tok/s on torch's
 kernel, 205 on this one).
 """

@@ -19,6 +19,7 @@ from . import cpu_gemv
 from .layers import SwiGLU
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layers -> (conditions, checks, plan)
+_last: list = [None]  # (weakref to the layers, their plan): the last stack stepped, found without a lookup
 
 
 def _where(owner: Any, obj: Any) -> tuple[dict, str, Any] | None:
@@ -54,6 +55,13 @@ def _build(layers: nn.ModuleList, h: torch.Tensor, mask: Any, cache: Any) -> tup
     return plan, None if any(c is None for c in checks) else checks
 
 
+def _kept(layers: nn.ModuleList) -> tuple | None:
+    """The plan kept for `layers`: the last stack stepped is found without a mapping lookup (after the weights
+    streamed past, even `WeakKeyDictionary.get` took ~0.1 ms of a step)."""
+    last = _last[0]
+    return last[1] if last is not None and last[0]() is layers else _plans.get(layers)
+
+
 def step(layers: nn.ModuleList, h: torch.Tensor, rope, mask: Any, cache: Any) -> torch.Tensor | None:
     """h after every layer for one decode token as one call, or None where the stack cannot take it (a MoE layer,
     weights the call does not read, a prefill, autograd, a cache that does not hand out its buffers). The plan is
@@ -65,15 +73,17 @@ def step(layers: nn.ModuleList, h: torch.Tensor, rope, mask: Any, cache: Any) ->
     mask_kind = None if mask is None else (type(mask), getattr(mask, "dtype", None))
     conditions = (h.dtype, h.device, h.shape[0], mask_kind, type(cache), getattr(cache, "dtype", None), len(layers),
                   cpu_gemv._mode())  # fmt: skip
-    kept = None if torch.is_grad_enabled() else _plans.get(layers)  # (requires_grad is not in the conditions)
+    kept = None if torch.is_grad_enabled() else _kept(layers)  # (requires_grad is not in the conditions)
     if kept is None or kept[0] != conditions or not all(d.get(k) is v for d, k, v in kept[1]):
         _plans.pop(layers, None)
+        _last[0] = None
         built = _build(layers, h, mask, cache)
         if built is None:
             return None
         kept = (conditions, built[1], built[0])
         if built[1] is not None and not torch.is_grad_enabled():
             _plans[layers] = kept
+            _last[0] = (weakref.ref(layers), kept)
     plan = kept[2]
     start = cache.get_seq_length(plan[0][0]) if plan else None
     if start is None or any(cache.get_seq_length(p[0]) != start for p in plan):

@@ -36,9 +36,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
-    """inv_freq[j] = theta^(-2j/D) for the D/2 rotation pairs."""
-    j = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
-    return (1.0 / theta ** (j / head_dim)).float()
+    """inv_freq[j] = theta^(-2j/D) for the D/2 rotation pairs; made once per (D, theta, device), as a plain tensor
+    even under inference mode (a decode step spent 5 torch ops on it)."""
+    key = (head_dim, float(theta), torch.device(device or "cpu"))
+    if key not in _INV_FREQ:
+        with torch.inference_mode(False), torch.no_grad():
+            j = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device)
+            _INV_FREQ[key] = (1.0 / theta ** (j / head_dim)).float()
+    return _INV_FREQ[key]
+
+
+_INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
 
 
 def rope_cos_sin(

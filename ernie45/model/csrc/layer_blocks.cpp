@@ -45,11 +45,88 @@ torch::Tensor decode_mlp_block(torch::Tensor h, torch::Tensor ln, double eps, to
 // two calls above (the same numbers), with no Python between layers. Per layer n: t[12n..] = ln1, wqkv, sqkv, wo,
 // so, kbuf, vbuf, ln2, wgu, sgu, wd, sd; g[4n..] = gqkv, go, ggu, gd; f[3n..] = eps1, scale, eps2. Every layer
 // writes this token at `start` of its cache buffers.
+
+// Whether the stack can run on raw pointers (`bf16_stack`): bf16 activations and plain bf16 weights (no int4
+// tiles) whose input widths take the bf16 matvec, contiguous norms, cache buffers whose last dim is contiguous.
+static bool plain_bf16(const torch::Tensor& h, const std::vector<torch::Tensor>& t, size_t n) {
+  auto bf16 = [](const torch::Tensor& x) { return x.scalar_type() == torch::kBFloat16 && x.is_contiguous(); };
+  if (!bf16(h) || h.size(2) % 32) return false;
+  for (size_t i = 0; i < n; ++i) {
+    const torch::Tensor* a = t.data() + 12 * i;
+    for (int j : {2, 4, 9, 11}) if (a[j].numel()) return false;                  // int4 scales
+    for (int j : {0, 1, 3, 7, 8, 10}) if (!bf16(a[j])) return false;             // norms, weights
+    for (int j : {1, 3, 8, 10}) if (a[j].size(1) % 32) return false;
+    for (int j : {5, 6}) if (a[j].scalar_type() != torch::kBFloat16 || a[j].stride(3) != 1) return false;
+  }
+  return true;
+}
+
+// The dense stack on raw pointers for bf16 weights: the same kernels, in the same order and with the same roundings
+// as the tensor code above (so the same numbers), but no ATen op between them. Inside a step every ATen op (a view,
+// a narrow, an empty) ran on code and data the streamed weights had pushed out of the caches, ~30 such ops a layer.
+static torch::Tensor bf16_stack(torch::Tensor h, const std::vector<torch::Tensor>& t, const std::vector<double>& f,
+                                size_t n, const torch::Tensor& cos, const torch::Tensor& sin, int64_t start,
+                                const bool* allowed) {
+  using bf = at::BFloat16;
+  const int64_t B = h.size(0), E = h.size(2), KV = t[5].size(1), D = t[5].size(3);
+  int64_t qkv_w = 0, o_w = 0, gu_w = 0;
+  for (size_t i = 0; i < n; ++i) {
+    qkv_w = std::max(qkv_w, t[12 * i + 1].size(0));
+    o_w = std::max(o_w, t[12 * i + 3].size(1));
+    gu_w = std::max(gu_w, t[12 * i + 8].size(0));
+  }
+  auto out = h.clone();  // the running h; the caller's tensor is left as it was
+  auto ws = torch::empty({B * (E + qkv_w + qkv_w + o_w + E + gu_w + gu_w / 2)}, h.options());
+  bf* x = ws.data_ptr<bf>();  // rmsnorm(h)
+  bf* qkv = x + B * E;
+  bf* qk = qkv + B * qkv_w;   // roped q and k heads
+  bf* att = qk + B * qkv_w;   // attention out
+  bf* y = att + B * o_w;      // o or down out
+  bf* gu = y + B * E;
+  bf* act = gu + B * gu_w;
+  bf* hp = out.data_ptr<bf>();
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && cos.numel() == B * D / 2 && sin.numel() == B * D / 2);
+  for (size_t i = 0; i < n; ++i) {
+    const torch::Tensor* a = t.data() + 12 * i;
+    const int64_t N = a[1].size(0) / D, H = N - 2 * KV;
+    TORCH_CHECK(a[1].size(0) % D == 0 && H > 0 && H % KV == 0 && H / KV <= 16 && a[5].size(1) == KV && a[5].size(3) == D && start < a[5].size(2));
+    TORCH_CHECK(a[3].size(0) == E && a[3].size(1) == H * D && a[10].size(0) == E && a[8].size(0) == 2 * a[10].size(1));
+    rmsnorm_rows(hp, a[0].data_ptr<bf>(), x, B, E, static_cast<float>(f[3 * i]));
+    gemv_bf16_raw(x, B, E, a[1].data_ptr<bf>(), N * D, qkv);
+    const int64_t xs[3] = {N * D, D, N * D};
+    rope_rows(qkv, xs, cos.data_ptr<float>(), sin.data_ptr<float>(), qk, B, H + KV, 1, D);
+    bf* kb = a[5].data_ptr<bf>();
+    bf* vb = a[6].data_ptr<bf>();
+    const int64_t ks[3] = {a[5].stride(0), a[5].stride(1), a[5].stride(2)};
+    const int64_t vs[3] = {a[6].stride(0), a[6].stride(1), a[6].stride(2)};
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t g = 0; g < KV; ++g) {
+        std::memcpy(kb + b * ks[0] + g * ks[1] + start * ks[2], qk + (b * (H + KV) + H + g) * D, D * sizeof(bf));
+        std::memcpy(vb + b * vs[0] + g * vs[1] + start * vs[2], qkv + b * N * D + (H + KV + g) * D, D * sizeof(bf));
+      }
+    for (int64_t b = 1; b < B; ++b)  // q heads of row b to [b, H, D] (row 0's already are): attention's layout
+      std::memmove(qk + b * H * D, qk + b * (H + KV) * D, H * D * sizeof(bf));
+    one_query_attention<bf>(qk, kb, vb, allowed, att, B, H, KV, start + 1, D, ks, vs, static_cast<float>(f[3 * i + 1]));
+    gemv_bf16_raw(att, B, H * D, a[3].data_ptr<bf>(), E, y);
+    for (int64_t j = 0; j < B * E; ++j) hp[j] = bf(f32(hp[j]) + f32(y[j]));
+    const int64_t F = a[10].size(1);
+    rmsnorm_rows(hp, a[7].data_ptr<bf>(), x, B, E, static_cast<float>(f[3 * i + 2]));
+    gemv_bf16_raw(x, B, E, a[8].data_ptr<bf>(), 2 * F, gu);
+    silu_mul_rows(gu, act, B, F);
+    gemv_bf16_raw(act, B, F, a[10].data_ptr<bf>(), E, y);
+    for (int64_t j = 0; j < B * E; ++j) hp[j] = bf(f32(hp[j]) + f32(y[j]));
+  }
+  return out;
+}
+
 torch::Tensor decode_dense_stack(torch::Tensor h, std::vector<torch::Tensor> t, std::vector<int64_t> g,
                                  std::vector<double> f, torch::Tensor cos, torch::Tensor sin, int64_t start,
                                  torch::Tensor allowed) {
   const size_t n = f.size() / 3;
   TORCH_CHECK(f.size() == 3 * n && t.size() == 12 * n && g.size() == 4 * n, "12 tensors, 4 ints, 3 floats a layer");
+  if (plain_bf16(h, t, n) && cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
+      h.size(1) == 1 && (allowed.numel() == 0 || (allowed.is_contiguous() && allowed.numel() == h.size(0) * (start + 1))))
+    return bf16_stack(h, t, f, n, cos, sin, start, allowed.numel() ? allowed.data_ptr<bool>() : nullptr);
   for (size_t i = 0; i < n; ++i) {
     const torch::Tensor* a = t.data() + 12 * i;
     const int64_t* gi = g.data() + 4 * i;

@@ -31,6 +31,17 @@ void stream_rows(int64_t M, int64_t N, int64_t row_bytes, const char* base, Out*
 
 // y[m, n] = sum_k x[m, k] * w[n, k]; x [M, K] bf16, w [N, K] bf16 row-major, K % 32 == 0; y fp32, or bf16
 // (rounded once, as torch's bf16 linear returns it) with bf16_out.
+// The same on raw pointers (no tensor made or checked: the dense stack's inner loop).
+template <class Out>
+void gemv_bf16_raw(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N, Out* y) {
+  const char* X = reinterpret_cast<const char*>(x);
+  stream_rows(M, N, K * 2, reinterpret_cast<const char*>(w), y, [&](__m512* acc, const char* wp, int64_t b) {
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp);
+    for (int64_t m = 0; m < M; ++m)
+      acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(X + m * K * 2 + b));
+  }, [](float sum, int64_t) { return sum; });
+}
+
 template <class Out>
 torch::Tensor gemv_bf16_to(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16, "bf16 only");
@@ -38,13 +49,7 @@ torch::Tensor gemv_bf16_to(torch::Tensor x, torch::Tensor w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(M <= 8, "at most 8 rows");
   auto y = torch::empty({M, N}, x.options().dtype(c10::CppTypeToScalarType<Out>::value));
-  const char* W = reinterpret_cast<const char*>(w.data_ptr<at::BFloat16>());
-  const char* X = reinterpret_cast<const char*>(x.data_ptr<at::BFloat16>());
-  stream_rows(M, N, K * 2, W, y.template data_ptr<Out>(), [&](__m512* acc, const char* wp, int64_t b) {
-    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp);
-    for (int64_t m = 0; m < M; ++m)
-      acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(X + m * K * 2 + b));
-  }, [](float sum, int64_t) { return sum; });
+  gemv_bf16_raw(x.data_ptr<at::BFloat16>(), M, K, w.data_ptr<at::BFloat16>(), N, y.template data_ptr<Out>());
   return y;
 }
 
