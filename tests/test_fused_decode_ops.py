@@ -1,6 +1,9 @@
 """The fused CPU decode ops (`cpu_gemv.rmsnorm`, `silu_mul`, `decode_attention`) against the torch code they
 replace, and the model's choice between them."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,3 +255,14 @@ def test_the_dense_stack_keeps_its_plan_and_notices_a_swapped_layer():
         decode_stack._build = build
     assert len(builds) == 2  # built at the first decode step, and again after the swap; not at the other two
     assert torch.equal(got, want)
+    # the kept plan holds the weights; it must go with the model, not keep a dropped model's weights alive
+    model = Ernie45ForConditionalGeneration(config).eval().requires_grad_(False)
+    fuse_projections(model)
+    cache = StaticKVCache.for_model(model, 1, 16)
+    with torch.inference_mode():
+        model(input_ids=ids[:, :5], cache=cache)
+        model(input_ids=ids[:, 5:6], cache=cache)
+    weight = weakref.ref(model.model.layers[0].mlp.down_proj.weight)
+    del model, cache
+    gc.collect()
+    assert weight() is None

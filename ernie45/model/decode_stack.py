@@ -62,6 +62,16 @@ def _kept(layers: nn.ModuleList) -> tuple | None:
     return last[1] if last is not None and last[0]() is layers else _plans.get(layers)
 
 
+def _remember(layers: nn.ModuleList, kept: tuple) -> None:
+    """Make `kept` the last plan, dropped with its layers (the plan holds their weights)."""
+
+    def forget(ref: weakref.ref) -> None:
+        if _last[0] is not None and _last[0][0] is ref:
+            _last[0] = None
+
+    _last[0] = (weakref.ref(layers, forget), kept)
+
+
 def step(layers: nn.ModuleList, h: torch.Tensor, rope, mask: Any, cache: Any) -> torch.Tensor | None:
     """h after every layer for one decode token as one call, or None where the stack cannot take it (a MoE layer,
     weights the call does not read, a prefill, autograd, a cache that does not hand out its buffers). The plan is
@@ -83,7 +93,7 @@ def step(layers: nn.ModuleList, h: torch.Tensor, rope, mask: Any, cache: Any) ->
         kept = (conditions, built[1], built[0])
         if built[1] is not None and not torch.is_grad_enabled():
             _plans[layers] = kept
-            _last[0] = (weakref.ref(layers), kept)
+            _remember(layers, kept)
     plan = kept[2]
     start = cache.get_seq_length(plan[0][0]) if plan else None
     if start is None or any(cache.get_seq_length(p[0]) != start for p in plan):
