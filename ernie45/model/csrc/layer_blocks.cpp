@@ -41,11 +41,6 @@ torch::Tensor decode_mlp_block(torch::Tensor h, torch::Tensor ln, double eps, to
   return h + matvec(act, wd, sd, gd).view({B, 1, E});
 }
 
-// A dense decoder stack's decode step in one call: each layer's attention half, then its MLP half, exactly as the
-// two calls above (the same numbers), with no Python between layers. Per layer n: t[12n..] = ln1, wqkv, sqkv, wo,
-// so, kbuf, vbuf, ln2, wgu, sgu, wd, sd; g[4n..] = gqkv, go, ggu, gd; f[3n..] = eps1, scale, eps2. Every layer
-// writes this token at `start` of its cache buffers.
-
 // Whether the stack can run on raw pointers (`bf16_stack`): bf16 activations and plain bf16 weights (no int4
 // tiles) whose input widths take the bf16 matvec, contiguous norms, cache buffers whose last dim is contiguous.
 static bool plain_bf16(const torch::Tensor& h, const std::vector<torch::Tensor>& t, size_t n) {
@@ -89,8 +84,10 @@ static torch::Tensor bf16_stack(torch::Tensor h, const std::vector<torch::Tensor
   for (size_t i = 0; i < n; ++i) {
     const torch::Tensor* a = t.data() + 12 * i;
     const int64_t N = a[1].size(0) / D, H = N - 2 * KV;
-    TORCH_CHECK(a[1].size(0) % D == 0 && H > 0 && H % KV == 0 && H / KV <= 16 && a[5].size(1) == KV && a[5].size(3) == D && start < a[5].size(2));
-    TORCH_CHECK(a[3].size(0) == E && a[3].size(1) == H * D && a[10].size(0) == E && a[8].size(0) == 2 * a[10].size(1));
+    TORCH_CHECK(a[1].size(0) % D == 0 && H > 0 && H % KV == 0 && H / KV <= 16);
+    TORCH_CHECK(a[5].size(1) == KV && a[5].size(3) == D && start < a[5].size(2));
+    TORCH_CHECK(a[3].size(0) == E && a[3].size(1) == H * D && a[10].size(0) == E);
+    TORCH_CHECK(a[8].size(0) == 2 * a[10].size(1));
     rmsnorm_rows(hp, a[0].data_ptr<bf>(), x, B, E, static_cast<float>(f[3 * i]));
     gemv_bf16_raw(x, B, E, a[1].data_ptr<bf>(), N * D, qkv);
     const int64_t xs[3] = {N * D, D, N * D};
@@ -106,7 +103,8 @@ static torch::Tensor bf16_stack(torch::Tensor h, const std::vector<torch::Tensor
       }
     for (int64_t b = 1; b < B; ++b)  // q heads of row b to [b, H, D] (row 0's already are): attention's layout
       std::memmove(qk + b * H * D, qk + b * (H + KV) * D, H * D * sizeof(bf));
-    one_query_attention<bf>(qk, kb, vb, allowed, att, B, H, KV, start + 1, D, ks, vs, static_cast<float>(f[3 * i + 1]));
+    const float scale = static_cast<float>(f[3 * i + 1]);
+    one_query_attention<bf>(qk, kb, vb, allowed, att, B, H, KV, start + 1, D, ks, vs, scale);
     gemv_bf16_raw(att, B, H * D, a[3].data_ptr<bf>(), E, y);
     for (int64_t j = 0; j < B * E; ++j) hp[j] = bf(f32(hp[j]) + f32(y[j]));
     const int64_t F = a[10].size(1);
@@ -119,13 +117,18 @@ static torch::Tensor bf16_stack(torch::Tensor h, const std::vector<torch::Tensor
   return out;
 }
 
+// A dense decoder stack's decode step in one call: each layer's attention half, then its MLP half, exactly as the
+// two calls above (the same numbers), with no Python between layers. Per layer n: t[12n..] = ln1, wqkv, sqkv, wo,
+// so, kbuf, vbuf, ln2, wgu, sgu, wd, sd; g[4n..] = gqkv, go, ggu, gd; f[3n..] = eps1, scale, eps2. Every layer
+// writes this token at `start` of its cache buffers. With plain bf16 weights it runs as `bf16_stack`.
 torch::Tensor decode_dense_stack(torch::Tensor h, std::vector<torch::Tensor> t, std::vector<int64_t> g,
                                  std::vector<double> f, torch::Tensor cos, torch::Tensor sin, int64_t start,
                                  torch::Tensor allowed) {
   const size_t n = f.size() / 3;
   TORCH_CHECK(f.size() == 3 * n && t.size() == 12 * n && g.size() == 4 * n, "12 tensors, 4 ints, 3 floats a layer");
+  const bool mask_ok = allowed.numel() == 0 || (allowed.is_contiguous() && allowed.numel() == h.size(0) * (start + 1));
   if (plain_bf16(h, t, n) && cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
-      h.size(1) == 1 && (allowed.numel() == 0 || (allowed.is_contiguous() && allowed.numel() == h.size(0) * (start + 1))))
+      h.size(1) == 1 && mask_ok)
     return bf16_stack(h, t, f, n, cos, sin, start, allowed.numel() ? allowed.data_ptr<bool>() : nullptr);
   for (size_t i = 0; i < n; ++i) {
     const torch::Tensor* a = t.data() + 12 * i;

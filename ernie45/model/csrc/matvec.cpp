@@ -29,9 +29,8 @@ void stream_rows(int64_t M, int64_t N, int64_t row_bytes, const char* base, Out*
   });
 }
 
-// y[m, n] = sum_k x[m, k] * w[n, k]; x [M, K] bf16, w [N, K] bf16 row-major, K % 32 == 0; y fp32, or bf16
-// (rounded once, as torch's bf16 linear returns it) with bf16_out.
-// The same on raw pointers (no tensor made or checked: the dense stack's inner loop).
+// y[m, n] = sum_k x[m, k] * w[n, k] on raw pointers (no tensor made or checked: the dense stack's inner loop);
+// x [M, K] and w [N, K] bf16 row-major, K % 32 == 0, M <= 8; y [M, N] in Out.
 template <class Out>
 void gemv_bf16_raw(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N, Out* y) {
   const char* X = reinterpret_cast<const char*>(x);
@@ -42,6 +41,7 @@ void gemv_bf16_raw(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat
   }, [](float sum, int64_t) { return sum; });
 }
 
+// The same on tensors: y fp32, or bf16 (rounded once, as torch's bf16 linear returns it) with bf16_out.
 template <class Out>
 torch::Tensor gemv_bf16_to(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && w.scalar_type() == torch::kBFloat16, "bf16 only");
