@@ -128,9 +128,7 @@ def write_chat_checkpoint(
     """
     write_spm_tokenizer(path)
     torch.manual_seed(seed)
-    long = {"max_position_embeddings": 65536} if endless else {}  # room for answers that take seconds to stream
-    config = tiny_chat_config(400 + len(EXTRA), vision=vision or audio, audio=audio, tie_word_embeddings=not endless,
-                              **long)  # fmt: skip
+    config = tiny_chat_config(400 + len(EXTRA), vision=vision or audio, audio=audio, tie_word_embeddings=not endless)
     model = Ernie45ForConditionalGeneration(config)
     with torch.no_grad():  # larger than the 0.02 init, so the context (not only the last token) steers
         for name, p in model.named_parameters():
