@@ -228,9 +228,8 @@ class LLM:
         mask = batch["attention_mask"]
         logits = model(**batch, cache=cache, logits_to_keep=1).logits[:, -1]
         decode = self.decoder.stepper(cache, mask) if self.decoder else self._eager_step(cache, mask)
-        penalised = params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
         for _ in range(length - width):
-            if penalised or not params.greedy:
+            if params.penalised or not params.greedy:
                 logits = apply_penalties(logits.float(), seen, counts, params)
             tokens = sample(logits, params, generator)  # greedy: argmax of bf16 logits = argmax of their fp32 copy
             for row, tok in zip(rows, tokens.tolist(), strict=True):
@@ -240,7 +239,7 @@ class LLM:
             yield
             if all(r.finish_reason for r in rows):
                 return
-            if penalised:  # each op here cost ~10-50 us a step, the weights having pushed it out of the caches
+            if params.penalised:  # each op here cost ~10-50 us a step, the weights having pushed it out of the caches
                 seen.scatter_(1, tokens[:, None], True)
                 counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None]))
             logits = decode(tokens)

@@ -45,6 +45,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
+    @property
+    def penalised(self) -> bool:
+        """Whether `apply_penalties` changes anything (else the seen / counts bookkeeping can be skipped)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+
 
 MIN_TEMPERATURE = 1e-4  # below this, logits / temperature overflows: sampling is greedy
 
