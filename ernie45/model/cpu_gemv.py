@@ -18,8 +18,8 @@ tok/s on the 0.3B shapes, 25.3 -> 31.8 on the 21B-A3B shapes cut to 4 layers: `b
 gained nothing in whole steps (int8 runs on FBGEMM where it can) and is on only with `ERNIE45_CPU_KERNELS=1`;
 `ERNIE45_CPU_KERNELS=0` switches all off, `=bf16` leaves only the bf16 one. The kernels need AVX512-BF16 and a
 C++ compiler; without either `kernel()` is None and callers keep torch's ops. The build (about a minute, once
-per machine) lands in torch's extension cache; the C++ is in `csrc/` (`matvec.cpp`, `fused_ops.cpp`,
-`layer_blocks.cpp`).
+per machine and version) is `runtime.build`'s, which never waits on a build that was killed; the C++ is in
+`csrc/` (`matvec.cpp`, `fused_ops.cpp`, `layer_blocks.cpp`).
 
 Besides the matvecs, a decode step's small ops cost more than their arithmetic: each RMSNorm was 7 torch ops,
 RoPE 8, SwiGLU's product 3, and SDPA's flash kernel for one query ~100 us a layer, every one of them on data the
@@ -56,6 +56,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.build import load_extension
+
 log = logging.getLogger("ernie45")
 NAME = "ernie45_cpu_gemv"
 MAX_ROWS = 8  # rows one call takes (decode batches); more rows go to a matmul
@@ -87,22 +89,14 @@ def kernel():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         log.info("bf16 decode kernel: no C++ compiler found; using torch's linear")
         return None
-    try:
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
-
-        if not any(Path(_get_build_directory(NAME, False)).glob("*.so")):
-            log.warning("compiling ernie45's CPU decode kernels (once per machine, about a minute)")
-        # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
-        isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"]
-        flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
-        functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention",
-                     "decode_attention_block", "decode_mlp_block", "decode_dense_stack",
-                     "decode_moe_block"]  # fmt: skip
-        src = [f.read_text() for f in _SOURCES]
-        return load_inline(NAME, cpp_sources=src, functions=functions, extra_cflags=flags, extra_ldflags=["-fopenmp"])
-    except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
-        log.warning("CPU decode kernels did not build (%s); using torch's ops", str(e).splitlines()[0][:200])
-        return None
+    # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
+    isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"]
+    flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
+    functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention",
+                 "decode_attention_block", "decode_mlp_block", "decode_dense_stack",
+                 "decode_moe_block"]  # fmt: skip
+    src = [f.read_text() for f in _SOURCES]
+    return load_extension(NAME, src, functions, flags, ["-fopenmp"])
 
 
 def _mode() -> str:

@@ -1,0 +1,1 @@
+"""The runtime: how the model runs fast here (kernel builds, and later the fused and quantized paths)."""

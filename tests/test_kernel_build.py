@@ -1,0 +1,69 @@
+"""Kernel builds never hang: a build killed mid-way (SIGKILL: no cleanup runs) leaves nothing the next
+process waits on, and a build that fails gives None with a message instead of an exception or a wait."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+PROBE = "int64_t twice(int64_t x) { return 2 * x; }"
+RUN = (
+    "import sys; from ernie45.runtime.build import load_extension; "
+    "m = load_extension('e45_probe', [sys.argv[1]], ['twice'], ['-O0'], []); print(None if m is None else m.twice(21))"
+)
+
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
+
+
+def _env(tmp_path) -> dict:
+    return {**os.environ, "ERNIE45_KERNEL_DIR": str(tmp_path)}
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_run(tmp_path):
+    first = subprocess.Popen([sys.executable, "-c", RUN, PROBE], env=_env(tmp_path), start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("e45_probe-*.building-*/build.ninja")):  # the compiler is about to run
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(first.pid, signal.SIGKILL)  # the whole group: python, ninja and the compiler
+    first.wait()
+    assert list(tmp_path.glob("e45_probe-*.building-*")), "the kill should have left a half-built folder"
+    assert not list(tmp_path.glob("e45_probe-*/e45_probe.so"))
+    second = subprocess.run([sys.executable, "-c", RUN, PROBE], env=_env(tmp_path), capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "42"
+    assert "compiling" in second.stderr  # said what it was doing
+    assert not list(tmp_path.glob("e45_probe-*.building-*"))  # the killed build's folder was cleared
+    third = subprocess.run([sys.executable, "-c", RUN, PROBE], env=_env(tmp_path), capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+    assert third.stdout.strip() == "42" and "compiling" not in third.stderr  # built once, then reused
+
+
+def test_a_failing_build_reports_and_returns_none(tmp_path):
+    bad = "int64_t twice(int64_t x) { return 2 * ; }"
+    run = subprocess.run([sys.executable, "-c", RUN, bad], env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "None"
+    assert "did not build" in run.stderr and "torch's ops run instead" in run.stderr
+
+
+def test_a_missing_compiler_leaves_the_kernels_off_with_a_reason(tmp_path):
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO); from ernie45.model import cpu_gemv; "
+        "print(cpu_gemv.kernel())"
+    )
+    env = {**_env(tmp_path), "CXX": "/nonexistent/c++"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "None"
+    assert "no C++ compiler" in run.stderr or "AVX512-BF16" in run.stderr
