@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..official_config import official_model_type, to_official
+from .chat_ready import make_chat_ready
 from .rules import RULES_BY_MODEL_TYPE, Rule
 
 # Files that travel with the weights (tokenizer, generation defaults, media preprocessing).
@@ -109,4 +110,5 @@ def export(model_or_dir, out: str | Path, shard_size_gb: float = 5.0):
         for name in SIDE_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, out / name)
+    make_chat_ready(out)
     return out

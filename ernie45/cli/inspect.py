@@ -128,6 +128,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     import shutil
 
     from ..checkpoint import load
+    from ..checkpoint.chat_ready import make_chat_ready
     from ..checkpoint.quantized import save_quantized
     from ..model.quant import quantize
 
@@ -142,5 +143,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     for f in src.iterdir():  # tokenizer, chat template, processor and generation settings travel along
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(f, out / f.name)
+    make_chat_ready(out)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
     print(f"wrote {out} (int{args.bits}{f', groups of {args.group_size}' if args.bits == 4 else ''}, {size:.1f} MiB)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load
+from ..checkpoint.chat_ready import make_chat_ready
 from . import DEMO_DIR
 
 KEEP = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -34,6 +35,7 @@ def ship(src: str | Path, dst: Path = DEMO_DIR) -> Path:
     for name in KEEP:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+    make_chat_ready(dst)
     return dst
 
 

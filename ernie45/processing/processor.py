@@ -206,6 +206,9 @@ class Processor:
         settings = {"image": {k: getattr(self.image, k) for k in IMAGE_SETTINGS},
                     "video": {k: getattr(self.video, k) for k in VIDEO_SETTINGS}}  # fmt: skip
         (Path(path) / MEDIA_SETTINGS_FILE).write_text(json.dumps({"ernie45": settings}, indent=2))
+        from ..checkpoint.chat_ready import make_chat_ready
+
+        make_chat_ready(path)  # the end-of-turn id into generation_config.json once the model is there too
 
 
 def load_processor(path: str | Path) -> Processor:

@@ -209,5 +209,5 @@ def run(cfg: dict, resume: bool = False) -> Path:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(final)
-    trainer.processor.save_pretrained(final)
+    trainer.processor.save_pretrained(final)  # also makes it chat-ready (use_cache, end-of-turn ids)
     return final
