@@ -110,5 +110,16 @@ def export(model_or_dir, out: str | Path, shard_size_gb: float = 5.0):
         for name in SIDE_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, out / name)
+    _plain_tokenizer_class(out)
     make_chat_ready(out)
     return out
+
+
+def _plain_tokenizer_class(out: Path) -> None:
+    """ernie45's tokenizer class is its own (it refuses media); readers of the official layout get the plain one."""
+    file = out / "tokenizer_config.json"
+    if file.is_file():
+        config = json.loads(file.read_text())
+        if config.get("tokenizer_class") == "Ernie45Tokenizer":
+            config["tokenizer_class"] = "TokenizersBackend"
+            file.write_text(json.dumps(config, indent=2) + "\n")

@@ -142,9 +142,12 @@ def load(
     dtype: the weights' dtype (default: as stored); the router always stays fp32.
     Multi-token-prediction (``mtp_*``) weights are kept aside in ``model.mtp_state_dict``.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory: pass a checkpoint directory (config.json + weights)")
+    from ..hub import NotFound, resolve
+
+    try:
+        path = resolve(path)  # a directory, or a hub id already in the local Hugging Face cache
+    except NotFound as e:
+        raise CheckpointError(f"{e} (a checkpoint directory holds config.json and weights)") from None
     config, model_type = read_config(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))

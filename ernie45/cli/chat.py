@@ -26,8 +26,13 @@ def _open_llm(args: argparse.Namespace):
             args.model = str(default_model_path())
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
-    path = Path(args.model)
-    if not path.is_dir() or not (path / "config.json").is_file():
+    from ..hub import NotFound, resolve
+
+    try:
+        path = resolve(args.model)
+    except NotFound as e:
+        raise UsageError(str(e)) from None
+    if not (path / "config.json").is_file():
         raise UsageError(f"{path} is not a checkpoint directory (it needs config.json, weights and a tokenizer)")
     quantization, compile = getattr(args, "quantization", None), getattr(args, "compile", None)
     return LLM(path, dtype=args.dtype, quantization=quantization, compile=compile)

@@ -19,6 +19,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"serving needs the server extras: pip install 'ernie45[serve]' ({e})") from None
     if args.allowed_media_dir and not Path(args.allowed_media_dir).is_dir():
         raise UsageError(f"--allowed-media-dir {args.allowed_media_dir}: no such directory")
+    if args.model_dir is not None:
+        if args.model is not None and args.model != args.model_dir:
+            raise UsageError(f"two models given: {args.model_dir} and --model {args.model}; give one")
+        args.model = args.model_dir
     llm = _open_llm(args)
     name = args.served_model_name or Path(llm.model.config.name_or_path or "ernie45").name
     app = create_app(
@@ -32,7 +36,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def add_commands(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible API server with a web chat page")
-    s.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
+    s.add_argument("model_dir", nargs="?", metavar="DIR", help="checkpoint directory or cached hub id (as `vllm "
+                   "serve DIR`; default: the embedded demo model)")  # fmt: skip
+    s.add_argument("--model", metavar="DIR", help="the same, as an option")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set ERNIE45_API_KEY)")

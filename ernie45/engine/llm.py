@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,38 @@ from .sampling import SamplingParams, apply_penalties, sample
 
 
 @dataclass
+class CompletionOutput:
+    """One answer to a prompt (vLLM's name and fields); `SamplingParams(n=...)` asks for several."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS, stop string or stop id), "length" (max_tokens) or "abort"
+    reasoning: str | None = None
+
+
+@dataclass
 class Completion:
+    """The result of one prompt: its first answer's fields directly, every answer in `outputs` (as vLLM's
+    `RequestOutput`: `out.outputs[0].text`)."""
+
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS, stop string or stop id), "length" (max_tokens) or "abort"
     prompt_tokens: int
     completion_tokens: int
     reasoning: str | None = None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            self.outputs = [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.reasoning)]
+
+    @property
+    def prompt(self) -> None:
+        """vLLM's `RequestOutput.prompt`; the prompt's text is not kept (its ids are: `prompt_token_ids`)."""
+        return None
 
 
 @dataclass
@@ -89,15 +114,30 @@ class LLM:
     or pass a model and its processor."""
 
     def __init__(self, model_or_dir: Any = None, dtype=None, device=None, processor: Processor | None = None,
-                 quantization: str | None = None, compile: bool | None = None) -> None:  # fmt: skip
+                 quantization: str | None = None, compile: bool | None = None, *, model: Any = None,
+                 **vllm_options: Any) -> None:  # fmt: skip
         """compile: decode through torch.compile (fixed shapes; CUDA graphs on GPU); None = on for CUDA only.
-        The first generation of each batch size and length bucket pays the compile time."""
+        The first generation of each batch size and length bucket pays the compile time.
+
+        vLLM's spellings work too: `LLM(model=DIR)`, and the options of `vllm_options.VLLM_OPTIONS` that mean
+        something here (`enforce_eager`, `seed`, `max_model_len`, `tensor_parallel_size=1`, ...); any other
+        is refused by name rather than ignored."""
+        from .vllm_options import apply_vllm_options
+
+        if model is not None:
+            if model_or_dir is not None:
+                raise TypeError("LLM: pass the checkpoint once, positionally or as model=")
+            model_or_dir = model
+        dtype = None if dtype == "auto" else dtype
+        compile, vllm = apply_vllm_options(vllm_options, compile)
         if model_or_dir is None:
             from ..demo import default_model_path
 
             model_or_dir = default_model_path()
         if isinstance(model_or_dir, (str, Path)):
-            path = Path(model_or_dir)
+            from ..hub import resolve
+
+            path = resolve(model_or_dir)
             if dtype is None and (device is None or torch.device(device).type == "cpu"):
                 dtype = torch.float32  # bf16/fp16 storage computes faster in fp32 on CPUs without AMX
             self.model = load(path, dtype=dtype, device=device)
@@ -132,14 +172,17 @@ class LLM:
         sep = self.processor.ids.get("sep")
         self.eos = {t for t in [*eos, self.processor.tokenizer.eos_token_id, sep] if t is not None}
         self.default_sampling = self._generation_defaults(Path(getattr(c, "name_or_path", "") or "."))
+        if vllm.get("seed") is not None:
+            self.default_sampling = replace(self.default_sampling, seed=vllm["seed"])
+        self.max_model_len = min(vllm.get("max_model_len") or c.max_position_embeddings, c.max_position_embeddings)
 
     def _check_token_ids(self) -> None:
         c, ids = self.model.config, self.processor.ids
-        for role, field in (("image", "image_token_id"), ("video", "video_token_id"), ("audio", "audio_token_id")):
-            if role in ids and getattr(c, field) is not None and ids[role] != getattr(c, field):
+        for role, key in (("image", "image_token_id"), ("video", "video_token_id"), ("audio", "audio_token_id")):
+            if role in ids and getattr(c, key) is not None and ids[role] != getattr(c, key):
                 raise ValueError(
-                    f"the tokenizer's {role} placeholder is id {ids[role]} but config.{field} is "
-                    f"{getattr(c, field)}: tokenizer and model do not belong together"
+                    f"the tokenizer's {role} placeholder is id {ids[role]} but config.{key} is "
+                    f"{getattr(c, key)}: tokenizer and model do not belong together"
                 )
 
     def _quantize(self, spec: str) -> None:
@@ -164,19 +207,50 @@ class LLM:
         return SamplingParams(**params)
 
     # ---- public API -------------------------------------------------------------------------------------
-    def generate(self, prompts, sampling: SamplingParams | None = None) -> list[Completion]:
-        """Complete raw prompts: a string, a list of strings, or token id lists."""
+    def generate(self, prompts, sampling: SamplingParams | list[SamplingParams] | None = None, *,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[Completion]:  # fmt: skip
+        """Complete raw prompts: a string, token ids, vLLM's `{"prompt": ..., "multi_modal_data": {"image": ...}}`
+        (or `{"prompt_token_ids": ...}`), or a list of these. `sampling_params` is vLLM's name for `sampling`; a
+        list gives each prompt its own. (`use_tqdm` is accepted for vLLM's callers; no bar is drawn.)"""
         encoded = [self._encode_prompt(p) for p in _as_list(prompts)]
-        return self._complete(encoded, sampling or self.default_sampling, chat=False)
+        return self._complete_each(encoded, self._params(sampling, sampling_params, len(encoded)), chat=False)
 
-    def chat(self, messages, sampling: SamplingParams | None = None, **template_kw: Any) -> list[Completion]:
+    def chat(self, messages, sampling: SamplingParams | list[SamplingParams] | None = None, *,
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False,
+             **template_kw: Any) -> list[Completion]:  # fmt: skip
         """Answer one conversation (a list of messages) or several (a list of such lists)."""
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         encoded = [self.processor.encode_chat(m, **template_kw) for m in convs]
-        return self._complete(encoded, sampling or self.default_sampling, chat=True)
+        return self._complete_each(encoded, self._params(sampling, sampling_params, len(encoded)), chat=True)
 
-    def stream(self, prompt_or_messages, sampling: SamplingParams | None = None, **template_kw: Any) -> Iterator[Delta]:
-        """Stream one prompt (string / ids) or conversation (list of messages) as text deltas."""
+    def _params(self, sampling, sampling_params, n: int) -> list[SamplingParams]:
+        if sampling is not None and sampling_params is not None:
+            raise TypeError("pass sampling or sampling_params (vLLM's name), not both")
+        given = sampling if sampling is not None else sampling_params
+        if isinstance(given, (list, tuple)):
+            if len(given) != n:
+                raise ValueError(f"{len(given)} sampling params for {n} prompts: give one, or one per prompt")
+            return list(given)
+        return [given or self.default_sampling] * n
+
+    def _complete_each(self, encoded: list[dict], params: list[SamplingParams], chat: bool) -> list[Completion]:
+        """Prompts that share their sampling params run as one batch; `n` answers each become `n` rows."""
+        results: list[Completion | None] = [None] * len(encoded)
+        distinct = list({id(p): p for p in params}.values())  # by identity: the dataclass is not hashable
+        for p in distinct:
+            idx = [i for i, q in enumerate(params) if q is p]
+            rows = self._complete([encoded[i] for i in idx for _ in range(p.n)], p, chat)
+            for k, i in enumerate(idx):
+                results[i] = _merge(rows[k * p.n : (k + 1) * p.n], encoded[i]["input_ids"])
+        return results  # type: ignore[return-value]
+
+    def stream(self, prompt_or_messages, sampling: SamplingParams | None = None, *,
+               sampling_params: SamplingParams | None = None, **template_kw: Any) -> Iterator[Delta]:  # fmt: skip
+        """Stream one prompt (string / ids / vLLM prompt dict) or conversation (list of messages) as text deltas."""
+        sampling = self._params(sampling, sampling_params, 1)[0]
+        if sampling.n != 1:
+            raise ValueError("stream gives one answer; use n=1 (generate or chat return n answers)")
         if isinstance(prompt_or_messages, list) and prompt_or_messages and isinstance(prompt_or_messages[0], dict):
             encoded = self.processor.encode_chat(prompt_or_messages, **template_kw)
         else:
@@ -193,8 +267,26 @@ class LLM:
         if isinstance(prompt, str):
             return self.processor.encode(prompt)
         if isinstance(prompt, dict):
-            return prompt
+            return self._encode_vllm_prompt(prompt) if "input_ids" not in prompt else prompt
         return {"input_ids": list(prompt)}
+
+    def _encode_vllm_prompt(self, prompt: dict) -> dict[str, Any]:
+        """vLLM's prompt dicts: {"prompt" | "prompt_token_ids": ..., "multi_modal_data": {"image" | "video" |
+        "audio": one or a list}}; the text holds one placeholder per item, as vLLM requires."""
+        known = {"prompt", "prompt_token_ids", "multi_modal_data"}
+        if set(prompt) - known or not {"prompt", "prompt_token_ids"} & set(prompt):
+            raise ValueError(f"a prompt dict takes 'prompt' or 'prompt_token_ids', and 'multi_modal_data'; got "
+                             f"{sorted(prompt)}")  # fmt: skip
+        media = dict(prompt.get("multi_modal_data") or {})
+        unknown = set(media) - {"image", "video", "audio"}
+        if unknown:
+            raise ValueError(f"multi_modal_data takes image, video and audio; not {sorted(unknown)}")
+        items = {k: v if isinstance(v, list) else [v] for k, v in media.items()}
+        if "prompt_token_ids" in prompt:
+            ids = list(prompt["prompt_token_ids"])
+        else:
+            ids = self.processor.tokenizer.encode(prompt["prompt"], add_special_tokens=False)
+        return self.processor.encode_ids(ids, items.get("image"), items.get("video"), items.get("audio"))
 
     def row_state(self, params: SamplingParams, prompt_tokens: int) -> RowState:
         """The per-request state that detokenizes, applies stop rules and says when a row is done."""
@@ -215,7 +307,7 @@ class LLM:
         model = self.model
         batch = {k: v.to(model.device) for k, v in self.processor.collate(encoded).items()}
         b, width = batch["input_ids"].shape
-        limit = model.config.max_position_embeddings
+        limit = self.max_model_len
         if width >= limit:
             raise ValueError(f"the prompt has {width} tokens; this model reads at most {limit}")
         length = min(width + params.max_tokens, limit)
@@ -264,6 +356,14 @@ class LLM:
 
 
 def _as_list(prompts) -> list:
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
         return [prompts]
     return list(prompts)
+
+
+def _merge(rows: list[Completion], prompt_ids: list[int]) -> Completion:
+    """The `n` answers of one prompt as one result (the first answer's fields on top)."""
+    first = rows[0]
+    outputs = [CompletionOutput(i, r.text, r.token_ids, r.finish_reason, r.reasoning) for i, r in enumerate(rows)]
+    return Completion(first.text, first.token_ids, first.finish_reason, first.prompt_tokens,
+                      sum(r.completion_tokens for r in rows), first.reasoning, outputs, list(prompt_ids))  # fmt: skip

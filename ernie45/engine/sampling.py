@@ -23,12 +23,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    n: int = 1  # answers per prompt (vLLM's `n`): `LLM.generate` / `chat` return them in `.outputs`
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
             (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (1 <= self.n <= 64, "n (answers per prompt) must be in [1, 64]"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),

@@ -111,7 +111,8 @@ class Processor:
             if next(queue, None) is not None:
                 if kind not in self.ids:
                     raise ValueError(f"the tokenizer has no {SPECIAL_TOKENS[kind]} token, so it cannot take {kind}")
-                raise ValueError(f"more {kind} inputs than {SPECIAL_TOKENS[kind]} placeholders in the prompt")
+                raise ValueError(f"more {kind} inputs than {SPECIAL_TOKENS[kind]} placeholders in the prompt: the "
+                                 f"text needs one per {kind} (chat messages get them from the chat template)")
         result: dict[str, Any] = {"input_ids": out}
         if labels is not None:
             result["labels"] = out_labels
@@ -205,15 +206,19 @@ class Processor:
         self.tokenizer.save_pretrained(path)
         settings = {"image": {k: getattr(self.image, k) for k in IMAGE_SETTINGS},
                     "video": {k: getattr(self.video, k) for k in VIDEO_SETTINGS}}  # fmt: skip
-        (Path(path) / MEDIA_SETTINGS_FILE).write_text(json.dumps({"ernie45": settings}, indent=2))
+        settings_file = {"processor_class": "Ernie45Processor", "ernie45": settings}  # AutoProcessor reads the class
+        (Path(path) / MEDIA_SETTINGS_FILE).write_text(json.dumps(settings_file, indent=2))
         from ..checkpoint.chat_ready import make_chat_ready
 
         make_chat_ready(path)  # the end-of-turn id into generation_config.json once the model is there too
 
 
 def load_processor(path: str | Path) -> Processor:
-    """Tokenizer + chat template (the checkpoint's own, else the built-in one) + media processors of `path`."""
-    path = Path(path)
+    """Tokenizer + chat template (the checkpoint's own, else the built-in one) + media processors of `path` (a
+    directory, or a hub id in the local Hugging Face cache)."""
+    from ..hub import resolve
+
+    path = resolve(path)
     tok = load_tokenizer(path)
     config_file = path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}

@@ -35,6 +35,24 @@ class TokenizerError(ValueError):
     """A checkpoint directory without a usable tokenizer."""
 
 
+MEDIA_KWARGS = ("images", "videos", "audio", "audios")
+
+
+class Ernie45Tokenizer(TokenizersBackend):
+    """The fast tokenizer of ernie45's own checkpoints. It reads text only, and says so when handed media
+    (transformers' tokenizers drop an `images=` argument without a word; the model would answer blind)."""
+
+    def __call__(self, *args, **kwargs):
+        given = [k for k in MEDIA_KWARGS if kwargs.get(k) is not None]
+        if given:
+            raise ValueError(
+                f"a tokenizer reads text only; the {given[0]} would be dropped. Use the processor: "
+                "transformers.AutoProcessor.from_pretrained(DIR) (or ernie45.load_processor(DIR)), then "
+                "processor.apply_chat_template(messages, tokenize=True, return_dict=True)"
+            )
+        return super().__call__(*args, **kwargs)
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of checkpoint directory `path` (tokenizer.json or sentencepiece tokenizer.model)."""
     path = Path(path)
@@ -45,7 +63,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     cls_name = config.get("tokenizer_class")
     try:
         if (path / "tokenizer.json").is_file():
-            tok = TokenizersBackend.from_pretrained(path) if _unknown(cls_name) else AutoTokenizer.from_pretrained(path)
+            ours = _unknown(cls_name) or cls_name in ("TokenizersBackend", "Ernie45Tokenizer")
+            tok = Ernie45Tokenizer.from_pretrained(path) if ours else AutoTokenizer.from_pretrained(path)
         else:  # sentencepiece: converted to a fast tokenizer by transformers (needs sentencepiece + protobuf)
             kwargs = {"add_bos_token": config.get("add_bos_token", False), "add_eos_token": False}
             tok = (
@@ -60,7 +79,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 def _unknown(cls_name: str | None) -> bool:
     """True for remote-code classes (such as Ernie4_5_Tokenizer) that transformers does not ship."""
-    if not cls_name:
+    if not cls_name or cls_name == "Ernie45Tokenizer":
         return True
     import transformers
 
