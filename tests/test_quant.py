@@ -92,7 +92,11 @@ def test_quantize_command_writes_a_checkpoint_that_loads_as_quantized(tmp_path, 
         out = tmp_path / f"q{bits}"
         assert main(["quantize", str(src), str(out), "--bits", str(bits)]) == 0
         assert f"int{bits}" in capsys.readouterr().out
-        on_the_fly = LLM(src, quantization=f"int{bits}").model(input_ids=ids).logits
+        fly = LLM(src, quantization=f"int{bits}").model
+        embed = fly.model.embed_tokens.weight  # the file holds the token table in int8 per row: round it the same
+        codes, scales = quantize_int8(embed.data)
+        embed.data.copy_(codes.float() * scales[:, None])
+        on_the_fly = fly(input_ids=ids).logits
         saved = LLM(out)  # the tokenizer came along; the loader sees the quantization in config.json
         assert any(isinstance(m, QuantLinear) for m in saved.model.modules())
         fused = [m for m in saved.model.modules() if isinstance(getattr(m, "gate_up_proj", None), QuantLinear)]
@@ -231,3 +235,56 @@ def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
     want = QuantLinear(codes, q.scales, lin.bias.data, 8)(many)
     assert (q(many) - want).norm() / want.norm() < 0.01
     assert torch.equal(q.portable()[0], codes)
+
+
+def _dense_bf16_checkpoint(path):
+    """A dense chat checkpoint stored in bf16 whose linears dominate its size, as in a real model."""
+    write_spm_tokenizer(path)
+    torch.manual_seed(0)
+    config = tiny_chat_config(400 + len(EXTRA), hidden_size=256, intermediate_size=512, head_dim=64,
+                              expert_groups=None, tie_word_embeddings=True)  # fmt: skip
+    Ernie45ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def _size(path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def test_quantized_checkpoints_load_in_transformers_shrink_and_export_dequantised(tmp_path):
+    from transformers import AutoModelForCausalLM, Ernie4_5ForCausalLM
+
+    import ernie45
+    from ernie45.cli import main
+
+    src = _dense_bf16_checkpoint(tmp_path / "src")
+    ids = torch.tensor([[400, 294, 261, 358, 341, 313]])
+    sizes = {}
+    for bits in (8, 4):
+        out = tmp_path / f"q{bits}"
+        assert main(["quantize", str(src), str(out), "--bits", str(bits)]) == 0
+        sizes[bits] = _size(out) / _size(src)
+        ours = ernie45.load(out)
+        theirs = AutoModelForCausalLM.from_pretrained(out)  # transformers' habit: the codes load, not random weights
+        assert isinstance(theirs.lm_head, QuantLinear) and any(isinstance(m, QuantLinear) for m in theirs.modules())
+        assert torch.equal(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+        sep = ernie45.load_processor(out).ids["sep"]  # <|end_of_sentence|>: a chat turn's end
+        assert theirs.config.use_cache and sep in theirs.generation_config.eos_token_id  # chat-ready as written
+        float_logits = ernie45.load(src, dtype=torch.float32)(input_ids=ids).logits
+        q_logits = ernie45.load(out, dtype=torch.float32)(input_ids=ids).logits
+        official = ernie45.export(out, tmp_path / f"official{bits}")  # dequantised: every weight of the layout
+        ref = Ernie4_5ForCausalLM.from_pretrained(official, dtype=torch.float32)
+        with torch.no_grad():
+            exported = ref(input_ids=ids).logits
+        close, far = (
+            ((exported - q_logits).norm() / q_logits.norm()),
+            ((exported - float_logits).norm() / float_logits.norm()),
+        )
+        assert close < 0.02 and (bits == 8 or close < 0.2 * far), (close, far)  # the quantized model's values
+        from safetensors.torch import load_file
+
+        written = load_file(official / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
+        assert torch.equal(written, ours.model.layers[1].mlp.down_proj.dense_weight(torch.bfloat16))
+        with pytest.raises(ValueError, match="dequantize"):
+            ernie45.export(ours, tmp_path / f"refused{bits}")  # a quantized model object is refused, not half-written
+    assert sizes[4] < 0.4 and sizes[8] < 0.65, sizes  # int4 about a third of bf16 (tokenizer and config aside)

@@ -7,6 +7,7 @@ we read, and what transformers, vLLM and llama.cpp's converter read.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +16,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..model.quant import dequantize, is_quantized
 from ..official_config import official_model_type, to_official
 from .chat_ready import make_chat_ready
 from .rules import RULES_BY_MODEL_TYPE, Rule
+
+log = logging.getLogger("ernie45")
 
 # Files that travel with the weights (tokenizer, generation defaults, media preprocessing).
 SIDE_FILES = (
@@ -101,6 +105,14 @@ def export(model_or_dir, out: str | Path, shard_size_gb: float = 5.0):
         model = load(source)
     else:
         model = model_or_dir
+    if is_quantized(model):  # the official layout has no int8 / int4 form: the values the model computes with
+        if source is None:  # do not change the caller's model in place
+            raise ValueError(
+                "export of a quantized model: pass its checkpoint directory, or call "
+                "ernie45.model.quant.dequantize(model) first (the official layout holds float weights)"
+            )
+        log.warning("ernie45 export: %s is quantized; writing its dequantised weights in bf16", source)
+        dequantize(model, torch.bfloat16)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     official = to_official(model.config)

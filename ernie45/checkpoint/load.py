@@ -157,6 +157,7 @@ def load(
 
         load_quantized(path, model, dtype, device)
         model.config.name_or_path = str(path)
+        _generation_config(model, path)
         return model.eval()
     files, kind = weight_files(path, allow_pickle)
     filler = _Filler(model, RULES_BY_MODEL_TYPE[model_type], dtype, device)
@@ -168,4 +169,17 @@ def load(
     stored = next((t.dtype for n, t in filler.storage.items() if not n.endswith(FP32_PARAMS)), torch.float32)
     model.config.dtype = dtype or stored
     model.config.name_or_path = str(path)
+    _generation_config(model, path)
     return model.eval()
+
+
+def _generation_config(model, path: Path) -> None:
+    """The checkpoint's generation_config.json (end ids, sampling defaults) for `model.generate`, as
+    transformers' own loading reads it."""
+    if (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path / 'generation_config.json'} could not be read ({e})") from None

@@ -137,9 +137,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise UsageError(f"{src} is not a checkpoint directory (no config.json)")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty; choose a new directory")
+    stored = load(src, device="meta").config.dtype  # the source's float dtype: the float parts keep it
+    stored = stored if isinstance(stored, torch.dtype) else torch.bfloat16
     model = load(src, dtype=torch.float32)
     quantize(model, bits=args.bits, group_size=args.group_size, lm_head=not args.float_lm_head)
-    save_quantized(model, out)
+    save_quantized(model, out, float_dtype=stored)
     for f in src.iterdir():  # tokenizer, chat template, processor and generation settings travel along
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(f, out / f.name)

@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import cpu_gemv
 from .moe import ExpertGroup
@@ -179,6 +180,14 @@ class QuantLinear(nn.Module):
             return self.qweight, self.scales, self.group
         return None
 
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [N, K] in `dtype`, on any device and layout (for export)."""
+        codes, scales = self.portable()
+        if self.bits == 8:
+            return (codes.float() * scales.float()[:, None]).to(dtype)
+        sz = scales.float().repeat_interleave(self.group, dim=0)  # [K, N, 2]
+        return ((codes.float() - 8) * sz[..., 0].T + sz[..., 1].T).to(dtype)
+
     def dequantized_t(self, dtype: torch.dtype) -> torch.Tensor:
         """W^T [K, N] in `dtype`, made for one call (prefill) and dropped after it."""
         if self.bits == 8:
@@ -268,25 +277,30 @@ def _quantize_group(group: ExpertGroup, bits: int, size: int) -> None:
 
 @torch.no_grad()
 def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = False, experts: bool = True,
-             encoders: bool = False) -> nn.Module:  # fmt: skip
+             encoders: bool = False, progress: bool = True) -> nn.Module:  # fmt: skip
     """Quantize `model` in place (text trunk linears; the LM head (always int8), experts and media encoders by
-    choice)."""
+    choice). progress: a bar on stderr while it works, where stderr is a terminal."""
     skip = () if encoders else ENCODER_MODULES
     targets = []
     for name, module in list(model.named_modules()):
         if any(s in name for s in skip):
             continue
-        if isinstance(module, ExpertGroup) and experts:
-            _, width, hidden = module.gate_up_proj.shape
-            if bits == 8 or (hidden % group_size == 0 and width // 2 % group_size == 0):
-                _quantize_group(module, bits, group_size)
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and not any(s in full for s in skip):
                 if full.endswith("lm_head") and not lm_head:
                     continue
                 targets.append((module, child_name, child))
+    groups = [m for n, m in model.named_modules() if isinstance(m, ExpertGroup) and not any(s in n for s in skip)]
+    bar = tqdm(total=len(targets) + len(groups), desc=f"quantizing to int{bits}", unit="matrix",
+               disable=None if progress else True)  # fmt: skip
+    for group in groups:
+        _, width, hidden = group.gate_up_proj.shape
+        if experts and (bits == 8 or (hidden % group_size == 0 and width // 2 % group_size == 0)):
+            _quantize_group(group, bits, group_size)
+        bar.update()
     for parent, child_name, child in targets:
+        bar.update()
         # the LM head goes to int8 at any width: it is the largest single read of a decode step (a 100k-token
         # vocabulary), and its errors land straight on the logits (llama.cpp keeps its output tensor above 4 bits)
         head = child_name == "lm_head"
@@ -296,6 +310,35 @@ def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = 
         setattr(parent, child_name, QuantLinear.from_float(child.weight.data, child.bias, b, group_size))
     model.config.ernie45_quantization = {"bits": bits, "group_size": group_size, "lm_head": lm_head}
     return model
+
+
+@torch.no_grad()
+def dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Undo `quantize` in place: every QuantLinear back to an nn.Linear and every quantized expert group back to
+    stacked weights, holding the dequantised values (what the quantized model computes with) in `dtype`."""
+    for module in list(model.modules()):
+        if isinstance(module, QuantExpertGroup):
+            gate_up = torch.stack([m.dense_weight(dtype) for m in module.q_gate_up])
+            down = torch.stack([m.dense_weight(dtype) for m in module.q_down])
+            del module.q_gate_up, module.q_down
+            module.__class__ = ExpertGroup
+            module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+            module.down_proj = nn.Parameter(down, requires_grad=False)
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, QuantLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device="meta")  # fmt: skip
+                linear.weight = nn.Parameter(child.dense_weight(dtype), requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = nn.Parameter(child.bias.detach().to(dtype), requires_grad=False)
+                setattr(module, child_name, linear)
+    if getattr(model.config, "ernie45_quantization", None) is not None:
+        del model.config.ernie45_quantization
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantExpertGroup)) for m in model.modules())
 
 
 def prepare_fbgemm_int8(model: nn.Module) -> int:

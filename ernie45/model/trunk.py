@@ -60,6 +60,30 @@ class Ernie45PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"mtp"]
     _keep_in_fp32_modules_strict = ["gate.weight", "e_score_correction_bias"]
+    quantized_loader = None  # set by `checkpoint.quantized`: (path, dtype) -> model, for `ernie45 quantize` output
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
+        """transformers' loading, except for weight-only quantized checkpoints (`ernie45 quantize`): their codes
+        and scales are no `nn.Linear` weights, so they load through ernie45's own loader, as `ernie45.load` does
+        (transformers' generic path would fill the model from random weights with only a warning)."""
+        config = kwargs.get("config")
+        spec = getattr(config, "ernie45_quantization", None) if config is not None else None
+        if spec is None and config is None:
+            from pathlib import Path
+
+            file = Path(str(pretrained_model_name_or_path)) / "config.json"
+            spec = "ernie45_quantization" in file.read_text() if file.is_file() else None
+        if not spec:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if cls.quantized_loader is None:
+            raise ValueError("a quantized ernie45 checkpoint: load it with ernie45.load(DIR)")
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        dtype = None if dtype in (None, "auto") else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        device = kwargs.get("device_map")
+        if device is not None and not isinstance(device, (str, torch.device)):
+            raise ValueError("a quantized ernie45 checkpoint loads onto one device: device_map='cpu' or 'cuda'")
+        return cls.quantized_loader(pretrained_model_name_or_path, dtype, None if device == "auto" else device)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

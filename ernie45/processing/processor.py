@@ -111,8 +111,10 @@ class Processor:
             if next(queue, None) is not None:
                 if kind not in self.ids:
                     raise ValueError(f"the tokenizer has no {SPECIAL_TOKENS[kind]} token, so it cannot take {kind}")
-                raise ValueError(f"more {kind} inputs than {SPECIAL_TOKENS[kind]} placeholders in the prompt: the "
-                                 f"text needs one per {kind} (chat messages get them from the chat template)")
+                raise ValueError(
+                    f"more {kind} inputs than {SPECIAL_TOKENS[kind]} placeholders in the prompt: the "
+                    f"text needs one per {kind} (chat messages get them from the chat template)"
+                )
         result: dict[str, Any] = {"input_ids": out}
         if labels is not None:
             result["labels"] = out_labels
