@@ -16,7 +16,10 @@ USER_ERRORS = (UsageError, ConfigError, CheckpointError, TokenizerError, Missing
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     p = argparse.ArgumentParser(prog="ernie45", description="ERNIE 4.5 family: chat, generate, inspect, convert.")
+    p.add_argument("--version", action="version", version=f"ernie45 {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chat.add_commands(sub)
     inspect.add_commands(sub)

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from .errors import UsageError
 
-HELP = "commands: /image PATH, /video PATH, /audio PATH (attach to your next message), /reset, /exit"
+HELP = "commands: /image PATH, /video PATH, /audio PATH (attach to your next message), /reset, /help, /exit"
+HELP_LONG = """\
+  /image PATH   attach a picture to your next message (repeatable)
+  /video PATH   attach a video to your next message
+  /audio PATH   attach a sound file (wav, mp3, ...) to your next message
+  /reset        forget the conversation and any attachments
+  /help         this list
+  /exit         leave (Ctrl-D works too)
+  Ctrl-C        stop the answer being written"""
 
 
 def _open_llm(args: argparse.Namespace):
@@ -42,9 +50,11 @@ def _sampling(args: argparse.Namespace, llm):
     from dataclasses import replace
 
     overrides = {"max_tokens": args.max_tokens}
-    for name in ("temperature", "top_p", "seed"):
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    if args.stop:
+        overrides["stop"] = list(args.stop)
     try:
         return replace(llm.default_sampling, **overrides)
     except ValueError as e:
@@ -73,15 +83,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not Path(f).is_file():
             raise UsageError(f"{f}: no such file")
     message = _user_message(args.prompt, media, args.video_audio)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [message]
     try:
         if args.raw:
-            if any(media.values()):
-                raise UsageError("--raw takes text only; drop --raw to attach media")
+            if any(media.values()) or args.system:
+                raise UsageError("--raw takes the prompt text only (no media, no --system); drop --raw to use them")
             result = llm.generate(args.prompt, params)[0]
         elif args.json:
-            result = llm.chat([message], params)[0]
+            result = llm.chat(messages, params)[0]
         else:
-            for delta in llm.stream([message], params):
+            for delta in llm.stream(messages, params):
                 print(delta.text, end="", flush=True)
             print()
             return
@@ -123,6 +134,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         if line in ("/exit", "/quit"):
             return
+        if line in ("/help", "/?"):
+            print(HELP_LONG)
+            continue
         if line == "/reset":
             history = history[:1] if args.system else []
             media = {k: [] for k in media}
@@ -163,6 +177,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
     p.add_argument("--temperature", type=float, help="0 = greedy (default: the checkpoint's, else 1.0)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the checkpoint's, else 1.0)")
+    p.add_argument(
+        "--top-k", type=int, help="sample among the k likeliest tokens (default: the checkpoint's, else off)"
+    )
+    p.add_argument("--repetition-penalty", type=float,
+                   help="> 1 discourages repeating tokens (default: the checkpoint's, else 1.0)")  # fmt: skip
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer before this text (repeatable)")  # fmt: skip
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
     p.add_argument("--quantization", choices=["int8", "int4", "int4-g64", "int4-g128"],
@@ -180,6 +201,7 @@ def add_commands(sub) -> None:
     g.add_argument("--video-audio", action="store_true", help="let the model hear the videos' sound tracks too")
     g.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--system", help="a system prompt")
     _common(g)
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="talk with a model in the terminal")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,7 +208,9 @@ class Processor:
         self.tokenizer.chat_template = self.chat_template
         self.tokenizer.save_pretrained(path)
         settings = {"image": {k: getattr(self.image, k) for k in IMAGE_SETTINGS},
-                    "video": {k: getattr(self.video, k) for k in VIDEO_SETTINGS}}  # fmt: skip
+                    "video": {k: getattr(self.video, k) for k in VIDEO_SETTINGS},
+                    "sees": self.multimodal,  # what the processor takes even where no config.json lies beside it
+                    "audio": dataclasses.asdict(self.audio.config) if self.hears else None}  # fmt: skip
         settings_file = {"processor_class": "Ernie45Processor", "ernie45": settings}  # AutoProcessor reads the class
         (Path(path) / MEDIA_SETTINGS_FILE).write_text(json.dumps(settings_file, indent=2))
         from ..checkpoint.chat_ready import make_chat_ready
@@ -223,9 +226,13 @@ def load_processor(path: str | Path) -> Processor:
     path = resolve(path)
     tok = load_tokenizer(path)
     config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    multimodal = bool(config.get("vision_config"))
-    audio_config = config.get("audio_config")
+    settings_file = path / MEDIA_SETTINGS_FILE
+    settings = json.loads(settings_file.read_text()).get("ernie45", {}) if settings_file.is_file() else {}
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        multimodal, audio_config = bool(config.get("vision_config")), config.get("audio_config")
+    else:  # a processor saved on its own
+        multimodal, audio_config = bool(settings.get("sees")), settings.get("audio")
     template = getattr(tok, "chat_template", None)
     if isinstance(template, dict):
         template = template.get("default")
@@ -234,9 +241,7 @@ def load_processor(path: str | Path) -> Processor:
     audio = AudioProcessor(AudioConfig.from_dict(audio_config)) if audio_config else AudioProcessor()
     template = template or (VL_TEMPLATE if multimodal or audio_config else TEXT_TEMPLATE)
     proc = Processor(tok, template, multimodal, bool(audio_config), audio=audio)
-    settings_file = path / MEDIA_SETTINGS_FILE
-    if settings_file.is_file():  # our own media settings (other projects' files of this name are ignored)
-        settings = json.loads(settings_file.read_text()).get("ernie45", {})
+    if settings:  # our own media settings (other projects' files of this name are ignored)
         for key in IMAGE_SETTINGS:
             if key in settings.get("image", {}):
                 setattr(proc.image, key, settings["image"][key])
