@@ -23,7 +23,7 @@ def resolve(name: str | Path) -> Path:
         return path
     text = str(name)
     if not HUB_ID.match(text) or path.exists():
-        raise NotFound(f"{text} is not a directory (no such checkpoint here)")
+        raise NotFound(f"{text} is not a checkpoint directory: not a directory here")
     try:
         from huggingface_hub import snapshot_download
 

@@ -90,6 +90,7 @@ def test_vllm_habits(demo):
     outs = llm.generate(["User: hi\nAssistant: ", "Hello"], sampling_params=sp)
     assert len(outs) == 2 and all(len(o.outputs) == 3 for o in outs)
     assert outs[0].outputs[0].text == outs[0].text and [o.index for o in outs[0].outputs] == [0, 1, 2]
+    assert outs[1].prompt == "Hello" and outs[1].prompt_token_ids == llm.processor.tokenizer.encode("Hello")
     assert outs[0].completion_tokens == sum(len(o.token_ids) for o in outs[0].outputs)
     assert len({o.text for o in outs[0].outputs}) > 1  # sampled answers, not one answer thrice
     prompt = llm.processor.apply_chat_template(_image_message({"image": SHAPES}))

@@ -52,15 +52,11 @@ class Completion:
     reasoning: str | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
     prompt_token_ids: list[int] = field(default_factory=list)
+    prompt: str | None = None  # the prompt's text where it was given as text (vLLM's `RequestOutput.prompt`)
 
     def __post_init__(self) -> None:
         if not self.outputs:
             self.outputs = [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.reasoning)]
-
-    @property
-    def prompt(self) -> None:
-        """vLLM's `RequestOutput.prompt`; the prompt's text is not kept (its ids are: `prompt_token_ids`)."""
-        return None
 
 
 @dataclass
@@ -213,8 +209,14 @@ class LLM:
         """Complete raw prompts: a string, token ids, vLLM's `{"prompt": ..., "multi_modal_data": {"image": ...}}`
         (or `{"prompt_token_ids": ...}`), or a list of these. `sampling_params` is vLLM's name for `sampling`; a
         list gives each prompt its own. (`use_tqdm` is accepted for vLLM's callers; no bar is drawn.)"""
-        encoded = [self._encode_prompt(p) for p in _as_list(prompts)]
-        return self._complete_each(encoded, self._params(sampling, sampling_params, len(encoded)), chat=False)
+        prompts = _as_list(prompts)
+        encoded = [self._encode_prompt(p) for p in prompts]
+        results = self._complete_each(encoded, self._params(sampling, sampling_params, len(encoded)), chat=False)
+        for result, prompt in zip(results, prompts, strict=True):
+            result.prompt = (
+                prompt if isinstance(prompt, str) else (prompt.get("prompt") if isinstance(prompt, dict) else None)
+            )
+        return results
 
     def chat(self, messages, sampling: SamplingParams | list[SamplingParams] | None = None, *,
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False,
