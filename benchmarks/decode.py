@@ -30,9 +30,8 @@ from pathlib import Path
 import llamacpp
 import torch
 
-from ernie45.engine.cache import StaticKVCache
-from ernie45.model import cpu_gemv, decode_stack, hugepages
-from ernie45.model.moe import ExpertGroup, MoEBlock
+from ernie45.runtime import decode_stack, hugepages, kernels
+from ernie45.runtime.fused import FastExpertGroup, FusedAttention, FusedMoEBlock, FusedSwiGLU
 
 
 def read_bandwidth(gib: float = 1.0, repeat: int = 5) -> tuple[float, float]:
@@ -90,6 +89,7 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
 
     llm = LLM(path, dtype=dtype, quantization=quant, compile=compile)
     hugepages.wait()  # the weights on 2 MB pages before timing
+    print(f"    runtime: {llm.report.summary()}", flush=True)
     ids = torch.randint(100, 1000, (batch, prompt), generator=torch.Generator().manual_seed(1)).tolist()
 
     def run(n):
@@ -118,29 +118,30 @@ def variant(row: str) -> Iterator[None]:
     changed = dict(v for k, v in names.items() if row.endswith(k))
     before = {k: os.environ.get(k) for k in changed}
     os.environ.update(changed)
-    cpu_gemv.kernel.cache_clear()
-    fused, reserve, moe_half = cpu_gemv.fused, StaticKVCache.reserve, MoEBlock.decode_block
-    reads, stack = ExpertGroup.kernel_reads, decode_stack.step
+    kernels.kernel.cache_clear()
+    halves = {cls: cls.decode_block for cls in (FusedAttention, FusedSwiGLU, FusedMoEBlock)}
+    fused, reads, stack = kernels.fused, FastExpertGroup.kernel_reads, decode_stack.step
     if row.endswith("unfused"):
-        cpu_gemv.fused = lambda *tensors: False
+        kernels.fused = lambda *tensors: False
     if row.endswith(("op by op", "grouped experts")):  # the fused ops, but no layer half as one call
-        StaticKVCache.reserve = None  # (the attention half needs `reserve`)
-        MoEBlock.decode_block = lambda *args: None
+        for cls in halves:
+            cls.decode_block = lambda *args: None
     if row.endswith(("layer by layer", "op by op", "grouped experts")):
         decode_stack.step = lambda *args: None
     if row.endswith("grouped experts"):  # and the bf16 experts through torch's grouped matmul, as before
-        ExpertGroup.kernel_reads = lambda *args: False
+        FastExpertGroup.kernel_reads = lambda *args: False
     try:
         yield
     finally:
-        cpu_gemv.fused, StaticKVCache.reserve, MoEBlock.decode_block = fused, reserve, moe_half
-        ExpertGroup.kernel_reads, decode_stack.step = reads, stack
+        for cls, half in halves.items():
+            cls.decode_block = half
+        kernels.fused, FastExpertGroup.kernel_reads, decode_stack.step = fused, reads, stack
         for k, v in before.items():
             if v is None:
                 del os.environ[k]
             else:
                 os.environ[k] = v
-        cpu_gemv.kernel.cache_clear()
+        kernels.kernel.cache_clear()
 
 
 def bytes_per_step_share(path: Path, batch: int) -> float:
@@ -155,8 +156,8 @@ def bytes_per_step_share(path: Path, batch: int) -> float:
 
 def bytes_per_step(model, batch: int) -> float:
     """Weight bytes one decode step reads: all but the embedding table, routed experts at the share a step hits."""
-    from ernie45.model.packed import PackedLinear
-    from ernie45.model.quant import QuantLinear
+    from ernie45.runtime.packed import PackedLinear
+    from ernie45.runtime.quant import QuantLinear
 
     c = model.config
     groups = c.expert_groups or []

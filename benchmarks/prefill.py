@@ -33,10 +33,11 @@ def prefill_fn(path: Path, dtype, quant: str | None, ids: torch.Tensor):
 
         return hf
     from ernie45.engine import LLM, SamplingParams
-    from ernie45.model import hugepages
+    from ernie45.runtime import hugepages
 
     llm = LLM(path, dtype=dtype, quantization=quant)
     hugepages.wait()  # the weights on 2 MB pages before timing
+    print(f"    runtime: {llm.report.summary()}", flush=True)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     return lambda: llm.generate(ids.tolist(), params)
 

@@ -9,6 +9,7 @@ from transformers import (
     AutoTokenizer,
 )
 
+from . import demo  # noqa: F401  (registers the demo's recipe entries with train)
 from .checkpoint import CheckpointError, export, load
 from .config import MODALITIES, ConfigError, Ernie45Config
 from .engine import LLM, Completion, SamplingParams

@@ -1,4 +1,4 @@
-"""The fused CPU decode ops (`cpu_gemv.rmsnorm`, `silu_mul`, `decode_attention`) against the torch code they
+"""The fused CPU decode ops (`kernels.rmsnorm`, `silu_mul`, `decode_attention`) against the torch code they
 replace, and the model's choice between them."""
 
 import gc
@@ -8,15 +8,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ernie45.model import cpu_gemv
 from ernie45.model.layers import RMSNorm, SwiGLU
+from ernie45.runtime import kernels
+from ernie45.runtime.kv_cache import KVCache
+
+
+class PlainCache(KVCache):
+    """A cache that does not hand out its buffers (not a `FusedCache`): the layer-by-layer path runs."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def update(self, k, v, layer_idx):
+        return self.inner.update(k, v, layer_idx)
+
+    def get_seq_length(self, layer_idx=0):
+        return self.inner.get_seq_length(layer_idx)
+
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
-def kernels():
-    if cpu_gemv.kernel() is None:
+def built_kernels():
+    if kernels.kernel() is None:
         pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: the model keeps torch's ops")
 
 
@@ -27,9 +42,9 @@ def test_rmsnorm_matches_the_eager_norm(dtype):
     norm.weight.data = torch.randn(96).to(dtype)
     x = (torch.randn(2, 3, 96) * 5).to(dtype)
     with torch.no_grad():
-        with cpu_gemv.switched(False):
+        with kernels.switched(False):
             want = norm(x)
-        got = cpu_gemv.rmsnorm(x, norm.weight, norm.eps)
+        got = kernels.rmsnorm(x, norm.weight, norm.eps)
     assert got.dtype == dtype and got.shape == want.shape
     if dtype == torch.bfloat16:  # the same roundings: equal but for a rare last-bit tie
         assert (got != want).float().mean() < 0.01
@@ -42,7 +57,7 @@ def test_silu_mul_matches_silu_times_up_including_tails_and_extremes(dtype):
     gate_up = (torch.randn(3, 2 * 41) * 6).to(dtype)  # 41: not a multiple of the 16-lane vectors
     gate_up[0, :4] = torch.tensor([-200.0, -90.0, 0.0, 120.0]).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
-    got = cpu_gemv.silu_mul(gate_up)
+    got = kernels.silu_mul(gate_up)
     want = F.silu(gate) * up
     assert got.dtype == dtype and got.shape == (3, 41)
     assert torch.allclose(got.float(), want.float(), atol=1e-5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
@@ -60,25 +75,26 @@ def test_decode_attention_matches_sdpa_on_cache_views_with_a_mask(dtype, batch, 
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for m in (None, mask, mask[:1]):  # none, per row, one row broadcast
         want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, scale=0.3, enable_gqa=True)
-        got = cpu_gemv.decode_attention(q, k, v, m, 0.3)
+        got = kernels.decode_attention(q, k, v, m, 0.3)
         assert got.dtype == dtype and got.shape == q.shape
         assert torch.allclose(got.float(), want, atol=tol, rtol=tol), (got.float() - want).abs().max()
     garbage = buf_v.clone()  # a masked position's cache slot may hold anything: it must not reach the output
     garbage[:, :, :length].masked_fill_(~mask.view(batch, 1, length, 1), float("nan"))
-    got = cpu_gemv.decode_attention(q, k, garbage[:, :, :length], mask, 0.3)
-    assert torch.equal(got, cpu_gemv.decode_attention(q, k, v, mask, 0.3))
+    got = kernels.decode_attention(q, k, garbage[:, :, :length], mask, 0.3)
+    assert torch.equal(got, kernels.decode_attention(q, k, v, mask, 0.3))
 
 
 def test_the_fused_ops_stay_out_of_autograd_and_follow_the_switch():
     x = torch.randn(2, 8, requires_grad=True)
-    assert not cpu_gemv.fused(x)  # training needs torch's ops for the backward
+    assert not kernels.fused(x)  # training needs torch's ops for the backward
     with torch.no_grad():
-        assert cpu_gemv.fused(x)
-        with cpu_gemv.switched(False):
-            assert not cpu_gemv.fused(x)
-    assert not cpu_gemv.fused(torch.zeros(2, dtype=torch.float16))
-    mlp = SwiGLU(32, 48)
-    mlp.gate_up_proj = torch.nn.Linear(32, 96)  # as fuse_projections leaves it
+        assert kernels.fused(x)
+        with kernels.switched(False):
+            assert not kernels.fused(x)
+    assert not kernels.fused(torch.zeros(2, dtype=torch.float16))
+    from ernie45.runtime.fused import FusedSwiGLU
+
+    mlp = FusedSwiGLU.from_plain(SwiGLU(32, 48))  # as fuse_projections leaves it
     y = torch.randn(4, 32)
     y.requires_grad_(True)
     mlp(y).sum().backward()  # the eager path: gradients flow
@@ -93,12 +109,12 @@ def test_rope_matches_the_complex_rotation_on_a_strided_view(dtype):
     qkv = torch.randn(2, 1, 7, 64).to(dtype).transpose(1, 2)  # [B, heads, S, D] as Attention.project views it
     x = qkv[:, :5]
     cos, sin = rope_cos_sin(torch.tensor([[3], [11]]), 64, 10000.0)
-    with cpu_gemv.switched(False):
+    with kernels.switched(False):
         want = apply_interleaved_rope(x, cos, sin)
-    got = cpu_gemv.rope(x, cos, sin)
+    got = kernels.rope(x, cos, sin)
     assert got.dtype == dtype and got.shape == want.shape
     assert torch.allclose(got.float(), want.float(), atol=1e-5, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
-    assert not cpu_gemv.fused(torch.zeros(512, 1024))  # prefill-sized: torch's multi-threaded ops
+    assert not kernels.fused(torch.zeros(512, 1024))  # prefill-sized: torch's multi-threaded ops
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int4"])
@@ -111,10 +127,10 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
     from chat_fixtures import tiny_chat_config
 
     from ernie45.engine.cache import StaticKVCache
-    from ernie45.model.layers import fuse_projections
-    from ernie45.model.packed import pack_bf16_linears
-    from ernie45.model.quant import quantize
     from ernie45.model.trunk import Ernie45ForConditionalGeneration
+    from ernie45.runtime.packed import pack_bf16_linears
+    from ernie45.runtime.prepare import fuse_projections, use_fast_modules
+    from ernie45.runtime.quant import quantize
 
     torch.manual_seed(0)
     layout = {"num_hidden_layers": 3, "moe_layer_start_index": 3} if dense else {"moe_layer_start_index": 1}
@@ -125,14 +141,15 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
     if kind == "bf16":
         assert pack_bf16_linears(model) > 0
     if kind == "int4":
-        if not cpu_gemv.ready("int4"):
+        if not kernels.ready("int4"):
             pytest.skip("no AVX512-VBMI / VNNI here: int4 layers run op by op on torch's kernel")
         quantize(model, bits=4)
+    use_fast_modules(model)
     ids = torch.randint(3, 300, (batch, 7))
     padding = torch.ones(batch, 9, dtype=torch.long)
     padding[-1, :2] = 0  # the last row left-padded (a no-op mask for one row)
     calls = []
-    block, stack = cpu_gemv.attention_block, cpu_gemv.dense_stack
+    block, stack = kernels.attention_block, kernels.dense_stack
 
     def counted(*args, **kwargs):
         calls.append("layer")
@@ -145,7 +162,7 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
     def steps(fused: bool) -> torch.Tensor:
         cache = StaticKVCache.for_model(model, batch, 16)
         if not fused:
-            cache.reserve = None  # a cache that does not hand out its buffers: the eager layers run
+            cache = PlainCache(cache)  # a cache that does not hand out its buffers: the eager layers run
         out = [model(input_ids=ids[:, :5], cache=cache, attention_mask=padding[:, :5]).logits[:, -1]]
         for t in range(5, 7):
             mask = padding[:, : t + 1]
@@ -156,11 +173,11 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
 
     with torch.inference_mode():
         want = steps(False)
-        cpu_gemv.attention_block, cpu_gemv.dense_stack = counted, counted_stack
+        kernels.attention_block, kernels.dense_stack = counted, counted_stack
         try:
             got = steps(True)
         finally:
-            cpu_gemv.attention_block, cpu_gemv.dense_stack = block, stack
+            kernels.attention_block, kernels.dense_stack = block, stack
     # two decode steps: a dense stack in one call each, else through every layer's fused call
     assert calls == (["stack"] * 2 if dense else ["layer"] * 2 * config.num_hidden_layers)
     assert torch.equal(got, want)
@@ -175,13 +192,13 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     token of a VL model) keeps the module path."""
     from chat_fixtures import tiny_chat_config
 
-    from ernie45.model.layers import fuse_projections
     from ernie45.model.moe import MoEBlock
-    from ernie45.model.packed import pack_bf16_linears
-    from ernie45.model.quant import quantize
     from ernie45.model.trunk import Ernie45ForConditionalGeneration
+    from ernie45.runtime.packed import pack_bf16_linears
+    from ernie45.runtime.prepare import fuse_projections, use_fast_modules
+    from ernie45.runtime.quant import quantize
 
-    if kind == "int4" and not cpu_gemv.ready("int4"):
+    if kind == "int4" and not kernels.ready("int4"):
         pytest.skip("no AVX512-VBMI / VNNI here: int4 experts run on torch's kernel")
     torch.manual_seed(0)
     groups = [dict(name="text", num_experts=6, intermediate_size=32, modalities=[0, 3] if vision else [0, 1, 2, 3])]
@@ -195,6 +212,7 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
         assert pack_bf16_linears(model) > 0
     else:
         quantize(model, bits=4)
+    use_fast_modules(model)
     block, norm = next((m.mlp, m.post_attention_layernorm) for m in model.model.layers if isinstance(m.mlp, MoEBlock))
     for group in block.groups.values():  # the correction bias steers selection away from the top probabilities
         group.gate.e_score_correction_bias.normal_(0, 0.3)
@@ -217,9 +235,9 @@ def test_the_dense_stack_keeps_its_plan_and_notices_a_swapped_layer():
     from chat_fixtures import tiny_chat_config
 
     from ernie45.engine.cache import StaticKVCache
-    from ernie45.model import decode_stack
-    from ernie45.model.layers import fuse_projections
     from ernie45.model.trunk import Ernie45ForConditionalGeneration
+    from ernie45.runtime import decode_stack
+    from ernie45.runtime.prepare import fuse_projections, use_fast_modules
 
     config = tiny_chat_config(300, hidden_size=64, intermediate_size=128, head_dim=32, num_hidden_layers=3,
                               moe_layer_start_index=3)  # fmt: skip
@@ -235,9 +253,10 @@ def test_the_dense_stack_keeps_its_plan_and_notices_a_swapped_layer():
         torch.manual_seed(0)
         model = Ernie45ForConditionalGeneration(config).eval().requires_grad_(False)
         fuse_projections(model)
+        use_fast_modules(model)
         cache = StaticKVCache.for_model(model, 1, 16)
         if not fused:
-            cache.reserve = None
+            cache = PlainCache(cache)
         out = [model(input_ids=ids[:, :5], cache=cache).logits[:, -1]]
         for t in range(5, 9):
             if t == 7:  # a new down projection in the middle layer
@@ -258,6 +277,7 @@ def test_the_dense_stack_keeps_its_plan_and_notices_a_swapped_layer():
     # the kept plan holds the weights; it must go with the model, not keep a dropped model's weights alive
     model = Ernie45ForConditionalGeneration(config).eval().requires_grad_(False)
     fuse_projections(model)
+    use_fast_modules(model)
     cache = StaticKVCache.for_model(model, 1, 16)
     with torch.inference_mode():
         model(input_ids=ids[:, :5], cache=cache)

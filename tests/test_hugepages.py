@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ernie45.model import hugepages
+from ernie45.runtime import hugepages
 
 
 def _anon_huge_kb() -> int:

@@ -59,8 +59,8 @@ def test_a_failing_build_reports_and_returns_none(tmp_path):
 
 def test_a_missing_compiler_leaves_the_kernels_off_with_a_reason(tmp_path):
     code = (
-        "import logging; logging.basicConfig(level=logging.INFO); from ernie45.model import cpu_gemv; "
-        "print(cpu_gemv.kernel())"
+        "import logging; logging.basicConfig(level=logging.INFO); from ernie45.runtime import kernels; "
+        "print(kernels.kernel())"
     )
     env = {**_env(tmp_path), "CXX": "/nonexistent/c++"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -8,7 +8,7 @@ from chat_fixtures import EXTRA, tiny_chat_config, write_spm_tokenizer
 
 from ernie45.engine import LLM, SamplingParams
 from ernie45.model import Ernie45ForConditionalGeneration
-from ernie45.model.quant import QuantExpertGroup, QuantLinear, quantize_int4, quantize_int8
+from ernie45.runtime.quant import QuantExpertGroup, QuantLinear, quantize_int4, quantize_int8
 
 
 @pytest.mark.parametrize("rows", [15, 66])  # on CPU: the packed decode kernels, and the dequantised prefill path
@@ -37,7 +37,7 @@ def test_int4_prefill_path_matches_the_kernel():
     codes, scales = quantize_int4(w, 32)
     q = QuantLinear(codes, scales, None, 4, 32)
     assert torch.equal(q.portable()[0].long(), codes.long())
-    from ernie45.model.quant import PACKED_ROWS
+    from ernie45.runtime.quant import PACKED_ROWS
 
     x = torch.randn(PACKED_ROWS[4] + 1, 128)
     kernel = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), q.qweight, 32, q.scales.bfloat16()).float()
@@ -107,7 +107,7 @@ def test_quantize_command_writes_a_checkpoint_that_loads_as_quantized(tmp_path, 
 
 
 def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):
-    from ernie45.model.packed import PackedLinear
+    from ernie45.runtime.packed import PackedLinear
 
     path = _moe_checkpoint(tmp_path / "ckpt")
     ids = torch.tensor([[400, 294, 261, 358, 341, 313, 300, 290]])
@@ -129,63 +129,63 @@ def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):
 @pytest.fixture
 def own_kernels():
     """All of ernie45's CPU decode kernels switched on (by default only the bf16 one is) for one test."""
-    from ernie45.model import cpu_gemv
+    from ernie45.runtime import kernels
 
-    with cpu_gemv.switched(True):
-        yield cpu_gemv
+    with kernels.switched(True):
+        yield kernels
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_bf16_decode_kernel_matches_a_matmul(rows, own_kernels):
-    cpu_gemv = own_kernels
+    kernels = own_kernels
 
-    if cpu_gemv.kernel() is None:
+    if kernels.kernel() is None:
         pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: the kernel is not used (torch's linear is)")
     torch.manual_seed(0)
     x = torch.randn(rows, 96, dtype=torch.bfloat16)
     w = torch.randn(1027, 96, dtype=torch.bfloat16)  # N not a multiple of the kernel's 4-row blocks
     want = x.float() @ w.float().T
-    assert torch.allclose(cpu_gemv.gemv(x, w), want, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(kernels.gemv(x, w), want, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_and_int4_decode_kernels_are_on_by_default_and_int8_is_not(monkeypatch):
-    from ernie45.model import cpu_gemv
-    from ernie45.model.packed import PackedLinear
+    from ernie45.runtime import kernels
+    from ernie45.runtime.packed import PackedLinear
 
     monkeypatch.delenv("ERNIE45_CPU_KERNELS", raising=False)
-    cpu_gemv.kernel.cache_clear()
+    kernels.kernel.cache_clear()
     try:
-        if cpu_gemv.kernel() is None:
+        if kernels.kernel() is None:
             pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: torch's kernels run")
-        assert cpu_gemv.ready() and not cpu_gemv.ready("int8")
-        assert cpu_gemv.ready("int4") == ({"avx512vbmi", "avx512_vnni"} <= cpu_gemv._cpu_flags())
+        assert kernels.ready() and not kernels.ready("int8")
+        assert kernels.ready("int4") == ({"avx512vbmi", "avx512_vnni"} <= kernels._cpu_flags())
         lin = torch.nn.Linear(64, 40, dtype=torch.bfloat16)
         packed = PackedLinear(lin)
         assert packed.plain is not None and "AVX512-BF16" in repr(packed)
         x = torch.randn(2, 64, dtype=torch.bfloat16)
         assert torch.allclose(packed(x).float(), lin(x).float(), atol=0.05)
         monkeypatch.setenv("ERNIE45_CPU_KERNELS", "0")
-        cpu_gemv.kernel.cache_clear()
-        assert not cpu_gemv.ready() and not cpu_gemv.ready("int4") and "oneDNN" in repr(PackedLinear(lin))
+        kernels.kernel.cache_clear()
+        assert not kernels.ready() and not kernels.ready("int4") and "oneDNN" in repr(PackedLinear(lin))
         monkeypatch.setenv("ERNIE45_CPU_KERNELS", "bf16")
-        cpu_gemv.kernel.cache_clear()
-        assert cpu_gemv.ready() and not cpu_gemv.ready("int4")
+        kernels.kernel.cache_clear()
+        assert kernels.ready() and not kernels.ready("int4")
     finally:
-        cpu_gemv.kernel.cache_clear()
+        kernels.kernel.cache_clear()
 
 
 @pytest.mark.parametrize(("bits", "group", "rows"), [(8, 32, 1), (8, 32, 5), (4, 32, 1), (4, 64, 3), (4, 128, 8)])
 def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows, own_kernels):
-    from ernie45.model.quant import QuantLinear
+    from ernie45.runtime.quant import QuantLinear
 
-    cpu_gemv = own_kernels
-    if cpu_gemv.kernel() is None:
+    kernels = own_kernels
+    if kernels.kernel() is None:
         pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: torch's packed kernels run instead")
     torch.manual_seed(0)
     q = QuantLinear.from_float(torch.randn(192, 256), None, bits, group)
     x = torch.randn(rows, 256)
     exact = x @ q.dequantized_t(torch.float32)
-    if bits == 4 and not cpu_gemv.ready("int4"):
+    if bits == 4 and not kernels.ready("int4"):
         pytest.skip("no AVX512-VBMI / VNNI here: int4 decode runs on torch's kernel")
     if bits == 4:  # the int4 kernel rounds x to int8 per 32 columns (scale max|x| / 127) for the codes' part;
         amax = x.view(rows, -1, 32).abs().amax(-1, keepdim=True)  # each group's zero meets the exact sum of x
@@ -201,10 +201,10 @@ def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows
 def test_a_batch_row_gets_the_numbers_it_gets_alone(own_kernels):
     """The decode kernels share work between the rows of a batch (int4: each tile's codes decoded once for up to
     four rows), never the sums: a row's result does not depend on the rows beside it."""
-    from ernie45.model.quant import QuantLinear
+    from ernie45.runtime.quant import QuantLinear
 
-    cpu_gemv = own_kernels
-    if cpu_gemv.kernel() is None or not cpu_gemv.ready("int4"):
+    kernels = own_kernels
+    if kernels.kernel() is None or not kernels.ready("int4"):
         pytest.skip("no AVX512-BF16 / VBMI / VNNI CPU or no C++ compiler here")
     torch.manual_seed(0)
     q = QuantLinear.from_float(torch.randn(128, 256), None, 4, 64)
@@ -213,11 +213,11 @@ def test_a_batch_row_gets_the_numbers_it_gets_alone(own_kernels):
     for m in (2, 3, 5, 7, 8):
         alone = torch.cat([q(x[i : i + 1]) for i in range(m)])
         assert torch.equal(q(x[:m]), alone)
-        alone = torch.cat([cpu_gemv.gemv(x[i : i + 1], w) for i in range(m)])
-        assert torch.equal(cpu_gemv.gemv(x[:m], w), alone)
+        alone = torch.cat([kernels.gemv(x[i : i + 1], w) for i in range(m)])
+        assert torch.equal(kernels.gemv(x[:m], w), alone)
 
 
-@pytest.mark.skipif(not __import__("ernie45.model.quant", fromlist=["x"]).fbgemm_int8_available(),
+@pytest.mark.skipif(not __import__("ernie45.runtime.quant", fromlist=["x"]).fbgemm_int8_available(),
                     reason="FBGEMM's int8 product needs VNNI")  # fmt: skip
 def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
     torch.manual_seed(0)

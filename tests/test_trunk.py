@@ -115,7 +115,7 @@ def test_decode_expert_paths_agree_in_bf16_and_fp32():
 def test_fused_projections_give_the_same_logits_and_decode(ref_moe_dir):
     """q/k/v and gate/up fused into one linear each (what the engine does to its own models): same numbers,
     prefill and cached decode, with a left-padded batch."""
-    from ernie45.model.layers import fuse_projections
+    from ernie45.runtime.prepare import fuse_projections
 
     plain, fused = ernie45.load(ref_moe_dir), ernie45.load(ref_moe_dir)
     n = fuse_projections(fused)
@@ -143,7 +143,7 @@ def test_one_query_attention_matches_sdpa():
     """The fp32 CPU decode attention (two grouped matmuls) against SDPA, with GQA and a padding mask."""
     import torch.nn.functional as F
 
-    from ernie45.model.layers import _one_query_attention
+    from ernie45.runtime.fused import _one_query_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 37, 16), torch.randn(2, 2, 37, 16)

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..model.quant import dequantize, is_quantized
 from ..official_config import official_model_type, to_official
+from ..runtime.quant import dequantize, is_quantized
 from .chat_ready import make_chat_ready
 from .rules import RULES_BY_MODEL_TYPE, Rule
 
@@ -109,7 +109,7 @@ def export(model_or_dir, out: str | Path, shard_size_gb: float = 5.0):
         if source is None:  # do not change the caller's model in place
             raise ValueError(
                 "export of a quantized model: pass its checkpoint directory, or call "
-                "ernie45.model.quant.dequantize(model) first (the official layout holds float weights)"
+                "ernie45.runtime.quant.dequantize(model) first (the official layout holds float weights)"
             )
         log.warning("ernie45 export: %s is quantized; writing its dequantised weights in bf16", source)
         dequantize(model, torch.bfloat16)

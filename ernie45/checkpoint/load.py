@@ -18,7 +18,7 @@ from ..official_config import read_config
 from .files import CheckpointError, iter_tensors, weight_files
 from .rules import RULES_BY_MODEL_TYPE, SIDE_KEYS, Rule
 
-FP32_PARAMS = ("gate.weight", "gate.e_score_correction_bias")  # the router stays fp32 (spec pitfall 3)
+FP32_PARAMS = ("gate.weight", "gate.e_score_correction_bias")  # the router stays fp32 (docs/architecture.md, pitfall 3)
 
 
 class _Filler:
@@ -41,7 +41,7 @@ class _Filler:
             self.side[key] = read()
             return
         if key == "lm_head.weight" and self.model.config.tie_word_embeddings:
-            return  # tied: the embedding is the head (spec pitfall 13)
+            return  # tied: the embedding is the head (docs/architecture.md, pitfall 13)
         for rule in self.rules:
             fields = rule.match(key)
             if fields is not None:

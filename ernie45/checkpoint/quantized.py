@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..model.quant import QuantLinear, install_experts, quantize_int8
 from ..model.trunk import Ernie45PreTrainedModel
+from ..runtime.quant import QuantLinear, install_experts, quantize_int8
 from .files import CheckpointError
 
 KEY = "ernie45_quantization"
@@ -29,7 +29,7 @@ EMBED = "model.embed_tokens.weight"
 
 
 def save_quantized(model: nn.Module, out: str | Path, float_dtype: torch.dtype | None = None) -> Path:
-    """Write a model quantized by `ernie45.model.quant.quantize` (config.json + model.safetensors); float
+    """Write a model quantized by `ernie45.runtime.quant.quantize` (config.json + model.safetensors); float
     parameters in `float_dtype` (default: as they are)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -130,7 +130,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from ..checkpoint import load
     from ..checkpoint.chat_ready import make_chat_ready
     from ..checkpoint.quantized import save_quantized
-    from ..model.quant import quantize
+    from ..runtime.quant import quantize
 
     src, out = Path(args.dir), Path(args.out)
     if not (src / "config.json").is_file():

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from ..embedded import DEMO_DIR, default_model_path
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-omni"
+__all__ = ["DEMO_DIR", "MissingDataSource", "default_model_path"]
 
 
 class MissingDataSource(RuntimeError):
     """A Debian package the demo's data is made from is not installed (the message says which)."""
 
 
-def default_model_path() -> Path:
-    """Where the shipped demo model lives (inside the package, so every install has it)."""
-    if not (DEMO_DIR / "config.json").is_file():
-        raise FileNotFoundError(
-            f"the embedded demo model is missing from {DEMO_DIR}; reinstall ernie45, or pass --model DIR"
-        )
-    return DEMO_DIR
+from . import plugins  # noqa: E402,F401  (registers the demo's data source and tokenizer with `train`)

@@ -22,7 +22,7 @@ KEEP = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "a
 def ship(src: str | Path, dst: Path = DEMO_DIR) -> Path:
     src = Path(src)
     model = load(src).to(torch.bfloat16)
-    for name, p in model.named_parameters():  # the router stays fp32 (spec pitfall 3)
+    for name, p in model.named_parameters():  # the router stays fp32 (docs/architecture.md, pitfall 3)
         if name.endswith(("gate.weight", "e_score_correction_bias")):
             p.data = p.data.float()
     model.config.dtype = torch.bfloat16

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime.kv_cache import FusedCache, KVCache
 
-class StaticKVCache:
+
+class CacheBuffers(KVCache):
     """Per layer, K and V buffers [B, kv_heads, max_len, head_dim]; ``update`` writes at the current length.
-
-    It speaks the small protocol the model's attention uses (``update``, ``get_seq_length``), so the model
-    stays ignorant of how the engine manages memory.
-    """
+    The model sees only the `KVCache` protocol, so it stays ignorant of how the engine manages memory."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype, device) -> None:
         shape = (batch, kv_heads, max_len, head_dim)
@@ -20,7 +19,7 @@ class StaticKVCache:
         self.max_len, self.dtype = max_len, dtype
 
     @classmethod
-    def for_model(cls, model, batch: int, max_len: int) -> StaticKVCache:
+    def for_model(cls, model, batch: int, max_len: int):
         c = model.config
         dtype = model.model.embed_tokens.weight.dtype
         return cls(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, max_len, dtype, model.device)
@@ -35,6 +34,13 @@ class StaticKVCache:
         self.lengths[layer_idx] = end
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+
+class StaticKVCache(CacheBuffers, FusedCache):
+    """The engine's cache for `LLM`: a `FusedCache`, so the fused decode calls write into its buffers."""
+
     def reserve(self, layer_idx: int, n: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The layer's K and V buffers and the position where the next `n` tokens go, counted as written (for a
         fused decode step that writes them itself: `layers.Attention.decode_block`)."""
@@ -43,6 +49,3 @@ class StaticKVCache:
             raise ValueError(f"the KV cache holds {self.max_len} tokens; this step needs {start + n}")
         self.lengths[layer_idx] = start + n
         return self.k[layer_idx], self.v[layer_idx], start
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.lengths[layer_idx]

@@ -15,18 +15,18 @@ import math
 
 import torch
 
-from .cache import StaticKVCache
+from .cache import CacheBuffers
 
 log = logging.getLogger("ernie45.engine")
 LENGTH_BUCKET = 256  # cache lengths round up to this, so nearby prompt + max_tokens share one graph
 
 
-class FixedKVCache(StaticKVCache):
-    """A StaticKVCache whose decode writes go to `at` (a 1-element position tensor) and whose decode reads
-    are the whole buffers (the step's mask hides what is not yet written)."""
+class FixedKVCache(CacheBuffers):
+    """Fixed buffers whose decode writes go to `at` (a 1-element position tensor) and whose decode reads are the
+    whole buffers (the step's mask hides what is not yet written). Not a `FusedCache`: no fused eager step writes
+    at the lengths."""
 
     at: torch.Tensor | None = None
-    reserve = None  # decode writes go to `at`: no fused eager step writes at the lengths
 
     def reset(self) -> None:
         self.lengths = [0] * len(self.lengths)

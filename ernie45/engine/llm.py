@@ -16,12 +16,10 @@ from typing import Any
 import torch
 
 from ..checkpoint import load
-from ..model import hugepages
-from ..model.layers import fuse_projections
-from ..model.packed import pack_bf16_linears
-from ..model.quant import prepare_fbgemm_int8
+from ..embedded import default_model_path
 from ..processing.chat_template import split_reasoning
 from ..processing.processor import Processor, load_processor
+from ..runtime.prepare import Plan, prepare
 from .cache import StaticKVCache
 from .compiled import CompiledDecoder
 from .detokenize import IncrementalDetokenizer
@@ -127,8 +125,6 @@ class LLM:
         dtype = None if dtype == "auto" else dtype
         compile, vllm = apply_vllm_options(vllm_options, compile)
         if model_or_dir is None:
-            from ..demo import default_model_path
-
             model_or_dir = default_model_path()
         if isinstance(model_or_dir, (str, Path)):
             from ..hub import resolve
@@ -146,21 +142,9 @@ class LLM:
                 raise ValueError("pass processor= with a model object (or give LLM a checkpoint directory)")
             self.processor = processor or load_processor(source)
             owned = False
-        self.model.eval()
-        if owned:  # inference-only: no gradients (the CPU decode kernels stay out of autograd's way), q/k/v and
-            self.model.requires_grad_(False)  # gate/up as one matmul each
-            fuse_projections(self.model)
-        if quantization:
-            self._quantize(quantization)
         if compile is None:
             compile = self.model.device.type == "cuda"
-        if owned and not compile:  # inference-only: bf16 linears take oneDNN's packed kernel (compiled decode
-            pack_bf16_linears(self.model)  # gets inductor's own prepacking instead: it cannot lower ours)
-        if (owned or quantization) and not compile:  # int8 on FBGEMM's int8 x int8 product
-            prepare_fbgemm_int8(self.model)
-        if self.model.device.type == "cpu":  # the weights, in their final layout, onto 2 MB pages
-            hugepages.gather(self.model)
-            hugepages.collapse_process_memory(background=True)
+        self.report = prepare(self.model, Plan(quantization=quantization, compile=compile, owned=owned))
         self._check_token_ids()
         self.decoder = CompiledDecoder(self.model) if compile else None
         c = self.model.config
@@ -180,15 +164,6 @@ class LLM:
                     f"the tokenizer's {role} placeholder is id {ids[role]} but config.{key} is "
                     f"{getattr(c, key)}: tokenizer and model do not belong together"
                 )
-
-    def _quantize(self, spec: str) -> None:
-        """ "int8", "int4" (groups of 32) or "int4-g64" / "int4-g128": weight-only, on the fly; the LM head in int8."""
-        from ..model.quant import quantize
-
-        kind, _, group = spec.partition("-g")
-        if kind not in ("int8", "int4") or (group and not group.isdigit()):
-            raise ValueError(f"quantization {spec!r}: use int8, int4, int4-g64 or int4-g128")
-        quantize(self.model, bits=int(kind[3:]), group_size=int(group or 32), lm_head=True)  # head in int8
 
     @staticmethod
     def _generation_defaults(path: Path) -> SamplingParams:

@@ -1,4 +1,4 @@
-"""Position ids: 1D for text, (t, h, w) for the VL/omni models' 3D RoPE (spec §2.1).
+"""Position ids: 1D for text, (t, h, w) for the VL/omni models' 3D RoPE (docs/architecture.md §2.1).
 
 Text tokens get (p, p, p). A vision item placed at counter ``cur`` gets ``(cur + frame pair, cur + row,
 cur + column)`` for each merged token; the next token continues at max(coordinates) + 1, and decoding

@@ -17,7 +17,6 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, MoeCausalLMOu
 
 from ..attention import FlashMask
 from ..config import AudioConfig, Ernie45Config
-from . import decode_stack
 from .audio import AudioEncoder, AudioResampler
 from .layers import Attention, RMSNorm, SwiGLU, attention_mask, rope_cos_sin
 from .moe import ExpertGroup, MoEBlock, Router
@@ -41,14 +40,29 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h: torch.Tensor, rope, mask, cache=None, modality=None, router_out=None) -> torch.Tensor:
-        fused = self.self_attn.decode_block(h, self.input_layernorm, rope, mask, cache)  # CPU decode: one call
-        h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache) if fused is None else fused
+        h = h + self.self_attn(self.input_layernorm(h), rope, mask, cache)
         if isinstance(self.mlp, MoEBlock):
-            norm = self.post_attention_layernorm
-            fused = None if router_out is not None else self.mlp.decode_block(h, norm, modality)
-            return h + self.mlp(norm(h), modality, router_out) if fused is None else fused
-        fused = self.mlp.decode_block(h, self.post_attention_layernorm)
-        return h + self.mlp(self.post_attention_layernorm(h)) if fused is None else fused
+            return h + self.mlp(self.post_attention_layernorm(h), modality, router_out)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderStack(nn.ModuleList):
+    """The decoder layers (a ModuleList: the weights keep their `layers.N.` names), run in order."""
+
+    gradient_checkpointing = False  # set by transformers' `gradient_checkpointing_enable`
+
+    def forward(self, h: torch.Tensor, rope, mask, cache=None, modality=None, router_out=None) -> torch.Tensor:
+        """router_out: a list that collects, per MoE layer and group, (layer, group, router logits, chosen experts,
+        token rows) for the training losses; None keeps nothing."""
+        for i, layer in enumerate(self):
+            layer_out = None if router_out is None else []
+            if self.gradient_checkpointing and self.training:
+                h = self._gradient_checkpointing_func(layer.__call__, h, rope, mask, None, modality, layer_out)
+            else:
+                h = layer(h, rope, mask, cache, modality, layer_out)
+            if layer_out:  # (group, router logits, chosen experts, token rows)
+                router_out.extend((i, *entry) for entry in layer_out)
+        return h
 
 
 class Ernie45PreTrainedModel(PreTrainedModel):
@@ -118,11 +132,12 @@ class Ernie45Model(Ernie45PreTrainedModel):
             ac = AudioConfig.from_dict(config.audio_config)
             self.audio_tower = AudioEncoder(ac)
             self.audio_resampler = AudioResampler(ac, config.hidden_size, config.rms_norm_eps)
-        self.layers = nn.ModuleList([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = DecoderStack([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         c = config
-        # token id -> modality id: placeholders and their START/END markers route like their media (pitfall 6)
+        # token id -> modality id: placeholders and their START/END markers route like their media
+        # (docs/architecture.md, pitfall 6)
         self.modality_of_token = {
             t: m
             for m, toks in (
@@ -227,16 +242,8 @@ class Ernie45Model(Ernie45PreTrainedModel):
             )
         rope = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.freq_allocation)
         mask = _layer_mask(attention_mask, seq, past + seq, h.device)
-        stack = None if router_out is not None else decode_stack.step(self.layers, h, rope, mask, cache)
-        for i, layer in enumerate(() if stack is not None else self.layers):
-            layer_out = None if router_out is None else []
-            if self.gradient_checkpointing and self.training:
-                h = self._gradient_checkpointing_func(layer.__call__, h, rope, mask, None, modality, layer_out)
-            else:
-                h = layer(h, rope, mask, cache, modality, layer_out)
-            if layer_out:  # (layer, group, router logits, chosen experts, token rows)
-                router_out.extend((i, *entry) for entry in layer_out)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h if stack is None else stack), cache=cache)
+        h = self.layers(h, rope, mask, cache, modality, router_out)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
 
 
 def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor | FlashMask | None:

@@ -1,4 +1,4 @@
-"""The vision path (spec §3): a DFNRope ViT over 14x14 patches and the spatial-temporal resampler.
+"""The vision path (docs/architecture.md §3): a DFNRope ViT over 14x14 patches and the spatial-temporal resampler.
 
 Patches arrive flattened channel-major (3*14*14) in 2x2 block-major order, so the 4 patches of one
 merge window are consecutive; every image or video frame attends only to itself (one batched call
@@ -58,7 +58,8 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).permute(1, 2, 0, 3)  # each [heads, N, D]
         cos, sin = rope
-        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)  # NeoX half-split, fp32 (pitfall 8)
+        # NeoX half-split, in fp32 (docs/architecture.md, pitfall 8)
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(x.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(x.dtype)
         if mask is None:
             out = F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
@@ -135,7 +136,7 @@ class ResamplerMLP(nn.Module):
         self.ln = nn.LayerNorm(out_dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, pitfall 9
+        return self.ln(self.fc2(F.gelu(self.fc1(x))))  # exact (erf) GELU, docs/architecture.md pitfall 9
 
 
 class Resampler(nn.Module):

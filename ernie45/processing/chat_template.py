@@ -1,4 +1,4 @@
-"""Chat templates (spec §5) and the reasoning split.
+"""Chat templates (docs/architecture.md §5) and the reasoning split.
 
 A checkpoint's own ``chat_template`` wins; otherwise the built-in templates below. They are written in
 Jinja and rendered by the tokenizer's own ``apply_chat_template``, so rendering equals transformers'

@@ -1,4 +1,4 @@
-"""Images -> model inputs (spec §4): smart resize to multiples of 28, bicubic, CLIP normalisation, 2x2
+"""Images -> model inputs (docs/architecture.md §4): smart resize to multiples of 28, bicubic, CLIP normalisation, 2x2
 block-major patches of 3*14*14 values, and the grid each image occupies."""
 
 from __future__ import annotations

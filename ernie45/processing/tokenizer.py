@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, TokenizersBackend
 
-# The special tokens of spec §5, by role.
+# The special tokens of docs/architecture.md §5, by role.
 SPECIAL_TOKENS = {
     "cls": "<|begin_of_sentence|>",
     "sep": "<|end_of_sentence|>",

@@ -1,4 +1,4 @@
-"""Videos -> model inputs (spec §4): PyAV decoding, fps=2 sampling of 16-180 frames from the middle of
+"""Videos -> model inputs (docs/architecture.md §4): PyAV decoding, fps=2 sampling of 16-180 frames from the middle of
 equal segments, a timestamp drawn on each frame before resizing, an odd count padded by repeating the
 last frame, then the image pipeline per frame.
 

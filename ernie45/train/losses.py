@@ -1,4 +1,4 @@
-"""Training losses (spec §7): token-balanced cross-entropy, MoE load balance per expert group, router
+"""Training losses (docs/architecture.md §7): token-balanced cross-entropy, MoE load balance per expert group, router
 z-loss and orthogonality, DPO, and the aux-loss-free correction-bias update."""
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from ..model import Ernie45ForConditionalGeneration
 from ..processing.processor import load_processor
 from .data import load_samples
 from .packing import collate_packed, collate_padded, pack, text_positions
+from .plugins import SOURCES, TOKENIZER_OPTIONS, TOKENIZERS
 from .trainer import DPOSettings, Ernie45Trainer, LossWeights
 
 log = logging.getLogger("ernie45.train")
@@ -49,10 +50,9 @@ def merge(base: dict, over: dict) -> dict:
 
 def build_model(cfg: dict):
     model, processor = _model_and_processor(cfg["model"], cfg["train"])
-    if cfg["model"].get("split_numbers"):  # from here on every number is cut into digits (saved with the model)
-        from ..demo.tokenizer import split_numbers
-
-        log.info("split_numbers: %d merges of two digits dropped", split_numbers(processor.tokenizer))
+    for option, apply in TOKENIZER_OPTIONS.items():  # e.g. split_numbers (saved with the model)
+        if cfg["model"].get(option):
+            log.info("%s: %d tokenizer changes", option, apply(processor.tokenizer))
     return model, processor
 
 
@@ -65,10 +65,8 @@ def _model_and_processor(m: dict, train: dict):
     config = presets.get(m["preset"], **m.get("overrides", {}))
     model = Ernie45ForConditionalGeneration(config)
     tokenizer_dir = m["tokenizer"]
-    if tokenizer_dir == "demo":  # build the demo tokenizer from the demo's own text
-        from ..demo.tokenizer import build_tokenizer
-
-        tokenizer_dir = build_tokenizer(Path(train["output_dir"]) / "tokenizer")
+    if tokenizer_dir in TOKENIZERS:  # a registered builder (the demo's: from its own text)
+        tokenizer_dir = TOKENIZERS[tokenizer_dir](Path(train["output_dir"]) / "tokenizer")
     config.save_pretrained(tokenizer_dir)  # the processor reads which encoders the model has
     return model, load_processor(tokenizer_dir)
 
@@ -128,16 +126,11 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     model, proc = build_model(cfg)
     d, t = cfg["data"], cfg["train"]
     torch.set_flush_denormal(True)  # saturated softmax tails otherwise slow CPU steps several-fold
-    if d.get("demo"):
-        from ..demo.data import DemoRows, configure
-
-        configure(proc)
+    source = next((name for name in SOURCES if d.get(name)), None)  # a registered source (e.g. the demo's)
+    if source is not None:
         samples = None
-        stage0 = d["demo"].get("encoder_pretrain")
-        if stage0:  # the media encoders learn from the pictures' and clips' facts before the trunk reads them
-            from ..demo.encoders import pretrain_encoders
-
-            pretrain_encoders(model, proc, seed=t["seed"], **stage0)
+        if SOURCES[source].prepare is not None:
+            SOURCES[source].prepare(model, proc, d[source], t["seed"])
     else:
         samples, problems = load_samples(proc, d["train"], d["kind"], d["loss_on"], d["on_error"], d["max_tokens"])
         if not samples:
@@ -160,12 +153,8 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     positions = positions_for(model)
     pad = proc.pad_id
     if samples is None:
-        demo = d["demo"]
-        rows = demo.get("rows", t["max_steps"] * t["batch_size"] * t["grad_accum"])
-        seed = demo.get("seed", t["seed"])
-        dataset = DemoRows(
-            proc, rows, d["max_tokens"], seed, demo.get("mix"), demo.get("turns", 1), demo.get("describe_last", False)
-        )
+        rows = t["max_steps"] * t["batch_size"] * t["grad_accum"]
+        dataset = SOURCES[source].rows(proc, d[source], d["max_tokens"], rows, t["seed"])
         collator = lambda rows: collate_packed(rows, d["max_tokens"], pad, positions)  # noqa: E731
     elif d["pack"]:
         dataset = pack(samples, d["max_tokens"])

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_gemv
-from .trunk import ENCODER_MODULES  # few tokens each: left as they are
+from ..model.trunk import ENCODER_MODULES  # few tokens each: left as they are
+from . import kernels
 
 
 def _mkldnn_ops() -> bool:
@@ -22,7 +22,7 @@ def _mkldnn_ops() -> bool:
 class PackedLinear(nn.Module):
     """An `nn.Linear` whose bf16 weight lives in oneDNN's layout; other input dtypes are cast to bf16.
 
-    Where the AVX512-BF16 decode kernel runs (`cpu_gemv`, on by default), up to `cpu_gemv.MAX_ROWS` rows read the
+    Where the AVX512-BF16 decode kernel runs (`kernels`, on by default), up to `kernels.MAX_ROWS` rows read the
     plain weight through it instead, and more rows a matmul on the plain weight (the packed copy is then not made).
     """
 
@@ -30,7 +30,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach()
-        self.plain = w.contiguous() if cpu_gemv.kernel() is not None and cpu_gemv.usable(w) else None
+        self.plain = w.contiguous() if kernels.kernel() is not None and kernels.usable(w) else None
         self.packed = None if self.plain is not None else torch.ops.mkldnn._reorder_linear_weight(w, None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
@@ -39,8 +39,8 @@ class PackedLinear(nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
             return y.to(x.dtype)
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= cpu_gemv.MAX_ROWS:  # rounded to bf16 in the kernel where no bias follows
-            y = cpu_gemv.gemv(x2, self.plain, self.bias is None and x.dtype == torch.bfloat16)
+        if x2.shape[0] <= kernels.MAX_ROWS:  # rounded to bf16 in the kernel where no bias follows
+            y = kernels.gemv(x2, self.plain, self.bias is None and x.dtype == torch.bfloat16)
         else:
             y = F.linear(x2.to(torch.bfloat16), self.plain)
         if self.bias is not None:

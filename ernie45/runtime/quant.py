@@ -7,7 +7,7 @@ matrices. Activations stay in the model's float dtype (but see int8 decode below
 
 CPU kernels: int8 weights the engine has prepared (`prepare_fbgemm_int8`: CPUs with VNNI) go through FBGEMM's
 int8 x int8 product for any number of rows, each row quantized to 8 bits on each call, as llama.cpp's Q8_0
-does. Otherwise, for decode (a few rows), ernie45's own (`cpu_gemv`: int4 by default where the CPU has
+does. Otherwise, for decode (a few rows), ernie45's own (`kernels`: int4 by default where the CPU has
 VNNI and VBMI, x rounded to int8 per 32 columns as for FBGEMM's int8; int8 when switched on), else
 `torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the weight
 dequantised for that call.
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import cpu_gemv
-from .moe import ExpertGroup
-from .trunk import ENCODER_MODULES
+from ..model.moe import ExpertGroup
+from ..model.trunk import ENCODER_MODULES
+from . import kernels
 
 GROUP_SIZES = (32, 64, 128)
 # up to this many rows a CPU matmul takes the packed kernel, above it a bf16 matmul on the dequantised weight
@@ -60,7 +60,7 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
 
 def fbgemm_int8_available() -> bool:
     """FBGEMM's int8 product runs here at full 8-bit range (VNNI; without it the row must lose a bit)."""
-    vnni = {"avx512_vnni", "avx_vnni"} & cpu_gemv._cpu_flags()
+    vnni = {"avx512_vnni", "avx_vnni"} & kernels._cpu_flags()
     return torch.backends.quantized.engine in ("x86", "fbgemm") and bool(vnni)
 
 
@@ -176,7 +176,7 @@ class QuantLinear(nn.Module):
 
     def int4_tiles(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """(tiles, scales, group) where ernie45's int4 decode kernel reads this linear here and now, else None."""
-        if self.bits == 4 and self.dynamic is None and self._unpackable() and cpu_gemv.ready("int4"):
+        if self.bits == 4 and self.dynamic is None and self._unpackable() and kernels.ready("int4"):
             return self.qweight, self.scales, self.group
         return None
 
@@ -205,11 +205,11 @@ class QuantLinear(nn.Module):
         int8_fp32 = self.bits == 8 and x2.dtype == torch.float32
         if cpu and x2.shape[0] > PACKED_ROWS[self.bits] and (int8_fp32 or self._unpackable()):
             return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
-        if cpu and x2.shape[0] <= cpu_gemv.MAX_ROWS:  # decode: stream the codes
-            if self.bits == 8 and self.in_features % 64 == 0 and cpu_gemv.ready("int8"):
-                return cpu_gemv.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
+        if cpu and x2.shape[0] <= kernels.MAX_ROWS:  # decode: stream the codes
+            if self.bits == 8 and self.in_features % 64 == 0 and kernels.ready("int8"):
+                return kernels.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
             if (tiles := self.int4_tiles()) is not None:
-                return cpu_gemv.gemv_int4(x2, *tiles).to(x2.dtype)
+                return kernels.gemv_int4(x2, *tiles).to(x2.dtype)
         if self.bits == 8:
             if cpu and int8_fp32:  # the CPU int8 kernel is ~10x faster on bf16 rows (0.16 vs 1.8 ms, 1x1024x3072)
                 xb = x2.to(torch.bfloat16)
@@ -241,14 +241,14 @@ class QuantExpertGroup(ExpertGroup):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.q_gate_up[e](x)
-        if cpu_gemv.fused(gate_up):  # decode rows: SwiGLU's product in one call, as the dense layers do
-            return self.q_down[e](cpu_gemv.silu_mul(gate_up))
+        if kernels.fused(gate_up):  # decode rows: SwiGLU's product in one call, as the dense layers do
+            return self.q_down[e](kernels.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.q_down[e](F.silu(gate) * up)
 
-    def decode_experts(self, x: torch.Tensor) -> cpu_gemv.Experts | None:
+    def decode_experts(self, x: torch.Tensor) -> kernels.Experts | None:
         """The experts' int4 tiles where the int4 kernel reads every one of them here and now, else None."""
-        if not cpu_gemv.ready("int4") or cpu_gemv.needs_grad(x):
+        if not kernels.ready("int4") or kernels.needs_grad(x):
             return None
         if getattr(self, "_decode_experts", False) is False:  # made once: 2 x 64 lookups per layer and step
             tiles = [m.int4_tiles() for m in [*self.q_gate_up, *self.q_down]]

@@ -1,47 +1,21 @@
-"""Matrix-vector kernels for CPU decode (bf16, int8, int4 weights), built on first use with the local C++
-compiler.
+"""ernie45's own CPU decode kernels (bf16, int8, int4 matvecs, fused small ops, whole layer halves and a dense
+stack's step), built on first use with the local C++ compiler (`build.py`; C++ in `csrc/`).
 
-One decode step reads every weight once for a row or a few: the time is memory traffic. torch's kernels for
-one row read weights well below the machine's bandwidth (bf16 also through oneDNN's packed layout, int8 and
-int4 through their packed matmuls), while a plain loop streaming the weights with AVX512 dot products gets
-closer to it. With the weights on 2 MB pages (`hugepages`) the bf16 kernel reads 24 GB/s against 14 for torch's
-bf16 linear over a model's worth of matrices, and whole 0.3B decode steps run ~19% faster (3 interleaved
-runs of `benchmarks/decode.py`'s rows: 23.9 vs 20.0 tok/s), so it is on by default for bf16 weights.
+Why they exist: a decode step reads every weight once for one row or a few, so its time is memory traffic.
+torch's kernels for one row read weights well below the bandwidth. A plain loop that streams the weights with
+AVX512 dot products gets closer. The small ops between the matmuls (norms, RoPE, SwiGLU's product, one-query
+attention) cost more than their arithmetic: the streamed weights have pushed their code and data out of the
+caches. So they run fused, in one call each, and a layer half or a whole dense stack runs as one call. Every
+fused call does the eager code's roundings, so the numbers are the same. What each step measured is in
+docs/performance.md.
 
-int4 decode is bound by arithmetic, not memory, on 2 cores: torch's kernel and a plain fp32-FMA loop both turn
-every code into a float. The int4 kernel here rounds x to int8 per 32 columns (as llama.cpp's Q4_0 x Q8_0 does;
-~0.6% relative error on a random product) and multiplies codes by x with VNNI, 64 multiply-adds an
-instruction; it needs AVX512-VBMI and VNNI besides BF16 and is on by default where they are (decode 46.9 -> 49.0
-tok/s on the 0.3B shapes, 25.3 -> 31.8 on the 21B-A3B shapes cut to 4 layers: `benchmarks/decode.py`, rows
-"int4 torch kernel", one run each; the perplexity change against bf16 is the same as with torch's kernel,
-`benchmarks/quant_quality.py --decode`). The int8 kernel
-gained nothing in whole steps (int8 runs on FBGEMM where it can) and is on only with `ERNIE45_CPU_KERNELS=1`;
-`ERNIE45_CPU_KERNELS=0` switches all off, `=bf16` leaves only the bf16 one. The kernels need AVX512-BF16 and a
-C++ compiler; without either `kernel()` is None and callers keep torch's ops. The build (about a minute, once
-per machine and version) is `runtime.build`'s, which never waits on a build that was killed; the C++ is in
-`csrc/` (`matvec.cpp`, `fused_ops.cpp`, `layer_blocks.cpp`).
+int4 is bound by arithmetic on 2 cores: the kernel rounds x to int8 per 32 columns (as llama.cpp's Q4_0 x Q8_0
+does; ~0.6% relative error on a random product) and multiplies codes by x with VNNI. It needs AVX512-VBMI and
+VNNI besides BF16.
 
-Besides the matvecs, a decode step's small ops cost more than their arithmetic: each RMSNorm was 7 torch ops,
-RoPE 8, SwiGLU's product 3, and SDPA's flash kernel for one query ~100 us a layer, every one of them on data the
-streamed weights just pushed out of cache. The fused ops here (`rmsnorm`, `rope`, `silu_mul`,
-`decode_attention`; fp32 or bf16, decode-sized inputs outside autograd, see `fused`) do each in one call with
-the eager code's roundings: 0.3B decode bf16 23.4 -> 26.1 tok/s, int4 36.0 -> 41.5 (`benchmarks/decode.py`,
-rows "unfused", one run). A dense layer's decode step goes further: `attention_block` and `mlp_block` are its two
-halves, each one call from Python (the same ops composed in C++, so the same numbers), taken by
-`layers.Attention.decode_block` / `SwiGLU.decode_block` when the weights are plain (bf16, fp32) or int4 tiles
-and the cache hands out its buffers (0.3B bf16 decode 28.8 -> 30.2 tok/s, row "op by op", one run). A MoE
-layer's half is one call too (`moe_block`: RMSNorm, the fp32 router, the experts each row picked and the shared
-experts, the module's numbers): on the 21B-A3B shapes cut to 4 layers bf16 decode went 16.5 (experts on torch's
-grouped matmul) -> 18.3 (each expert hit through the bf16 matvec) -> 19.6 tok/s (the half as one call), rows
-"grouped experts" and "op by op" of one run. A dense stack's step (the 0.3B) is one call for all its layers
-(`dense_stack`): called one half at a time from Python, each call found Python's own code and data pushed out of
-the caches by the weights the call before had streamed, ~5 ms of a ~37 ms step (0.3B bf16 decode 27.1 -> 31.3
-tok/s, rows "layer by layer" and "bf16" of one run, with the weights gathered onto 2 MB pages). With bf16 weights
-the stack runs on raw pointers, one workspace a step (~30 ATen ops a layer, a view or an empty each, had cost
-~2.5 ms of a ~36 ms step on code and data the weights had pushed out of the caches: 27.4 -> 29.8 tok/s timed
-around the calls, `benchmarks/decode.py` 70 -> 72% of the bound). The int4 kernel
-decodes each tile's codes once for up to four rows of a batch (0.3B batch 8 int4 decode 143 tok/s on torch's
-kernel, 205 on this one).
+Switches: `ERNIE45_CPU_KERNELS` unset gives the default kernels (bf16, int4); "bf16" the bf16 one only; "1"
+all; "0" none. Without AVX512-BF16 or a compiler, `kernel()` is None and callers keep torch's ops
+(`unavailable()` says why; `runtime.prepare`'s report shows it).
 """
 
 from __future__ import annotations
@@ -56,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.build import load_extension
+from .build import load_extension
 
 log = logging.getLogger("ernie45")
 NAME = "ernie45_cpu_gemv"
@@ -77,17 +51,25 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset(line.split(":", 1)[-1].split())
 
 
+def unavailable() -> str | None:
+    """Why the kernels cannot run here (None: they can be built and used), without building them."""
+    if _mode() == "0":
+        return "switched off (ERNIE45_CPU_KERNELS=0)"
+    if "avx512_bf16" not in _cpu_flags():
+        return "this CPU has no AVX512-BF16"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler} not found)"
+    return None
+
+
 @lru_cache(maxsize=1)
 def kernel():
     """The compiled module (`gemv_bf16`, `gemv_int8`, `gemv_int4` and the fused `rmsnorm`, `silu_mul`,
-    `rope`, `decode_attention`), or None where it cannot run here (the reason is logged once)."""
-    if _mode() == "0":
-        return None
-    if "avx512_bf16" not in _cpu_flags():
-        log.info("bf16 decode kernel: this CPU has no AVX512-BF16; using torch's linear")
-        return None
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        log.info("bf16 decode kernel: no C++ compiler found; using torch's linear")
+    `rope`, `decode_attention`), or None where it cannot run here (`unavailable` says why; logged once)."""
+    reason = unavailable()
+    if reason is not None:
+        log.info("ernie45 CPU decode kernels: %s; torch's ops run instead", reason)
         return None
     # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
     isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"]

@@ -2,7 +2,7 @@
 miss every 4 KB and the hardware prefetchers stop at each page boundary.
 
 Measured on the 2-core development machine, cycling through 720 MB of bf16 matrices (more than the cache holds):
-a sum reads 16.7 GB/s on 4 KB pages and 21 GB/s on 2 MB pages; the AVX512-BF16 decode kernel (`cpu_gemv`)
+a sum reads 16.7 GB/s on 4 KB pages and 21 GB/s on 2 MB pages; the AVX512-BF16 decode kernel (`kernels`)
 18 vs 24 GB/s; torch's bf16 `F.linear` 13.4 vs 14.2. Most kernels set transparent huge pages to `madvise`, so
 torch's allocations stay on 4 KB pages unless asked: `collapse_process_memory` asks (MADV_HUGEPAGE) and moves
 what is already there onto 2 MB pages (MADV_COLLAPSE, Linux 6.1+). Elsewhere it does nothing. The move copies

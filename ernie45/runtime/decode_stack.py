@@ -1,4 +1,4 @@
-"""A dense stack's CPU decode step as one C++ call (`cpu_gemv.dense_stack`), with its plan kept between steps.
+"""A dense stack's CPU decode step as one C++ call (`kernels.dense_stack`), with its plan kept between steps.
 
 Called one layer half at a time, each call found Python's own code and data pushed out of the caches by the
 weights the call before had streamed: the 0.3B's bf16 decode spent ~5 ms of a ~37 ms step between calls. Deciding
@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import cpu_gemv
-from .layers import SwiGLU
+from ..model.moe import MoEBlock
+from . import kernels
+from .kv_cache import FusedCache
 
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layers -> (conditions, checks, plan)
 _last: list = [None]  # (weakref to the layers, their plan): the last stack stepped, found without a lookup
@@ -39,8 +40,8 @@ def _build(layers: nn.ModuleList, h: torch.Tensor, mask: Any, cache: Any) -> tup
     for key, layer in layers._modules.items():
         attn, mlp = layer.self_attn, layer.mlp
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        if not isinstance(mlp, SwiGLU):
-            return None
+        if isinstance(mlp, MoEBlock) or not hasattr(mlp, "decode_weights") or not hasattr(attn, "decode_weights"):
+            return None  # (the fused modules: `runtime.fused`, which imports this module)
         a, m = attn.decode_weights(h, norm1, mask, cache), mlp.decode_weights(h, norm2)
         if a is None or m is None:
             return None
@@ -76,13 +77,11 @@ def step(layers: nn.ModuleList, h: torch.Tensor, rope, mask: Any, cache: Any) ->
     """h after every layer for one decode token as one call, or None where the stack cannot take it (a MoE layer,
     weights the call does not read, a prefill, autograd, a cache that does not hand out its buffers). The plan is
     kept only with gradients off (the engine's case), since whether a tensor requires grad is not checked."""
-    if h.shape[1] != 1 or getattr(cache, "reserve", None) is None:
-        return None
-    if torch.compiler.is_compiling():
+    if h.shape[1] != 1 or not isinstance(cache, FusedCache) or torch.compiler.is_compiling():
         return None
     mask_kind = None if mask is None else (type(mask), getattr(mask, "dtype", None))
-    conditions = (h.dtype, h.device, h.shape[0], mask_kind, type(cache), getattr(cache, "dtype", None), len(layers),
-                  cpu_gemv._mode())  # fmt: skip
+    conditions = (h.dtype, h.device, h.shape[0], mask_kind, type(cache), cache.dtype, len(layers),
+                  kernels._mode())  # fmt: skip
     kept = None if torch.is_grad_enabled() else _kept(layers)  # (requires_grad is not in the conditions)
     if kept is None or kept[0] != conditions or not all(d.get(k) is v for d, k, v in kept[1]):
         _plans.pop(layers, None)
@@ -102,4 +101,4 @@ def step(layers: nn.ModuleList, h: torch.Tensor, rope, mask: Any, cache: Any) ->
     for idx, norm1, (qkv, o), scale, norm2, (gate_up, down) in plan:
         buffers = cache.reserve(idx, 1)[:2]
         args.append((norm1.weight, norm1.eps, qkv, o, buffers, scale, norm2.weight, norm2.eps, gate_up, down))
-    return cpu_gemv.dense_stack(h, args, rope, mask, start)
+    return kernels.dense_stack(h, args, rope, mask, start)

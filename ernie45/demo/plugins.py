@@ -1,0 +1,42 @@
+"""The demo's entries in a recipe: `data: {demo: {...}}`, `model: {tokenizer: demo}`, `model: {split_numbers: true}`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..train.plugins import DataSource, register_source, register_tokenizer, register_tokenizer_option
+
+
+def _rows(proc, spec: dict, max_tokens: int, rows: int, seed: int):
+    from .data import DemoRows
+
+    return DemoRows(proc, spec.get("rows", rows), max_tokens, spec.get("seed", seed), spec.get("mix"),
+                    spec.get("turns", 1), spec.get("describe_last", False))  # fmt: skip
+
+
+def _prepare(model, proc, spec: dict, seed: int) -> None:
+    from .data import configure
+
+    configure(proc)
+    stage0 = spec.get("encoder_pretrain")
+    if stage0:  # the media encoders learn from the pictures' and clips' facts before the trunk reads them
+        from .encoders import pretrain_encoders
+
+        pretrain_encoders(model, proc, seed=seed, **stage0)
+
+
+def _build_tokenizer(out: Path) -> Path:
+    from .tokenizer import build_tokenizer
+
+    return build_tokenizer(out)
+
+
+def _split_numbers(tokenizer) -> int:
+    from .tokenizer import split_numbers
+
+    return split_numbers(tokenizer)
+
+
+register_source("demo", DataSource(rows=_rows, prepare=_prepare))
+register_tokenizer("demo", _build_tokenizer)  # byte-level BPE trained on the demo's own text
+register_tokenizer_option("split_numbers", _split_numbers)  # every number cut into digits
