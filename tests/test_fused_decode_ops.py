@@ -286,3 +286,38 @@ def test_the_dense_stack_keeps_its_plan_and_notices_a_swapped_layer():
     del model, cache
     gc.collect()
     assert weight() is None
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_served_batches_take_the_fused_decode_with_the_same_answers(tmp_path, dense):
+    """Continuous batching's slots hold rows of different lengths; the fused calls write each row at its own
+    position (`Slot.write_at`), so `ernie45 serve`'s engine runs the dense-stack step (or the layer halves) and
+    answers as `LLM` does for each prompt alone."""
+    from chat_fixtures import EXTRA, tiny_chat_config, write_spm_tokenizer
+
+    from ernie45.engine import LLM, SamplingParams
+    from ernie45.engine.batcher import BatchEngine
+    from ernie45.model.trunk import Ernie45ForConditionalGeneration
+
+    write_spm_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    layout = {"num_hidden_layers": 3, "moe_layer_start_index": 3} if dense else {"moe_layer_start_index": 1}
+    config = tiny_chat_config(400 + len(EXTRA), hidden_size=64, intermediate_size=128, head_dim=32, **layout)
+    Ernie45ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    llm = LLM(tmp_path, dtype=torch.bfloat16)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[400, 294, 261, 358, 341, 313, 300, 290, 280], [401, 295], [402, 296, 262, 359, 342]]
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+    calls = []
+    stack, block = kernels.dense_stack, kernels.attention_block
+    kernels.dense_stack = lambda *a, **k: calls.append("stack") or stack(*a, **k)
+    kernels.attention_block = lambda *a, **k: calls.append("layer") or block(*a, **k)
+    engine = BatchEngine(llm, max_batch=3, max_len=64)
+    try:
+        handles = [engine.submit({"input_ids": p}, params) for p in prompts]
+        served = [[t for d in h for t in d.token_ids] for h in handles]
+    finally:
+        engine.shutdown()
+        kernels.dense_stack, kernels.attention_block = stack, block
+    assert served == alone
+    assert calls and set(calls) == ({"stack"} if dense else {"layer"})

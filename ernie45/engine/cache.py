@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.kv_cache import FusedCache, KVCache
+from ..runtime.kv_cache import FusedCache, KVCache, Slot
 
 
 class CacheBuffers(KVCache):
@@ -41,11 +41,11 @@ class CacheBuffers(KVCache):
 class StaticKVCache(CacheBuffers, FusedCache):
     """The engine's cache for `LLM`: a `FusedCache`, so the fused decode calls write into its buffers."""
 
-    def reserve(self, layer_idx: int, n: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def reserve(self, layer_idx: int, n: int = 1) -> Slot:
         """The layer's K and V buffers and the position where the next `n` tokens go, counted as written (for a
         fused decode step that writes them itself: `layers.Attention.decode_block`)."""
         start = self.lengths[layer_idx]
         if start + n > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} tokens; this step needs {start + n}")
         self.lengths[layer_idx] = start + n
-        return self.k[layer_idx], self.v[layer_idx], start
+        return Slot(self.k[layer_idx], self.v[layer_idx], start)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime.kv_cache import FusedCache, KVCache, Slot
+
 
 class SlotKVCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, dtype, device) -> None:
@@ -17,7 +19,7 @@ class SlotKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.lengths = [0] * slots
         self.deltas = [0] * slots  # 3D RoPE: decode positions continue from the prompt's max + 1
-        self.max_len, self.layers, self.device = max_len, layers, device
+        self.max_len, self.layers, self.device, self.dtype = max_len, layers, device, dtype
 
     @classmethod
     def for_model(cls, model, slots: int, max_len: int) -> SlotKVCache:
@@ -43,7 +45,7 @@ class SlotKVCache:
         return _DecodeView(self, n, active)
 
 
-class _SlotView:
+class _SlotView(KVCache):
     """Batch-1 view of one slot for a prefill chunk."""
 
     def __init__(self, cache: SlotKVCache, i: int) -> None:
@@ -71,8 +73,10 @@ class _SlotView:
         return c.k[layer_idx][self.i : self.i + 1, :, :end], c.v[layer_idx][self.i : self.i + 1, :, :end]
 
 
-class _DecodeView:
-    """Slots 0..n-1 take one token each; rows not `active` (free or mid-prefill) compute and are ignored."""
+class _DecodeView(FusedCache):
+    """Slots 0..n-1 take one token each; rows not `active` (free or mid-prefill) compute and are ignored. A
+    `FusedCache`: the fused decode calls write each row's token at that row's own length (`Slot.write_at`), so
+    the served batch takes the same one-call layer halves and dense-stack step as `LLM`."""
 
     def __init__(self, cache: SlotKVCache, n: int, active: torch.Tensor) -> None:
         self.cache, self.n = cache, n
@@ -84,18 +88,33 @@ class _DecodeView:
         self.positions = (self.len + torch.tensor(cache.deltas[:n], device=dev))[:, None]
         k_pos = torch.arange(self.width, device=dev)
         self.mask = (k_pos[None, :] <= self.len[:, None])[:, None, None, :]  # [n, 1, 1, width]
+        self.dtype = cache.dtype
+        self.at = torch.where(self.active, self.len, cache.max_len).contiguous()  # idle rows: the scratch position
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.width - 1
 
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache
-        if self.width > c.max_len:
-            raise ValueError(f"the KV cache slot holds {c.max_len} tokens")
-        at = torch.where(self.active, self.len, c.max_len)  # idle rows write to the scratch position
-        c.k[layer_idx][self.rows, :, at] = k[:, :, 0]
-        c.v[layer_idx][self.rows, :, at] = v[:, :, 0]
-        if layer_idx == c.layers - 1:
-            for r in self.active.nonzero().flatten().tolist():
-                c.lengths[r] += 1
+        self._check()
+        c.k[layer_idx][self.rows, :, self.at] = k[:, :, 0]
+        c.v[layer_idx][self.rows, :, self.at] = v[:, :, 0]
+        self._written(layer_idx)
         return c.k[layer_idx][: self.n, :, : self.width], c.v[layer_idx][: self.n, :, : self.width]
+
+    def reserve(self, layer_idx: int, n: int = 1) -> Slot:
+        if n != 1:
+            raise ValueError("a decode step takes one token per slot")
+        c = self.cache
+        self._check()
+        self._written(layer_idx)
+        return Slot(c.k[layer_idx][: self.n], c.v[layer_idx][: self.n], self.width - 1, self.at)
+
+    def _check(self) -> None:
+        if self.width > self.cache.max_len:
+            raise ValueError(f"the KV cache slot holds {self.cache.max_len} tokens")
+
+    def _written(self, layer_idx: int) -> None:
+        if layer_idx == self.cache.layers - 1:
+            for r in self.active.nonzero().flatten().tolist():
+                self.cache.lengths[r] += 1

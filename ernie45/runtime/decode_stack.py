@@ -99,6 +99,6 @@ def step(layers: nn.ModuleList, h: torch.Tensor, rope, mask: Any, cache: Any) ->
         return None
     args = []
     for idx, norm1, (qkv, o), scale, norm2, (gate_up, down) in plan:
-        buffers = cache.reserve(idx, 1)[:2]
-        args.append((norm1.weight, norm1.eps, qkv, o, buffers, scale, norm2.weight, norm2.eps, gate_up, down))
-    return kernels.dense_stack(h, args, rope, mask, start)
+        slot = cache.reserve(idx, 1)
+        args.append((norm1.weight, norm1.eps, qkv, o, (slot.k, slot.v), scale, norm2.weight, norm2.eps, gate_up, down))
+    return kernels.dense_stack(h, args, rope, mask, slot.start, slot.write_at)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .build import load_extension
+from .kv_cache import Slot
 
 log = logging.getLogger("ernie45")
 NAME = "ernie45_cpu_gemv"
@@ -188,15 +189,18 @@ Weight = tuple[torch.Tensor, torch.Tensor, int]  # a linear for the layer calls:
 
 def attention_block(
     h: torch.Tensor, norm: torch.Tensor, eps: float, qkv: Weight, o: Weight,
-    rope: tuple[torch.Tensor, torch.Tensor], slot: tuple[torch.Tensor, torch.Tensor, int],
-    mask: torch.Tensor | None, scale: float,
+    rope: tuple[torch.Tensor, torch.Tensor], slot: Slot, mask: torch.Tensor | None, scale: float,
 ) -> torch.Tensor:  # fmt: skip
     """A decode step's attention half in one call: h [B, 1, E] + o(attention(rope(qkv(rmsnorm(h))))), this
-    position's K and V written into the cache buffers `slot` = (k, v [B, KV, max_len, D], position)."""
-    kbuf, vbuf, start = slot
+    step's K and V written into the cache buffers where `slot` (a `kv_cache.Slot`) says."""
+    kbuf, vbuf, start, write_at = slot
     cos, sin, allowed = _step_inputs(rope, mask, h.shape[0], kbuf.shape[3] // 2, start + 1)
-    k = kernel()
-    return k.decode_attention_block(h.contiguous(), norm, eps, *qkv, *o, cos, sin, kbuf, vbuf, start, allowed, scale)
+    at = _NO_ROWS if write_at is None else write_at
+    return kernel().decode_attention_block(h.contiguous(), norm, eps, *qkv, *o, cos, sin, kbuf, vbuf, start, allowed,
+                                           scale, at)  # fmt: skip
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.long)
 
 
 _last_step: list = [None, None]  # [key, value] of _step_inputs' one-entry memo
@@ -219,7 +223,7 @@ def _step_inputs(rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | N
 
 def dense_stack(
     h: torch.Tensor, layers: list[tuple], rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-    start: int,
+    start: int, write_at: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """A dense stack's decode step in one call: per layer h = attention_block(h, ...), then mlp_block(h, ...), with
     no Python between layers. Each of `layers` is (norm1, eps1, qkv, o, (kbuf, vbuf), scale, norm2, eps2, gate_up,
@@ -232,7 +236,8 @@ def dense_stack(
         ints += [qkv[2], o[2], gate_up[2], down[2]]
         floats += [eps1, scale, eps2]
     cos, sin, allowed = _step_inputs(rope, mask, h.shape[0], layers[0][4][0].shape[3] // 2, start + 1)
-    return kernel().decode_dense_stack(h.contiguous(), tensors, ints, floats, cos, sin, start, allowed)
+    at = _NO_ROWS if write_at is None else write_at
+    return kernel().decode_dense_stack(h.contiguous(), tensors, ints, floats, cos, sin, start, allowed, at)
 
 
 def mlp_block(h: torch.Tensor, norm: torch.Tensor, eps: float, gate_up: Weight, down: Weight) -> torch.Tensor:

@@ -9,8 +9,21 @@ says its dtype; only such a cache takes the fused decode paths. The engine's `St
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import NamedTuple
 
 import torch
+
+
+class Slot(NamedTuple):
+    """What `FusedCache.reserve` hands out for one layer: its K and V buffers [B, KV, max_len, D]; `start`, the
+    position this step's token takes (attention then reads positions 0..start, the mask saying which are real);
+    and `write_at`, None where every row writes at `start`, else int64 [B] with each row's own position (rows of
+    different lengths, as continuous batching's slots hold)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int
+    write_at: torch.Tensor | None = None
 
 
 class KVCache(ABC):
@@ -27,6 +40,5 @@ class FusedCache(KVCache):
     dtype: torch.dtype
 
     @abstractmethod
-    def reserve(self, layer_idx: int, n: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The layer's K and V buffers [B, KV, max_len, D] and the position where the next `n` tokens go, counted
-        as written (the caller writes them)."""
+    def reserve(self, layer_idx: int, n: int = 1) -> Slot:
+        """Where the layer's next `n` tokens go, counted as written (the caller writes them)."""

@@ -13,21 +13,42 @@ static torch::Tensor matvec(torch::Tensor x2, torch::Tensor w, torch::Tensor sz,
   return at::linear(x2, w);
 }
 
+// Where row b writes this step's K and V: at[b] where the rows write at their own positions (a cache whose rows
+// hold different lengths, as continuous batching's slots do), else `start`.
+static inline int64_t write_pos(const int64_t* at, int64_t b, int64_t start) { return at ? at[b] : start; }
+
+static const int64_t* rows_at(const torch::Tensor& at, int64_t B, int64_t limit) {
+  if (at.numel() == 0) return nullptr;
+  TORCH_CHECK(at.scalar_type() == torch::kLong && at.is_contiguous() && at.numel() == B, "write_at: int64 [B]");
+  const int64_t* p = at.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(p[b] >= 0 && p[b] < limit, "write_at beyond the cache buffers");
+  return p;
+}
+
 // h [B, 1, E] -> h + o_proj(attention(rope(qkv_proj(rmsnorm(h))))), writing this position's K and V into the
-// cache buffers kbuf, vbuf [B, KV, max_len, D] at `start` and attending over positions 0..start. Each linear
-// comes as (w, sz, group), see matvec.
+// cache buffers kbuf, vbuf [B, KV, max_len, D] at `start` (or each row at write_at[b]) and attending over
+// positions 0..start (`allowed` [B, start + 1] says which). Each linear comes as (w, sz, group), see matvec.
 torch::Tensor decode_attention_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wqkv,
                                      torch::Tensor sqkv, int64_t gqkv, torch::Tensor wo, torch::Tensor so,
                                      int64_t go, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
-                                     torch::Tensor vbuf, int64_t start, torch::Tensor allowed, double scale) {
+                                     torch::Tensor vbuf, int64_t start, torch::Tensor allowed, double scale,
+                                     torch::Tensor write_at) {
   const int64_t B = h.size(0), E = h.size(2), KV = kbuf.size(1), D = kbuf.size(3);
   auto qkv = matvec(rmsnorm(h, ln, eps).view({B, E}), wqkv, sqkv, gqkv);
   TORCH_CHECK(h.size(1) == 1 && start < kbuf.size(2) && qkv.size(1) % D == 0);
   const int64_t N = qkv.size(1) / D, H = N - 2 * KV;
   auto heads = qkv.view({B, 1, N, D}).transpose(1, 2);
   auto qk = rope(heads.narrow(1, 0, H + KV), cos, sin);
-  kbuf.narrow(2, start, 1).copy_(qk.narrow(1, H, KV));
-  vbuf.narrow(2, start, 1).copy_(heads.narrow(1, H + KV, KV));
+  const int64_t* at = rows_at(write_at, B, kbuf.size(2));
+  if (at == nullptr) {
+    kbuf.narrow(2, start, 1).copy_(qk.narrow(1, H, KV));
+    vbuf.narrow(2, start, 1).copy_(heads.narrow(1, H + KV, KV));
+  } else {
+    for (int64_t b = 0; b < B; ++b) {
+      kbuf.select(0, b).narrow(1, at[b], 1).copy_(qk.select(0, b).narrow(0, H, KV));
+      vbuf.select(0, b).narrow(1, at[b], 1).copy_(heads.select(0, b).narrow(0, H + KV, KV));
+    }
+  }
   auto out = decode_attention(qk.narrow(1, 0, H).contiguous(), kbuf.narrow(2, 0, start + 1),
                               vbuf.narrow(2, 0, start + 1), allowed, scale);
   return h + matvec(out.view({B, H * D}), wo, so, go).view({B, 1, E});
@@ -61,7 +82,7 @@ static bool plain_bf16(const torch::Tensor& h, const std::vector<torch::Tensor>&
 // a narrow, an empty) ran on code and data the streamed weights had pushed out of the caches, ~30 such ops a layer.
 static torch::Tensor bf16_stack(torch::Tensor h, const std::vector<torch::Tensor>& t, const std::vector<double>& f,
                                 size_t n, const torch::Tensor& cos, const torch::Tensor& sin, int64_t start,
-                                const bool* allowed) {
+                                const bool* allowed, const int64_t* at) {
   using bf = at::BFloat16;
   const int64_t B = h.size(0), E = h.size(2), KV = t[5].size(1), D = t[5].size(3);
   int64_t qkv_w = 0, o_w = 0, gu_w = 0;
@@ -96,11 +117,13 @@ static torch::Tensor bf16_stack(torch::Tensor h, const std::vector<torch::Tensor
     bf* vb = a[6].data_ptr<bf>();
     const int64_t ks[3] = {a[5].stride(0), a[5].stride(1), a[5].stride(2)};
     const int64_t vs[3] = {a[6].stride(0), a[6].stride(1), a[6].stride(2)};
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t p = write_pos(at, b, start);
       for (int64_t g = 0; g < KV; ++g) {
-        std::memcpy(kb + b * ks[0] + g * ks[1] + start * ks[2], qk + (b * (H + KV) + H + g) * D, D * sizeof(bf));
-        std::memcpy(vb + b * vs[0] + g * vs[1] + start * vs[2], qkv + b * N * D + (H + KV + g) * D, D * sizeof(bf));
+        std::memcpy(kb + b * ks[0] + g * ks[1] + p * ks[2], qk + (b * (H + KV) + H + g) * D, D * sizeof(bf));
+        std::memcpy(vb + b * vs[0] + g * vs[1] + p * vs[2], qkv + b * N * D + (H + KV + g) * D, D * sizeof(bf));
       }
+    }
     for (int64_t b = 1; b < B; ++b)  // q heads of row b to [b, H, D] (row 0's already are): attention's layout
       std::memmove(qk + b * H * D, qk + b * (H + KV) * D, H * D * sizeof(bf));
     const float scale = static_cast<float>(f[3 * i + 1]);
@@ -120,22 +143,24 @@ static torch::Tensor bf16_stack(torch::Tensor h, const std::vector<torch::Tensor
 // A dense decoder stack's decode step in one call: each layer's attention half, then its MLP half, exactly as the
 // two calls above (the same numbers), with no Python between layers. Per layer n: t[12n..] = ln1, wqkv, sqkv, wo,
 // so, kbuf, vbuf, ln2, wgu, sgu, wd, sd; g[4n..] = gqkv, go, ggu, gd; f[3n..] = eps1, scale, eps2. Every layer
-// writes this token at `start` of its cache buffers. With plain bf16 weights it runs as `bf16_stack`.
+// writes this token at `start` of its cache buffers (or each row at write_at[b]). With plain bf16 weights it runs
+// as `bf16_stack`.
 torch::Tensor decode_dense_stack(torch::Tensor h, std::vector<torch::Tensor> t, std::vector<int64_t> g,
                                  std::vector<double> f, torch::Tensor cos, torch::Tensor sin, int64_t start,
-                                 torch::Tensor allowed) {
+                                 torch::Tensor allowed, torch::Tensor write_at) {
   const size_t n = f.size() / 3;
   TORCH_CHECK(f.size() == 3 * n && t.size() == 12 * n && g.size() == 4 * n, "12 tensors, 4 ints, 3 floats a layer");
   const bool mask_ok = allowed.numel() == 0 || (allowed.is_contiguous() && allowed.numel() == h.size(0) * (start + 1));
   if (plain_bf16(h, t, n) && cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == torch::kFloat &&
       h.size(1) == 1 && mask_ok)
-    return bf16_stack(h, t, f, n, cos, sin, start, allowed.numel() ? allowed.data_ptr<bool>() : nullptr);
+    return bf16_stack(h, t, f, n, cos, sin, start, allowed.numel() ? allowed.data_ptr<bool>() : nullptr,
+                      rows_at(write_at, h.size(0), t[5].size(2)));
   for (size_t i = 0; i < n; ++i) {
     const torch::Tensor* a = t.data() + 12 * i;
     const int64_t* gi = g.data() + 4 * i;
     const double* fi = f.data() + 3 * i;
     h = decode_attention_block(h, a[0], fi[0], a[1], a[2], gi[0], a[3], a[4], gi[1], cos, sin, a[5], a[6], start,
-                               allowed, fi[1]);
+                               allowed, fi[1], write_at);
     h = decode_mlp_block(h, a[7], fi[2], a[8], a[9], gi[2], a[10], a[11], gi[3]);
   }
   return h;
