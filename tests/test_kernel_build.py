@@ -67,3 +67,19 @@ def test_a_missing_compiler_leaves_the_kernels_off_with_a_reason(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "None"
     assert "no C++ compiler" in run.stderr or "AVX512-BF16" in run.stderr
+
+
+def test_a_training_forward_never_builds_the_decode_kernels(tmp_path):
+    """The model is the maths only: a training step (gradients on, no runtime prepare) touches no kernel."""
+    code = (
+        "import torch, sys; sys.path.insert(0, 'tests'); from chat_fixtures import tiny_chat_config; "
+        "from ernie45.model import Ernie45ForConditionalGeneration; "
+        "m = Ernie45ForConditionalGeneration(tiny_chat_config(300, hidden_size=64, head_dim=32)); "
+        "ids = torch.randint(3, 300, (2, 9)); m(input_ids=ids, labels=ids).loss.backward(); print('ok')"
+    )
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=120, cwd=root)  # fmt: skip
+    assert run.stdout.strip() == "ok", run.stderr
+    assert not list(tmp_path.iterdir()), "a training forward started a kernel build"
+    assert "compiling" not in run.stderr

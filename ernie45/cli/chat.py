@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .errors import UsageError
@@ -121,6 +122,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     media: dict[str, list[str]] = {"image": [], "video": [], "audio": []}
     print(f"ernie45 chat: {args.model} ({HELP}; Ctrl-C stops an answer)")
+    print(f"(runtime: {llm.report.summary()})", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()

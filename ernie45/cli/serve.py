@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 from .chat import _open_llm
@@ -29,9 +32,33 @@ def cmd_serve(args: argparse.Namespace) -> None:
         llm, name=name, api_key=args.api_key or os.environ.get("ERNIE45_API_KEY"),
         media=MediaPolicy(args.allowed_media_dir, args.allow_remote_media), max_batch=args.max_batch,
         max_len=args.max_model_len, max_waiting=args.max_waiting, max_body_bytes=args.max_body_mb << 20,
+        engine_thread=False,
     )  # fmt: skip
     print(f"ernie45: serving {name!r} on http://{args.host}:{args.port}/  (OpenAI API under /v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    print(f"ernie45: runtime: {llm.report.summary()}", file=sys.stderr, flush=True)
+    # the engine steps on this thread, which loaded the model (one OpenMP pool: see BatchEngine); HTTP on another
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    http = threading.Thread(target=server.run, name="ernie45-http", daemon=True)
+    http.start()
+    engine = app.state.engine
+    stopper = threading.Thread(target=_stop_with, args=(http, engine), daemon=True)
+    stopper.start()
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as Ctrl-C does: the engine's loop ends, then HTTP
+    try:
+        engine.run()
+    finally:
+        server.should_exit = True
+        http.join(timeout=10)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_with(http: threading.Thread, engine) -> None:
+    """The HTTP server ending (a bind error, a shutdown) ends the engine's loop too."""
+    http.join()
+    engine.shutdown()
 
 
 def add_commands(sub) -> None:

@@ -83,8 +83,10 @@ class Server:
 
 def create_app(llm: LLM, name: str = "ernie45", api_key: str | None = None, media: MediaPolicy | None = None,
                max_batch: int = 16, max_len: int | None = 4096, max_waiting: int = 256,
-               max_body_bytes: int = 64 << 20) -> FastAPI:  # fmt: skip
-    engine = BatchEngine(llm, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting)
+               max_body_bytes: int = 64 << 20, engine_thread: bool = True) -> FastAPI:  # fmt: skip
+    """engine_thread False: the engine does not start its own thread; the caller runs `app.state.engine.run()`
+    (on the thread that loaded the model: see `BatchEngine`)."""
+    engine = BatchEngine(llm, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, thread=engine_thread)
     srv = Server(llm, engine, name, api_key, media or MediaPolicy())
 
     @asynccontextmanager
@@ -95,6 +97,7 @@ def create_app(llm: LLM, name: str = "ernie45", api_key: str | None = None, medi
     app = FastAPI(title="ernie45", version="1", description="OpenAI-compatible API for ERNIE 4.5 models",
                   lifespan=lifespan)  # fmt: skip
     app.state.server = srv
+    app.state.engine = engine
     app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.middleware("http")
@@ -131,7 +134,7 @@ def create_app(llm: LLM, name: str = "ernie45", api_key: str | None = None, medi
 
     @app.get("/health")
     async def health():
-        if engine.error is not None or not engine._thread.is_alive():
+        if not engine.alive:
             raise APIError(503, "the engine is down", type="server_error")
         return {"status": "ok", **engine.usage()}
 

@@ -28,7 +28,7 @@ static const int64_t* rows_at(const torch::Tensor& at, int64_t B, int64_t limit)
 // h [B, 1, E] -> h + o_proj(attention(rope(qkv_proj(rmsnorm(h))))), writing this position's K and V into the
 // cache buffers kbuf, vbuf [B, KV, max_len, D] at `start` (or each row at write_at[b]) and attending over
 // positions 0..start (`allowed` [B, start + 1] says which). Each linear comes as (w, sz, group), see matvec.
-torch::Tensor decode_attention_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wqkv,
+torch::Tensor decode_attention_block_impl(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wqkv,
                                      torch::Tensor sqkv, int64_t gqkv, torch::Tensor wo, torch::Tensor so,
                                      int64_t go, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
                                      torch::Tensor vbuf, int64_t start, torch::Tensor allowed, double scale,
@@ -55,7 +55,7 @@ torch::Tensor decode_attention_block(torch::Tensor h, torch::Tensor ln, double e
 }
 
 // h [B, 1, E] -> h + down(silu(gate) * up) of rmsnorm(h), gate|up one matrix; linears as in matvec.
-torch::Tensor decode_mlp_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wgu, torch::Tensor sgu,
+torch::Tensor decode_mlp_block_impl(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wgu, torch::Tensor sgu,
                                int64_t ggu, torch::Tensor wd, torch::Tensor sd, int64_t gd) {
   const int64_t B = h.size(0), E = h.size(2);
   auto act = silu_mul(matvec(rmsnorm(h, ln, eps).view({B, E}), wgu, sgu, ggu));
@@ -145,7 +145,7 @@ static torch::Tensor bf16_stack(torch::Tensor h, const std::vector<torch::Tensor
 // so, kbuf, vbuf, ln2, wgu, sgu, wd, sd; g[4n..] = gqkv, go, ggu, gd; f[3n..] = eps1, scale, eps2. Every layer
 // writes this token at `start` of its cache buffers (or each row at write_at[b]). With plain bf16 weights it runs
 // as `bf16_stack`.
-torch::Tensor decode_dense_stack(torch::Tensor h, std::vector<torch::Tensor> t, std::vector<int64_t> g,
+torch::Tensor decode_dense_stack_impl(torch::Tensor h, std::vector<torch::Tensor> t, std::vector<int64_t> g,
                                  std::vector<double> f, torch::Tensor cos, torch::Tensor sin, int64_t start,
                                  torch::Tensor allowed, torch::Tensor write_at) {
   const size_t n = f.size() / 3;
@@ -159,9 +159,9 @@ torch::Tensor decode_dense_stack(torch::Tensor h, std::vector<torch::Tensor> t, 
     const torch::Tensor* a = t.data() + 12 * i;
     const int64_t* gi = g.data() + 4 * i;
     const double* fi = f.data() + 3 * i;
-    h = decode_attention_block(h, a[0], fi[0], a[1], a[2], gi[0], a[3], a[4], gi[1], cos, sin, a[5], a[6], start,
+    h = decode_attention_block_impl(h, a[0], fi[0], a[1], a[2], gi[0], a[3], a[4], gi[1], cos, sin, a[5], a[6], start,
                                allowed, fi[1], write_at);
-    h = decode_mlp_block(h, a[7], fi[2], a[8], a[9], gi[2], a[10], a[11], gi[3]);
+    h = decode_mlp_block_impl(h, a[7], fi[2], a[8], a[9], gi[2], a[10], a[11], gi[3]);
   }
   return h;
 }
@@ -182,7 +182,7 @@ static torch::Tensor expert_rows(torch::Tensor xs, const torch::Tensor& w1, cons
 
 // h [B, 1, E]; router [X, E] fp32 and bias [X] (selection only); expert e is (w1[e], s1[e]) -> (w2[e], s2[e]) with
 // s1, s2 empty lists for bf16 weights; the shared SwiGLU's linears as in matvec (sw1 empty: no shared experts).
-torch::Tensor decode_moe_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor router,
+torch::Tensor decode_moe_block_impl(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor router,
                                torch::Tensor bias, int64_t topk, double norm_min, std::vector<torch::Tensor> w1,
                                std::vector<torch::Tensor> s1, std::vector<torch::Tensor> w2,
                                std::vector<torch::Tensor> s2, int64_t group, torch::Tensor sw1, torch::Tensor ss1,
@@ -210,4 +210,40 @@ torch::Tensor decode_moe_block(torch::Tensor h, torch::Tensor ln, double eps, to
                                                   w2[e], s2.empty() ? none : s2[e], group));
   ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(1);
   return h + (out + torch::zeros_like(x).index_add_(0, token, ys)).view({B, 1, E});
+}
+
+// The entry points Python calls: the GIL is released while they run (they touch no Python object), so the
+// server's event loop thread keeps answering while the engine thread computes a step, instead of waiting for
+// the interpreter's switch interval after each call.
+torch::Tensor decode_attention_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wqkv,
+                                     torch::Tensor sqkv, int64_t gqkv, torch::Tensor wo, torch::Tensor so,
+                                     int64_t go, torch::Tensor cos, torch::Tensor sin, torch::Tensor kbuf,
+                                     torch::Tensor vbuf, int64_t start, torch::Tensor allowed, double scale,
+                                     torch::Tensor write_at) {
+  pybind11::gil_scoped_release no_gil;
+  return decode_attention_block_impl(h, ln, eps, wqkv, sqkv, gqkv, wo, so, go, cos, sin, kbuf, vbuf, start, allowed,
+                                     scale, write_at);
+}
+
+torch::Tensor decode_mlp_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor wgu, torch::Tensor sgu,
+                               int64_t ggu, torch::Tensor wd, torch::Tensor sd, int64_t gd) {
+  pybind11::gil_scoped_release no_gil;
+  return decode_mlp_block_impl(h, ln, eps, wgu, sgu, ggu, wd, sd, gd);
+}
+
+torch::Tensor decode_dense_stack(torch::Tensor h, std::vector<torch::Tensor> t, std::vector<int64_t> g,
+                                 std::vector<double> f, torch::Tensor cos, torch::Tensor sin, int64_t start,
+                                 torch::Tensor allowed, torch::Tensor write_at) {
+  pybind11::gil_scoped_release no_gil;
+  return decode_dense_stack_impl(h, t, g, f, cos, sin, start, allowed, write_at);
+}
+
+torch::Tensor decode_moe_block(torch::Tensor h, torch::Tensor ln, double eps, torch::Tensor router, torch::Tensor bias,
+                               int64_t topk, double norm_min, std::vector<torch::Tensor> w1,
+                               std::vector<torch::Tensor> s1, std::vector<torch::Tensor> w2,
+                               std::vector<torch::Tensor> s2, int64_t group, torch::Tensor sw1, torch::Tensor ss1,
+                               int64_t sg1, torch::Tensor sw2, torch::Tensor ss2, int64_t sg2) {
+  pybind11::gil_scoped_release no_gil;
+  return decode_moe_block_impl(h, ln, eps, router, bias, topk, norm_min, w1, s1, w2, s2, group, sw1, ss1, sg1, sw2,
+                               ss2, sg2);
 }
