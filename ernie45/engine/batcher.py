@@ -124,7 +124,8 @@ class BatchEngine:
 
     def __init__(self, llm: LLM, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 256, thread: bool = True) -> None:  # fmt: skip
-        """thread: run the steps on a worker thread of its own; False: the caller runs `run()` on its thread.
+        """thread: run the steps on a worker thread of its own; False: the creating thread runs `run()` (or calls
+        `step()` itself).
 
         Run the steps on the thread that loaded the model where you can (`ernie45 serve` does): OpenMP keeps one
         thread pool per thread that starts parallel work, and with two pools on a small machine libgomp stops
@@ -147,14 +148,14 @@ class BatchEngine:
         self.stats = {"requests": 0, "finished": 0, "aborted": 0, "failed": 0, "prompt_tokens": 0,
                       "completion_tokens": 0, "steps": 0, "latency_sum": 0.0, "ttft_sum": 0.0,
                       "prefix_cached_tokens": 0}  # fmt: skip
-        self._thread = threading.Thread(target=self._loop, name="ernie45-engine", daemon=True)
-        self._started = threading.Event()
         if thread:
+            self._thread = threading.Thread(target=self._loop, name="ernie45-engine", daemon=True)
             self._thread.start()
+        else:  # the creating thread steps it: `run()`, or `step()` by hand
+            self._thread = threading.current_thread()
 
     def run(self) -> None:
         """Run the steps on the calling thread until `shutdown` (for `thread=False`)."""
-        self._thread = threading.current_thread()
         self._loop()
 
     @property

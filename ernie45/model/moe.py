@@ -7,12 +7,25 @@ A token is routed by the group that lists its modality id; the shared SwiGLU see
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import Ernie45Config
 from .layers import SwiGLU
+
+
+class RouterRecord(NamedTuple):
+    """What one routed group of one MoE layer decided in a forward (`output_router_logits=True`): what the
+    training losses and the correction-bias update read."""
+
+    layer: int
+    group: str  # the expert group's name ("text", "vision", ...)
+    logits: torch.Tensor  # [N, E] fp32 router logits of the group's tokens
+    experts: torch.Tensor  # [N, k] the experts each token was sent to
+    rows: torch.Tensor | None  # which of the layer's flattened tokens these are (None: all of them)
 
 
 class Router(nn.Module):

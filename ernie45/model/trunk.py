@@ -19,7 +19,7 @@ from ..attention import FlashMask
 from ..config import AudioConfig, Ernie45Config
 from .audio import AudioEncoder, AudioResampler
 from .layers import Attention, RMSNorm, SwiGLU, attention_mask, rope_cos_sin
-from .moe import ExpertGroup, MoEBlock, Router
+from .moe import ExpertGroup, MoEBlock, Router, RouterRecord
 from .positions import rope_index, text_positions
 from .vision import Resampler, VisionConfig, VisionTransformer
 
@@ -60,8 +60,8 @@ class DecoderStack(nn.ModuleList):
                 h = self._gradient_checkpointing_func(layer.__call__, h, rope, mask, None, modality, layer_out)
             else:
                 h = layer(h, rope, mask, cache, modality, layer_out)
-            if layer_out:  # (group, router logits, chosen experts, token rows)
-                router_out.extend((i, *entry) for entry in layer_out)
+            if layer_out:  # (group, router logits, chosen experts, token rows) from the MoE block
+                router_out.extend(RouterRecord(i, *entry) for entry in layer_out)
         return h
 
 
@@ -296,8 +296,8 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
 
         moe_mm_token_type_ids / mm_token_type_ids: per-token modality ids (0 text, 1 image, 2 video, 3 audio)
         that pick each token's expert group; by default they are derived from the token ids.
-        output_router_logits: also return, per MoE layer and group, ``(layer, group, router logits, chosen
-        experts, token rows)`` in ``.router_logits`` (what the MoE training losses read).
+        output_router_logits: also return, per MoE layer and group, a `moe.RouterRecord` (layer, group, router
+        logits, chosen experts, token rows) in ``.router_logits`` (what the MoE training losses read).
         """
         router_out: list | None = [] if output_router_logits else None
         cache = cache if cache is not None else past_key_values

@@ -60,7 +60,8 @@ def moe_losses(model, router_out: list) -> dict[str, torch.Tensor]:
     if not router_out:
         return {}
     lb, z = [], []
-    for _, _, logits, experts, _ in router_out:
+    for record in router_out:  # model.moe.RouterRecord
+        logits, experts = record.logits, record.experts
         lb.append(load_balance(logits, experts, logits.shape[-1]))
         z.append(z_loss(logits))
     gates = [r.weight for r in routers(model).values()]
@@ -80,8 +81,9 @@ class BiasBalancer:
         self.usage: dict[tuple[int, str], torch.Tensor] = defaultdict(lambda: None)
 
     def accumulate(self, router_out: list) -> None:
-        for layer, group, logits, experts, _ in router_out:
-            counts = torch.bincount(experts.detach().reshape(-1), minlength=logits.shape[-1]).float()
+        for record in router_out:
+            layer, group, experts = record.layer, record.group, record.experts
+            counts = torch.bincount(experts.detach().reshape(-1), minlength=record.logits.shape[-1]).float()
             prev = self.usage[(layer, group)]
             self.usage[(layer, group)] = counts if prev is None else prev + counts
 
