@@ -26,7 +26,7 @@ def test_quant_linear_tracks_the_float_layer(bits, group, tol, rows, out):
     assert q.qweight.dtype in (torch.int8, torch.uint8, torch.int32)  # no float copy of the weight is kept
     assert not any(b.dtype.is_floating_point and b.numel() >= lin.weight.numel() for b in q.buffers())
     codes, scales = q.portable()  # what a saved checkpoint holds: rebuilt, it computes the same
-    again = QuantLinear(codes, scales, lin.bias.data, bits, group)
+    again = QuantLinear(codes, scales, lin.bias.data, bits=bits, group=group)
     assert torch.allclose(again(x), got, atol=1e-5)
 
 
@@ -35,7 +35,7 @@ def test_int4_prefill_path_matches_the_kernel():
     torch.manual_seed(0)
     w = torch.randn(192, 128)
     codes, scales = quantize_int4(w, 32)
-    q = QuantLinear(codes, scales, None, 4, 32)
+    q = QuantLinear(codes, scales, None, bits=4, group=32)
     assert torch.equal(q.portable()[0].long(), codes.long())
     from ernie45.runtime.quant import PACKED_ROWS
 
@@ -232,7 +232,7 @@ def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
     assert not torch.equal(after, before)
     assert (after - before).norm() / before.norm() < 0.01
     many = torch.randn(40, 256)  # prefill rows: the same product
-    want = QuantLinear(codes, q.scales, lin.bias.data, 8)(many)
+    want = QuantLinear(codes, q.scales, lin.bias.data, bits=8)(many)
     assert (q(many) - want).norm() / want.norm() < 0.01
     assert torch.equal(q.portable()[0], codes)
 

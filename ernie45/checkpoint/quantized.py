@@ -97,8 +97,8 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
         width = 8 if codes.dtype == torch.int8 else bits  # int8 codes are signed, int4 ones 0..15 (the head: int8)
         if width == 4 and packed:
             codes = _unpack(codes)
-        return QuantLinear(codes, sd.pop(f"{name}.scales").float(), sd.pop(f"{name}.bias", None), width, group,
-                           float_dtype)  # fmt: skip
+        return QuantLinear(codes, sd.pop(f"{name}.scales").float(), sd.pop(f"{name}.bias", None), bits=width,
+                           group=group, dtype=float_dtype)  # fmt: skip
 
     for name in sorted({k[: -len(".codes")] for k in sd if k.endswith(".codes")}):
         parent_name, _, leaf = name.rpartition(".")

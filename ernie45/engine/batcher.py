@@ -122,7 +122,7 @@ class RequestHandle:
 class BatchEngine:
     """Continuous batching over one `LLM`'s model: `submit` from any thread, one worker runs the steps."""
 
-    def __init__(self, llm: LLM, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
+    def __init__(self, llm: LLM, *, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 256, thread: bool = True) -> None:  # fmt: skip
         """thread: run the steps on a worker thread of its own; False: the creating thread runs `run()` (or calls
         `step()` itself).

@@ -107,8 +107,8 @@ class LLM:
     """Generation engine. ``LLM(dir)`` loads the checkpoint and its processor; ``LLM()`` the embedded demo model;
     or pass a model and its processor."""
 
-    def __init__(self, model_or_dir: Any = None, dtype=None, device=None, processor: Processor | None = None,
-                 quantization: str | None = None, compile: bool | None = None, *, model: Any = None,
+    def __init__(self, model_or_dir: Any = None, *, dtype=None, device=None, processor: Processor | None = None,
+                 quantization: str | None = None, compile: bool | None = None, model: Any = None,
                  **vllm_options: Any) -> None:  # fmt: skip
         """compile: decode through torch.compile (fixed shapes; CUDA graphs on GPU); None = on for CUDA only.
         The first generation of each batch size and length bucket pays the compile time.

@@ -69,7 +69,7 @@ class QuantLinear(nn.Module):
 
     dynamic = None  # int8 prepared for FBGEMM (CPU): its packing of the codes (which then live only there)
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, bits: int,
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, bits: int,
                  group: int = 32, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
         """codes: int8 [N, K] (bits 8) or 0..15 integers [N, K] (bits 4); scales: [N] or [K/group, N, 2]."""
         super().__init__()
@@ -92,6 +92,36 @@ class QuantLinear(nn.Module):
             self.register_buffer("qweight", packed)
             self.register_buffer("scales", scales.to(torch.bfloat16))  # what the kernels read: no cast per call
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().to(dtype), requires_grad=False)
+        self._chosen = False  # the routes are picked at first use (building or loading never builds the kernels)
+
+    def _choose(self) -> None:
+        """Pick, once, how this linear multiplies for its device, width, dtype and this CPU's kernels: `_decode`
+        for up to `kernels.MAX_ROWS` rows, `_many` for more than `PACKED_ROWS` (prefill), `_rows` otherwise.
+        Run again where those change (a move to another device, FBGEMM packing)."""
+        self._chosen = True
+        cpu = self.codes().device.type == "cpu" if self.dynamic is None else True
+        self._tiles = None
+        if self.dynamic is not None:  # any row count: 512 prefill rows take 3.4 ms here vs 3.9 dequantised
+            self._decode = self._many = self._rows = self._fbgemm
+            return
+        if self.bits == 8:
+            self._rows = self._int8_cpu if cpu and self.dtype == torch.float32 else self._int8
+        else:
+            self._rows = self._int4_cpu if cpu else self._int4_cuda
+        # CPU prefill: a bf16 matmul on the dequantised weight beats the packed kernels for many rows
+        many = cpu and ((self.bits == 8 and self.dtype == torch.float32) or self._unpackable())
+        self._many = self._dequantised if many else self._rows
+        self._decode = self._rows
+        if cpu and self.bits == 8 and self.in_features % 64 == 0 and kernels.ready("int8"):
+            self._decode = self._int8_kernel
+        elif cpu and self.bits == 4 and self._unpackable() and kernels.ready("int4"):
+            self._tiles = (self.qweight, self.scales, self.group)
+            self._decode = self._int4_kernel
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._chosen = False  # a move to another device changes the routes
+        return out
 
     def prepare_fbgemm_int8(self) -> bool:
         """Repack int8 codes for FBGEMM's int8 x int8 product (CPU, VNNI): for one row about 1.5x faster than
@@ -110,6 +140,7 @@ class QuantLinear(nn.Module):
         except (AttributeError, RuntimeError, NotImplementedError):
             return False
         self.qweight = None  # one copy of the codes: codes() reads them back from the packing
+        self._chosen = False
         return True
 
     def codes(self) -> torch.Tensor:
@@ -122,7 +153,7 @@ class QuantLinear(nn.Module):
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group: int = 32) -> QuantLinear:
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         codes, scales = quantize_int8(weight) if bits == 8 else quantize_int4(weight, group)
-        return cls(codes, scales, bias, bits, group, dtype)
+        return cls(codes, scales, bias, bits=bits, group=group, dtype=dtype)
 
     @staticmethod
     def stackable(*parts: QuantLinear) -> bool:
@@ -143,7 +174,9 @@ class QuantLinear(nn.Module):
         first = parts[0]
         bias = None if first.bias is None else torch.cat([p.bias.detach() for p in parts])
         scales_dim = 0 if first.bits == 8 else 1  # [N] per channel, or [K/group, N, 2]
-        return cls(torch.cat(codes), torch.cat(scales, scales_dim), bias, first.bits, first.group, first.dtype)
+        return cls(
+            torch.cat(codes), torch.cat(scales, scales_dim), bias, bits=first.bits, group=first.group, dtype=first.dtype
+        )
 
     def portable(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales) in the device-independent form `__init__` takes (for saving).
@@ -175,10 +208,11 @@ class QuantLinear(nn.Module):
         return codes.permute(1, 0, 2).reshape(k, n)
 
     def int4_tiles(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """(tiles, scales, group) where ernie45's int4 decode kernel reads this linear here and now, else None."""
-        if self.bits == 4 and self.dynamic is None and self._unpackable() and kernels.ready("int4"):
-            return self.qweight, self.scales, self.group
-        return None
+        """(tiles, scales, group) where ernie45's int4 decode kernel reads this linear (chosen with the module's
+        routes), else None."""
+        if not self._chosen:
+            self._choose()
+        return self._tiles
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in `dtype`, on any device and layout (for export)."""
@@ -198,27 +232,44 @@ class QuantLinear(nn.Module):
         return ((codes - 8) * sz[..., 0] + sz[..., 1]).view(k, n)
 
     def forward_nobias(self, x2: torch.Tensor) -> torch.Tensor:
-        if self.dynamic is not None:  # any row count: 512 prefill rows take 3.4 ms here vs 3.9 dequantised (3072x1024)
-            return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.dynamic, False).to(x2.dtype)
-        cpu = x2.device.type == "cpu"
-        # CPU prefill: a bf16 matmul on the dequantised weight beats the packed kernels for many rows
-        int8_fp32 = self.bits == 8 and x2.dtype == torch.float32
-        if cpu and x2.shape[0] > PACKED_ROWS[self.bits] and (int8_fp32 or self._unpackable()):
-            return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
-        if cpu and x2.shape[0] <= kernels.MAX_ROWS:  # decode: stream the codes
-            if self.bits == 8 and self.in_features % 64 == 0 and kernels.ready("int8"):
-                return kernels.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
-            if (tiles := self.int4_tiles()) is not None:
-                return kernels.gemv_int4(x2, *tiles).to(x2.dtype)
-        if self.bits == 8:
-            if cpu and int8_fp32:  # the CPU int8 kernel is ~10x faster on bf16 rows (0.16 vs 1.8 ms, 1x1024x3072)
-                xb = x2.to(torch.bfloat16)
-                return torch._weight_int8pack_mm(xb, self.qweight, self.scales.to(torch.bfloat16)).float()
-            return torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
-        if cpu:  # bf16 rows: 25x faster than fp32 ones for one row, 70x for 128 rows
-            xb = x2.to(torch.bfloat16)
-            y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group, self.scales.to(torch.bfloat16))
-            return y.to(x2.dtype)
+        """x2 [M, K] @ W^T by the route chosen for M rows (`_choose`)."""
+        if not self._chosen:
+            self._choose()
+        m = x2.shape[0]
+        if m <= kernels.MAX_ROWS:
+            return self._decode(x2)
+        return self._many(x2) if m > PACKED_ROWS[self.bits] else self._rows(x2)
+
+    # ---- the routes (`_choose` picks among them) ----
+    def _fbgemm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.dynamic, False).to(x2.dtype)
+
+    def _dequantised(self, x2: torch.Tensor) -> torch.Tensor:
+        return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
+
+    def _int8_kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return kernels.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
+
+    def _int4_kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        return kernels.gemv_int4(x2, *self._tiles).to(x2.dtype)
+
+    def _int8_cpu(self, x2: torch.Tensor) -> torch.Tensor:
+        """fp32 rows: the CPU int8 kernel is ~10x faster on bf16 rows (0.16 vs 1.8 ms, 1x1024x3072)."""
+        if x2.dtype != torch.float32:
+            return self._int8(x2)
+        return torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales.to(torch.bfloat16)).float()
+
+    def _int8(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
+
+    def _int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:
+        """bf16 rows: 25x faster than fp32 ones for one row, 70x for 128 rows."""
+        xb = x2.to(torch.bfloat16)
+        return torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group, self.scales.to(torch.bfloat16)).to(
+            x2.dtype
+        )
+
+    def _int4_cuda(self, x2: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm(x2.to(torch.bfloat16), self.qweight, self.group, self.scales).to(x2.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

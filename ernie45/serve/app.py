@@ -81,7 +81,7 @@ class Server:
             raise APIError(503, f"the engine is not available: {e}", type="server_error") from None
 
 
-def create_app(llm: LLM, name: str = "ernie45", api_key: str | None = None, media: MediaPolicy | None = None,
+def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, media: MediaPolicy | None = None,
                max_batch: int = 16, max_len: int | None = 4096, max_waiting: int = 256,
                max_body_bytes: int = 64 << 20, engine_thread: bool = True) -> FastAPI:  # fmt: skip
     """engine_thread False: the engine does not start its own thread; the caller runs `app.state.engine.run()`
