@@ -108,7 +108,7 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
     for name, module in list(model.named_modules()):
         if f"{name}.q_gate_up.0.codes" in sd:
             experts = range(module.num_experts)
-            install_experts(module, [quant(f"{name}.q_gate_up.{e}") for e in experts],
+            install_experts(model, name, [quant(f"{name}.q_gate_up.{e}") for e in experts],
                             [quant(f"{name}.q_down.{e}") for e in experts])  # fmt: skip
     missing = []
     for name, p in list(model.named_parameters()):

@@ -312,17 +312,26 @@ class QuantExpertGroup(ExpertGroup):
         return self._decode_experts
 
 
-def install_experts(group: ExpertGroup, gate_up: list[QuantLinear], down: list[QuantLinear]) -> None:
-    """Turn `group` into a QuantExpertGroup running these per-expert matrices (its stacked weights go)."""
-    group.q_gate_up, group.q_down = nn.ModuleList(gate_up), nn.ModuleList(down)
-    del group.gate_up_proj, group.down_proj
-    group.__class__ = QuantExpertGroup
+def install_experts(model: nn.Module, name: str, gate_up: list[QuantLinear], down: list[QuantLinear]) -> None:
+    """Put a QuantExpertGroup where `model` holds the expert group `name`: its router, and these per-expert
+    matrices instead of the stacked weights (the old module is left as it was)."""
+    group = model.get_submodule(name)
+    new = QuantExpertGroup.__new__(QuantExpertGroup)
+    nn.Module.__init__(new)
+    new.gate, new.num_experts = group.gate, group.num_experts
+    new.q_gate_up, new.q_down = nn.ModuleList(gate_up), nn.ModuleList(down)
+    _put(model, name, new)
 
 
-def _quantize_group(group: ExpertGroup, bits: int, size: int) -> None:
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _quantize_group(model: nn.Module, name: str, group: ExpertGroup, bits: int, size: int) -> None:
     gate_up, down = group.gate_up_proj.data, group.down_proj.data
     experts = range(group.num_experts)
-    install_experts(group, [QuantLinear.from_float(gate_up[e], None, bits, size) for e in experts],
+    install_experts(model, name, [QuantLinear.from_float(gate_up[e], None, bits, size) for e in experts],
                     [QuantLinear.from_float(down[e], None, bits, size) for e in experts])  # fmt: skip
 
 
@@ -342,13 +351,17 @@ def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = 
                 if full.endswith("lm_head") and not lm_head:
                     continue
                 targets.append((module, child_name, child))
-    groups = [m for n, m in model.named_modules() if isinstance(m, ExpertGroup) and not any(s in n for s in skip)]
+    groups = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, ExpertGroup) and not isinstance(m, QuantExpertGroup) and not any(s in n for s in skip)
+    ]
     bar = tqdm(total=len(targets) + len(groups), desc=f"quantizing to int{bits}", unit="matrix",
                disable=None if progress else True)  # fmt: skip
-    for group in groups:
+    for name, group in groups:
         _, width, hidden = group.gate_up_proj.shape
         if experts and (bits == 8 or (hidden % group_size == 0 and width // 2 % group_size == 0)):
-            _quantize_group(group, bits, group_size)
+            _quantize_group(model, name, group, bits, group_size)
         bar.update()
     for parent, child_name, child in targets:
         bar.update()
@@ -367,14 +380,17 @@ def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = 
 def dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Undo `quantize` in place: every QuantLinear back to an nn.Linear and every quantized expert group back to
     stacked weights, holding the dequantised values (what the quantized model computes with) in `dtype`."""
-    for module in list(model.modules()):
+    for name, module in list(model.named_modules()):
         if isinstance(module, QuantExpertGroup):
-            gate_up = torch.stack([m.dense_weight(dtype) for m in module.q_gate_up])
-            down = torch.stack([m.dense_weight(dtype) for m in module.q_down])
-            del module.q_gate_up, module.q_down
-            module.__class__ = ExpertGroup
-            module.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
-            module.down_proj = nn.Parameter(down, requires_grad=False)
+            plain = ExpertGroup.__new__(ExpertGroup)
+            nn.Module.__init__(plain)
+            plain.gate, plain.num_experts = module.gate, module.num_experts
+            plain.gate_up_proj = nn.Parameter(torch.stack([m.dense_weight(dtype) for m in module.q_gate_up]),
+                                              requires_grad=False)  # fmt: skip
+            plain.down_proj = nn.Parameter(torch.stack([m.dense_weight(dtype) for m in module.q_down]),
+                                           requires_grad=False)  # fmt: skip
+            _put(model, name, plain)
+            continue
         for child_name, child in list(module.named_children()):
             if isinstance(child, QuantLinear):
                 linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
