@@ -330,3 +330,28 @@ def test_the_serve_command_answers_and_stops_on_a_signal(sig, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_fresh_prompts_prefill_together_and_answer_as_alone(llm):
+    """Prompts that arrive together start from empty slots: one right-padded forward prefills them all, and each
+    answers exactly as it does alone (greedy), penalties and all."""
+    from ernie45.engine.batcher import BatchEngine
+
+    prompts = [[300, 301, 302, 303, 304, 305, 306, 307, 308], [310, 311], [320, 321, 322, 323, 324]]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+    engine = BatchEngine(llm, max_batch=3, max_len=64, thread=False)
+    together = engine._prefill_together
+    seen = []
+    engine._prefill_together = lambda reqs: seen.append(len(reqs)) or together(reqs)
+    handles = [engine.submit({"input_ids": p}, params) for p in prompts]
+    while not all(h.request.finished for h in handles):
+        engine.step()
+    assert seen == [3]  # one forward for the three prompts
+    assert [[t for d in _drain(h) for t in d.token_ids] for h in handles] == alone
+
+
+def _drain(handle):
+    q = handle.request.out
+    while not q.empty():
+        yield q.get()

@@ -44,6 +44,9 @@ class SlotKVCache:
     def decode(self, n: int, active: torch.Tensor) -> _DecodeView:
         return _DecodeView(self, n, active)
 
+    def fresh(self, slots: list[int], lengths: list[int]) -> _FreshView:
+        return _FreshView(self, slots, lengths)
+
 
 class _SlotView(KVCache):
     """Batch-1 view of one slot for a prefill chunk."""
@@ -118,3 +121,27 @@ class _DecodeView(FusedCache):
         if layer_idx == self.cache.layers - 1:
             for r in self.active.nonzero().flatten().tolist():
                 self.cache.lengths[r] += 1
+
+
+class _FreshView(KVCache):
+    """Several empty slots prefilled together: prompts right-padded to one width, row r written to slot
+    `slots[r]`. Causal attention keeps every real token away from the pads after it; the pads' keys and values
+    land past the row's length, where the row's later tokens overwrite them."""
+
+    def __init__(self, cache: SlotKVCache, slots: list[int], lengths: list[int]) -> None:
+        self.cache, self.slots, self.lengths = cache, slots, lengths
+        self.index = torch.tensor(slots, device=cache.device)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c, width = self.cache, k.shape[2]
+        if width > c.max_len:
+            raise ValueError(f"the KV cache slot holds {c.max_len} tokens; this prefill needs {width}")
+        c.k[layer_idx][self.index, :, :width] = k
+        c.v[layer_idx][self.index, :, :width] = v
+        if layer_idx == c.layers - 1:
+            for slot, n in zip(self.slots, self.lengths, strict=True):
+                c.lengths[slot] = n
+        return k, v

@@ -288,7 +288,7 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         audio_lengths: torch.Tensor | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         moe_mm_token_type_ids: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool = False,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
@@ -323,7 +323,9 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             router_out=router_out,
         )
         h = out.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):  # one position per row: [B] indices
+            h = h[torch.arange(h.shape[0], device=h.device), logits_to_keep.to(h.device)][:, None]
+        elif logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         loss = None
