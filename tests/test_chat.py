@@ -225,26 +225,30 @@ def test_compiled_decode_falls_back_to_eager_when_the_compiler_fails(text_dir, l
 
 
 def test_kv_cache_is_allocated_once(llm, monkeypatch):
-    from ernie45.engine import cache as cache_mod
+    """One generate call: one slot cache, allocated before the first step; every step writes into its buffers."""
+    from ernie45.engine import slots
 
     made = []
-    original = cache_mod.StaticKVCache.__init__
+    original = slots.SlotKVCache.__init__
 
     def spy(self, *a, **kw):
         original(self, *a, **kw)
         made.append(self)
 
-    monkeypatch.setattr(cache_mod.StaticKVCache, "__init__", spy)
+    monkeypatch.setattr(slots.SlotKVCache, "__init__", spy)
     ptrs = []
-    real_update = cache_mod.StaticKVCache.update
+    for name in ("update", "reserve"):  # the layer-by-layer path writes through update, the fused one reserves
+        real = getattr(slots._DecodeView, name)
 
-    def update(self, k, v, layer_idx):
-        ptrs.append(self.k[layer_idx].data_ptr())
-        return real_update(self, k, v, layer_idx)
+        def spy_step(self, *a, _real=real, **kw):
+            out = _real(self, *a, **kw)
+            ptrs.append(out[0].data_ptr())
+            return out
 
-    monkeypatch.setattr(cache_mod.StaticKVCache, "update", update)
+        monkeypatch.setattr(slots._DecodeView, name, spy_step)
     llm.generate(["Hello", "ERNIE is"], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
-    assert len(made) == 1 and len(set(ptrs)) == llm.model.config.num_hidden_layers
+    assert len(made) == 1 and ptrs
+    assert set(ptrs) <= {t.data_ptr() for t in made[0].k}  # every decode step used the buffers made at the start
 
 
 def test_transformers_pipeline_and_generate_on_an_ernie45_checkpoint(text_dir, tmp_path):

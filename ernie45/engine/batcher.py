@@ -123,15 +123,16 @@ class BatchEngine:
     """Continuous batching over one `LLM`'s model: `submit` from any thread, one worker runs the steps."""
 
     def __init__(self, llm: LLM, *, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
-                 max_waiting: int = 256, thread: bool = True) -> None:  # fmt: skip
+                 max_waiting: int = 256, thread: bool = True, raise_errors: bool = False) -> None:  # fmt: skip
         """thread: run the steps on a worker thread of its own; False: the creating thread runs `run()` (or calls
-        `step()` itself).
+        `step()` itself). raise_errors: a failing step raises (`LLM`'s own use) instead of failing its requests
+        and serving the others (a server's).
 
         Run the steps on the thread that loaded the model where you can (`ernie45 serve` does): OpenMP keeps one
         thread pool per thread that starts parallel work, and with two pools on a small machine libgomp stops
         spinning between parallel regions, so every one of a decode step's ~100 regions pays a wake-up (0.3B
         bf16 decode 36 -> 29 tok/s when the same loop ran on a second thread)."""
-        self.llm, self.model = llm, llm.model
+        self.llm, self.model, self.raise_errors = llm, llm.model, raise_errors
         limit = self.model.config.max_position_embeddings
         self.max_len = min(max_len or limit, limit)
         self.cache = SlotKVCache.for_model(self.model, max_batch, self.max_len)
@@ -229,19 +230,20 @@ class BatchEngine:
             try:
                 budget -= self._prefill_together(fresh)
             except Exception as e:
-                self._fail(fresh, e)
+                self._failed(fresh, e)
         for req in list(self.prefilling):
             if budget <= 0:
                 break
             try:
                 budget -= self._prefill(req, budget)
             except Exception as e:  # one bad request fails alone; the engine serves the others
-                self._fail([req], e)
+                self._failed([req], e)
+        self._release()  # a request that finished at its first token takes no decode step
         if self.running:
             try:
                 self._decode()
             except Exception as e:
-                self._fail(list(self.running), e)
+                self._failed(list(self.running), e)
         self._release()  # finished requests give their slots back before anyone looks
         self.stats["steps"] += 1
 
@@ -260,6 +262,11 @@ class BatchEngine:
         self.cache.reset(req.slot)
         if req.aborted and not req.finished:
             self._finish_aborted(req)
+
+    def _failed(self, reqs: list[Request], error: Exception) -> None:
+        if self.raise_errors:
+            raise error
+        self._fail(reqs, error)
 
     def _fail(self, reqs: list[Request], error: Exception) -> None:
         for req in reqs:

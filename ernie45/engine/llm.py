@@ -233,6 +233,14 @@ class LLM:
         else:
             encoded = self._encode_prompt(prompt_or_messages)
         params = sampling or self.default_sampling
+        if self.decoder is None:  # the scheduler, stepped here
+            for (req,) in self._scheduled([encoded], [params]):
+                while not req.out.empty():
+                    item = req.out.get_nowait()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            return
         (row,) = rows = self._rows([encoded], params)
         for _ in self._steps([encoded], rows, params):
             if row.pending or row.finish_reason:
@@ -274,10 +282,36 @@ class LLM:
         return [self.row_state(params, len(e["input_ids"])) for e in encoded]
 
     def _complete(self, encoded: list[dict], params: SamplingParams, chat: bool) -> list[Completion]:
+        if self.decoder is None:  # the scheduler, stepped here: one batch of requests
+            per_row = [
+                params if params.seed is None else replace(params, seed=params.seed + i) for i in range(len(encoded))
+            ]  # fmt: skip  (each row its own stream of samples)
+            reqs: list = []
+            for reqs in self._scheduled(encoded, per_row):  # noqa: B007  (the last step's requests are read)
+                pass
+            return [r.row.completion(chat) for r in reqs]
         rows = self._rows(encoded, params)
         for _ in self._steps(encoded, rows, params):
             pass
         return [r.completion(chat) for r in rows]
+
+    def _scheduled(self, encoded: list[dict], params: list[SamplingParams]) -> Iterator[list]:
+        """The continuous-batching scheduler (`batcher.BatchEngine`) stepped on this thread for these prompts, one
+        request each; yields the requests after every step until all are done. The same code serves
+        `ernie45 serve`: prefill, sampling, penalties and stop rules exist once."""
+        from .batcher import BatchEngine
+
+        lengths = [len(e["input_ids"]) for e in encoded]
+        limit = self.max_model_len
+        if max(lengths) >= limit:
+            raise ValueError(f"the prompt has {max(lengths)} tokens; this model reads at most {limit}")
+        max_len = min(max(lengths) + max(p.max_tokens for p in params) + 1, limit)
+        engine = BatchEngine(self, max_batch=len(encoded), max_len=max_len, prefill_chunk=sum(lengths),
+                             max_waiting=len(encoded), thread=False, raise_errors=True)  # fmt: skip
+        reqs = [engine.submit(e, p).request for e, p in zip(encoded, params, strict=True)]
+        while not all(r.finished for r in reqs):
+            engine.step()
+            yield reqs
 
     @torch.inference_mode()
     def _steps(self, encoded: list[dict], rows: list[RowState], params: SamplingParams) -> Iterator[None]:
