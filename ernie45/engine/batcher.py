@@ -344,15 +344,19 @@ class BatchEngine:
         if start:
             kwargs["attention_mask"] = torch.ones(1, end, dtype=torch.long, device=dev)
         logits = self.model(input_ids=ids, cache=view, logits_to_keep=1, **kwargs).logits[:, -1]
+        self._prefilled(req, start, end, logits)
+        return end - start
+
+    def _prefilled(self, req: Request, start: int, end: int, logits: torch.Tensor) -> None:
+        """Prompt tokens start..end of `req` are in its slot; after the last, `logits` give its first token."""
         req.done_prompt = end
         if self.slot_tokens[req.slot] is not None:
-            self.slot_tokens[req.slot].extend(enc["input_ids"][start:end])
+            self.slot_tokens[req.slot].extend(req.encoded["input_ids"][start:end])
         if end == req.prompt_len:
             self.prefilling.remove(req)
             self.running.append(req)
             self.stats["prompt_tokens"] += req.prompt_len
             self._take(req, logits)
-        return end - start
 
     def _fresh_group(self, budget: int) -> list[Request]:
         """Text prompts that start from an empty slot and fit the budget together (two or more): one forward
@@ -378,13 +382,7 @@ class BatchEngine:
         last = torch.tensor([n - 1 for n in lengths], device=dev)
         logits = self.model(input_ids=ids, cache=view, logits_to_keep=last).logits[:, -1]
         for i, req in enumerate(reqs):
-            req.done_prompt = req.prompt_len
-            if self.slot_tokens[req.slot] is not None:
-                self.slot_tokens[req.slot].extend(req.encoded["input_ids"])
-            self.prefilling.remove(req)
-            self.running.append(req)
-            self.stats["prompt_tokens"] += req.prompt_len
-            self._take(req, logits[i : i + 1])
+            self._prefilled(req, 0, req.prompt_len, logits[i : i + 1])
         return sum(lengths)
 
     def _decode(self) -> None:

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..checkpoint import load
 from ..embedded import default_model_path
 from ..processing.chat_template import split_reasoning
 from ..processing.processor import Processor, load_processor
 from ..runtime.prepare import Plan, prepare
-from .cache import StaticKVCache
 from .compiled import CompiledDecoder
 from .detokenize import IncrementalDetokenizer
 from .sampling import SamplingParams, apply_penalties, sample
@@ -183,10 +183,12 @@ class LLM:
                  use_tqdm: bool = False) -> list[Completion]:  # fmt: skip
         """Complete raw prompts: a string, token ids, vLLM's `{"prompt": ..., "multi_modal_data": {"image": ...}}`
         (or `{"prompt_token_ids": ...}`), or a list of these. `sampling_params` is vLLM's name for `sampling`; a
-        list gives each prompt its own. (`use_tqdm` is accepted for vLLM's callers; no bar is drawn.)"""
+        list gives each prompt its own. `use_tqdm` (vLLM's name) draws a bar over the finished prompts on
+        stderr."""
         prompts = _as_list(prompts)
         encoded = [self._encode_prompt(p) for p in prompts]
-        results = self._complete_each(encoded, self._params(sampling, sampling_params, len(encoded)), chat=False)
+        params = self._params(sampling, sampling_params, len(encoded))
+        results = self._complete_each(encoded, params, chat=False, progress=use_tqdm)
         for result, prompt in zip(results, prompts, strict=True):
             result.prompt = (
                 prompt if isinstance(prompt, str) else (prompt.get("prompt") if isinstance(prompt, dict) else None)
@@ -199,7 +201,8 @@ class LLM:
         """Answer one conversation (a list of messages) or several (a list of such lists)."""
         convs = messages if messages and isinstance(messages[0], list) else [messages]
         encoded = [self.processor.encode_chat(m, **template_kw) for m in convs]
-        return self._complete_each(encoded, self._params(sampling, sampling_params, len(encoded)), chat=True)
+        return self._complete_each(encoded, self._params(sampling, sampling_params, len(encoded)), chat=True,
+                                   progress=use_tqdm)  # fmt: skip
 
     def _params(self, sampling, sampling_params, n: int) -> list[SamplingParams]:
         if sampling is not None and sampling_params is not None:
@@ -211,13 +214,14 @@ class LLM:
             return list(given)
         return [given or self.default_sampling] * n
 
-    def _complete_each(self, encoded: list[dict], params: list[SamplingParams], chat: bool) -> list[Completion]:
+    def _complete_each(self, encoded: list[dict], params: list[SamplingParams], chat: bool,
+                       progress: bool = False) -> list[Completion]:  # fmt: skip
         """Prompts that share their sampling params run as one batch; `n` answers each become `n` rows."""
         results: list[Completion | None] = [None] * len(encoded)
         distinct = list({id(p): p for p in params}.values())  # by identity: the dataclass is not hashable
         for p in distinct:
             idx = [i for i, q in enumerate(params) if q is p]
-            rows = self._complete([encoded[i] for i in idx for _ in range(p.n)], p, chat)
+            rows = self._complete([encoded[i] for i in idx for _ in range(p.n)], p, chat, progress)
             for k, i in enumerate(idx):
                 results[i] = _merge(rows[k * p.n : (k + 1) * p.n], encoded[i]["input_ids"])
         return results  # type: ignore[return-value]
@@ -241,6 +245,7 @@ class LLM:
                         raise item
                     yield item
             return
+        self._check_fits([encoded])
         (row,) = rows = self._rows([encoded], params)
         for _ in self._steps([encoded], rows, params):
             if row.pending or row.finish_reason:
@@ -281,18 +286,29 @@ class LLM:
     def _rows(self, encoded: list[dict], params: SamplingParams) -> list[RowState]:
         return [self.row_state(params, len(e["input_ids"])) for e in encoded]
 
-    def _complete(self, encoded: list[dict], params: SamplingParams, chat: bool) -> list[Completion]:
+    def _check_fits(self, encoded: list[dict]) -> None:
+        longest, limit = max(len(e["input_ids"]) for e in encoded), self.max_model_len
+        if longest >= limit:
+            raise ValueError(f"the prompt has {longest} tokens; this model reads at most {limit}")
+
+    def _complete(self, encoded: list[dict], params: SamplingParams, chat: bool,
+                  progress: bool = False) -> list[Completion]:  # fmt: skip
+        """progress: a bar over the finished requests on stderr."""
+        self._check_fits(encoded)
+        bar = tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress)
         if self.decoder is None:  # the scheduler, stepped here: one batch of requests
             per_row = [
                 params if params.seed is None else replace(params, seed=params.seed + i) for i in range(len(encoded))
             ]  # fmt: skip  (each row its own stream of samples)
             reqs: list = []
-            for reqs in self._scheduled(encoded, per_row):  # noqa: B007  (the last step's requests are read)
-                pass
+            for reqs in self._scheduled(encoded, per_row):
+                bar.update(sum(r.finished for r in reqs) - bar.n)
+            bar.close()
             return [r.row.completion(chat) for r in reqs]
         rows = self._rows(encoded, params)
         for _ in self._steps(encoded, rows, params):
-            pass
+            bar.update(sum(r.finish_reason is not None for r in rows) - bar.n)
+        bar.close()
         return [r.completion(chat) for r in rows]
 
     def _scheduled(self, encoded: list[dict], params: list[SamplingParams]) -> Iterator[list]:
@@ -301,11 +317,9 @@ class LLM:
         `ernie45 serve`: prefill, sampling, penalties and stop rules exist once."""
         from .batcher import BatchEngine
 
+        self._check_fits(encoded)
         lengths = [len(e["input_ids"]) for e in encoded]
-        limit = self.max_model_len
-        if max(lengths) >= limit:
-            raise ValueError(f"the prompt has {max(lengths)} tokens; this model reads at most {limit}")
-        max_len = min(max(lengths) + max(p.max_tokens for p in params) + 1, limit)
+        max_len = min(max(lengths) + max(p.max_tokens for p in params) + 1, self.max_model_len)
         engine = BatchEngine(self, max_batch=len(encoded), max_len=max_len, prefill_chunk=sum(lengths),
                              max_waiting=len(encoded), thread=False, raise_errors=True)  # fmt: skip
         reqs = [engine.submit(e, p).request for e, p in zip(encoded, params, strict=True)]
@@ -315,14 +329,13 @@ class LLM:
 
     @torch.inference_mode()
     def _steps(self, encoded: list[dict], rows: list[RowState], params: SamplingParams) -> Iterator[None]:
+        """The compiled decode's loop (fixed shapes: a left-padded batch, one `CompiledDecoder` step a token);
+        eager decoding runs on the scheduler (`_scheduled`)."""
         model = self.model
         batch = {k: v.to(model.device) for k, v in self.processor.collate(encoded).items()}
         b, width = batch["input_ids"].shape
-        limit = self.max_model_len
-        if width >= limit:
-            raise ValueError(f"the prompt has {width} tokens; this model reads at most {limit}")
-        length = min(width + params.max_tokens, limit)
-        cache = self.decoder.cache(b, length) if self.decoder else StaticKVCache.for_model(model, b, length)
+        length = min(width + params.max_tokens, self.max_model_len)
+        cache = self.decoder.cache(b, length)
         vocab = model.config.vocab_size
         seen = torch.zeros(b, vocab, dtype=torch.bool, device=model.device)
         seen.scatter_(1, batch["input_ids"].clamp(max=vocab - 1), batch["attention_mask"].bool())
@@ -330,7 +343,7 @@ class LLM:
         generator = torch.Generator(model.device).manual_seed(params.seed) if params.seed is not None else None
         mask = batch["attention_mask"]
         logits = model(**batch, cache=cache, logits_to_keep=1).logits[:, -1]
-        decode = self.decoder.stepper(cache, mask) if self.decoder else self._eager_step(cache, mask)
+        decode = self.decoder.stepper(cache, mask)
         for _ in range(length - width):
             if params.penalised or not params.greedy:
                 logits = apply_penalties(logits.float(), seen, counts, params)
@@ -351,19 +364,6 @@ class LLM:
                 row.finish_reason = "length"
                 row.pending += row.detok.flush()
         yield
-
-    def _eager_step(self, cache: StaticKVCache, padding_mask: torch.Tensor):
-        """tokens [B] -> next logits [B, V], the cache growing by one position a step."""
-        text_type = torch.zeros(padding_mask.shape[0], 1, dtype=torch.long, device=padding_mask.device)
-        state = {"mask": padding_mask}
-
-        def step(tokens: torch.Tensor) -> torch.Tensor:
-            mask = state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
-            out = self.model(input_ids=tokens[:, None], attention_mask=mask, cache=cache,
-                             moe_mm_token_type_ids=text_type)  # fmt: skip
-            return out.logits[:, -1]
-
-        return step
 
 
 def _as_list(prompts) -> list:
