@@ -82,9 +82,19 @@ def test_media_that_would_be_dropped_is_refused(demo):
         processor(text="How many shapes?", images=image)
     batch = processor(text="Picture 1:<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>How many?", images=image)
     assert "pixel_values" in batch and batch["image_grid_thw"].shape == (1, 3)
+    message = _image_message({"url": SHAPES})
+    with pytest.raises(ValueError, match="does not truncate"):  # options that would be dropped are refused
+        processor.apply_chat_template(message, tokenize=True, truncation=True, max_length=8)
+    with pytest.raises(ValueError, match="torch tensors"):
+        processor(text="How many?", return_tensors="np")
+    with pytest.raises(TypeError, match="does not take frobnicate"):
+        processor.apply_chat_template(message, tokenize=True, frobnicate=1)
+    plain = processor.apply_chat_template(message)
+    assert processor.apply_chat_template(message, chat_template="{{ 'X' }}") == "X"
+    assert processor.apply_chat_template(message) == plain  # a per-call template does not stick
 
 
-def test_vllm_habits(demo):
+def test_vllm_habits(demo, capsys):
     llm = LLM(model=str(demo), enforce_eager=True, seed=3)
     sp = SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=1)
     outs = llm.generate(["User: hi\nAssistant: ", "Hello"], sampling_params=sp)
@@ -103,6 +113,12 @@ def test_vllm_habits(demo):
         llm.generate({"prompt": prompt, "multi_modal_data": {"pdf": SHAPES}})
     with pytest.raises(TypeError, match="gpu_memory_utilization"):
         LLM(model=str(demo), gpu_memory_utilization=0.9)
+    capsys.readouterr()
+    llm.generate(["Hello", "Hi"], greedy, use_tqdm=True)  # vLLM's progress switch draws a bar, not nothing
+    err = capsys.readouterr().err
+    assert "generating" in err and "2/2" in err
+    llm.generate(["Hello", "Hi"], greedy)
+    assert "generating" not in capsys.readouterr().err
     chats = llm.chat([{"role": "user", "content": "What is 12 plus 7?"}], sampling_params=greedy)
     assert "19" in chats[0].outputs[0].text
 

@@ -14,6 +14,7 @@ each image, video or audio given is an error, not a prompt that silently ignores
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ class Ernie45Processor(ProcessorMixin):
         texts = [text] if isinstance(text, str) else list(text)
         kw = kwargs.pop("audios", None)
         audio = audio if audio is not None else kw
+        _batch_options(return_tensors, kwargs)
         media = {"image": _flat(images), "video": _flat(videos), "audio": _flat(audio)}
         token = {k: self.inner.tokenizer.convert_tokens_to_ids(f"<|{k.upper()}_PLACEHOLDER|>") for k in media}
         encoded = []
@@ -87,16 +89,14 @@ class Ernie45Processor(ProcessorMixin):
         model inputs, media included (parts: {"type": "image", "image" | "url" | "path": ...}, video, audio)."""
         convs = conversation if conversation and isinstance(conversation[0], list) else [conversation]
         convs = [_openai_shaped(c) for c in convs]
-        for key in ("return_tensors", "processor_kwargs", "padding", "truncation", "max_length"):
-            kwargs.pop(key, None)
-        template_kw = {k: v for k, v in kwargs.items() if k in ("enable_thinking", "continue_final_message",
-                                                                "tools", "documents")}  # fmt: skip
-        if chat_template is not None:
-            self.inner.chat_template = chat_template
+        template_kw = {k: kwargs.pop(k) for k in TEMPLATE_OPTIONS if k in kwargs}
+        extra = kwargs.pop("processor_kwargs", None) or {}
+        _batch_options(kwargs.pop("return_tensors", "pt"), {**extra, **kwargs})
+        inner = self.inner if chat_template is None else dataclasses.replace(self.inner, chat_template=chat_template)
         if not tokenize:
-            texts = [self.inner.apply_chat_template(c, add_generation_prompt, **template_kw) for c in convs]
+            texts = [inner.apply_chat_template(c, add_generation_prompt, **template_kw) for c in convs]
             return texts if isinstance(conversation[0], list) else texts[0]
-        encoded = [self.inner.encode_chat(c, add_generation_prompt=add_generation_prompt, **template_kw)
+        encoded = [inner.encode_chat(c, add_generation_prompt=add_generation_prompt, **template_kw)
                    for c in convs]  # fmt: skip
         batch = BatchFeature(dict(self.inner.collate(encoded)), tensor_type="pt")
         return batch if return_dict else batch["input_ids"]
@@ -109,6 +109,24 @@ class Ernie45Processor(ProcessorMixin):
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs: Any):
         return self.inner.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens)
+
+
+TEMPLATE_OPTIONS = ("enable_thinking", "continue_final_message", "tools", "documents")
+
+
+def _batch_options(return_tensors, options: dict) -> None:
+    """The batch options transformers' callers pass that mean something here (tensors are torch, rows are
+    padded to the longest); anything else is refused by name rather than dropped."""
+    if return_tensors not in (None, "pt"):
+        raise ValueError(f"Ernie45Processor returns torch tensors: return_tensors='pt' (got {return_tensors!r})")
+    if options.get("padding", True) not in (True, "longest"):
+        raise ValueError("Ernie45Processor pads every row to the longest (padding=True); "
+                         f"padding={options['padding']!r} is not supported")  # fmt: skip
+    if options.get("truncation") or options.get("max_length") is not None:
+        raise ValueError("Ernie45Processor does not truncate: a prompt is never cut silently; shorten it instead")
+    unknown = sorted(set(options) - {"padding", "truncation", "max_length"})
+    if unknown:
+        raise TypeError(f"Ernie45Processor does not take {', '.join(unknown)}")
 
 
 def _flat(items) -> list:
