@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,10 @@ def test_collapse_moves_a_large_tensor_onto_huge_pages(monkeypatch):
     setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     if "[never]" in setting:
         pytest.skip("transparent huge pages are switched off on this machine")
+    # the process's huge-page total is what is measured: settle what earlier tests left (an engine's background
+    # collapse still running, a dropped model's arena not yet freed) so only this test's moves change it
+    gc.collect()
+    hugepages.wait()
     x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MB, touched: on 4 KB pages under THP=madvise
     monkeypatch.setenv("ERNIE45_HUGEPAGES", "0")
     assert hugepages.collapse_process_memory() == 0
@@ -35,6 +40,7 @@ def test_collapse_moves_a_large_tensor_onto_huge_pages(monkeypatch):
         assert _anon_huge_kb() - before >= 32 << 10
     assert int(x.sum()) == 64 << 20  # the data survives the move
     y = torch.ones(64 << 20, dtype=torch.uint8)
+    gc.collect()
     before = _anon_huge_kb()
     assert hugepages.collapse_process_memory(background=True) == 0
     hugepages.wait()
