@@ -321,3 +321,60 @@ def test_served_batches_take_the_fused_decode_with_the_same_answers(tmp_path, de
         kernels.dense_stack, kernels.attention_block = stack, block
     assert served == alone
     assert calls and set(calls) == ({"stack"} if dense else {"layer"})
+
+
+def test_the_kernels_are_torch_ops_that_torch_compile_traces():
+    """Registered through torch.library: torch.compile traces them as ops (fake shapes), including the attention
+    half that writes the KV cache in place (its schema says so), with the eager call's numbers."""
+    ops = torch.ops.ernie45
+    assert kernels.kernel() is ops
+    e, heads, kv, d, length = 64, 4, 2, 16, 8
+    norm, h = torch.rand(e) + 0.5, torch.randn(2, 1, e)
+    qkv = (torch.randn((heads + 2 * kv) * d, e) / 8, torch.empty(0), 0)
+    o = (torch.randn(e, heads * d) / 8, torch.empty(0), 0)
+    weights = kernels.attention_weights(norm, 1e-5, qkv, o, d**-0.5)
+    cos, sin = torch.rand(2, 1, d // 2), torch.rand(2, 1, d // 2)
+
+    def step(h, kbuf, vbuf):
+        x = ops.rmsnorm(h, norm, 1e-5)
+        y = ops.gemv_bf16(x.view(2, e).bfloat16(), qkv[0].bfloat16(), False)
+        out = ops.attention_block(h, *weights, kbuf, vbuf, cos, sin, 3, torch.empty(0, dtype=torch.bool),
+                                  torch.empty(0, dtype=torch.long))  # fmt: skip
+        return out, ops.silu_mul(y)
+
+    caches = [torch.zeros(2, kv, length, d) for _ in range(4)]
+    eager = step(h, caches[0], caches[1])
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(h, caches[2], caches[3])
+    for a, b in zip(eager, compiled, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    assert caches[2][:, :, 3].abs().sum() > 0  # the compiled call wrote position 3 of the cache
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def test_a_kernel_call_lets_other_python_threads_run():
+    """The op binding releases the GIL while the C++ runs: another thread's Python keeps going meanwhile (the
+    server's event loop answering while the engine computes a step). Held, the other thread would stall for a
+    whole call at a time."""
+    import threading
+    import time
+
+    x, w = torch.randn(1, 1 << 25), torch.ones(1 << 25)
+    t = time.perf_counter()
+    torch.ops.ernie45.rmsnorm(x, w, 1e-5)
+    call = time.perf_counter() - t
+    done = threading.Event()
+
+    def work():
+        for _ in range(8):
+            torch.ops.ernie45.rmsnorm(x, w, 1e-5)
+        done.set()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    last, gap = time.perf_counter(), 0.0
+    while not done.is_set():
+        now = time.perf_counter()
+        gap, last = max(gap, now - last), now
+    thread.join()
+    assert call > 0.01, "the call is too short to tell"
+    assert gap < call / 2, f"this thread stalled {gap * 1e3:.1f} ms; one call takes {call * 1e3:.1f} ms"

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
-PROBE = "int64_t twice(int64_t x) { return 2 * x; }"
+PROBE = (
+    "#include <torch/library.h>\nint64_t twice(int64_t x) { return 2 * x; }\n"
+    'TORCH_LIBRARY(e45_probe, m) { m.def("twice(int x) -> int", &twice); }'
+)
 RUN = (
     "import sys; from ernie45.runtime.build import load_extension; "
-    "m = load_extension('e45_probe', [sys.argv[1]], ['twice'], ['-O0'], []); print(None if m is None else m.twice(21))"
+    "m = load_extension('e45_probe', [sys.argv[1]], 'e45_probe', ['-O0'], []); "
+    "print(None if m is None else m.twice(21))"
 )
 
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="no C++ compiler")
@@ -56,7 +60,7 @@ def _python(code: str, *args: str, env: dict, timeout: int = 300) -> subprocess.
 
 
 def test_a_failing_build_reports_and_returns_none(tmp_path):
-    run = _python(RUN, "int64_t twice(int64_t x) { return 2 * ; }", env=_env(tmp_path))
+    run = _python(RUN, PROBE.replace("2 * x", "2 * "), env=_env(tmp_path))
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "None"
     assert "did not build" in run.stderr and "torch's ops run instead" in run.stderr

@@ -1,4 +1,7 @@
-"""C++ extensions built on first use without ever hanging.
+"""C++ op libraries built on first use without ever hanging.
+
+A library registers its ops with torch's dispatcher (`TORCH_LIBRARY(namespace, m)`); loading it makes them
+`torch.ops.<namespace>.*`, which torch.compile traces as ops and whose Python binding releases the GIL.
 
 torch's `load_inline` guards its build folder with a lock *file*: a build that is killed (Ctrl-C, a timeout,
 a closed terminal) leaves the file behind and every later process waits for it forever. Here each build runs
@@ -16,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -24,12 +26,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 
 log = logging.getLogger("ernie45")
-_loaded: dict[Path, ModuleType] = {}
+_loaded: dict[Path, Any] = {}
 
 
 def cache_root() -> Path:
@@ -50,36 +52,37 @@ def build_key(name: str, sources: list[str], cflags: list[str], ldflags: list[st
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def load_extension(
-    name: str, sources: list[str], functions: list[str], cflags: list[str], ldflags: list[str]
-) -> ModuleType | None:
-    """The extension `name` built from C++ `sources` exposing `functions`, or None (the reason logged)."""
-    key = build_key(name, sources, cflags, ldflags)
+def load_extension(name: str, sources: list[str], namespace: str, cflags: list[str], ldflags: list[str]) -> Any:
+    """The ops `torch.ops.<namespace>` that the library `name`, built from C++ `sources`, registers, or None (the
+    reason logged)."""
+    key = build_key(name, [namespace, *sources], cflags, ldflags)
     root = cache_root()
     final = root / f"{name}-{key}"
     if final in _loaded:
         return _loaded[final]
     try:
-        module = _import(final, name) if (final / f"{name}.so").is_file() else None
-        if module is None:
+        built = (final / f"{name}.so").is_file()
+        if built:
+            _import(final, name)
+        else:
             root.mkdir(parents=True, exist_ok=True)
             with _turn(root / f"{name}-{key}.lock") as got:
                 if not got:
                     return None
                 if (final / f"{name}.so").is_file():  # another process built it while we waited
-                    module = _import(final, name)
+                    _import(final, name)
                 else:
-                    module = _build(name, key, root, final, sources, functions, cflags, ldflags)
+                    _build(name, key, root, final, sources, cflags, ldflags)
     except Exception as e:  # a broken toolchain must not stop inference: torch's ops still work
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         log.warning("ernie45: the C++ kernels %s did not build (%s); torch's ops run instead", name, first)
         return None
-    _loaded[final] = module
-    return module
+    _loaded[final] = getattr(torch.ops, namespace)
+    return _loaded[final]
 
 
-def _build(name: str, key: str, root: Path, final: Path, sources: list[str], functions: list[str],
-           cflags: list[str], ldflags: list[str]) -> ModuleType:  # fmt: skip
+def _build(name: str, key: str, root: Path, final: Path, sources: list[str], cflags: list[str],
+           ldflags: list[str]) -> None:  # fmt: skip
     """Compile in a private folder, then move it into place: `final` exists only when complete."""
     from torch.utils.cpp_extension import load_inline
 
@@ -90,20 +93,17 @@ def _build(name: str, key: str, root: Path, final: Path, sources: list[str], fun
     log.warning("ernie45: compiling the C++ kernels %s (once per machine and version, about a minute)", name)
     started = time.monotonic()
     try:
-        load_inline(name, cpp_sources=sources, functions=functions, extra_cflags=cflags, extra_ldflags=ldflags,
-                    build_directory=str(work))  # fmt: skip
+        # is_python_module=False: the library is loaded, and its ops registered, from here on
+        load_inline(name, cpp_sources=sources, extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(work),
+                    is_python_module=False)  # fmt: skip
         os.replace(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.warning("ernie45: kernels %s built in %.0f s (%s)", name, time.monotonic() - started, final)
-    return _import(final, name)
 
 
-def _import(folder: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.so")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _import(folder: Path, name: str) -> None:
+    torch.ops.load_library(str(folder / f"{name}.so"))
 
 
 @contextlib.contextmanager

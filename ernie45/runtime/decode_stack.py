@@ -56,6 +56,14 @@ def _build(layers: nn.ModuleList, h: torch.Tensor, mask: Any, cache: Any) -> tup
     return plan, None if any(c is None for c in checks) else checks
 
 
+def _packed(plan: list) -> kernels.Packed:
+    """The whole stack's weights as `kernels.dense_stack` takes them, packed once with the plan."""
+    fields: list = []
+    for _, norm1, (qkv, o), scale, norm2, (gate_up, down) in plan:
+        fields += (norm1.weight, norm1.eps, qkv, o, scale, norm2.weight, norm2.eps, gate_up, down)
+    return kernels.pack(*fields)
+
+
 def _kept(layers: nn.ModuleList) -> tuple | None:
     """The plan kept for `layers`: the last stack stepped is found without a mapping lookup (after the weights
     streamed past, even `WeakKeyDictionary.get` took ~0.1 ms of a step)."""
@@ -89,16 +97,16 @@ def step(layers: nn.ModuleList, h: torch.Tensor, rope, mask: Any, cache: Any) ->
         built = _build(layers, h, mask, cache)
         if built is None:
             return None
-        kept = (conditions, built[1], built[0])
+        kept = (conditions, built[1], ([p[0] for p in built[0]], _packed(built[0])))
         if built[1] is not None and not torch.is_grad_enabled():
             _plans[layers] = kept
             _remember(layers, kept)
-    plan = kept[2]
-    start = cache.get_seq_length(plan[0][0]) if plan else None
-    if start is None or any(cache.get_seq_length(p[0]) != start for p in plan):
+    layer_ids, weights = kept[2]
+    start = cache.get_seq_length(layer_ids[0]) if layer_ids else None
+    if start is None or any(cache.get_seq_length(idx) != start for idx in layer_ids):
         return None
-    args = []
-    for idx, norm1, (qkv, o), scale, norm2, (gate_up, down) in plan:
+    caches = []
+    for idx in layer_ids:
         slot = cache.reserve(idx, 1)
-        args.append((norm1.weight, norm1.eps, qkv, o, (slot.k, slot.v), scale, norm2.weight, norm2.eps, gate_up, down))
-    return kernels.dense_stack(h, args, rope, mask, slot.start, slot.write_at)
+        caches += (slot.k, slot.v)
+    return kernels.dense_stack(h, weights, caches, rope, mask, slot.start, slot.write_at)

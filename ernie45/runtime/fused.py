@@ -121,7 +121,9 @@ class FusedAttention(Attention):
         if weights is None:
             return None
         slot = cache.reserve(self.layer_idx, 1)
-        return kernels.attention_block(h, norm.weight, norm.eps, *weights, rope, slot, mask, self.head_dim**-0.5)
+        qkv, o = weights
+        packed = kernels.attention_weights(norm.weight, norm.eps, qkv, o, self.head_dim**-0.5)
+        return kernels.attention_block(h, packed, rope, slot, mask)
 
     def decode_weights(self, h: torch.Tensor, norm: RMSNorm, mask: Any,
                        cache: Any) -> tuple[kernels.Weight, kernels.Weight] | None:  # fmt: skip
@@ -168,7 +170,7 @@ class FusedSwiGLU(SwiGLU):
     def decode_block(self, h: torch.Tensor, norm: RMSNorm) -> torch.Tensor | None:
         """h + self(norm(h)) for decode-sized h as one kernel call, or None where it does not apply."""
         weights = self.decode_weights(h, norm)
-        return None if weights is None else kernels.mlp_block(h, norm.weight, norm.eps, *weights)
+        return None if weights is None else kernels.mlp_block(h, kernels.mlp_weights(norm.weight, norm.eps, *weights))
 
     def decode_weights(self, h: torch.Tensor, norm: RMSNorm) -> tuple[kernels.Weight, kernels.Weight] | None:
         if norm.weight.dtype != h.dtype or h.shape[1] != 1:

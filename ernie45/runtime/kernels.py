@@ -38,8 +38,10 @@ NAME = "ernie45_cpu_gemv"
 MAX_ROWS = 8  # rows one call takes (decode batches); more rows go to a matmul
 K_MULTIPLE = 32  # one AVX512-BF16 dot product consumes 32 input columns
 
-# one translation unit, in this order: the matvec kernels, the fused ops built on them, the layer halves
-_SOURCES = [Path(__file__).with_name("csrc") / f for f in ("matvec.cpp", "fused_ops.cpp", "layer_blocks.cpp")]
+# one translation unit, in this order: the matvec kernels, the fused ops built on them, the layer halves, the
+# registration of the ops with torch
+_SOURCES = [Path(__file__).with_name("csrc") / f
+            for f in ("matvec.cpp", "fused_ops.cpp", "layer_blocks.cpp", "ops.cpp")]  # fmt: skip
 
 
 @lru_cache(maxsize=1)
@@ -66,8 +68,9 @@ def unavailable() -> str | None:
 
 @lru_cache(maxsize=1)
 def kernel():
-    """The compiled module (`gemv_bf16`, `gemv_int8`, `gemv_int4` and the fused `rmsnorm`, `silu_mul`,
-    `rope`, `decode_attention`), or None where it cannot run here (`unavailable` says why; logged once)."""
+    """The ops `torch.ops.ernie45` (`gemv_bf16`, `gemv_int8`, `gemv_int4`, the fused `rmsnorm`, `silu_mul`, `rope`,
+    `decode_attention` and the layer calls `attention_block`, `mlp_block`, `dense_stack`, `moe_block`), or None
+    where they cannot run here (`unavailable` says why; logged once)."""
     reason = unavailable()
     if reason is not None:
         log.info("ernie45 CPU decode kernels: %s; torch's ops run instead", reason)
@@ -75,11 +78,10 @@ def kernel():
     # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
     isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"]
     flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
-    functions = ["gemv_bf16", "gemv_int8", "gemv_int4", "rmsnorm", "silu_mul", "rope", "decode_attention",
-                 "decode_attention_block", "decode_mlp_block", "decode_dense_stack",
-                 "decode_moe_block"]  # fmt: skip
-    src = [f.read_text() for f in _SOURCES]
-    return load_extension(NAME, src, functions, flags, ["-fopenmp"])
+    ops = load_extension(NAME, [f.read_text() for f in _SOURCES], "ernie45", flags, ["-fopenmp"])
+    if ops is not None:
+        _register_fakes()
+    return ops
 
 
 def _mode() -> str:
@@ -184,20 +186,50 @@ def _allowed(mask: torch.Tensor | None, b: int, length: int) -> torch.Tensor:
     return mask.expand(b, 1, 1, length).reshape(b, length).contiguous()
 
 
-Weight = tuple[torch.Tensor, torch.Tensor, int]  # a linear for the layer calls: (w, int4 scales or empty, group)
+Weight = tuple[torch.Tensor, torch.Tensor, int]
+"""A linear as the layer calls read it: (weights, int4 (scale, zero) pairs or an empty tensor, int4 group size)."""
+Packed = tuple[list[torch.Tensor], list[int], list[float]]
 
 
-def attention_block(
-    h: torch.Tensor, norm: torch.Tensor, eps: float, qkv: Weight, o: Weight,
-    rope: tuple[torch.Tensor, torch.Tensor], slot: Slot, mask: torch.Tensor | None, scale: float,
-) -> torch.Tensor:  # fmt: skip
-    """A decode step's attention half in one call: h [B, 1, E] + o(attention(rope(qkv(rmsnorm(h))))), this
-    step's K and V written into the cache buffers where `slot` (a `kv_cache.Slot`) says."""
+def pack(*fields: torch.Tensor | Weight | int | float) -> Packed:
+    """The layer calls' weights as an op schema carries them: tensors, ints and floats in three lists, each in the
+    order of `fields` (a `Weight` as its tensors and group). The C++ side (`Packed` in csrc/layer_blocks.cpp) reads
+    them back in the order of its structs' fields: AttentionWeights (norm, eps, qkv, o, scale), MlpWeights (norm,
+    eps, gate_up, down), MoeWeights (norm, eps, router, bias, top_k, norm_min, shared gate_up, shared down, expert
+    group size)."""
+    tensors: list[torch.Tensor] = []
+    ints: list[int] = []
+    floats: list[float] = []
+    for f in fields:
+        if isinstance(f, torch.Tensor):
+            tensors.append(f)
+        elif isinstance(f, tuple):
+            tensors += f[:2]
+            ints.append(f[2])
+        elif isinstance(f, int):
+            ints.append(f)
+        else:
+            floats.append(float(f))
+    return tensors, ints, floats
+
+
+def attention_weights(norm: torch.Tensor, eps: float, qkv: Weight, o: Weight, scale: float) -> Packed:
+    return pack(norm, eps, qkv, o, scale)
+
+
+def mlp_weights(norm: torch.Tensor, eps: float, gate_up: Weight, down: Weight) -> Packed:
+    return pack(norm, eps, gate_up, down)
+
+
+def attention_block(h: torch.Tensor, weights: Packed, rope: tuple[torch.Tensor, torch.Tensor], slot: Slot,
+                    mask: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """A decode step's attention half in one call: h [B, 1, E] + o(attention(rope(qkv(rmsnorm(h))))) with
+    `weights` from `attention_weights`, this step's K and V written into the cache buffers where `slot` (a
+    `kv_cache.Slot`) says."""
     kbuf, vbuf, start, write_at = slot
     cos, sin, allowed = _step_inputs(rope, mask, h.shape[0], kbuf.shape[3] // 2, start + 1)
     at = _NO_ROWS if write_at is None else write_at
-    return kernel().decode_attention_block(h.contiguous(), norm, eps, *qkv, *o, cos, sin, kbuf, vbuf, start, allowed,
-                                           scale, at)  # fmt: skip
+    return kernel().attention_block(h.contiguous(), *weights, kbuf, vbuf, cos, sin, start, allowed, at)
 
 
 _NO_ROWS = torch.empty(0, dtype=torch.long)
@@ -208,10 +240,10 @@ _last_step: list = [None, None]  # [key, value] of _step_inputs' one-entry memo
 
 def _step_inputs(rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, b: int, half: int,
                  length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """cos, sin [b, 1, half] fp32 and the allowed positions [b, length] for `decode_attention_block`. Every layer of
-    a step gets the same rope tensors and mask, so they are made once a step, not once a layer: each torch op
-    between two layer calls costs ~10-20 us, the weights streamed in between having pushed Python's working set
-    out of the caches. The memo holds its key's tensors, so an identity match cannot be a reused id."""
+    """cos, sin [b, 1, half] fp32 and the allowed positions [b, length] for the layer calls. Every layer of a step
+    gets the same rope tensors and mask, so they are made once a step, not once a layer: each torch op between two
+    layer calls costs ~10-20 us, the weights streamed in between having pushed Python's working set out of the
+    caches. The memo holds its key's tensors, so an identity match cannot be a reused id."""
     key = (rope[0], rope[1], mask, b, half, length)
     last = _last_step[0]
     if last is not None and all(x is y for x, y in zip(key[:3], last[:3], strict=True)) and key[3:] == last[3:]:
@@ -222,27 +254,22 @@ def _step_inputs(rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | N
 
 
 def dense_stack(
-    h: torch.Tensor, layers: list[tuple], rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-    start: int, write_at: torch.Tensor | None = None,
+    h: torch.Tensor, weights: Packed, caches: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor | None, start: int, write_at: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """A dense stack's decode step in one call: per layer h = attention_block(h, ...), then mlp_block(h, ...), with
-    no Python between layers. Each of `layers` is (norm1, eps1, qkv, o, (kbuf, vbuf), scale, norm2, eps2, gate_up,
-    down); every layer writes this token at `start` of its cache buffers."""
-    tensors: list[torch.Tensor] = []
-    ints: list[int] = []
-    floats: list[float] = []
-    for norm1, eps1, qkv, o, (kbuf, vbuf), scale, norm2, eps2, gate_up, down in layers:
-        tensors += [norm1, qkv[0], qkv[1], o[0], o[1], kbuf, vbuf, norm2, gate_up[0], gate_up[1], down[0], down[1]]
-        ints += [qkv[2], o[2], gate_up[2], down[2]]
-        floats += [eps1, scale, eps2]
-    cos, sin, allowed = _step_inputs(rope, mask, h.shape[0], layers[0][4][0].shape[3] // 2, start + 1)
+    """A dense stack's decode step in one call: per layer h = attention half, then MLP half, with no Python between
+    layers. `weights` packs each layer's `attention_weights` then `mlp_weights` fields, one layer after the other;
+    `caches` holds each layer's K and V buffers (k0, v0, k1, v1, ...); every layer writes this token at `start` of
+    its buffers (or row b at write_at[b])."""
+    cos, sin, allowed = _step_inputs(rope, mask, h.shape[0], caches[0].shape[3] // 2, start + 1)
     at = _NO_ROWS if write_at is None else write_at
-    return kernel().decode_dense_stack(h.contiguous(), tensors, ints, floats, cos, sin, start, allowed, at)
+    return kernel().dense_stack(h.contiguous(), *weights, caches, cos, sin, start, allowed, at)
 
 
-def mlp_block(h: torch.Tensor, norm: torch.Tensor, eps: float, gate_up: Weight, down: Weight) -> torch.Tensor:
-    """A decode step's dense MLP half in one call: h [B, 1, E] + down(silu(gate) * up) of rmsnorm(h)."""
-    return kernel().decode_mlp_block(h.contiguous(), norm, eps, *gate_up, *down)
+def mlp_block(h: torch.Tensor, weights: Packed) -> torch.Tensor:
+    """A decode step's dense MLP half in one call: h [B, 1, E] + down(silu(gate) * up) of rmsnorm(h), `weights`
+    from `mlp_weights`."""
+    return kernel().mlp_block(h.contiguous(), *weights)
 
 
 Experts = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], int]
@@ -256,10 +283,10 @@ def moe_block(h: torch.Tensor, norm: torch.Tensor, eps: float, router, experts: 
     """A decode step's MoE half in one call: h [B, 1, E] + shared(x) + the weighted sum of the experts the
     `router` (a `moe.Router`) picks for each row, x = rmsnorm(h). Only the picked experts' weights are read."""
     w1, s1, w2, s2, group = experts
-    (sw1, ss1, sg1), (sw2, ss2, sg2) = shared or (_NONE, _NONE)
+    shared_gate_up, shared_down = shared or (_NONE, _NONE)
     weight, bias = router.weight.float(), router.e_score_correction_bias.float()
-    return kernel().decode_moe_block(h.contiguous(), norm, eps, weight, bias, router.top_k, router.norm_min,
-                                     w1, s1, w2, s2, group, sw1, ss1, sg1, sw2, ss2, sg2)  # fmt: skip
+    packed = pack(norm, eps, weight, bias, router.top_k, router.norm_min, shared_gate_up, shared_down, group)
+    return kernel().moe_block(h.contiguous(), *packed, w1, s1, w2, s2)
 
 
 def usable(weight: torch.Tensor) -> bool:
@@ -286,3 +313,30 @@ def gemv_int4(x2: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor,
     """x2 [M, K] @ W^T in fp32, W in torch's CPU int4 tiles with bf16 (scale, zero) [K/group, N, 2] per group; x2
     rounded to int8 per 32 columns inside."""
     return kernel().gemv_int4(x2.float().contiguous(), tiles, scales_zeros.to(torch.bfloat16).contiguous(), group)
+
+
+def _register_fakes() -> None:
+    """Output shapes of the ops for tracing (torch.compile, FakeTensor), registered once."""
+    if getattr(_register_fakes, "done", False):
+        return
+    lib = "ernie45::"
+
+    def rows(x: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return x.new_empty((x.shape[0], n), dtype=dtype)
+
+    fakes = {
+        "gemv_bf16": lambda x, w, bf16_out: rows(x, w.shape[0], torch.bfloat16 if bf16_out else torch.float32),
+        "gemv_int8": lambda x, w, scale: rows(x, w.shape[0]),
+        "gemv_int4": lambda x, tiles, sz, group: rows(x, sz.shape[1]),
+        "rmsnorm": lambda x, w, eps: torch.empty_like(x),
+        "silu_mul": lambda gu: gu.new_empty((*gu.shape[:-1], gu.shape[-1] // 2)),
+        "rope": lambda x, cos, sin: x.new_empty(x.shape),
+        "decode_attention": lambda q, k, v, allowed, scale: torch.empty_like(q, memory_format=torch.contiguous_format),
+        "attention_block": lambda h, *rest: h.new_empty(h.shape),
+        "mlp_block": lambda h, *rest: h.new_empty(h.shape),
+        "dense_stack": lambda h, *rest: h.new_empty(h.shape),
+        "moe_block": lambda h, *rest: h.new_empty(h.shape),
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(lib + name)(fake)
+    _register_fakes.done = True

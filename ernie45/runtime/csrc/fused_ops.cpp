@@ -1,4 +1,4 @@
-// The fused decode ops (compiled after matvec.cpp, in one unit: see cpu_gemv.py).
+// The fused decode ops (compiled after matvec.cpp, in one unit: see kernels.py).
 
 // ---- Fused decode ops: each replaces several tiny torch ops, whose fixed costs (dispatch, allocation, cold
 // caches after the weights streamed past) add up to a fifth of a 0.3B decode step. T is float or bf16; every

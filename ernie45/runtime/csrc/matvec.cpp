@@ -1,4 +1,4 @@
-// Kernels for CPU decode, built by cpu_gemv.py (torch's cpp_extension) on first use; see its docstring.
+// Kernels for CPU decode, built on first use by runtime/build.py; why they exist: runtime/kernels.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
