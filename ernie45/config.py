@@ -83,6 +83,12 @@ class AudioConfig:
         return 2 * self.merge  # conv stride 2, then `merge` encoder frames per token
 
 
+_SIZE_LIMITS = {  # field: the largest value any real or planned ERNIE 4.5 model is far below
+    "vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "max_position_embeddings": 1 << 24, "moe_k": 1024,
+}  # fmt: skip
+
+
 class Ernie45Config(PreTrainedConfig):
     r"""Configuration of an ERNIE 4.5 model of any variant.
 
@@ -147,7 +153,33 @@ class Ernie45Config(PreTrainedConfig):
     audio_start_token_id: int | None = None
     audio_end_token_id: int | None = None
 
+    def _check_sizes(self) -> None:
+        """Sizes are whole numbers in range, and the float settings positive numbers: a config that would build a
+        broken or absurd model is refused with the field's name instead of failing somewhere inside."""
+        for name, limit in _SIZE_LIMITS.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+                raise ConfigError(f"{name} must be a whole number from 1 to {limit:,}; the config has {v!r}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool)
+                                          or not 2 <= self.head_dim <= 4096):  # fmt: skip
+            raise ConfigError(f"head_dim must be a whole number from 2 to 4096; the config has {self.head_dim!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ConfigError(f"{name} must be a positive number; the config has {v!r}")
+        for name in ("moe_num_shared_experts", "moe_layer_interval", "freq_allocation"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "moe_layer_interval" else 0):
+                raise ConfigError(f"{name} must be a whole number >= {int(name == 'moe_layer_interval')}; the config "
+                                  f"has {v!r}")  # fmt: skip
+        for g in self.expert_groups or []:
+            for key in ("num_experts", "intermediate_size"):
+                v = g.get(key) if isinstance(g, dict) else None
+                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 20:
+                    raise ConfigError(f"expert group {g!r}: {key} must be a whole number >= 1")
+
     def __post_init__(self, **kwargs: Any) -> None:
+        self._check_sizes()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.moe_layer_end_index == -1:
@@ -169,6 +201,8 @@ class Ernie45Config(PreTrainedConfig):
             self.vision_config = asdict(VisionConfig.from_dict(self.vision_config))
         if self.audio_config is not None:
             self.audio_config = asdict(AudioConfig.from_dict(self.audio_config))
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be an even number >= 2 (RoPE turns pairs)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

@@ -11,11 +11,11 @@ import wave
 from contextlib import contextmanager
 
 import numpy as np
-import uvicorn
 from PIL import Image
 
 from ernie45.engine import LLM
 from ernie45.serve import MediaPolicy, create_app
+from ernie45.serve.http import server as http_server
 
 
 def free_port() -> int:
@@ -27,9 +27,10 @@ def free_port() -> int:
 @contextmanager
 def running_server(llm: LLM, **kw):
     """Yields (base URL, app); the server and its engine stop afterwards."""
+    header_timeout = kw.pop("header_timeout", 10.0)
     app = create_app(llm, name="tiny", **kw)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="on"))
+    server = http_server(app, host="127.0.0.1", port=port, log_level="error", header_timeout=header_timeout)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -159,3 +159,31 @@ def test_corrupt_and_absent_files_give_clear_errors(ref_dense_dir, tmp_path):
         ernie45.load(path)
     with pytest.raises(CheckpointError, match="not a directory"):
         ernie45.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("header, words", [
+    ([1, 2], "not an object"),
+    ({"w": 5}, "not an object"),
+    ({"w": {"dtype": "F32", "shape": [1]}}, "data_offsets"),
+    ({"w": {"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}}, "invalid shape"),
+    ({"w": {"dtype": 7, "shape": [1], "data_offsets": [0, 4]}}, "unsupported dtype"),
+    ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, "data_offsets"),
+])  # fmt: skip
+def test_malformed_safetensors_headers_are_one_clear_error(ref_dense_dir, tmp_path, header, words):
+    import struct
+
+    path = _copy(ref_dense_dir, tmp_path / "c")
+    raw = json.dumps(header).encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
+    with pytest.raises(CheckpointError, match=words):
+        ernie45.load(path)
+
+
+def test_a_shard_index_cannot_name_a_file_outside_the_checkpoint(ref_dense_dir, tmp_path):
+    path = _copy(ref_dense_dir, tmp_path / "c")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../../etc/passwd"}}))
+    with pytest.raises(CheckpointError, match="not a file name"):
+        ernie45.load(path)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["x"]}))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        ernie45.load(path)

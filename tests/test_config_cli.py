@@ -109,3 +109,18 @@ def test_export_command_writes_official_layout(ref_moe_dir, tmp_path):
     assert json.loads((tmp_path / "out/config.json").read_text())["model_type"] == "ernie4_5_moe"
     r = _cli("info", str(tmp_path / "out"))
     assert r.returncode == 0 and "8 x width 24, top-3" in r.stdout
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", -256), ("hidden_size", "256"), ("hidden_size", 256.5),
+                                          ("num_attention_heads", 0), ("num_hidden_layers", 1_000_000),
+                                          ("rms_norm_eps", "small")])  # fmt: skip
+def test_a_config_with_bad_sizes_is_one_line_at_once(tmp_path, field, value):
+    import time
+
+    config = to_official(presets.get("ernie-4.5-0.3b"))
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    started = time.perf_counter()
+    r = _cli("info", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and field in r.stderr, r.stderr[-500:]
+    assert r.stderr.strip().count("\n") == 0 and time.perf_counter() - started < 60

@@ -158,8 +158,12 @@ def test_kill_and_resume_gives_the_same_loss_curve(vl_dir, chat_data, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "checkpoint-12").exists()
+    for later in ("checkpoint-8", "checkpoint-12"):  # a kill during a save leaves a folder without the rest
+        (killed / later).mkdir(exist_ok=True)
+        (killed / later / "model.safetensors").write_bytes(b"half")
     r = subprocess.run([*cmd, str(config(killed)), "--resume"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming from" in r.stderr and "checkpoint-8, checkpoint-12 cut short" in r.stderr, r.stderr[-2000:]
     assert losses(killed) == losses(whole) and len(losses(whole)) == 12
 
 

@@ -51,15 +51,24 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: a {type(header).__name__}, not an object")
         header.pop("__metadata__", None)
         self.base = 8 + n
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for key, e in header.items():
-            dtype = DTYPES.get(e.get("dtype"))
-            begin, end = e["data_offsets"]
+            if not isinstance(e, dict):
+                raise CheckpointError(f"{path}: the header entry of tensor {key} is not an object")
+            dtype = DTYPES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
             if dtype is None:
-                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {e.get('dtype')}")
-            shape = tuple(e["shape"])
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {e.get('dtype')!r}")
+            offsets, shape = e.get("data_offsets"), e.get("shape")
+            if not _ints(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+                raise CheckpointError(f"{path}: tensor {key} has no valid data_offsets (two byte offsets expected)")
+            if not _ints(shape) or any(d < 0 for d in shape) or len(shape) > 8:
+                raise CheckpointError(f"{path}: tensor {key} has an invalid shape {shape!r}")
+            begin, end = offsets
+            shape = tuple(shape)
             if self.base + end > size or end - begin != _numel(shape) * dtype.itemsize:
                 raise CheckpointError(f"{path}: tensor {key} lies outside the file or has the wrong byte size")
             self.entries[key] = (dtype, shape, begin, end)
@@ -90,6 +99,11 @@ class SafetensorsFile:
         return out
 
 
+def _ints(x: object) -> bool:
+    """A JSON list of whole numbers (not booleans)."""
+    return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -101,7 +115,16 @@ def weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
     """The weight files of checkpoint directory `path` and their kind ("safetensors" or "pickle")."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a shard index with a weight_map ({type(e).__name__})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        shards = dict.fromkeys(weight_map.values())
+        for shard in shards:  # a file name beside the index, never a path out of the directory
+            if Path(shard).name != shard or shard in (".", ".."):
+                raise CheckpointError(f"{index} names shard {shard!r}, which is not a file name in {path}")
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise CheckpointError(f"{index} names shard {missing[0]}, which is not in {path}")

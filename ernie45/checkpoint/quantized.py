@@ -92,24 +92,40 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
         codes, scales = sd.pop(f"{EMBED}.codes"), sd.pop(f"{EMBED}.scales")
         sd[EMBED] = (codes.float() * scales.float()[:, None]).to(float_dtype)
 
-    def quant(name: str) -> QuantLinear:
-        codes = sd.pop(f"{name}.codes")
+    def quant(name: str, shape: tuple[int, ...]) -> QuantLinear:
+        """The linear `name` of weight shape (out, in), its codes and scales checked against that shape (a file that
+        does not match would load, then fail every request)."""
+        if f"{name}.codes" not in sd or f"{name}.scales" not in sd:
+            raise CheckpointError(f"quantized checkpoint {path} lacks {name}.codes or {name}.scales")
+        codes, scales = sd.pop(f"{name}.codes"), sd.pop(f"{name}.scales")
         width = 8 if codes.dtype == torch.int8 else bits  # int8 codes are signed, int4 ones 0..15 (the head: int8)
+        n, k = shape
+        want = ((n, k // 2) if packed else (n, k), (k // group, n, 2)) if width == 4 else ((n, k), (n,))
+        if (tuple(codes.shape), tuple(scales.shape)) != want or (width == 4 and k % group):
+            raise CheckpointError(
+                f"quantized checkpoint {path}: {name} has codes {tuple(codes.shape)} and scales "
+                f"{tuple(scales.shape)}; a {n}x{k} int{width} linear needs {want[0]} and {want[1]}"
+            )
         if width == 4 and packed:
             codes = _unpack(codes)
-        return QuantLinear(codes, sd.pop(f"{name}.scales").float(), sd.pop(f"{name}.bias", None), bits=width,
-                           group=group, dtype=float_dtype)  # fmt: skip
+        return QuantLinear(codes, scales.float(), sd.pop(f"{name}.bias", None), bits=width, group=group,
+                           dtype=float_dtype)  # fmt: skip
 
     for name in sorted({k[: -len(".codes")] for k in sd if k.endswith(".codes")}):
         parent_name, _, leaf = name.rpartition(".")
         if parent_name.endswith((".q_gate_up", ".q_down")):
             continue  # expert stacks: built per group below
-        model.get_submodule(parent_name)._modules[leaf] = quant(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"quantized checkpoint {path} holds {name}, which the model does not have") from None
+        model.get_submodule(parent_name)._modules[leaf] = quant(name, tuple(linear.weight.shape))
     for name, module in list(model.named_modules()):
         if f"{name}.q_gate_up.0.codes" in sd:
             experts = range(module.num_experts)
-            install_experts(model, name, [quant(f"{name}.q_gate_up.{e}") for e in experts],
-                            [quant(f"{name}.q_down.{e}") for e in experts])  # fmt: skip
+            up, down = tuple(module.gate_up_proj.shape[1:]), tuple(module.down_proj.shape[1:])
+            install_experts(model, name, [quant(f"{name}.q_gate_up.{e}", up) for e in experts],
+                            [quant(f"{name}.q_down.{e}", down) for e in experts])  # fmt: skip
     missing = []
     for name, p in list(model.named_parameters()):
         if not p.is_meta:

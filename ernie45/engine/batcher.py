@@ -58,6 +58,7 @@ class Request:
     params: SamplingParams
     row: RowState
     out: Any  # queue.Queue or (loop, asyncio.Queue)
+    group: int = 0  # the requests submitted together (one HTTP request's prompts and n choices) share a group
     slot: int = -1
     done_prompt: int = 0  # prompt tokens already in the cache
     last_token: int = 0
@@ -123,7 +124,8 @@ class BatchEngine:
     """Continuous batching over one `LLM`'s model: `submit` from any thread, one worker runs the steps."""
 
     def __init__(self, llm: LLM, *, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
-                 max_waiting: int = 256, thread: bool = True, raise_errors: bool = False) -> None:  # fmt: skip
+                 max_waiting: int = 256, thread: bool = True, raise_errors: bool = False,
+                 group_share: int | None = None) -> None:  # fmt: skip
         """thread: run the steps on a worker thread of its own; False: the creating thread runs `run()` (or calls
         `step()` itself). raise_errors: a failing step raises (`LLM`'s own use) instead of failing its requests
         and serving the others (a server's).
@@ -137,6 +139,7 @@ class BatchEngine:
         self.max_len = min(max_len or limit, limit)
         self.cache = SlotKVCache.for_model(self.model, max_batch, self.max_len)
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
+        self.group_share = group_share or max(1, max_batch // 2)  # slots one group may hold at a time
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
@@ -166,23 +169,35 @@ class BatchEngine:
     # ---- callers ------------------------------------------------------------------------------------------
     def submit(self, encoded: dict[str, Any], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None):
         """Queue an encoded prompt; returns a handle to read its deltas from (async when `loop` is given)."""
+        return self.submit_all([(encoded, params)], loop)[0]
+
+    def submit_all(self, items: list[tuple[dict[str, Any], SamplingParams]],
+                   loop: asyncio.AbstractEventLoop | None = None) -> list[RequestHandle]:  # fmt: skip
+        """Queue prompts as one group, all or none: every one is checked, and the queue must have room for all,
+        before any is queued (a refused group leaves no work behind). A group holds at most `group_share` slots
+        at a time."""
         if not self.alive:
             raise EngineStopped("the engine is not running" + (f": {self.error}" if self.error else ""))
-        n = len(encoded["input_ids"])
-        if n == 0:
-            raise ValueError("the prompt is empty (no tokens)")
-        if n + 1 > self.max_len:
-            raise ValueError(f"the prompt has {n} tokens; this engine holds {self.max_len} per request")
-        out = queue.Queue() if loop is None else (loop, asyncio.Queue())
-        row = self.llm.row_state(params, n)
-        req = Request(next(self._ids), encoded, params, row, out)
+        for encoded, _ in items:
+            n = len(encoded["input_ids"])
+            if n == 0:
+                raise ValueError("the prompt is empty (no tokens)")
+            if n + 1 > self.max_len:
+                raise ValueError(f"the prompt has {n} tokens; this engine holds {self.max_len} per request")
+        group = next(self._ids)
+        reqs = []
+        for encoded, params in items:
+            out = queue.Queue() if loop is None else (loop, asyncio.Queue())
+            row = self.llm.row_state(params, len(encoded["input_ids"]))
+            reqs.append(Request(next(self._ids), encoded, params, row, out, group=group))
         with self._cv:
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-            self.waiting.append(req)
-            self.stats["requests"] += 1
+            if len(self.waiting) + len(reqs) > self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting; {len(reqs)} more do not fit "
+                                f"the queue of {self.max_waiting}")  # fmt: skip
+            self.waiting.extend(reqs)
+            self.stats["requests"] += len(reqs)
             self._cv.notify()
-        return RequestHandle(self, req)
+        return [RequestHandle(self, r) for r in reqs]
 
     def usage(self) -> dict[str, int]:
         """Queue depth and cache use right now."""
@@ -280,10 +295,25 @@ class BatchEngine:
         self.stats["aborted"] += 1
         req.emit(Delta("", [], "abort"))
 
+    def _next_waiting(self) -> Request | None:
+        """The first waiting request whose group holds fewer than `group_share` slots, or None: one request with
+        n=16 cannot take every slot, so a request that comes after it starts at once."""
+        held: dict[int, int] = {}
+        for r in self.slots:
+            if r is not None:
+                held[r.group] = held.get(r.group, 0) + 1
+        for req in self.waiting:
+            if held.get(req.group, 0) < self.group_share:
+                self.waiting.remove(req)
+                return req
+        return None
+
     def _admit(self) -> None:
         with self._cv:
             while self.waiting and None in self.slots:
-                req = self.waiting.popleft()
+                req = self._next_waiting()
+                if req is None:
+                    break
                 try:
                     req.slot = self._place(req)
                     self.slots[req.slot] = req

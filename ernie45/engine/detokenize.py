@@ -21,7 +21,8 @@ class IncrementalDetokenizer:
                  hidden: set[int] | frozenset[int] = frozenset()) -> None:  # fmt: skip
         self.tokenizer = tokenizer
         self.hidden = hidden  # ids never shown (media markers: as text they would read back as placeholders)
-        self.stop = [s for s in (stop or []) if s]
+        self.stop = [StopMatcher(s) for s in dict.fromkeys(stop or []) if s]
+        self.matched = 0  # how much of self.text the stop matchers have read
         self.ids: list[int] = []
         self.prefix = self.read = 0
         self.text = ""  # everything produced so far (after a stop: up to the stop string)
@@ -41,6 +42,8 @@ class IncrementalDetokenizer:
             self.prefix, self.read = self.read, len(self.ids)
 
     def push(self, token_id: int) -> str:
+        if self.stopped:  # the text ended at a stop string: nothing after it is shown
+            return ""
         self.ids.append(token_id)
         self._produce(final=False)
         return self._release()
@@ -52,20 +55,50 @@ class IncrementalDetokenizer:
         return self._release(hold=False)
 
     def _release(self, hold: bool = True) -> str:
-        for s in self.stop:
-            at = self.text.find(s, max(0, self.released - len(s) + 1))
-            if at != -1:
-                self.stopped = True
-                self.text = self.text[:at]
-                hold = False
+        """Release what is safe to show: the matchers read only the text added since the last call (linear in the
+        text however many and long the stop strings), a completed stop string cuts the text where it began, and a
+        tail that may still grow into one is held back."""
+        new, self.matched = self.text[self.matched :], len(self.text)
+        for i, ch in enumerate(new):
+            done = [m for m in self.stop if m.feed(ch)]
+            if done:
+                self.stopped, hold = True, False
+                end = len(self.text) - len(new) + i + 1
+                self.text = self.text[: end - max(len(m.text) for m in done)]
+                break
         safe = len(self.text)
-        if hold:
-            for s in self.stop:  # a tail that may be the start of a stop string waits
-                for k in range(min(len(s) - 1, safe), 0, -1):
-                    if self.text[safe - k : safe] == s[:k]:
-                        safe -= k
-                        break
+        if hold and self.stop:
+            safe -= max(m.state for m in self.stop)
         safe = max(safe, self.released)
         out = self.text[self.released : safe]
         self.released = safe
         return out
+
+
+class StopMatcher:
+    """Knuth-Morris-Pratt over a stream: `state` is the length of the longest prefix of the stop string that the
+    text read so far ends with, so each character costs amortised O(1) and the held-back tail is `state` long."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.state = text, 0
+        self.fail = fail = [0] * len(text)  # fail[i]: the longest proper border of text[: i + 1]
+        k = 0
+        for i in range(1, len(text)):
+            while k and text[i] != text[k]:
+                k = fail[k - 1]
+            if text[i] == text[k]:
+                k += 1
+            fail[i] = k
+
+    def feed(self, ch: str) -> bool:
+        """Read one character; True when the stop string has just been completed."""
+        k, text = self.state, self.text
+        while k and ch != text[k]:
+            k = self.fail[k - 1]
+        if ch == text[k]:
+            k += 1
+        if k == len(text):
+            self.state = self.fail[k - 1]
+            return True
+        self.state = k
+        return False

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .media import MediaInput, describe, load_image
+from .media import MAX_IMAGE_PIXELS, MediaInput, describe, load_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,6 +51,7 @@ class ImageProcessor:
     merge_size: int = 2
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    max_input_pixels: int = MAX_IMAGE_PIXELS  # larger inputs are refused from their header (`ernie45 serve` lowers it)
 
     def resize(self, img: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None) -> Image.Image:
         factor = self.patch_size * self.merge_size
@@ -75,7 +76,7 @@ class ImageProcessor:
         images = images if isinstance(images, list) else [images]
         patches, grids = [], []
         for source in images:
-            img = load_image(source)
+            img = load_image(source, self.max_input_pixels, self.max_pixels)
             try:
                 p, gh, gw = self.frame_patches(self.resize(img))
             except ValueError as e:

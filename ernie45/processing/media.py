@@ -51,8 +51,11 @@ def read_bytes(source: str | Path | bytes) -> bytes | Path:
     return path
 
 
-def load_image(source: MediaInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB PIL image from any supported input."""
+def load_image(source: MediaInput, max_pixels: int = MAX_IMAGE_PIXELS,
+               target_pixels: int | None = None) -> Image.Image:  # fmt: skip
+    """An RGB PIL image from any supported input. Over `max_pixels` it is refused from its header, unread;
+    target_pixels: a JPEG over 16x this decodes at a reduced scale (1/2, 1/4 or 1/8) that keeps at least 4x this
+    many pixels, as it will be resized down to it anyway (a fraction of a full decode's memory and time)."""
     if isinstance(source, Image.Image):
         return _check_size(source, source, max_pixels).convert("RGB")
     if isinstance(source, np.ndarray):
@@ -68,6 +71,10 @@ def load_image(source: MediaInput, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
             _check_size(img, source, max_pixels)  # from the header: nothing decoded yet
+            w, h = img.size
+            if target_pixels and img.format == "JPEG" and w * h > 16 * target_pixels:
+                scale = (4 * target_pixels / (w * h)) ** 0.5
+                img.draft("RGB", (max(1, int(w * scale) + 1), max(1, int(h * scale) + 1)))
             img.load()
     except ValueError:
         raise

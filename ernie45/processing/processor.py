@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ VIDEO_SETTINGS = (
 )
 
 
+_SHIELDED = re.compile("\ue000(\\d+)\ue001")  # a control token's text from a message (see Processor._shield)
+
+
 @dataclass
 class Processor:
     tokenizer: PreTrainedTokenizerBase
@@ -43,6 +47,7 @@ class Processor:
     audio: AudioProcessor = field(default_factory=AudioProcessor)
 
     def __post_init__(self) -> None:
+        self._control: re.Pattern | None = None  # the control tokens' texts and the marker (built on first use)
         self.ids = special_token_ids(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         media = ("image", "image_start", "image_end", "video", "video_start", "video_end", "audio", "audio_start",
@@ -149,7 +154,7 @@ class Processor:
 
     def _expand_video(self, item, token: int, feats: dict) -> list[int]:
         source, with_audio = item
-        patches, grid, seconds = self.video.encode_frames(*self.video.decode(source), source)
+        patches, grid, seconds = self.video.load(source)
         feats["pixel_values_videos"].append(patches)
         feats["video_grid_thw"].append(grid)
         if not with_audio:
@@ -171,10 +176,48 @@ class Processor:
             out += [self.ids["audio_end"]]
         return out + [token] * ((len(pair_times) - placed) * per_pair)
 
-    def encode_chat(self, messages: list[dict], **template_kw: Any) -> dict[str, Any]:
+    def encode_chat(self, messages: list[dict], special_tokens_in_content: bool = False,
+                    **template_kw: Any) -> dict[str, Any]:  # fmt: skip
+        """A conversation -> model inputs. A control token's text inside a message (`<|end_of_sentence|>`, a media
+        placeholder) is encoded as plain text, so content cannot end a turn or open a role; the template's own
+        tokens stay control tokens. special_tokens_in_content: parse them in content too."""
         media = media_items(messages)
+        literals: list[str] = []
+        if not special_tokens_in_content:
+            messages = [self._shield(m, literals) for m in messages]
         text = self.apply_chat_template(messages, **template_kw)
-        return self.encode(text, media["image"], media["video"], media["audio"], media["video_audio"])
+        if not literals:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:  # the template's text with its control tokens; each shielded token's text as plain text
+            ids = []
+            for i, piece in enumerate(_SHIELDED.split(text)):
+                if i % 2:
+                    ids += self.tokenizer.encode(literals[int(piece)], add_special_tokens=False,
+                                                 split_special_tokens=True)  # fmt: skip
+                elif piece:
+                    ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return self.encode_ids(ids, media["image"], media["video"], media["audio"], media["video_audio"])
+
+    def _shield(self, message: dict, literals: list[str]) -> dict:
+        """`message` with every control token's text in its content replaced by a marker that names it."""
+        if self._control is None:
+            tokens = sorted(
+                set(self.tokenizer.added_tokens_encoder) | set(self.tokenizer.all_special_tokens), key=len, reverse=True
+            ) + ["\ue000"]  # fmt: skip (the marker's own character, as text)
+            self._control = re.compile("|".join(re.escape(t) for t in tokens if t))
+
+        def mark(match: re.Match) -> str:
+            literals.append(match.group(0))
+            return f"\ue000{len(literals) - 1}\ue001"
+
+        content = message.get("content")
+        if isinstance(content, str):
+            return {**message, "content": self._control.sub(mark, content)}
+        if isinstance(content, list):
+            parts = [{**p, "text": self._control.sub(mark, p["text"])} if p.get("type") == "text" and
+                     isinstance(p.get("text"), str) else p for p in content]  # fmt: skip
+            return {**message, "content": parts}
+        return message
 
     def collate(self, encoded: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Left-pad a list of `encode` results into one batch (media tensors concatenated in row order)."""

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .image import ImageProcessor, smart_resize
-from .media import MediaInput, describe, load_image, read_bytes
+from .media import MAX_IMAGE_PIXELS, MediaInput, describe, load_image, read_bytes
 
 MAX_DECODED_FRAMES = 200_000  # a stream claiming more is refused rather than decoded for minutes
 
@@ -70,6 +70,83 @@ class VideoProcessor:
     temporal_merge_size: int = 2
     draw_timestamps: bool = True
     image: ImageProcessor = field(default_factory=ImageProcessor)
+    max_input_pixels: int = MAX_IMAGE_PIXELS  # a stream whose frames are larger is refused from its header
+    max_total_pixels: int | None = None  # frames x pixels after resizing (`ernie45 serve`: what its context holds)
+
+    def load(self, source: MediaInput) -> tuple[np.ndarray, list[int], list[float]]:
+        """A video -> (patches, grid [T, h, w], timestamps). A file is read one frame at a time: each sampled frame
+        is stamped and resized to the target size as it is decoded, so memory holds one full-size frame and the
+        small ones. Within `max_total_pixels` the frame count, then the frame size, shrink to fit."""
+        if isinstance(source, np.ndarray) and source.ndim == 4 or isinstance(source, (list, tuple)):
+            return self.encode_frames(*self.decode(source), source)
+        frames, seconds = self._read(source)
+        per_frame = [self.image.frame_patches(f) for f in frames]
+        return np.concatenate([p for p, _, _ in per_frame]), [len(frames), per_frame[0][1], per_frame[0][2]], seconds
+
+    def _plan(self, total: int, duration: float, height: int, width: int) -> tuple[list[int], int, int]:
+        """The frame indices to sample and the size (h, w) each frame is resized to, within the budgets."""
+        factor = self.image.patch_size * self.image.merge_size
+        min_frames, max_frames = self.min_frames, self.max_frames
+        min_pixels, max_pixels = self.min_pixels, self.max_pixels
+        budget = self.max_total_pixels
+        if budget is not None:
+            most = max(self.temporal_merge_size, budget // max(min_pixels, factor * factor))
+            most -= most % self.temporal_merge_size
+            min_frames, max_frames = min(min_frames, most), min(max_frames, most)
+        wanted = sample_indices(total, duration, self.fps, min_frames, max_frames)
+        if budget is not None:
+            count = len(wanted) + len(wanted) % self.temporal_merge_size
+            max_pixels = max(factor * factor, min(max_pixels, budget // count))
+            min_pixels = min(min_pixels, max_pixels)
+        h, w = smart_resize(height, width, factor, min_pixels, max_pixels)
+        if budget is not None and (len(wanted) + len(wanted) % 2) * h * w > budget:  # raised to min_pixels: too big
+            h, w = smart_resize(height, width, factor, factor * factor, max_pixels)
+        return wanted, h, w
+
+    def _read(self, source: MediaInput) -> tuple[list[Image.Image], list[float]]:
+        """Sampled frames, stamped and resized as they are decoded (see `load`); an odd count repeats the last."""
+        import av
+
+        data = read_bytes(source) if not isinstance(source, Path) or source.is_file() else read_bytes(str(source))
+        try:
+            with av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as container:
+                if not container.streams.video:
+                    raise ValueError("it has no video stream")
+                stream = container.streams.video[0]
+                width, height = stream.codec_context.width, stream.codec_context.height
+                if width * height > self.max_input_pixels:
+                    raise ValueError(f"its frames are {width}x{height}, over the {self.max_input_pixels:,} pixel limit")
+                rate = float(stream.average_rate or stream.guessed_rate or 25)
+                duration = _duration(container, stream)
+                total = stream.frames or max(1, round(duration * rate))
+                if total > MAX_DECODED_FRAMES:
+                    raise ValueError(f"it claims {total} frames, over the {MAX_DECODED_FRAMES} limit")
+                wanted, h, w = self._plan(total, duration, height, width)
+                keep = set(wanted)
+                done: dict[int, Image.Image] = {}
+                for i, frame in enumerate(container.decode(stream)):
+                    if i > MAX_DECODED_FRAMES:
+                        raise ValueError("too many frames")
+                    if i in keep:
+                        img = frame.to_image().convert("RGB")
+                        if self.draw_timestamps:
+                            img = draw_timestamp(img, i * duration / total)
+                        done[i] = img.resize((w, h), Image.Resampling.BICUBIC)
+                    if i >= wanted[-1]:
+                        break
+        except ValueError as e:
+            raise ValueError(f"{describe(source)}: not a readable video ({e})") from None
+        except (av.error.FFmpegError, OSError) as e:
+            raise ValueError(f"{describe(source)}: not a readable video ({e})") from None
+        if not done:
+            raise ValueError(f"{describe(source)}: not a readable video (no frame could be decoded)")
+        fallback = done[max(done)]
+        frames = [done.get(i, fallback) for i in wanted]  # a stream shorter than announced repeats its end
+        seconds = [i * duration / total for i in wanted]
+        if len(frames) % self.temporal_merge_size:
+            frames.append(frames[-1])
+            seconds.append(seconds[-1])
+        return frames, seconds
 
     def decode(self, source: MediaInput) -> tuple[list[Image.Image], list[float]]:
         """The sampled frames (RGB) of a video file, bytes or data: URL, and their timestamps in seconds."""
@@ -133,7 +210,7 @@ class VideoProcessor:
         videos = videos if isinstance(videos, list) and not _is_frame_list(videos) else [videos]
         patches, grids = [], []
         for source in videos:
-            p, grid, _ = self.encode_frames(*self.decode(source), source)
+            p, grid, _ = self.load(source)
             patches.append(p)
             grids.append(grid)
         return {

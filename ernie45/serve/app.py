@@ -7,7 +7,9 @@ status that says whose fault it was; a client that goes away aborts its request,
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +17,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -27,6 +31,7 @@ from .metrics import Metrics
 from .protocol import APIError, ChatRequest, CompletionRequest, ReasoningSplit, split_answer
 
 PAGE = Path(__file__).with_name("static") / "index.html"
+log = logging.getLogger("ernie45.serve")
 
 
 class Server:
@@ -35,6 +40,22 @@ class Server:
     def __init__(self, llm: LLM, engine: BatchEngine, name: str, api_key: str | None, media: MediaPolicy) -> None:
         self.llm, self.engine, self.name, self.api_key, self.media = llm, engine, name, api_key, media
         self.metrics = Metrics()
+        # no token is longer than this many characters, so a text over max_len x this cannot fit: it is refused
+        # before the tokenizer runs (which takes ~170x a text's size in memory)
+        self.longest_token = max(len(t) for t in llm.processor.tokenizer.get_vocab())
+
+    def check_texts(self, texts: list[str], param: str) -> None:
+        """Refuse text that cannot fit the context, or is not valid Unicode, before anything is tokenized."""
+        chars = sum(len(t) for t in texts)
+        if chars > self.engine.max_len * self.longest_token:
+            raise APIError(400, f"the input has {chars:,} characters: more than the {self.engine.max_len}-token "
+                                f"context can hold", param=param, code="context_length_exceeded")  # fmt: skip
+        for t in texts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"the text is not valid Unicode ({e.reason} at character {e.start})",
+                               param=param) from None  # fmt: skip
 
     def check_model(self, model: str) -> None:
         if model != self.name:
@@ -42,14 +63,22 @@ class Server:
                            type="not_found_error", param="model", code="model_not_found")  # fmt: skip
 
     async def encode_chat(self, body: ChatRequest) -> dict[str, Any]:
-        messages = self.media.resolve(body.conversation())
+        conversation = body.conversation()
+        self.check_texts(list(_texts(conversation)), "messages")
+        messages = await self.media.resolve(conversation)
         kwargs = body.chat_template_kwargs or {}
+        has_media = any(isinstance(m.get("content"), list) and any(p.get("type") != "text" for p in m["content"])
+                        for m in messages)  # fmt: skip
         try:
+            if has_media:  # a bounded pool: decoding is where a request's memory goes
+                encode = functools.partial(self.llm.processor.encode_chat, messages, **kwargs)
+                return await anyio.to_thread.run_sync(encode, limiter=self.media_limiter)
             return await run_in_threadpool(self.llm.processor.encode_chat, messages, **kwargs)
         except APIError:
             raise
         except (ValueError, OSError, TypeError) as e:  # undecodable media, a template that refuses the turns
-            raise APIError(422, f"cannot use this input: {e}", param="messages", code="unsupported_media") from None
+            raise APIError(422, f"cannot use this input: {self.media.public(str(e))}", param="messages",
+                           code="unsupported_media") from None  # fmt: skip
 
     def encode_prompt(self, prompt: str | list[int]) -> dict[str, Any]:
         if isinstance(prompt, str):
@@ -59,35 +88,60 @@ class Server:
             raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
         return {"input_ids": list(prompt)}
 
-    def submit(self, encoded: dict[str, Any], body, index: int = 0):
-        n = len(encoded["input_ids"])
-        if n == 0:
-            raise APIError(400, "the prompt is empty: it has no tokens", param="prompt")
-        room = self.engine.max_len - n - 1
-        if room < 1:
-            raise APIError(400, f"the prompt has {n} tokens; this server holds {self.engine.max_len} per request",
-                           param="messages", code="context_length_exceeded")  # fmt: skip
-        if body.limit is not None and body.limit > room:
-            raise APIError(400, f"max_tokens {body.limit} + the prompt's {n} tokens exceed the "
-                                f"{self.engine.max_len}-token context; ask for at most {room}",
-                           param="max_tokens", code="context_length_exceeded")  # fmt: skip
-        limit = body.limit or min(self.llm.default_sampling.max_tokens, room)
-        params = body.sampling(self.llm.default_sampling, limit, index)
+    def submit(self, encoded: list[dict[str, Any]], body, n: int) -> list:
+        """Every prompt with its n choices, admitted together or not at all: a refusal leaves no work behind."""
+        items = []
+        for e in encoded:
+            tokens = len(e["input_ids"])
+            if tokens == 0:
+                raise APIError(400, "the prompt is empty: it has no tokens", param="prompt")
+            room = self.engine.max_len - tokens - 1
+            if room < 1:
+                raise APIError(400, f"the prompt has {tokens} tokens; this server holds {self.engine.max_len} per "
+                                    "request", param="messages", code="context_length_exceeded")  # fmt: skip
+            if body.limit is not None and body.limit > room:
+                raise APIError(400, f"max_tokens {body.limit} + the prompt's {tokens} tokens exceed the "
+                                    f"{self.engine.max_len}-token context; ask for at most {room}",
+                               param="max_tokens", code="context_length_exceeded")  # fmt: skip
+            limit = body.limit or min(self.llm.default_sampling.max_tokens, room)
+            items += [(e, body.sampling(self.llm.default_sampling, limit, i)) for i in range(n)]
         try:
-            return self.engine.submit(encoded, params, loop=asyncio.get_running_loop())
+            return self.engine.submit_all(items, loop=asyncio.get_running_loop())
         except QueueFull as e:
             raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error") from None
         except EngineStopped as e:
             raise APIError(503, f"the engine is not available: {e}", type="server_error") from None
 
 
+def _texts(messages: list[dict[str, Any]]):
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            yield from (p["text"] for p in content if p.get("type") == "text")
+
+
 def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, media: MediaPolicy | None = None,
                max_batch: int = 16, max_len: int | None = 4096, max_waiting: int = 256,
-               max_body_bytes: int = 64 << 20, engine_thread: bool = True) -> FastAPI:  # fmt: skip
+               max_body_bytes: int = 64 << 20, engine_thread: bool = True, max_slots_per_request: int | None = None,
+               max_image_pixels: int = 16_000_000, max_video_frames: int | None = None,
+               media_workers: int = 2) -> FastAPI:  # fmt: skip
     """engine_thread False: the engine does not start its own thread; the caller runs `app.state.engine.run()`
-    (on the thread that loaded the model: see `BatchEngine`)."""
-    engine = BatchEngine(llm, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, thread=engine_thread)
+    (on the thread that loaded the model: see `BatchEngine`). max_slots_per_request: slots one request's prompts
+    and choices hold at a time (default half of max_batch). Media: images and video frames over max_image_pixels
+    are refused from their header; a video is fitted to the context (frames x pixels) before it is decoded; at
+    most `media_workers` requests decode media at once."""
+    engine = BatchEngine(llm, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, thread=engine_thread,
+                         group_share=max_slots_per_request)  # fmt: skip
+    proc = llm.processor
+    proc.image.max_input_pixels = proc.video.max_input_pixels = max_image_pixels
+    if max_video_frames is not None:
+        proc.video.max_frames = max_video_frames
+    unit = proc.video.image.patch_size * proc.video.image.merge_size
+    proc.video.max_total_pixels = engine.max_len * unit * unit * proc.video.temporal_merge_size  # pixels per token
     srv = Server(llm, engine, name, api_key, media or MediaPolicy())
+    srv.media_limiter = anyio.CapacityLimiter(media_workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -126,7 +180,10 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, e: Exception):
-        return _error(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+        incident = uuid.uuid4().hex[:12]  # the details (paths, a traceback) go to the server's log, not the client
+        log.error("internal error %s on %s", incident, request.url.path, exc_info=e)
+        return _error(APIError(500, f"internal error ({type(e).__name__}); the server log has the details under "
+                                    f"incident {incident}", type="server_error"))  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -151,7 +208,7 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
     async def chat(body: ChatRequest, request: Request):
         srv.check_model(body.model)
         encoded = await srv.encode_chat(body)
-        handles = [srv.submit(encoded, body, i) for i in range(body.n)]
+        handles = srv.submit([encoded], body, body.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": name}
         if body.stream:
@@ -170,8 +227,9 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
     async def completions(body: CompletionRequest, request: Request):
         srv.check_model(body.model)
         prompts = body.prompt if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else [body.prompt]
+        srv.check_texts([p for p in prompts if isinstance(p, str)], "prompt")
         encoded = [await run_in_threadpool(srv.encode_prompt, p) for p in prompts]
-        handles = [srv.submit(e, body, i) for e in encoded for i in range(body.n)]
+        handles = srv.submit(encoded, body, body.n)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
             return _sse(_completion_stream(handles, body, head), handles)

@@ -1,12 +1,20 @@
 """Where a request's media may come from: `data:` URLs always; local files only under the allowed
-directory (no way out by `..` or links); remote URLs only when the server was started to fetch them."""
+directory (no way out by `..` or links); remote URLs only when the server was started to fetch them.
+
+A remote fetch runs on the event loop without blocking it, with one deadline for the whole fetch, a size cap,
+http(s) only (a redirect is followed only to http(s), re-checked, at most 3 times), and no loopback, private,
+link-local or other non-public address unless the server allows them (`allow_private`)."""
 
 from __future__ import annotations
 
-import urllib.request
+import asyncio
+import ipaddress
+import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urljoin, urlparse
+
+import httpx
 
 from .protocol import APIError
 
@@ -15,21 +23,24 @@ KINDS = {"image_url": ("image", "image_url"), "video_url": ("video", "video_url"
 
 class MediaPolicy:
     def __init__(self, allowed_dir: str | Path | None = None, allow_remote: bool = False,
-                 max_remote_bytes: int = 32 << 20, timeout: float = 10.0) -> None:  # fmt: skip
+                 max_remote_bytes: int = 32 << 20, timeout: float = 10.0,
+                 allow_private: bool = False) -> None:  # fmt: skip
+        """timeout: seconds for a whole remote fetch (connect, redirects, body)."""
         self.allowed_dir = Path(allowed_dir).resolve() if allowed_dir else None
         self.allow_remote, self.max_remote_bytes, self.timeout = allow_remote, max_remote_bytes, timeout
+        self.allow_private = allow_private
 
-    def resolve(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def resolve(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """OpenAI parts -> the processor's parts (image / video / audio with bytes, a path or a data: URL)."""
         out = []
         for m in messages:
             content = m.get("content")
             if isinstance(content, list):
-                m = {**m, "content": [self._part(p) for p in content]}
+                m = {**m, "content": [await self._part(p) for p in content]}
             out.append(m)
         return out
 
-    def _part(self, part: dict[str, Any]) -> dict[str, Any]:
+    async def _part(self, part: dict[str, Any]) -> dict[str, Any]:
         kind = part["type"]
         if kind == "text":
             return part
@@ -37,7 +48,10 @@ class MediaPolicy:
         if kind == "input_audio":
             a = part["input_audio"]
             return {"type": "audio", "audio": f"data:audio/{a.get('format', 'wav')};base64,{a['data']}"}
-        return {"type": native, native: self._source(part[field]["url"], kind)}
+        url = part[field]["url"]
+        if urlparse(url).scheme.lower() in ("http", "https") and self.allow_remote:
+            return {"type": native, native: await self._fetch(url, kind)}
+        return {"type": native, native: self._source(url, kind)}
 
     def _source(self, url: str, param: str) -> str | bytes | Path:
         if url.startswith("data:"):
@@ -47,13 +61,19 @@ class MediaPolicy:
             if not self.allow_remote:
                 raise APIError(400, f"{param}: remote URLs are off on this server (start it with "
                                     "--allow-remote-media), send the media as a data: URL", param=param)  # fmt: skip
-            return self._fetch(url, param)
+            raise AssertionError("remote URLs are fetched by _part")
         if scheme not in ("", "file") and len(scheme) > 1:  # one letter: a Windows drive
             raise APIError(400, f"{param}: unsupported URL scheme {scheme!r}; use data:, a local path or http(s)",
                            param=param)  # fmt: skip
         return self._local(unquote(urlparse(url).path) if scheme == "file" else url, param)
 
+    def public(self, message: str) -> str:
+        """`message` without the server's own directory (a client knows its files by their relative names)."""
+        return message if self.allowed_dir is None else message.replace(f"{self.allowed_dir}/", "")
+
     def _local(self, path: str, param: str) -> Path:
+        if "\x00" in path:
+            raise APIError(400, f"{param}: a file name cannot contain a NUL character", param=param)
         if self.allowed_dir is None:
             raise APIError(400, f"{param}: local files are off on this server (start it with "
                                 "--allowed-media-dir DIR), send the media as a data: URL", param=param)  # fmt: skip
@@ -64,12 +84,48 @@ class MediaPolicy:
             raise APIError(400, f"{param}: no such file {path!r} in the allowed media directory", param=param)
         return p
 
-    def _fetch(self, url: str, param: str) -> bytes:
+    async def _fetch(self, url: str, param: str) -> bytes:
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as r:  # noqa: S310 (http(s) only, checked)
-                data = r.read(self.max_remote_bytes + 1)
-        except OSError as e:
-            raise APIError(400, f"{param}: could not fetch {url}: {e}", param=param) from None
-        if len(data) > self.max_remote_bytes:
-            raise APIError(413, f"{param}: {url} is larger than {self.max_remote_bytes} bytes", param=param)
-        return data
+            return await asyncio.wait_for(self._get(url, param), self.timeout)
+        except TimeoutError:
+            raise APIError(400, f"{param}: fetching {url} took longer than {self.timeout:g} s", param=param) from None
+        except httpx.HTTPError as e:  # the remote's own words (a banner, a page) are not passed on
+            raise APIError(400, f"{param}: could not fetch {url} ({type(e).__name__})", param=param) from None
+
+    async def _get(self, url: str, param: str) -> bytes:
+        async with httpx.AsyncClient(follow_redirects=False, timeout=self.timeout) as client:
+            for _ in range(4):
+                await self._check_address(url, param)
+                async with client.stream("GET", url) as r:
+                    if r.is_redirect:
+                        target = urljoin(url, r.headers.get("location", ""))
+                        if urlparse(target).scheme.lower() not in ("http", "https"):
+                            raise APIError(400, f"{param}: {url} redirects to a URL that is not http(s)", param=param)
+                        url = target
+                        continue
+                    if r.status_code != 200:
+                        raise APIError(400, f"{param}: {url} answered HTTP {r.status_code}", param=param)
+                    data = bytearray()
+                    async for chunk in r.aiter_bytes():
+                        data += chunk
+                        if len(data) > self.max_remote_bytes:
+                            raise APIError(413, f"{param}: {url} is larger than {self.max_remote_bytes} bytes",
+                                           param=param)  # fmt: skip
+                    return bytes(data)
+        raise APIError(400, f"{param}: {url} redirects more than 3 times", param=param)
+
+    async def _check_address(self, url: str, param: str) -> None:
+        """Refuse a host that resolves to a loopback, private, link-local or otherwise non-public address."""
+        if self.allow_private:
+            return
+        parts = urlparse(url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            raise APIError(400, f"{param}: cannot resolve the host of {url}", param=param) from None
+        for *_, addr in infos:
+            ip = ipaddress.ip_address(addr[0].split("%")[0])
+            if not ip.is_global or ip.is_multicast:
+                raise APIError(400, f"{param}: {url} is on a non-public address; this server fetches only public "
+                                    "ones", param=param)  # fmt: skip

@@ -73,7 +73,7 @@ class _Sampling(_Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # what torch's generator takes (+ n - 1)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: dict[str, Any] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..processing.processor import load_processor
 from .data import load_samples
 from .packing import collate_packed, collate_padded, pack, text_positions
 from .plugins import SOURCES, TOKENIZER_OPTIONS, TOKENIZERS
-from .trainer import DPOSettings, Ernie45Trainer, LossWeights
+from .trainer import DPOSettings, Ernie45Trainer, LossWeights, complete_checkpoints
 
 log = logging.getLogger("ernie45.train")
 
@@ -188,10 +189,15 @@ def run(cfg: dict, resume: bool = False) -> Path:
     out = Path(trainer.args.output_dir)
     checkpoint = None
     if resume:
-        found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not found:
-            raise ValueError(f"--resume: no checkpoint-* in {out}")
-        checkpoint = str(found[-1])
+        complete, incomplete = complete_checkpoints(out)
+        newest = complete[-1] if complete else None
+        skipped = [p.name for p in incomplete if newest is None or int(p.name[11:]) > int(newest.name[11:])]
+        if newest is None:
+            raise ValueError(f"--resume: no complete checkpoint-* in {out}" +
+                             (f" ({', '.join(skipped)} were cut short while saving)" if skipped else ""))  # fmt: skip
+        note = f" ({', '.join(skipped)} cut short while saving: skipped)" if skipped else ""
+        print(f"ernie45 train: resuming from {newest}{note}", file=sys.stderr, flush=True)
+        checkpoint = str(newest)
     trainer.train(resume_from_checkpoint=checkpoint)
     final = out / "final"
     model = trainer.model

@@ -6,8 +6,10 @@ and exact resume (model, optimizer, scheduler, RNG, data position) -- is the Tra
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -172,6 +174,25 @@ class _StepEnd(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         self.trainer.balancer.step(_unwrap(self.trainer.model))
+
+    def on_save(self, args, state, control, **kw):
+        """The checkpoint is whole (model, optimizer, RNG, trainer state): mark it, so a resume never takes one
+        that a kill interrupted mid-save."""
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            (folder / COMPLETE).write_text(json.dumps({"step": state.global_step}))
+
+
+COMPLETE = "ernie45-complete.json"  # written into a checkpoint folder once everything in it is saved
+
+
+def complete_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """(complete, incomplete) `checkpoint-N` folders of a run, oldest first. Complete: marked by `on_save`, or
+    (a run from before the mark) holding the trainer state the Trainer writes last."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit() and p.is_dir()]
+    found.sort(key=lambda p: int(p.name.split("-", 1)[1]))
+    complete = [p for p in found if (p / COMPLETE).is_file() or (p / "trainer_state.json").is_file()]
+    return complete, [p for p in found if p not in complete]
 
 
 def _unwrap(model):
