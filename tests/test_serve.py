@@ -355,3 +355,23 @@ def _drain(handle):
     q = handle.request.out
     while not q.empty():
         yield q.get()
+
+
+def test_the_server_decodes_through_the_compiled_step_with_the_same_answers(llm, tmp_path):
+    """An `LLM` built with compile=True serves through the same scheduler: its decode steps run the compiled
+    fixed-shape step over every slot, and the answers are the eager ones."""
+    compiled = LLM(write_chat_checkpoint(tmp_path / "c", audio=True, endless=True), compile=True)
+    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 12, "temperature": 0}
+              for text in ("hello there", "a longer question about the weather")]  # fmt: skip
+    answers = []
+    for model in (llm, compiled):
+        with running_server(model, max_batch=2, max_len=128) as (url, app):
+            from concurrent.futures import ThreadPoolExecutor
+
+            with httpx.Client(timeout=120) as c, ThreadPoolExecutor(2) as pool:
+                post = lambda b: c.post(url + "/v1/chat/completions", json=b).json()["choices"][0]["message"]  # noqa: E731,B023
+                answers.append(list(pool.map(post, bodies)))
+            if model is compiled:
+                assert app.state.engine.decoder is compiled.decoder and compiled.decoder.failed is None
+                assert len(compiled.decoder.caches) == 1
+    assert answers[0] == answers[1]

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .compiled import CompiledDecoder
 from .llm import LLM, Delta, RowState
 from .sampling import SamplingParams, apply_penalties, sample
 from .slots import SlotKVCache
@@ -125,10 +126,11 @@ class BatchEngine:
 
     def __init__(self, llm: LLM, *, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 256, thread: bool = True, raise_errors: bool = False,
-                 group_share: int | None = None) -> None:  # fmt: skip
+                 group_share: int | None = None, decoder: CompiledDecoder | None = None) -> None:  # fmt: skip
         """thread: run the steps on a worker thread of its own; False: the creating thread runs `run()` (or calls
         `step()` itself). raise_errors: a failing step raises (`LLM`'s own use) instead of failing its requests
-        and serving the others (a server's).
+        and serving the others (a server's). decoder: decode steps through this compiled fixed-shape step (its slot
+        cache, every slot each step) instead of eagerly.
 
         Run the steps on the thread that loaded the model where you can (`ernie45 serve` does): OpenMP keeps one
         thread pool per thread that starts parallel work, and with two pools on a small machine libgomp stops
@@ -137,7 +139,11 @@ class BatchEngine:
         self.llm, self.model, self.raise_errors = llm, llm.model, raise_errors
         limit = self.model.config.max_position_embeddings
         self.max_len = min(max_len or limit, limit)
-        self.cache = SlotKVCache.for_model(self.model, max_batch, self.max_len)
+        self.decoder = decoder
+        if decoder is None:
+            self.cache = SlotKVCache.for_model(self.model, max_batch, self.max_len)
+        else:  # a kept cache of the decoder's (bucketed length): the compiled graph is reused across engines
+            self.cache = decoder.cache(max_batch, self.max_len)
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
         self.group_share = group_share or max(1, max_batch // 2)  # slots one group may hold at a time
         self.waiting: deque[Request] = deque()
@@ -417,7 +423,7 @@ class BatchEngine:
 
     def _decode(self) -> None:
         rows = self.running
-        n = max(r.slot for r in rows) + 1
+        n = len(self.slots) if self.decoder is not None else max(r.slot for r in rows) + 1
         dev = self.model.device
         tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
         active = torch.zeros(n, dtype=torch.bool)
@@ -426,10 +432,13 @@ class BatchEngine:
             active[r.slot] = True
             if self.slot_tokens[r.slot] is not None:
                 self.slot_tokens[r.slot].append(r.last_token)
-        view = self.cache.decode(n, active)
-        text_type = torch.zeros(n, 1, dtype=torch.long, device=dev)
-        out = self.model(input_ids=tokens, attention_mask=view.mask, position_ids=view.positions, cache=view,
-                         moe_mm_token_type_ids=text_type).logits[:, -1]  # fmt: skip
+        if self.decoder is not None:
+            out = self.decoder.step(self.cache, tokens, active)
+        else:
+            view = self.cache.decode(n, active)
+            text_type = torch.zeros(n, 1, dtype=torch.long, device=dev)
+            out = self.model(input_ids=tokens, attention_mask=view.mask, position_ids=view.positions, cache=view,
+                             moe_mm_token_type_ids=text_type).logits[:, -1]  # fmt: skip
         for r in list(rows):
             try:
                 self._take(r, out[r.slot : r.slot + 1])

@@ -23,7 +23,7 @@ from ..processing.processor import Processor, load_processor
 from ..runtime.prepare import Plan, prepare
 from .compiled import CompiledDecoder
 from .detokenize import IncrementalDetokenizer
-from .sampling import SamplingParams, apply_penalties, sample
+from .sampling import SamplingParams
 
 
 @dataclass
@@ -71,8 +71,6 @@ class RowState:
         self.detok, self.params, self.eos, self.prompt_tokens = detok, params, eos, prompt_tokens
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.pending = ""  # text released since the consumer last looked (streaming)
-        self.new_ids: list[int] = []
 
     def push(self, token: int) -> str:
         """Take one sampled token; return the text it releases."""
@@ -237,20 +235,12 @@ class LLM:
         else:
             encoded = self._encode_prompt(prompt_or_messages)
         params = sampling or self.default_sampling
-        if self.decoder is None:  # the scheduler, stepped here
-            for (req,) in self._scheduled([encoded], [params]):
-                while not req.out.empty():
-                    item = req.out.get_nowait()
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-            return
-        self._check_fits([encoded])
-        (row,) = rows = self._rows([encoded], params)
-        for _ in self._steps([encoded], rows, params):
-            if row.pending or row.finish_reason:
-                yield Delta(row.pending, row.new_ids, row.finish_reason)
-                row.pending, row.new_ids = "", []
+        for (req,) in self._scheduled([encoded], [params]):  # the scheduler, stepped here
+            while not req.out.empty():
+                item = req.out.get_nowait()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def _encode_prompt(self, prompt) -> dict[str, Any]:
@@ -283,9 +273,6 @@ class LLM:
         detok = IncrementalDetokenizer(self.processor.tokenizer, params.stop, self.processor.hidden_ids)
         return RowState(detok, params, self.eos, prompt_tokens)
 
-    def _rows(self, encoded: list[dict], params: SamplingParams) -> list[RowState]:
-        return [self.row_state(params, len(e["input_ids"])) for e in encoded]
-
     def _check_fits(self, encoded: list[dict]) -> None:
         longest, limit = max(len(e["input_ids"]) for e in encoded), self.max_model_len
         if longest >= limit:
@@ -296,20 +283,14 @@ class LLM:
         """progress: a bar over the finished requests on stderr."""
         self._check_fits(encoded)
         bar = tqdm(total=len(encoded), desc="generating", unit="prompt", disable=not progress)
-        if self.decoder is None:  # the scheduler, stepped here: one batch of requests
-            per_row = [
-                params if params.seed is None else replace(params, seed=params.seed + i) for i in range(len(encoded))
-            ]  # fmt: skip  (each row its own stream of samples)
-            reqs: list = []
-            for reqs in self._scheduled(encoded, per_row):
-                bar.update(sum(r.finished for r in reqs) - bar.n)
-            bar.close()
-            return [r.row.completion(chat) for r in reqs]
-        rows = self._rows(encoded, params)
-        for _ in self._steps(encoded, rows, params):
-            bar.update(sum(r.finish_reason is not None for r in rows) - bar.n)
+        per_row = [
+            params if params.seed is None else replace(params, seed=params.seed + i) for i in range(len(encoded))
+        ]  # fmt: skip  (each row its own stream of samples)
+        reqs: list = []
+        for reqs in self._scheduled(encoded, per_row):  # the scheduler, stepped here: one batch of requests
+            bar.update(sum(r.finished for r in reqs) - bar.n)
         bar.close()
-        return [r.completion(chat) for r in rows]
+        return [r.row.completion(chat) for r in reqs]
 
     def _scheduled(self, encoded: list[dict], params: list[SamplingParams]) -> Iterator[list]:
         """The continuous-batching scheduler (`batcher.BatchEngine`) stepped on this thread for these prompts, one
@@ -321,49 +302,12 @@ class LLM:
         lengths = [len(e["input_ids"]) for e in encoded]
         max_len = min(max(lengths) + max(p.max_tokens for p in params) + 1, self.max_model_len)
         engine = BatchEngine(self, max_batch=len(encoded), max_len=max_len, prefill_chunk=sum(lengths),
-                             max_waiting=len(encoded), thread=False, raise_errors=True)  # fmt: skip
+                             max_waiting=len(encoded), thread=False, raise_errors=True,
+                             decoder=self.decoder)  # fmt: skip
         reqs = [engine.submit(e, p).request for e, p in zip(encoded, params, strict=True)]
         while not all(r.finished for r in reqs):
             engine.step()
             yield reqs
-
-    @torch.inference_mode()
-    def _steps(self, encoded: list[dict], rows: list[RowState], params: SamplingParams) -> Iterator[None]:
-        """The compiled decode's loop (fixed shapes: a left-padded batch, one `CompiledDecoder` step a token);
-        eager decoding runs on the scheduler (`_scheduled`)."""
-        model = self.model
-        batch = {k: v.to(model.device) for k, v in self.processor.collate(encoded).items()}
-        b, width = batch["input_ids"].shape
-        length = min(width + params.max_tokens, self.max_model_len)
-        cache = self.decoder.cache(b, length)
-        vocab = model.config.vocab_size
-        seen = torch.zeros(b, vocab, dtype=torch.bool, device=model.device)
-        seen.scatter_(1, batch["input_ids"].clamp(max=vocab - 1), batch["attention_mask"].bool())
-        counts = torch.zeros(b, vocab, dtype=torch.long, device=model.device)
-        generator = torch.Generator(model.device).manual_seed(params.seed) if params.seed is not None else None
-        mask = batch["attention_mask"]
-        logits = model(**batch, cache=cache, logits_to_keep=1).logits[:, -1]
-        decode = self.decoder.stepper(cache, mask)
-        for _ in range(length - width):
-            if params.penalised or not params.greedy:
-                logits = apply_penalties(logits.float(), seen, counts, params)
-            tokens = sample(logits, params, generator)  # greedy: argmax of bf16 logits = argmax of their fp32 copy
-            for row, tok in zip(rows, tokens.tolist(), strict=True):
-                if row.finish_reason is None:
-                    row.pending += row.push(tok)
-                    row.new_ids.append(tok)
-            yield
-            if all(r.finish_reason for r in rows):
-                return
-            if params.penalised:  # each op here cost ~10-50 us a step, the weights having pushed it out of the caches
-                seen.scatter_(1, tokens[:, None], True)
-                counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None]))
-            logits = decode(tokens)
-        for row in rows:
-            if row.finish_reason is None:
-                row.finish_reason = "length"
-                row.pending += row.detok.flush()
-        yield
 
 
 def _as_list(prompts) -> list:

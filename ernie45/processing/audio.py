@@ -77,6 +77,10 @@ def decode_audio(source: MediaInput, sample_rate: int = 16000, max_seconds: floa
         with av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as container:
             if not container.streams.audio:
                 raise ValueError("it has no audio stream")
+            claimed = container.duration / 1_000_000 if container.duration else None
+            if max_seconds is not None and claimed is not None and claimed > max_seconds + 1:  # from the header
+                raise ValueError(f"it is {claimed:.0f} s long, over the {max_seconds:g} s limit; cut it or raise "
+                                 "max_seconds")  # fmt: skip
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             got = 0
             for frame in container.decode(container.streams.audio[0]):

@@ -105,6 +105,25 @@ class VideoProcessor:
 
     def _read(self, source: MediaInput) -> tuple[list[Image.Image], list[float]]:
         """Sampled frames, stamped and resized as they are decoded (see `load`); an odd count repeats the last."""
+        frames, seconds = self._sampled(source, prepare=True)
+        if len(frames) % self.temporal_merge_size:
+            frames.append(frames[-1])
+            seconds.append(seconds[-1])
+        return frames, seconds
+
+    def decode(self, source: MediaInput) -> tuple[list[Image.Image], list[float]]:
+        """The sampled frames (RGB, as decoded) of a video file, bytes, data: URL or frame list, and their
+        timestamps in seconds."""
+        if isinstance(source, np.ndarray) and source.ndim == 4:
+            source = list(source)
+        if isinstance(source, (list, tuple)):  # already decoded frames, taken as sampled at `fps`
+            frames = [f if isinstance(f, Image.Image) else load_image(f) for f in source]
+            return [f.convert("RGB") for f in frames], [i / self.fps for i in range(len(frames))]
+        return self._sampled(source, prepare=False)
+
+    def _sampled(self, source: MediaInput, prepare: bool) -> tuple[list[Image.Image], list[float]]:
+        """The sampled frames of a file and their timestamps; prepare: each one stamped and resized to the planned
+        size as it is decoded (`_plan`), else as decoded. Frames over `max_input_pixels` are refused unread."""
         import av
 
         data = read_bytes(source) if not isinstance(source, Path) or source.is_file() else read_bytes(str(source))
@@ -121,7 +140,10 @@ class VideoProcessor:
                 total = stream.frames or max(1, round(duration * rate))
                 if total > MAX_DECODED_FRAMES:
                     raise ValueError(f"it claims {total} frames, over the {MAX_DECODED_FRAMES} limit")
-                wanted, h, w = self._plan(total, duration, height, width)
+                if prepare:
+                    wanted, h, w = self._plan(total, duration, height, width)
+                else:
+                    wanted = sample_indices(total, duration, self.fps, self.min_frames, self.max_frames)
                 keep = set(wanted)
                 done: dict[int, Image.Image] = {}
                 for i, frame in enumerate(container.decode(stream)):
@@ -129,9 +151,11 @@ class VideoProcessor:
                         raise ValueError("too many frames")
                     if i in keep:
                         img = frame.to_image().convert("RGB")
-                        if self.draw_timestamps:
-                            img = draw_timestamp(img, i * duration / total)
-                        done[i] = img.resize((w, h), Image.Resampling.BICUBIC)
+                        if prepare:
+                            if self.draw_timestamps:
+                                img = draw_timestamp(img, i * duration / total)
+                            img = img.resize((w, h), Image.Resampling.BICUBIC)
+                        done[i] = img
                     if i >= wanted[-1]:
                         break
         except ValueError as e:
@@ -142,52 +166,7 @@ class VideoProcessor:
             raise ValueError(f"{describe(source)}: not a readable video (no frame could be decoded)")
         fallback = done[max(done)]
         frames = [done.get(i, fallback) for i in wanted]  # a stream shorter than announced repeats its end
-        seconds = [i * duration / total for i in wanted]
-        if len(frames) % self.temporal_merge_size:
-            frames.append(frames[-1])
-            seconds.append(seconds[-1])
-        return frames, seconds
-
-    def decode(self, source: MediaInput) -> tuple[list[Image.Image], list[float]]:
-        """The sampled frames (RGB) of a video file, bytes or data: URL, and their timestamps in seconds."""
-        import av
-
-        if isinstance(source, np.ndarray) and source.ndim == 4:
-            source = list(source)
-        if isinstance(source, (list, tuple)):  # already decoded frames, taken as sampled at `fps`
-            frames = [f if isinstance(f, Image.Image) else load_image(f) for f in source]
-            return [f.convert("RGB") for f in frames], [i / self.fps for i in range(len(frames))]
-        data = read_bytes(source) if not isinstance(source, Path) or source.is_file() else read_bytes(str(source))
-        try:
-            with av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as container:
-                if not container.streams.video:
-                    raise ValueError("it has no video stream")
-                stream = container.streams.video[0]
-                rate = float(stream.average_rate or stream.guessed_rate or 25)
-                duration = _duration(container, stream)
-                total = stream.frames or max(1, round(duration * rate))
-                if total > MAX_DECODED_FRAMES:
-                    raise ValueError(f"it claims {total} frames, over the {MAX_DECODED_FRAMES} limit")
-                wanted = sample_indices(total, duration, self.fps, self.min_frames, self.max_frames)
-                keep = set(wanted)
-                decoded: dict[int, Image.Image] = {}
-                for i, frame in enumerate(container.decode(stream)):
-                    if i > MAX_DECODED_FRAMES:
-                        raise ValueError("too many frames")
-                    if i in keep:
-                        decoded[i] = frame.to_image().convert("RGB")
-                    if i >= wanted[-1]:
-                        break
-        except ValueError as e:
-            raise ValueError(f"{describe(source)}: not a readable video ({e})") from None
-        except (av.error.FFmpegError, OSError) as e:
-            raise ValueError(f"{describe(source)}: not a readable video ({e})") from None
-        if not decoded:
-            raise ValueError(f"{describe(source)}: not a readable video (no frame could be decoded)")
-        fallback = decoded[max(decoded)]
-        frames = [decoded.get(i, fallback) for i in wanted]  # a stream shorter than announced repeats its end
-        seconds = [i * duration / total for i in wanted]
-        return frames, seconds
+        return frames, [i * duration / total for i in wanted]
 
     def encode_frames(self, frames: list[Image.Image], seconds: list[float], source=None):
         """Decoded frames -> (patches [T*h*w, 3*14*14] numpy, grid [T, h, w], timestamps of the T frames)."""

@@ -213,11 +213,10 @@ class FastExpertGroup(ExpertGroup):
         """Every expert's (gate_up, down) as `kernels.moe_block` reads them for decode rows x, or None."""
         if not self.kernel_reads(x):
             return None
-        key = (self.gate_up_proj.data_ptr(), self.down_proj.data_ptr())
-        if getattr(self, "_decode_key", None) != key:  # views made once, not 2 x 64 per layer and step
-            self._decode_experts = (list(self.gate_up_proj.unbind(0)), [], list(self.down_proj.unbind(0)), [], 0)
-            self._decode_key = key
-        return self._decode_experts
+        w1, w2 = self.gate_up_proj, self.down_proj
+        if not (w1.is_contiguous() and w2.is_contiguous()):
+            return None
+        return [w1], [], [w2], [], 0  # stacked: the call reads expert e as w1[e] (no 2 x 64 list elements to pass)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.gate_up_proj[e], self.down_proj[e]

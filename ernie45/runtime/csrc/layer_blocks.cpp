@@ -284,12 +284,17 @@ static torch::Tensor expert_rows(torch::Tensor xs, const torch::Tensor& w1, cons
   return gemv_bf16_to<at::BFloat16>(act, w2);
 }
 
-// h [B, 1, E]; expert e is (w1[e], s1[e]) -> (w2[e], s2[e]), s1 and s2 empty lists for bf16 weights.
+// h [B, 1, E]; expert e is (w1[e], s1[e]) -> (w2[e], s2[e]), s1 and s2 empty lists for bf16 weights. bf16
+// experts may instead come stacked: w1 = [gate_up [X, 2I, E]], w2 = [down [X, E, I]] (one list element each, so
+// the call does not convert 2 x 64 list elements every layer and step).
 static torch::Tensor moe_half(torch::Tensor h, const MoeWeights& m, at::TensorList w1, at::TensorList s1,
                               at::TensorList w2, at::TensorList s2) {
-  const int64_t B = h.size(0), E = h.size(2), X = static_cast<int64_t>(w1.size());
+  const bool stacked = w1.size() == 1 && w1[0].dim() == 3;
+  const int64_t B = h.size(0), E = h.size(2), X = stacked ? w1[0].size(0) : static_cast<int64_t>(w1.size());
   TORCH_CHECK(h.size(1) == 1 && m.router.size(0) == X && w2.size() == w1.size());
-  TORCH_CHECK(s1.empty() ? s2.empty() : (s1.size() == w1.size() && s2.size() == w1.size()));
+  TORCH_CHECK(stacked ? (s1.empty() && s2.empty() && w2[0].dim() == 3 && w2[0].size(0) == X && w1[0].is_contiguous()
+                         && w2[0].is_contiguous())
+                      : (s1.empty() ? s2.empty() : (s1.size() == w1.size() && s2.size() == w1.size())));
   auto x = rmsnorm(h, m.norm, m.eps).view({B, E});
   auto out = m.shared_gate_up.w.numel() ? matvec(silu_mul(matvec(x, m.shared_gate_up)), m.shared_down)
                                         : torch::zeros_like(x);
@@ -307,7 +312,8 @@ static torch::Tensor moe_half(torch::Tensor h, const MoeWeights& m, at::TensorLi
   const torch::Tensor none;  // bf16 experts: no scales
   for (int64_t e = 0, start = 0; e < X; start += C[e], ++e)
     if (C[e])
-      ys.narrow(0, start, C[e]).copy_(expert_rows(xs.narrow(0, start, C[e]), w1[e], s1.empty() ? none : s1[e], w2[e],
+      ys.narrow(0, start, C[e]).copy_(expert_rows(xs.narrow(0, start, C[e]), stacked ? w1[0].select(0, e) : w1[e],
+                                                  s1.empty() ? none : s1[e], stacked ? w2[0].select(0, e) : w2[e],
                                                   s2.empty() ? none : s2[e], m.expert_group));
   ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(1);
   return h + (out + torch::zeros_like(x).index_add_(0, token, ys)).view({B, 1, E});
