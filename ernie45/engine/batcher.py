@@ -22,10 +22,11 @@ import torch
 
 from .compiled import CompiledDecoder
 from .llm import LLM, Delta, RowState
-from .sampling import SamplingParams, apply_penalties, sample
+from .sampling import SamplingParams, apply_penalties, position_logprobs, sample
 from .slots import SlotKVCache
 
 MIN_PREFIX = 16  # shorter shared prefixes are cheaper to recompute than to look up and copy
+SCORED_CHUNK = 256  # prompt positions a chunk computes logits for when the prompt is scored (V floats each)
 
 
 def _has_media(encoded: dict[str, Any]) -> bool:
@@ -345,8 +346,9 @@ class BatchEngine:
         free = [i for i, r in enumerate(self.slots) if r is None]
         ids = req.encoded["input_ids"]
         text = not _has_media(req.encoded)
+        scored = req.params.prompt_logprobs is not None  # every prompt position's logits are computed
         src, reuse = None, 0
-        for i, held in enumerate(self.slot_tokens if text else []):
+        for i, held in enumerate(self.slot_tokens if text and not scored else []):
             if held:
                 n = min(_common_prefix(held, ids), len(ids) - 1)  # one prompt token is computed, for its logits
                 if n >= MIN_PREFIX and (n > reuse or (n == reuse and i in free)):
@@ -371,6 +373,9 @@ class BatchEngine:
         media = _has_media(enc)
         start = req.done_prompt
         end = req.prompt_len if media else min(req.prompt_len, start + max(budget, 1))
+        scored = req.params.prompt_logprobs is not None
+        if scored and not media:
+            end = min(end, start + SCORED_CHUNK)
         ids = torch.tensor([enc["input_ids"][start:end]], device=dev)
         view = self.cache.slot(req.slot)
         kwargs: dict[str, Any] = {}
@@ -379,9 +384,25 @@ class BatchEngine:
             kwargs = {k: v.to(dev) for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
         if start:
             kwargs["attention_mask"] = torch.ones(1, end, dtype=torch.long, device=dev)
-        logits = self.model(input_ids=ids, cache=view, logits_to_keep=1, **kwargs).logits[:, -1]
-        self._prefilled(req, start, end, logits)
+        logits = self.model(input_ids=ids, cache=view, logits_to_keep=0 if scored else 1, **kwargs).logits
+        if scored:
+            self._score(req, start, end, logits[0])
+        self._prefilled(req, start, end, logits[:, -1])
         return end - start
+
+    def _score(self, req: Request, start: int, end: int, logits: torch.Tensor) -> None:
+        """The log-probabilities of prompt tokens start+1..end (position p's logits predict token p + 1)."""
+        ids, row = req.encoded["input_ids"], req.row
+        if row.prompt_logprobs is None:
+            row.prompt_logprobs = [None]
+        decode = self._decode_one
+        for j in range(end - start):
+            if start + j + 1 < req.prompt_len:
+                row.prompt_logprobs.append(position_logprobs(logits[j], ids[start + j + 1],
+                                                             req.params.prompt_logprobs, decode))  # fmt: skip
+
+    def _decode_one(self, token: int) -> str:
+        return self.llm.processor.tokenizer.decode([token], skip_special_tokens=False)
 
     def _prefilled(self, req: Request, start: int, end: int, logits: torch.Tensor) -> None:
         """Prompt tokens start..end of `req` are in its slot; after the last, `logits` give its first token."""
@@ -392,14 +413,18 @@ class BatchEngine:
             self.prefilling.remove(req)
             self.running.append(req)
             self.stats["prompt_tokens"] += req.prompt_len
-            self._take(req, logits)
+            if req.params.max_tokens == 0:  # scoring only: no answer token
+                req.row.finish_reason = "length"
+                self._done(req, "", [])
+            else:
+                self._take(req, logits)
 
     def _fresh_group(self, budget: int) -> list[Request]:
         """Text prompts that start from an empty slot and fit the budget together (two or more): one forward
         prefills them all instead of one forward each."""
         group, total = [], 0
         for req in self.prefilling:
-            if req.done_prompt or _has_media(req.encoded) or req.finished:
+            if req.done_prompt or _has_media(req.encoded) or req.finished or req.params.prompt_logprobs is not None:
                 continue
             if total + req.prompt_len > budget:
                 break
@@ -446,7 +471,16 @@ class BatchEngine:
                 self._fail([r], e)
 
     def _take(self, req: Request, logits: torch.Tensor) -> None:
-        p = req.params
+        p, row = req.params, req.row
+        raw = logits
+        if p.logit_bias or (p.min_tokens and len(row.token_ids) < p.min_tokens):
+            logits = logits.float().clone()
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=logits.device)
+                logits[0, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            if p.min_tokens and len(row.token_ids) < p.min_tokens:  # no end yet
+                ends = {*p.stop_token_ids, *(() if p.ignore_eos else row.eos)}
+                logits[0, [t for t in ends if t < logits.shape[-1]]] = float("-inf")
         if p.penalised or not p.greedy:  # greedy without penalties: the argmax of the logits as they are
             logits = apply_penalties(logits.float(), req.seen, req.counts, p)
         tok = int(sample(logits, p, req.generator)[0])
@@ -457,17 +491,25 @@ class BatchEngine:
         if req.first_token is None:
             req.first_token = time.perf_counter()
             self.stats["ttft_sum"] += req.first_token - req.arrival
-        before = len(req.row.token_ids)
-        text = req.row.push(tok)
-        ids = req.row.token_ids[before:]
+        before = len(row.token_ids)
+        text = row.push(tok)
+        ids = row.token_ids[before:]
+        if ids and row.logprobs is not None:
+            row.logprobs.append(position_logprobs(raw[0], tok, p.logprobs, self._decode_one))
         room = self.cache.lengths[req.slot] + 1 < self.max_len
-        if req.row.finish_reason is None and not room:
-            req.row.finish_reason = "length"
-            text += req.row.detok.flush()
-        if req.row.finish_reason is not None:
+        if row.finish_reason is None and not room:
+            row.finish_reason = "length"
+            text += row.detok.flush()
+        self._done(req, text, ids)
+
+    def _done(self, req: Request, text: str, ids: list[int]) -> None:
+        """Emit what this step released; a finished request is counted (its slot is freed by `_release`)."""
+        row = req.row
+        if row.finish_reason is not None:
             req.finished = True
             self.stats["finished"] += 1
-            self.stats["completion_tokens"] += len(req.row.token_ids)
+            self.stats["completion_tokens"] += len(row.token_ids)
             self.stats["latency_sum"] += time.perf_counter() - req.arrival
         if text or ids or req.finished:
-            req.emit(Delta(text, ids, req.row.finish_reason))
+            logprobs = row.logprobs[len(row.logprobs) - len(ids) :] if row.logprobs is not None and ids else None
+            req.emit(Delta(text, ids, row.finish_reason, logprobs))

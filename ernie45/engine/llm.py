@@ -1,8 +1,8 @@
 """`ernie45.LLM`: batched generation, chat and streaming over any ERNIE 4.5 checkpoint.
 
-One loop serves all three: prefill the left-padded batch into a KV cache allocated once, then one token
-per row per step; each row's `RowState` detokenizes incrementally, applies stop rules and says when it
-is done.
+All three are clients of the continuous-batching scheduler (`batcher.BatchEngine`), stepped on the caller's thread:
+a list of prompts is one batch of requests. Each request's `RowState` detokenizes incrementally, applies stop
+rules, keeps its log-probabilities and says when it is done.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..processing.processor import Processor, load_processor
 from ..runtime.prepare import Plan, prepare
 from .compiled import CompiledDecoder
 from .detokenize import IncrementalDetokenizer
-from .sampling import SamplingParams
+from .sampling import Logprob, SamplingParams
 
 
 @dataclass
@@ -35,6 +35,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS, stop string or stop id), "length" (max_tokens) or "abort"
     reasoning: str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # per answer token, with `SamplingParams(logprobs=k)`
 
 
 @dataclass
@@ -51,10 +52,13 @@ class Completion:
     outputs: list[CompletionOutput] = field(default_factory=list)
     prompt_token_ids: list[int] = field(default_factory=list)
     prompt: str | None = None  # the prompt's text where it was given as text (vLLM's `RequestOutput.prompt`)
+    logprobs: list[dict[int, Logprob]] | None = None  # the first answer's, per token (`SamplingParams.logprobs`)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token, None for the first
 
     def __post_init__(self) -> None:
         if not self.outputs:
-            self.outputs = [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.reasoning)]
+            self.outputs = [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.reasoning,
+                                             self.logprobs)]  # fmt: skip
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # one per id in token_ids, with `SamplingParams.logprobs`
 
 
 class RowState:
@@ -71,6 +76,8 @@ class RowState:
         self.detok, self.params, self.eos, self.prompt_tokens = detok, params, eos, prompt_tokens
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def push(self, token: int) -> str:
         """Take one sampled token; return the text it releases."""
@@ -91,14 +98,9 @@ class RowState:
         text, reasoning = self.detok.text, None
         if chat:
             reasoning, text = split_reasoning(text)
-        return Completion(
-            text,
-            list(self.token_ids),
-            self.finish_reason or "abort",
-            self.prompt_tokens,
-            len(self.token_ids),
-            reasoning,
-        )
+        return Completion(text, list(self.token_ids), self.finish_reason or "abort", self.prompt_tokens,
+                          len(self.token_ids), reasoning, logprobs=self.logprobs,
+                          prompt_logprobs=self.prompt_logprobs)  # fmt: skip
 
 
 class LLM:
@@ -319,6 +321,8 @@ def _as_list(prompts) -> list:
 def _merge(rows: list[Completion], prompt_ids: list[int]) -> Completion:
     """The `n` answers of one prompt as one result (the first answer's fields on top)."""
     first = rows[0]
-    outputs = [CompletionOutput(i, r.text, r.token_ids, r.finish_reason, r.reasoning) for i, r in enumerate(rows)]
+    outputs = [CompletionOutput(i, r.text, r.token_ids, r.finish_reason, r.reasoning, r.logprobs)
+               for i, r in enumerate(rows)]  # fmt: skip
     return Completion(first.text, first.token_ids, first.finish_reason, first.prompt_tokens,
-                      sum(r.completion_tokens for r in rows), first.reasoning, outputs, list(prompt_ids))  # fmt: skip
+                      sum(r.completion_tokens for r in rows), first.reasoning, outputs, list(prompt_ids),
+                      logprobs=first.logprobs, prompt_logprobs=first.prompt_logprobs)  # fmt: skip

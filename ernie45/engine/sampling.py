@@ -24,12 +24,19 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     n: int = 1  # answers per prompt (vLLM's `n`): `LLM.generate` / `chat` return them in `.outputs`
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the answer before this many tokens
+    logit_bias: dict[int, float] | None = None  # added to the logits of these token ids before sampling
+    logprobs: int | None = None  # per answer token: its log-probability and the `logprobs` most likely (0: none)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (self.max_tokens >= 1, "max_tokens must be at least 1"),
+            (self.max_tokens >= 0, "max_tokens must be >= 0 (0: score the prompt only, with prompt_logprobs)"),
+            (self.min_tokens >= 0, "min_tokens must be >= 0"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
             (1 <= self.n <= 64, "n (answers per prompt) must be in [1, 64]"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -51,6 +58,29 @@ class SamplingParams:
     def penalised(self) -> bool:
         """Whether `apply_penalties` changes anything (else the seen / counts bookkeeping can be skipped)."""
         return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability under the model (raw logits, before penalties and sampling filters), its rank
+    among all tokens (1: the most likely) and its text (vLLM's `Logprob`)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+def position_logprobs(logits: torch.Tensor, chosen: int, top: int, decode) -> dict[int, Logprob]:
+    """{token id: Logprob} at one position from its logits [V]: the chosen token and the `top` most likely."""
+    lp = torch.log_softmax(logits.float(), -1)
+    value = float(lp[chosen])
+    out = {chosen: Logprob(value, int((lp > lp[chosen]).sum()) + 1, decode(chosen))}
+    if top:
+        values, ids = lp.topk(top)
+        for rank, (t, v) in enumerate(zip(ids.tolist(), values.tolist(), strict=True), start=1):
+            if t not in out:
+                out[t] = Logprob(v, rank, decode(t))
+    return out
 
 
 MIN_TEMPERATURE = 1e-4  # below this, logits / temperature overflows: sampling is greedy

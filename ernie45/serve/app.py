@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,17 @@ import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import LLM, Delta
+from ..engine import LLM
 from ..engine.batcher import BatchEngine, EngineStopped, QueueFull
+from .logprobs import chat_logprobs, completion_logprobs
 from .media import MediaPolicy
 from .metrics import Metrics
-from .protocol import APIError, ChatRequest, CompletionRequest, ReasoningSplit, split_answer
+from .protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, split_answer
+from .streaming import chat_stream, collect, completion_stream, finish_reason, sse, usage
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 log = logging.getLogger("ernie45.serve")
@@ -88,6 +89,21 @@ class Server:
             raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
         return {"input_ids": list(prompt)}
 
+    def decode_one(self, token: int) -> str:
+        return self.llm.processor.tokenizer.decode([token], skip_special_tokens=False)
+
+    def completion_choice(self, index: int, text: str, reason: str | None, handle, body: CompletionRequest) -> dict:
+        """A whole completions choice: with echo the prompt's text (and its tokens' log-probabilities) first."""
+        row, prompt_ids = handle.request.row, handle.request.encoded["input_ids"]
+        prefix = self.llm.processor.decode(prompt_ids) if body.echo else ""
+        logprobs = None
+        if body.logprobs is not None:
+            ids, entries = list(row.token_ids), list(row.logprobs or [])
+            if body.echo:
+                ids, entries = list(prompt_ids) + ids, list(row.prompt_logprobs or [None] * len(prompt_ids)) + entries
+            logprobs = completion_logprobs(entries, ids, body.logprobs, self.decode_one)
+        return {"index": index, "text": prefix + text, "finish_reason": finish_reason(reason), "logprobs": logprobs}
+
     def submit(self, encoded: list[dict[str, Any]], body, n: int) -> list:
         """Every prompt with its n choices, admitted together or not at all: a refusal leaves no work behind."""
         items = []
@@ -103,7 +119,7 @@ class Server:
                 raise APIError(400, f"max_tokens {body.limit} + the prompt's {tokens} tokens exceed the "
                                     f"{self.engine.max_len}-token context; ask for at most {room}",
                                param="max_tokens", code="context_length_exceeded")  # fmt: skip
-            limit = body.limit or min(self.llm.default_sampling.max_tokens, room)
+            limit = body.limit if body.limit is not None else min(self.llm.default_sampling.max_tokens, room)
             items += [(e, body.sampling(self.llm.default_sampling, limit, i)) for i in range(n)]
         try:
             return self.engine.submit_all(items, loop=asyncio.get_running_loop())
@@ -169,6 +185,12 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
     async def api_error(request: Request, e: APIError):
         return _error(e)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(e.status_code, "invalid_request_error")
+        what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return _error(APIError(e.status_code, what.get(e.status_code, str(e.detail)), type=kind))
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
@@ -212,31 +234,63 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": name}
         if body.stream:
-            return _sse(_chat_stream(handles, body, head), handles)
-        texts = await _collect(handles, request)
+            return sse(chat_stream(handles, body, head), handles)
+        texts = await collect(handles, request)
         choices = []
-        for i, (text, reason) in enumerate(texts):
+        for i, ((text, reason), h) in enumerate(zip(texts, handles, strict=True)):
             reasoning, content = split_answer(text, body.thinking)
             msg = {"role": "assistant", "content": content}
             if reasoning is not None:
                 msg["reasoning_content"] = reasoning
-            choices.append({"index": i, "message": msg, "finish_reason": _finish(reason)})
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(handles)}
+            row = h.request.row
+            logprobs = None if row.logprobs is None else chat_logprobs(row.logprobs, row.token_ids,
+                                                                        body.top_logprobs or 0)  # fmt: skip
+            choices.append({"index": i, "message": msg, "finish_reason": finish_reason(reason), "logprobs": logprobs})
+        return {**head, "object": "chat.completion", "choices": choices, "usage": usage(handles)}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         srv.check_model(body.model)
-        prompts = body.prompt if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else [body.prompt]
+        prompts = body.prompts()
         srv.check_texts([p for p in prompts if isinstance(p, str)], "prompt")
         encoded = [await run_in_threadpool(srv.encode_prompt, p) for p in prompts]
         handles = srv.submit(encoded, body, body.n)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if body.stream:
-            return _sse(_completion_stream(handles, body, head), handles)
-        texts = await _collect(handles, request)
-        choices = [{"index": i, "text": t, "finish_reason": _finish(r), "logprobs": None}
-                   for i, (t, r) in enumerate(texts)]  # fmt: skip
-        return {**head, "object": "text_completion", "choices": choices, "usage": _usage(handles)}
+            if body.echo:
+                raise APIError(400, "echo is not available with stream; ask without stream", param="echo")
+            return sse(completion_stream(handles, body, head, srv.decode_one), handles)
+        texts = await collect(handles, request)
+        choices = [
+            srv.completion_choice(i, t, r, h, body) for i, ((t, r), h) in enumerate(zip(texts, handles, strict=True))
+        ]
+        return {**head, "object": "text_completion", "choices": choices, "usage": usage(handles)}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str):
+        srv.check_model(model_id)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "ernie45", "max_model_len": engine.max_len}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            srv.check_model(body.model)
+        if body.prompt is not None:
+            srv.check_texts([body.prompt], "prompt")
+            ids = (await run_in_threadpool(srv.llm.processor.encode, body.prompt))["input_ids"]
+        else:
+            chat = ChatRequest(model=name, messages=body.messages)
+            ids = (await srv.encode_chat(chat))["input_ids"]
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            srv.check_model(body.model)
+        vocab = srv.llm.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must lie in [0, {vocab})", param="tokens")
+        return {"prompt": srv.llm.processor.decode(body.tokens)}
 
     return app
 
@@ -282,110 +336,3 @@ KNOWN = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/
 
 def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
-
-
-def _finish(reason: str | None) -> str:
-    return "stop" if reason in (None, "abort") else reason
-
-
-def _usage(handles) -> dict[str, int]:
-    prompt = sum({id(h.request.encoded): h.prompt_tokens for h in handles}.values())  # each prompt once, not n times
-    completion = sum(len(h.request.row.token_ids) for h in handles)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-async def _collect(handles, request: Request) -> list[tuple[str, str | None]]:
-    """Whole answers; if the client goes away first, every request is aborted."""
-
-    async def one(h):
-        text, reason = [], None
-        async for d in h:
-            text.append(d.text)
-            reason = d.finish_reason or reason
-        return "".join(text), reason
-
-    work = asyncio.ensure_future(asyncio.gather(*(one(h) for h in handles)))
-    while not work.done():
-        await asyncio.wait([work], timeout=0.5)
-        if not work.done() and await request.is_disconnected():
-            for h in handles:
-                h.abort()
-            work.cancel()
-            raise APIError(499, "client closed the request")
-    return work.result()
-
-
-async def _merged(handles) -> AsyncIterator[tuple[int, Delta]]:
-    """Deltas of n requests as they come, tagged with their choice index."""
-    q: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, h):
-        try:
-            async for d in h:
-                await q.put((i, d))
-        except Exception as e:  # the engine failed this request: end its choice with an error
-            await q.put((i, e))
-
-    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
-    left = len(handles)
-    try:
-        while left:
-            i, d = await q.get()
-            if isinstance(d, Exception):
-                left -= 1
-                yield i, Delta("", [], "error")
-                continue
-            left -= bool(d.finish_reason)
-            yield i, d
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _chat_stream(handles, body: ChatRequest, head: dict) -> AsyncIterator[dict]:
-    splits = [ReasoningSplit(body.thinking) for _ in handles]
-    for i in range(len(handles)):
-        yield {
-            **head,
-            "object": "chat.completion.chunk",
-            "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
-        }
-    async for i, d in _merged(handles):
-        reasoning, content = splits[i].feed(d.text, final=d.finish_reason is not None)
-        delta = {}
-        if reasoning:
-            delta["reasoning_content"] = reasoning
-        if content:
-            delta["content"] = content
-        if delta or d.finish_reason:
-            finish = _finish(d.finish_reason) if d.finish_reason else None
-            yield {**head, "object": "chat.completion.chunk",
-                   "choices": [{"index": i, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-    if body.include_usage:
-        yield {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(handles)}
-
-
-async def _completion_stream(handles, body: CompletionRequest, head: dict) -> AsyncIterator[dict]:
-    async for i, d in _merged(handles):
-        if d.text or d.finish_reason:
-            finish = _finish(d.finish_reason) if d.finish_reason else None
-            yield {
-                **head,
-                "object": "text_completion",
-                "choices": [{"index": i, "text": d.text, "finish_reason": finish, "logprobs": None}],
-            }
-    if body.include_usage:
-        yield {**head, "object": "text_completion", "choices": [], "usage": _usage(handles)}
-
-
-def _sse(chunks: AsyncIterator[dict], handles) -> StreamingResponse:
-    async def body():
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:  # a client that disconnects lands here: its requests give their slots back now
-            for h in handles:
-                h.abort()
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..engine import SamplingParams
 
@@ -63,9 +63,17 @@ class Message(_Body):
     content: str | list[Part] | None = None
 
 
+NO_EFFECT = {"user"}  # OpenAI fields that ask nothing of the model (an end-user id for abuse tracking)
+
+
 class _Sampling(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
@@ -78,6 +86,20 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _nothing_ignored(self):
+        """A field this server does not implement is refused by name, never accepted and ignored."""
+        unknown = sorted(set(self.model_extra or {}) - NO_EFFECT)
+        if unknown:
+            raise ValueError(f"this server does not implement {', '.join(unknown)}; remove "
+                             f"{'it' if len(unknown) == 1 else 'them'} from the request")  # fmt: skip
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias maps token ids to values in [-100, 100]; got {key!r}: {bias}")
+        return self
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
@@ -87,11 +109,25 @@ class _Sampling(_Body):
         return stops
 
     def sampling(self, defaults: SamplingParams, max_tokens: int | None, index: int = 0) -> SamplingParams:
-        keys = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty")
+        keys = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                "repetition_penalty")  # fmt: skip
         values = {k: getattr(defaults, k) for k in keys}
         values.update({k: getattr(self, k) for k in keys if getattr(self, k) is not None})
         seed = None if self.seed is None else self.seed + index
-        return SamplingParams(max_tokens=max_tokens or defaults.max_tokens, stop=self.stop or [], seed=seed, **values)
+        bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+        return SamplingParams(max_tokens=defaults.max_tokens if max_tokens is None else max_tokens,
+                              stop=self.stop or [], seed=seed, stop_token_ids=list(self.stop_token_ids or []),
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logit_bias=bias,
+                              logprobs=self.token_logprobs, prompt_logprobs=self.prompt_logprobs,
+                              **values)  # fmt: skip
+
+    @property
+    def token_logprobs(self) -> int | None:
+        return None
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -102,6 +138,18 @@ class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def token_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def limit(self) -> int | None:
@@ -116,11 +164,58 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] = Field(min_length=1)
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (with echo and logprobs)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _zero_tokens_need_echo(self):
+        if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
+            raise ValueError("max_tokens 0 scores the prompt: it needs echo: true and logprobs")
+        if isinstance(self.prompt, list) and any(isinstance(p, list) and not p for p in self.prompt):
+            raise ValueError("prompt: a token list is empty")
+        return self
 
     @property
     def limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def token_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo and self.logprobs is not None else None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: one string or token list, or several."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
+            return list(self.prompt)
+        return [self.prompt]
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give prompt or messages (one of them)")
+        unknown = sorted(set(self.model_extra or {}))
+        if unknown:
+            raise ValueError(f"this server does not implement {', '.join(unknown)}")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 class ReasoningSplit:
