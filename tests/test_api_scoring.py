@@ -98,7 +98,7 @@ def test_logit_bias_min_tokens_and_stop_token_ids_do_what_they_say(server, llm):
 
 
 @pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("response_format", {"type": "json_object"}), ("functions", []),
+                                          ("tool_choice", "auto"), ("functions", []),
                                           ("best_of", 2), ("stream_options", {"include_usage": True})])  # fmt: skip
 def test_fields_the_server_does_not_implement_are_refused_by_name(server, field, value):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, field: value}
@@ -120,3 +120,53 @@ def test_the_routes_clients_probe(server, llm):
     assert httpx.post(server + "/detokenize", json={"tokens": ids["tokens"]}).json()["prompt"] == "hello there"
     for r in (httpx.get(server + "/nowhere"), httpx.get(server + "/v1/chat/completions")):
         assert r.status_code in (404, 405) and r.json()["error"]["message"]
+
+
+def test_structured_outputs_follow_the_schema_whatever_the_model(server, llm):
+    """The openai SDK's parse() with a pydantic model, a json_schema that validates, vLLM's choice and regex; a
+    constrained request and a free one in the same batch, the free one answering as it does alone."""
+    import concurrent.futures
+    import json
+    import re
+
+    import jsonschema
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=12)
+        age: int = Field(ge=0, le=150)
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "describe a person"}]
+    parsed = client.chat.completions.parse(model="tiny", messages=messages, response_format=Person, max_tokens=60,
+                                           temperature=0.8, seed=1)  # fmt: skip
+    person = parsed.choices[0].message.parsed
+    assert isinstance(person, Person) and 0 <= person.age <= 150
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green"]}, "n": {"type": "integer",
+              "minimum": 1, "maximum": 9}}, "required": ["colour", "n"], "additionalProperties": False}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "pick", "schema": schema, "strict": True}}
+    free_body = {"model": "tiny", "prompt": "hello there", "max_tokens": 12, "temperature": 0}
+    alone = httpx.post(server + "/v1/completions", json=free_body, timeout=60).json()["choices"][0]["text"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        constrained = pool.submit(client.chat.completions.create, model="tiny", messages=messages, max_tokens=40,
+                                  response_format=fmt, temperature=1.0, seed=2)  # fmt: skip
+        free = pool.submit(httpx.post, server + "/v1/completions", json=free_body, timeout=60)
+        answer = constrained.result().choices[0].message.content
+        assert free.result().json()["choices"][0]["text"] == alone
+    jsonschema.validate(json.loads(answer), schema)
+    post = lambda so: httpx.post(
+        server + "/v1/completions",
+        timeout=60,
+        json={  # noqa: E731
+            "model": "tiny",
+            "prompt": "pick",
+            "max_tokens": 20,
+            "temperature": 1.0,
+            "structured_outputs": so,
+        },
+    ).json()
+    assert post({"choice": ["yes", "no"]})["choices"][0]["text"] in ("yes", "no")
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", post({"regex": "[0-9]{3}-[a-z]{2}"})["choices"][0]["text"])
+    bad = httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "x",
+                                                       "structured_outputs": {"regex": "(unclosed"}})  # fmt: skip
+    assert bad.status_code == 400

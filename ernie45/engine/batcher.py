@@ -24,6 +24,7 @@ from .compiled import CompiledDecoder
 from .llm import LLM, Delta, RowState
 from .sampling import SamplingParams, apply_penalties, position_logprobs, sample
 from .slots import SlotKVCache
+from .structured import Constraint
 
 MIN_PREFIX = 16  # shorter shared prefixes are cheaper to recompute than to look up and copy
 SCORED_CHUNK = 256  # prompt positions a chunk computes logits for when the prompt is scored (V floats each)
@@ -71,6 +72,7 @@ class Request:
     seen: torch.Tensor | None = None
     counts: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    constraint: Constraint | None = None  # structured outputs: the grammar's matcher for this answer
 
     @property
     def prompt_len(self) -> int:
@@ -196,7 +198,10 @@ class BatchEngine:
         for encoded, params in items:
             out = queue.Queue() if loop is None else (loop, asyncio.Queue())
             row = self.llm.row_state(params, len(encoded["input_ids"]))
-            reqs.append(Request(next(self._ids), encoded, params, row, out, group=group))
+            constraint = None
+            if params.structured_outputs is not None:  # a bad schema or grammar is the caller's ValueError, here
+                constraint = Constraint(params.structured_outputs, self.llm.processor.tokenizer)
+            reqs.append(Request(next(self._ids), encoded, params, row, out, group=group, constraint=constraint))
         with self._cv:
             if len(self.waiting) + len(reqs) > self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; {len(reqs)} more do not fit "
@@ -483,8 +488,12 @@ class BatchEngine:
                 logits[0, [t for t in ends if t < logits.shape[-1]]] = float("-inf")
         if p.penalised or not p.greedy:  # greedy without penalties: the argmax of the logits as they are
             logits = apply_penalties(logits.float(), req.seen, req.counts, p)
+        if req.constraint is not None:
+            logits = req.constraint.mask(logits)
         tok = int(sample(logits, p, req.generator)[0])
         req.last_token = tok
+        if req.constraint is not None:
+            req.constraint.advance(tok)
         if p.penalised:  # (the bookkeeping costs a few small ops a step; only penalties read it)
             req.seen[0, min(tok, req.seen.shape[1] - 1)] = True
             req.counts[0, min(tok, req.counts.shape[1] - 1)] += 1
@@ -499,6 +508,9 @@ class BatchEngine:
         room = self.cache.lengths[req.slot] + 1 < self.max_len
         if row.finish_reason is None and not room:
             row.finish_reason = "length"
+            text += row.detok.flush()
+        if row.finish_reason is None and req.constraint is not None and req.constraint.done:
+            row.finish_reason = "stop"  # the grammar has ended: nothing else may follow
             text += row.detok.flush()
         self._done(req, text, ids)
 

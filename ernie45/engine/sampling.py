@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .structured import StructuredOutputs
+
 
 @dataclass
 class SamplingParams:
@@ -28,6 +30,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # added to the logits of these token ids before sampling
     logprobs: int | None = None  # per answer token: its log-probability and the `logprobs` most likely (0: none)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (scoring)
+    structured_outputs: StructuredOutputs | None = None  # the answer follows a JSON schema, regex, choice, grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

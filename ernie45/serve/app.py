@@ -123,6 +123,8 @@ class Server:
             items += [(e, body.sampling(self.llm.default_sampling, limit, i)) for i in range(n)]
         try:
             return self.engine.submit_all(items, loop=asyncio.get_running_loop())
+        except ValueError as e:  # a schema or grammar the matcher cannot build
+            raise APIError(400, str(e), param="response_format") from None
         except QueueFull as e:
             raise APIError(429, f"the server is busy ({e}); retry later", type="rate_limit_error") from None
         except EngineStopped as e:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ..engine import SamplingParams
+from ..engine.structured import StructuredOutputs
 
 
 class APIError(Exception):
@@ -74,6 +75,9 @@ class _Sampling(_Body):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None  # OpenAI: text, json_object, json_schema
+    structured_outputs: dict[str, Any] | None = None  # vLLM: json, regex, choice, grammar, json_object
+    _structured: StructuredOutputs | None = PrivateAttr(None)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
@@ -98,7 +102,30 @@ class _Sampling(_Body):
         for key, bias in (self.logit_bias or {}).items():
             if not key.isdigit() or not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias maps token ids to values in [-100, 100]; got {key!r}: {bias}")
+        self._structured = self._structure()
         return self
+
+    def _structure(self) -> StructuredOutputs | None:
+        """response_format or structured_outputs as the engine's constraint (None: free text)."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise ValueError("give response_format or structured_outputs, not both")
+        if self.structured_outputs is not None:
+            unknown = set(self.structured_outputs) - {"json", "regex", "choice", "grammar", "json_object"}
+            if unknown:
+                raise ValueError(f"structured_outputs takes json, regex, choice, grammar or json_object; not "
+                                 f"{sorted(unknown)}")  # fmt: skip
+            return StructuredOutputs(**self.structured_outputs)
+        fmt = self.response_format
+        if fmt is None or fmt.get("type") == "text":
+            return None
+        if fmt.get("type") == "json_object":
+            return StructuredOutputs(json_object=True)
+        if fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ValueError("response_format json_schema needs {'name': ..., 'schema': {...}}")
+            return StructuredOutputs(json=spec.get("schema") or {"type": "object"})
+        raise ValueError(f"response_format type {fmt.get('type')!r} is not text, json_object or json_schema")
 
     @field_validator("stop")
     @classmethod
@@ -119,7 +146,7 @@ class _Sampling(_Body):
                               stop=self.stop or [], seed=seed, stop_token_ids=list(self.stop_token_ids or []),
                               ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logit_bias=bias,
                               logprobs=self.token_logprobs, prompt_logprobs=self.prompt_logprobs,
-                              **values)  # fmt: skip
+                              structured_outputs=self._structured, **values)  # fmt: skip
 
     @property
     def token_logprobs(self) -> int | None:
