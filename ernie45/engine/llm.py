@@ -20,10 +20,12 @@ from ..checkpoint import load
 from ..embedded import default_model_path
 from ..processing.chat_template import split_reasoning
 from ..processing.processor import Processor, load_processor
+from ..processing.tools import check_tools, choice_grammar, parse_tool_calls
 from ..runtime.prepare import Plan, prepare
 from .compiled import CompiledDecoder
 from .detokenize import IncrementalDetokenizer
 from .sampling import Logprob, SamplingParams
+from .structured import StructuredOutputs
 
 
 @dataclass
@@ -36,6 +38,7 @@ class CompletionOutput:
     finish_reason: str  # "stop" (EOS, stop string or stop id), "length" (max_tokens) or "abort"
     reasoning: str | None = None
     logprobs: list[dict[int, Logprob]] | None = None  # per answer token, with `SamplingParams(logprobs=k)`
+    tool_calls: list[dict] | None = None  # OpenAI `tool_calls` parsed from the answer (`chat(..., tools=...)`)
 
 
 @dataclass
@@ -54,11 +57,12 @@ class Completion:
     prompt: str | None = None  # the prompt's text where it was given as text (vLLM's `RequestOutput.prompt`)
     logprobs: list[dict[int, Logprob]] | None = None  # the first answer's, per token (`SamplingParams.logprobs`)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token, None for the first
+    tool_calls: list[dict] | None = None  # the first answer's tool calls (`chat(..., tools=...)`)
 
     def __post_init__(self) -> None:
         if not self.outputs:
             self.outputs = [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, self.reasoning,
-                                             self.logprobs)]  # fmt: skip
+                                             self.logprobs, self.tool_calls)]  # fmt: skip
 
 
 @dataclass
@@ -197,12 +201,28 @@ class LLM:
 
     def chat(self, messages, sampling: SamplingParams | list[SamplingParams] | None = None, *,
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False,
+             tools: list[dict] | None = None, tool_choice: str | dict | None = None, parallel_tool_calls: bool = True,
              **template_kw: Any) -> list[Completion]:  # fmt: skip
-        """Answer one conversation (a list of messages) or several (a list of such lists)."""
+        """Answer one conversation (a list of messages) or several (a list of such lists).
+
+        tools: OpenAI function tools; calls in the answer come back parsed in `.tool_calls` (finish_reason
+        "tool_calls"). tool_choice: "auto" (default with tools), "none", "required" or {"type": "function",
+        "function": {"name": ...}}; the last two are enforced by constrained decoding, so the calls always parse
+        and match the function's parameter schema."""
         convs = messages if messages and isinstance(messages[0], list) else [messages]
-        encoded = [self.processor.encode_chat(m, **template_kw) for m in convs]
-        return self._complete_each(encoded, self._params(sampling, sampling_params, len(encoded)), chat=True,
-                                   progress=use_tqdm)  # fmt: skip
+        tools = check_tools(tools)
+        encoded = [self.processor.encode_chat(m, tools=tools, **template_kw) for m in convs]
+        params = self._params(sampling, sampling_params, len(encoded))
+        grammar = choice_grammar(tools, tool_choice, parallel_tool_calls)
+        if grammar is not None:
+            params = [replace(p, structured_outputs=StructuredOutputs(grammar=grammar)) for p in params]
+        results = self._complete_each(encoded, params, chat=True, progress=use_tqdm)
+        if tools and tool_choice != "none":
+            for r in results:
+                r.outputs = [_with_calls(o, tools) for o in r.outputs]
+                first = r.outputs[0]
+                r.text, r.tool_calls, r.finish_reason = first.text, first.tool_calls, first.finish_reason
+        return results
 
     def _params(self, sampling, sampling_params, n: int) -> list[SamplingParams]:
         if sampling is not None and sampling_params is not None:
@@ -316,6 +336,14 @@ def _as_list(prompts) -> list:
     if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
         return [prompts]
     return list(prompts)
+
+
+def _with_calls(out: CompletionOutput, tools: list[dict]) -> CompletionOutput:
+    """`out` with its tool-call blocks parsed out of the text."""
+    text, calls = parse_tool_calls(out.text, tools)
+    if not calls:
+        return out
+    return replace(out, text=text, tool_calls=calls, finish_reason="tool_calls")
 
 
 def _merge(rows: list[Completion], prompt_ids: list[int]) -> Completion:

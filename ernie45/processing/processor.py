@@ -18,6 +18,7 @@ from .audio import AudioProcessor, decode_audio
 from .chat_template import TEXT_TEMPLATE, VL_TEMPLATE, media_items
 from .image import ImageProcessor
 from .tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids
+from .tools import check_tools, prepare_messages
 from .video import VideoProcessor
 
 AUDIO_CHUNK_SECONDS = 2.0  # a video's sound is interleaved with its frames in spans of this length
@@ -177,14 +178,18 @@ class Processor:
         return out + [token] * ((len(pair_times) - placed) * per_pair)
 
     def encode_chat(self, messages: list[dict], special_tokens_in_content: bool = False,
-                    **template_kw: Any) -> dict[str, Any]:  # fmt: skip
+                    tools: list[dict] | None = None, **template_kw: Any) -> dict[str, Any]:  # fmt: skip
         """A conversation -> model inputs. A control token's text inside a message (`<|end_of_sentence|>`, a media
         placeholder) is encoded as plain text, so content cannot end a turn or open a role; the template's own
-        tokens stay control tokens. special_tokens_in_content: parse them in content too."""
+        tokens stay control tokens. special_tokens_in_content: parse them in content too. tools: OpenAI function
+        tools, listed in the prompt (`processing.tools`); `tool` turns and assistant `tool_calls` are rendered."""
         media = media_items(messages)
         literals: list[str] = []
         if not special_tokens_in_content:
             messages = [self._shield(m, literals) for m in messages]
+        if tools or any(m.get("role") in ("tool", "developer") or m.get("tool_calls") for m in messages):
+            messages, extra = prepare_messages(messages, check_tools(tools), self.chat_template)
+            template_kw = {**extra, **template_kw}
         text = self.apply_chat_template(messages, **template_kw)
         if not literals:
             ids = self.tokenizer.encode(text, add_special_tokens=False)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import LLM
 from ..engine.batcher import BatchEngine, EngineStopped, QueueFull
+from ..processing.tools import parse_tool_calls
 from .logprobs import chat_logprobs, completion_logprobs
 from .media import MediaPolicy
 from .metrics import Metrics
@@ -71,10 +72,10 @@ class Server:
         has_media = any(isinstance(m.get("content"), list) and any(p.get("type") != "text" for p in m["content"])
                         for m in messages)  # fmt: skip
         try:
+            encode = functools.partial(self.llm.processor.encode_chat, messages, tools=body._tools, **kwargs)
             if has_media:  # a bounded pool: decoding is where a request's memory goes
-                encode = functools.partial(self.llm.processor.encode_chat, messages, **kwargs)
                 return await anyio.to_thread.run_sync(encode, limiter=self.media_limiter)
-            return await run_in_threadpool(self.llm.processor.encode_chat, messages, **kwargs)
+            return await run_in_threadpool(encode)
         except APIError:
             raise
         except (ValueError, OSError, TypeError) as e:  # undecodable media, a template that refuses the turns
@@ -242,6 +243,11 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
         for i, ((text, reason), h) in enumerate(zip(texts, handles, strict=True)):
             reasoning, content = split_answer(text, body.thinking)
             msg = {"role": "assistant", "content": content}
+            if body.parses_calls:
+                content, calls = parse_tool_calls(content, body._tools)
+                if calls:
+                    msg.update(content=content or None, tool_calls=calls)
+                    reason = "tool_calls"
             if reasoning is not None:
                 msg["reasoning_content"] = reasoning
             row = h.request.row

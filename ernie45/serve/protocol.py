@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from ..engine import SamplingParams
 from ..engine.structured import StructuredOutputs
+from ..processing.tools import check_tools, choice_grammar
 
 
 class APIError(Exception):
@@ -167,6 +168,25 @@ class ChatRequest(_Sampling):
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    _tools: list[dict] = PrivateAttr(default_factory=list)
+
+    def _structure(self) -> StructuredOutputs | None:
+        """response_format / structured_outputs, or the call blocks tool_choice "required" or a named function asks
+        for (constrained decoding: the calls always parse and match their schemas)."""
+        self._tools = check_tools(self.tools)
+        grammar = choice_grammar(self._tools, self.tool_choice, self.parallel_tool_calls)
+        other = super()._structure()
+        if grammar is not None and other is not None:
+            raise ValueError("tool_choice 'required' or a named function cannot be combined with response_format")
+        return StructuredOutputs(grammar=grammar) if grammar is not None else other
+
+    @property
+    def parses_calls(self) -> bool:
+        """Whether the answer's `<tool_call>` blocks come back as `tool_calls`."""
+        return bool(self._tools) and self.tool_choice != "none"
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine import Delta
+from ..processing.tools import CallStream
 from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatRequest, CompletionRequest, ReasoningSplit
 
@@ -81,16 +82,26 @@ async def chat_stream(handles, body: ChatRequest, head: dict) -> AsyncIterator[d
             "object": "chat.completion.chunk",
             "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
         }
+    calls = [CallStream(body._tools) if body.parses_calls else None for _ in handles]
+    made = [0] * len(handles)  # tool calls sent per choice (their `index`)
     async for i, d in _merged(handles):
-        reasoning, content = splits[i].feed(d.text, final=d.finish_reason is not None)
-        delta = {}
+        final = d.finish_reason is not None
+        reasoning, content = splits[i].feed(d.text, final=final)
+        delta: dict = {}
         if reasoning:
             delta["reasoning_content"] = reasoning
+        if calls[i] is not None:
+            content, new = calls[i].feed(content, final=final)
+            if new:
+                delta["tool_calls"] = [{"index": made[i] + k, **c} for k, c in enumerate(new)]
+                made[i] += len(new)
         if content:
             delta["content"] = content
         logprobs = chat_logprobs(d.logprobs, d.token_ids, body.top_logprobs or 0) if d.logprobs else None
         if delta or d.finish_reason or logprobs:
             finish = finish_reason(d.finish_reason) if d.finish_reason else None
+            if finish == "stop" and made[i]:
+                finish = "tool_calls"
             choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             yield {**head, "object": "chat.completion.chunk", "choices": [choice]}
     if body.include_usage:
