@@ -101,3 +101,20 @@ def test_chat_in_a_terminal(endless_dir):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_generate_with_tools_prints_calls_that_match_the_schema(tmp_path):
+    import jsonschema
+
+    params = {"type": "object", "properties": {"order_id": {"type": "string", "pattern": "^[A-Z][0-9]{2}$"}},
+              "required": ["order_id"]}  # fmt: skip
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"type": "function", "function": {"name": "get_order_status", "parameters": params}}]))
+    r = _run("generate", "where is order A17?", "--tools", str(tools), "--tool-choice", "get_order_status", "--json",
+             "--max-tokens", "120")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-1500:]
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "tool_calls" and len(out["tool_calls"]) == 1
+    jsonschema.validate(json.loads(out["tool_calls"][0]["function"]["arguments"]), params)
+    bad = _run("generate", "hi", "--tool-choice", "required")
+    assert bad.returncode == 2 and "--tools" in bad.stderr and "Traceback" not in bad.stderr

@@ -77,6 +77,7 @@ def _user_message(text: str, media: dict[str, list[str]], video_audio: bool = Fa
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    _tools(args)  # a bad --tools file is said before the model loads
     llm = _open_llm(args)
     params = _sampling(args, llm)
     media = {"image": args.image, "video": args.video, "audio": args.audio}
@@ -85,13 +86,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise UsageError(f"{f}: no such file")
     message = _user_message(args.prompt, media, args.video_audio)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [message]
+    tools = _tools(args)
     try:
         if args.raw:
-            if any(media.values()) or args.system:
-                raise UsageError("--raw takes the prompt text only (no media, no --system); drop --raw to use them")
+            if any(media.values()) or args.system or tools:
+                raise UsageError("--raw takes the prompt text only (no media, --system or --tools); drop --raw to "
+                                 "use them")  # fmt: skip
             result = llm.generate(args.prompt, params)[0]
-        elif args.json:
-            result = llm.chat(messages, params)[0]
+        elif args.json or tools:
+            result = llm.chat(messages, params, tools=tools, tool_choice=args.tool_choice)[0]
         else:
             for delta in llm.stream(messages, params):
                 print(delta.text, end="", flush=True)
@@ -108,15 +111,38 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     "finish_reason": result.finish_reason,
                     "prompt_tokens": result.prompt_tokens,
                     "completion_tokens": result.completion_tokens,
+                    "tool_calls": result.tool_calls,
                 },
                 ensure_ascii=False,
             )
         )
     else:
-        print(result.text)
+        if result.text:
+            print(result.text)
+        for call in result.tool_calls or []:
+            print(f"tool call: {call['function']['name']}({call['function']['arguments']})")
+
+
+def _tools(args: argparse.Namespace) -> list[dict] | None:
+    """--tools FILE: a JSON list of OpenAI function tools (or {"tools": [...]})."""
+    if not getattr(args, "tools", None):
+        if getattr(args, "tool_choice", None) not in (None, "auto"):
+            raise UsageError("--tool-choice needs --tools FILE")
+        return None
+    try:
+        data = json.loads(Path(args.tools).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--tools {args.tools}: not a readable JSON file ({e})") from None
+    tools = data.get("tools") if isinstance(data, dict) else data
+    if not isinstance(tools, list):
+        raise UsageError(f"--tools {args.tools}: expected a JSON list of tools")
+    if isinstance(args.tool_choice, str) and args.tool_choice not in ("auto", "none", "required"):  # a name
+        args.tool_choice = {"type": "function", "function": {"name": args.tool_choice}}
+    return tools
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    tools = _tools(args)
     llm = _open_llm(args)
     params = _sampling(args, llm)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -157,6 +183,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
             print(f"(unknown command; {HELP})")
             continue
         message = _user_message(line, media)
+        if tools:
+            history = _tool_turns(llm, params, tools, args.tool_choice, [*history, message])
+            media = {k: [] for k in media}
+            continue
         answer = ""
         print("ernie> ", end="", flush=True)
         try:
@@ -174,6 +204,32 @@ def cmd_chat(args: argparse.Namespace) -> None:
         media = {k: [] for k in media}
 
 
+def _tool_turns(llm, params, tools: list[dict], choice, history: list[dict]) -> list[dict]:
+    """Answer with tools: each call is shown and its result asked for (you play the tool), then the model goes on
+    until it answers in text. Returns the conversation so far."""
+    for _ in range(8):  # a model that only ever calls tools stops here
+        try:
+            result = llm.chat(history, params, tools=tools, tool_choice=choice)[0]
+        except ValueError as e:
+            print(f"(error: {e})")
+            return history[:-1]
+        if result.text:
+            print(f"ernie> {result.text}")
+        history = [*history, {"role": "assistant", "content": result.text or None, "tool_calls": result.tool_calls}]
+        if not result.tool_calls:
+            return history
+        for call in result.tool_calls:
+            fn = call["function"]
+            try:
+                output = input(f"tool call {fn['name']}({fn['arguments']}) — result> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return history
+            history.append({"role": "tool", "tool_call_id": call["id"], "content": output})
+        choice = "auto"  # after the results: the model may answer in text
+    return history
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default 512)")
@@ -187,6 +243,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the answer before this text (repeatable)")  # fmt: skip
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--tools", metavar="FILE", help="a JSON list of OpenAI function tools the model may call")
+    p.add_argument(
+        "--tool-choice",
+        default=None,
+        metavar="CHOICE",
+        help="auto (default), none, required, or a function's name (the last two are enforced)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
     p.add_argument("--quantization", choices=["int8", "int4", "int4-g64", "int4-g128"],
                    help="weight-only quantization on the fly (default: none)")  # fmt: skip
