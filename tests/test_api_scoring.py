@@ -93,8 +93,9 @@ def test_logit_bias_min_tokens_and_stop_token_ids_do_what_they_say(server, llm):
     assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == 0
     held = post({"max_tokens": 5, "stop_token_ids": [first], "min_tokens": 3})
     assert held["usage"]["completion_tokens"] >= 3
-    bad = httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "x", "logit_bias": {"a": 1}})
-    assert bad.status_code == 400 and "logit_bias" in bad.json()["error"]["message"]
+    for bias in ({"a": 1}, {str(llm.model.config.vocab_size + 5): 1}):
+        bad = httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "x", "logit_bias": bias})
+        assert bad.status_code == 400 and "logit_bias" in bad.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("field, value", [("audio", {"voice": "alloy"}),

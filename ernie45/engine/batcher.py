@@ -193,6 +193,10 @@ class BatchEngine:
                 raise ValueError("the prompt is empty (no tokens)")
             if n + 1 > self.max_len:
                 raise ValueError(f"the prompt has {n} tokens; this engine holds {self.max_len} per request")
+        vocab = self.model.config.vocab_size
+        for _, params in items:
+            if any(not 0 <= t < vocab for t in params.logit_bias or ()):
+                raise ValueError(f"logit_bias: token ids must lie in [0, {vocab})")
         group = next(self._ids)
         reqs = []
         for encoded, params in items:

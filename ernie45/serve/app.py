@@ -122,6 +122,9 @@ class Server:
                                param="max_tokens", code="context_length_exceeded")  # fmt: skip
             limit = body.limit if body.limit is not None else min(self.llm.default_sampling.max_tokens, room)
             items += [(e, body.sampling(self.llm.default_sampling, limit, i)) for i in range(n)]
+        vocab = self.llm.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in (body.logit_bias and map(int, body.logit_bias)) or ()):
+            raise APIError(400, f"logit_bias: token ids must lie in [0, {vocab})", param="logit_bias")
         try:
             return self.engine.submit_all(items, loop=asyncio.get_running_loop())
         except ValueError as e:  # a schema or grammar the matcher cannot build

@@ -1,0 +1,32 @@
+"""`examples/agent.py` runs as written against a real `ernie45 serve` of the embedded demo model: a screenshot and
+a voice message in, a tool call whose arguments match the schema, the tool's result sent back, an answer out."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jsonschema
+from serve_fixtures import running_server
+
+from ernie45.engine import LLM
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "agent.py"
+
+
+def test_the_agent_example_calls_a_tool_and_answers():
+    spec = importlib.util.spec_from_file_location("agent_example", EXAMPLE)
+    agent = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent)
+    logged: list[str] = []
+    with running_server(LLM(), max_batch=2, max_len=4096) as (url, _):
+        convo = agent.run(url + "/v1", agent.HERE / "shapes.png", agent.HERE / "digits.wav", log=logged.append)
+    calls = convo[2]["tool_calls"]
+    assert calls and calls[0]["function"]["name"] == "get_order_status"
+    args = json.loads(calls[0]["function"]["arguments"])
+    jsonschema.validate(args, agent.TOOLS[0]["function"]["parameters"])
+    results = [m for m in convo if m["role"] == "tool"]
+    assert json.loads(results[0]["content"]) == agent.get_order_status(**args)
+    assert convo[-1]["role"] == "assistant" and convo[-1]["content"] is not None
+    assert any(line.startswith("tool call: get_order_status") for line in logged)
