@@ -14,11 +14,12 @@ from pathlib import Path
 
 from .errors import UsageError
 
-HELP = "commands: /image PATH, /video PATH, /audio PATH (attach to your next message), /reset, /help, /exit"
+HELP = "commands: /image PATH, /video PATH, /audio PATH, /file PATH (attach to your next message), /reset, /help, /exit"
 HELP_LONG = """\
   /image PATH   attach a picture to your next message (repeatable)
   /video PATH   attach a video to your next message
   /audio PATH   attach a sound file (wav, mp3, ...) to your next message
+  /file PATH    attach a document (PDF, CSV, text) to your next message
   /reset        forget the conversation and any attachments
   /help         this list
   /exit         leave (Ctrl-D works too)
@@ -64,7 +65,7 @@ def _sampling(args: argparse.Namespace, llm):
 
 def _user_message(text: str, media: dict[str, list[str]], video_audio: bool = False) -> dict:
     """An OpenAI-shaped user message: the attached media first, then the text."""
-    parts = [{"type": kind, kind: path} for kind in ("image", "video", "audio") for path in media.get(kind, [])]
+    parts = [{"type": kind, kind: path} for kind in ("image", "video", "audio", "file") for path in media.get(kind, [])]
     if video_audio:
         for p in parts:
             if p["type"] == "video":
@@ -80,8 +81,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _tools(args)  # a bad --tools file is said before the model loads
     llm = _open_llm(args)
     params = _sampling(args, llm)
-    media = {"image": args.image, "video": args.video, "audio": args.audio}
-    for f in [*args.image, *args.video, *args.audio]:
+    media = {"image": args.image, "video": args.video, "audio": args.audio, "file": args.file}
+    for f in [*args.image, *args.video, *args.audio, *args.file]:
         if not Path(f).is_file():
             raise UsageError(f"{f}: no such file")
     message = _user_message(args.prompt, media, args.video_audio)
@@ -146,7 +147,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     llm = _open_llm(args)
     params = _sampling(args, llm)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    media: dict[str, list[str]] = {"image": [], "video": [], "audio": []}
+    media: dict[str, list[str]] = {"image": [], "video": [], "audio": [], "file": []}
     print(f"ernie45 chat: {args.model} ({HELP}; Ctrl-C stops an answer)")
     print(f"(runtime: {llm.report.summary()})", file=sys.stderr)
     while True:
@@ -170,7 +171,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             media = {k: [] for k in media}
             print("(conversation cleared)")
             continue
-        if line.startswith(("/image ", "/video ", "/audio ")):
+        if line.startswith(("/image ", "/video ", "/audio ", "/file ")):
             kind, _, path = line.partition(" ")
             path = path.strip()
             if not Path(path).is_file():
@@ -263,6 +264,13 @@ def add_commands(sub) -> None:
     g.add_argument("--image", action="append", default=[], metavar="FILE", help="attach an image (repeatable)")
     g.add_argument("--video", action="append", default=[], metavar="FILE", help="attach a video (repeatable)")
     g.add_argument("--audio", action="append", default=[], metavar="FILE", help="attach audio (repeatable)")
+    g.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="attach a document: PDF (its pages' text, and pictures of pages with charts), CSV, text",
+    )
     g.add_argument("--video-audio", action="store_true", help="let the model hear the videos' sound tracks too")
     g.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from ..config import AudioConfig
 from .audio import AudioProcessor, decode_audio
 from .chat_template import TEXT_TEMPLATE, VL_TEMPLATE, media_items
+from .documents import DocumentOptions, expand_files, is_file_part
 from .image import ImageProcessor
 from .tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids
 from .tools import check_tools, prepare_messages
@@ -46,6 +47,7 @@ class Processor:
     image: ImageProcessor = field(default_factory=ImageProcessor)
     video: VideoProcessor = field(default_factory=VideoProcessor)
     audio: AudioProcessor = field(default_factory=AudioProcessor)
+    max_document_pages: int = 500  # pages one request's documents may put in a prompt (`ernie45 serve` sets it)
 
     def __post_init__(self) -> None:
         self._control: re.Pattern | None = None  # the control tokens' texts and the marker (built on first use)
@@ -178,11 +180,18 @@ class Processor:
         return out + [token] * ((len(pair_times) - placed) * per_pair)
 
     def encode_chat(self, messages: list[dict], special_tokens_in_content: bool = False,
-                    tools: list[dict] | None = None, **template_kw: Any) -> dict[str, Any]:  # fmt: skip
+                    tools: list[dict] | None = None, documents: DocumentOptions | None = None,
+                    **template_kw: Any) -> dict[str, Any]:  # fmt: skip
         """A conversation -> model inputs. A control token's text inside a message (`<|end_of_sentence|>`, a media
         placeholder) is encoded as plain text, so content cannot end a turn or open a role; the template's own
         tokens stay control tokens. special_tokens_in_content: parse them in content too. tools: OpenAI function
-        tools, listed in the prompt (`processing.tools`); `tool` turns and assistant `tool_calls` are rendered."""
+        tools, listed in the prompt (`processing.tools`); `tool` turns and assistant `tool_calls` are rendered.
+        A file part (a PDF, CSV, text) becomes its pages' text and renderings (`processing.documents`);
+        documents: its page selection and limits."""
+        if any(isinstance(m.get("content"), list) and any(is_file_part(p) for p in m["content"]) for m in messages):
+            target = self.image.max_pixels
+            options = documents or DocumentOptions(target_pixels=target, max_pages=self.max_document_pages)
+            messages = expand_files(messages, options)
         media = media_items(messages)
         literals: list[str] = []
         if not special_tokens_in_content:

@@ -73,9 +73,12 @@ class Server:
                         for m in messages)  # fmt: skip
         try:
             encode = functools.partial(self.llm.processor.encode_chat, messages, tools=body._tools, **kwargs)
-            if has_media:  # a bounded pool: decoding is where a request's memory goes
-                return await anyio.to_thread.run_sync(encode, limiter=self.media_limiter)
-            return await run_in_threadpool(encode)
+            if not has_media:
+                return await run_in_threadpool(encode)
+            encoded = await anyio.to_thread.run_sync(encode, limiter=self.media_limiter)  # a bounded pool: decoding
+            files = any(p.get("type") == "file" for m in messages if isinstance(m.get("content"), list)
+                        for p in m["content"])  # fmt: skip
+            return {**encoded, "documents": True} if files else encoded
         except APIError:
             raise
         except (ValueError, OSError, TypeError) as e:  # undecodable media, a template that refuses the turns
@@ -114,8 +117,9 @@ class Server:
                 raise APIError(400, "the prompt is empty: it has no tokens", param="prompt")
             room = self.engine.max_len - tokens - 1
             if room < 1:
+                hint = "; a document's pages take text and image tokens: send fewer pages" if e.get("documents") else ""
                 raise APIError(400, f"the prompt has {tokens} tokens; this server holds {self.engine.max_len} per "
-                                    "request", param="messages", code="context_length_exceeded")  # fmt: skip
+                                    f"request{hint}", param="messages", code="context_length_exceeded")  # fmt: skip
             if body.limit is not None and body.limit > room:
                 raise APIError(400, f"max_tokens {body.limit} + the prompt's {tokens} tokens exceed the "
                                     f"{self.engine.max_len}-token context; ask for at most {room}",
@@ -148,7 +152,7 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
                max_batch: int = 16, max_len: int | None = 4096, max_waiting: int = 256,
                max_body_bytes: int = 64 << 20, engine_thread: bool = True, max_slots_per_request: int | None = None,
                max_image_pixels: int = 16_000_000, max_video_frames: int | None = None,
-               media_workers: int = 2) -> FastAPI:  # fmt: skip
+               media_workers: int = 2, max_document_pages: int = 100) -> FastAPI:  # fmt: skip
     """engine_thread False: the engine does not start its own thread; the caller runs `app.state.engine.run()`
     (on the thread that loaded the model: see `BatchEngine`). max_slots_per_request: slots one request's prompts
     and choices hold at a time (default half of max_batch). Media: images and video frames over max_image_pixels
@@ -158,6 +162,7 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
                          group_share=max_slots_per_request, decoder=llm.decoder)  # fmt: skip
     proc = llm.processor
     proc.image.max_input_pixels = proc.video.max_input_pixels = max_image_pixels
+    proc.max_document_pages = max_document_pages
     if max_video_frames is not None:
         proc.video.max_frames = max_video_frames
     unit = proc.video.image.patch_size * proc.video.image.merge_size

@@ -44,6 +44,12 @@ class MediaPolicy:
         kind = part["type"]
         if kind == "text":
             return part
+        if kind == "file":  # a document's bytes, read by the processor (`processing.documents`)
+            f = part["file"]
+            if not f.get("file_data"):
+                raise APIError(400, "file: send the file's bytes as file_data (a data: URL); this server keeps no "
+                                    "uploaded files, so file_id cannot be used", param="file")  # fmt: skip
+            return {"type": "file", "file": {"file_data": f["file_data"], "filename": f.get("filename")}}
         native, field = KINDS[kind]
         if kind == "input_audio":
             a = part["input_audio"]

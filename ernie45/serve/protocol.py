@@ -57,7 +57,18 @@ class AudioPart(_Body):
     input_audio: InputAudio
 
 
-Part = Annotated[TextPart | ImagePart | VideoPart | AudioPart, Field(discriminator="type")]
+class FileData(_Body):
+    file_data: str | None = None  # a data: URL (or bare base64) of the file's bytes
+    filename: str | None = None
+    file_id: str | None = None
+
+
+class FilePart(_Body):
+    type: Literal["file"]
+    file: FileData
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart | AudioPart | FilePart, Field(discriminator="type")]
 
 
 class Message(_Body):

@@ -1,0 +1,124 @@
+"""Documents in: PDF pages (text layers, renderings of pages with charts or pictures), page selection, CSV tables,
+hostile and broken files refused with one clear error, through `LLM.chat`, the server and the CLI."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+from doc_fixtures import make_pdf
+from serve_fixtures import running_server
+
+from ernie45.engine import LLM, SamplingParams
+from ernie45.processing.documents import DocumentOptions, document_parts, page_selection, table_text
+
+REPORT = [
+    {"text": ["Quarterly report", "Revenue grew 12% to 4.1 million euros in the third quarter."]},
+    {"chart": [20, 35, 50], "text": ["Figure 1: revenue by quarter"]},
+    {"picture": (64, 48, (200, 30, 30))},
+]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM()  # the embedded demo model: it sees pictures
+
+
+def _kinds(parts: list[dict]) -> list[str]:
+    return [p["type"] for p in parts]
+
+
+def test_pdf_pages_give_their_text_and_renderings_only_where_needed():
+    parts = document_parts(make_pdf(REPORT), "report.pdf", DocumentOptions(target_pixels=40_000))
+    assert _kinds(parts) == ["text", "text", "image", "text", "image"]  # a text page costs no pixels
+    assert "Revenue grew 12% to 4.1 million euros" in parts[0]["text"] and parts[0]["text"].startswith("report.pdf")
+    assert "Figure 1" in parts[1]["text"]
+    w, h = parts[2]["image"].size
+    assert 30_000 < w * h <= 41_000  # the rendering follows the pixel budget, not the page's size
+    picked = document_parts(make_pdf(REPORT), "r.pdf", DocumentOptions(pages="3,1"))
+    assert picked[0]["text"].startswith("r.pdf, page 3") and picked[-1]["text"].startswith("r.pdf, page 1")
+    assert page_selection("2-4,1", 5) == [1, 2, 3, 0]
+    for bad in ("0", "3-2", "x", "9"):
+        with pytest.raises(ValueError, match="pages"):
+            page_selection(bad, 5)
+
+
+def test_hostile_and_broken_pdfs_are_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="not a readable PDF"):
+        document_parts(b"%PDF-1.4\nthis is not a pdf", "broken.pdf")
+    with pytest.raises(ValueError, match="beyond PDF's limits"):
+        document_parts(make_pdf([{"text": ["huge"]}], size=(30_000, 30_000)), "huge.pdf")
+    with pytest.raises(ValueError, match="over this request's 5"):
+        document_parts(make_pdf([{"text": [f"page {i}"]} for i in range(8)]), "long.pdf", DocumentOptions(max_pages=5))
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(make_pdf(REPORT[:1]))))
+    writer.encrypt("secret")
+    locked = io.BytesIO()
+    writer.write(locked)
+    with pytest.raises(ValueError, match="encrypted"):
+        document_parts(locked.getvalue(), "locked.pdf")
+
+
+def test_a_200_page_pdf_reads_in_pages_within_the_selection():
+    pdf = make_pdf([{"text": [f"Section {i}: the value we measured here is {i * 7}."]} for i in range(200)])
+    parts = document_parts(pdf, "big.pdf", DocumentOptions(max_pages=500))
+    assert len(parts) == 200 and "Section 199: the value we measured here is 1393." in parts[-1]["text"]
+    assert len(document_parts(pdf, "big.pdf", DocumentOptions(pages="10-19"))) == 10
+
+
+def test_csv_tables_keep_quoting_and_non_ascii():
+    data = 'name,city,note\n"Müller, Anna",Zürich,"says ""hi"""\n李雷,北京,plain\n'.encode()
+    table = table_text(data, "people.csv")
+    lines = table.splitlines()
+    assert lines[0] == "| name | city | note |" and lines[1] == "|---|---|---|"
+    assert '| Müller, Anna | Zürich | says "hi" |' in lines and "| 李雷 | 北京 | plain |" in lines
+    assert document_parts(b"a\tb\n1\t2\n", "t.tsv")[0]["text"].endswith("| 1 | 2 |")
+    with pytest.raises(ValueError, match="xlsx"):
+        document_parts(b"PK\x03\x04rest", "sheet.xlsx")
+
+
+def test_a_pdf_in_a_chat_goes_in_as_text_and_pictures(llm, tmp_path):
+    path = tmp_path / "report.pdf"
+    path.write_bytes(make_pdf(REPORT))
+    parts = [{"type": "file", "file": str(path)}, {"type": "text", "text": "What grew?"}]
+    message = [{"role": "user", "content": parts}]
+    encoded = llm.processor.encode_chat(message)
+    assert encoded["image_grid_thw"].shape[0] == 2  # the chart page and the picture page
+    text = llm.processor.decode(encoded["input_ids"])
+    assert "Revenue grew 12%" in text and "report.pdf, page 2" in text
+    out = llm.chat(message, SamplingParams(max_tokens=8, temperature=0))[0]
+    assert out.finish_reason in ("stop", "length")
+
+
+def test_documents_through_the_server_and_the_cli(llm, tmp_path):
+    pdf = make_pdf(REPORT)
+    url = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+
+    def body(file: dict) -> dict:
+        parts = [{"type": "file", "file": file}, {"type": "text", "text": "What grew?"}]
+        return {"model": "tiny", "messages": [{"role": "user", "content": parts}], "max_tokens": 4}
+
+    with running_server(llm, max_batch=2, max_len=4096, max_document_pages=2) as (base, _):
+        post = lambda b: httpx.post(base + "/v1/chat/completions", json=b, timeout=120)  # noqa: E731
+        over = post(body({"file_data": url, "filename": "report.pdf"}))  # 3 pages, 2 allowed
+        assert over.status_code == 422 and "over this request's 2" in over.json()["error"]["message"]
+        ok = post(body({"file_data": "data:application/pdf;base64," + base64.b64encode(make_pdf(REPORT[:2])).decode(),
+                        "filename": "report.pdf"}))  # fmt: skip
+        assert ok.status_code == 200, ok.text
+        broken = post(body({"file_data": "data:application/pdf;base64," + base64.b64encode(b"%PDF-junk").decode(),
+                            "filename": "x.pdf"}))  # fmt: skip
+        assert broken.status_code == 422 and "PDF" in broken.json()["error"]["message"]
+        assert post(body({"file_id": "file-123"})).status_code == 400
+        assert httpx.get(base + "/health").json()["status"] == "ok"
+    path = tmp_path / "report.pdf"
+    path.write_bytes(pdf)
+    run = subprocess.run([sys.executable, "-m", "ernie45", "generate", "What grew?", "--file", str(path), "--json",
+                          "--max-tokens", "6"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert json.loads(run.stdout)["prompt_tokens"] > 100
