@@ -1,4 +1,5 @@
-"""Layers only look down: config < model < runtime < checkpoint < processing < engine < train < serve < demo < cli.
+"""Layers only look down: config < model < runtime < checkpoint < processing < engine < train < serve, jobs < demo
+< cli.
 Every import between ernie45's packages (lazy ones inside functions included) must point to the same or a lower
 layer, and no module imports itself back through a cycle."""
 
@@ -11,7 +12,7 @@ PKG = Path(__file__).resolve().parents[1] / "ernie45"
 LAYER = {
     # the foundation: plain data and maths every layer may use
     "config": 0, "presets": 0, "official_config": 0, "hub": 0, "embedded": 0, "attention": 0,
-    "model": 1, "runtime": 2, "checkpoint": 3, "processing": 4, "engine": 5, "train": 6, "serve": 7,
+    "model": 1, "runtime": 2, "checkpoint": 3, "processing": 4, "engine": 5, "train": 6, "serve": 7, "jobs": 7,
     "demo": 8, "cli": 9, "__main__": 9,
 }  # fmt: skip
 

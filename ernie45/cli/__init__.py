@@ -9,7 +9,7 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..demo import MissingDataSource
 from ..processing.tokenizer import TokenizerError
-from . import chat, demo, inspect, serve, train
+from . import chat, demo, inspect, moderate, serve, train
 from .errors import UsageError
 
 USER_ERRORS = (UsageError, ConfigError, CheckpointError, TokenizerError, MissingDataSource)
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(sub)
     train.add_commands(sub)
     serve.add_commands(sub)
+    moderate.add_commands(sub)
     return p
 
 
