@@ -122,3 +122,46 @@ def test_documents_through_the_server_and_the_cli(llm, tmp_path):
                           "--max-tokens", "6"], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-1500:]
     assert json.loads(run.stdout)["prompt_tokens"] > 100
+
+
+def test_long_documents_are_read_a_chunk_at_a_time_in_bounded_memory(llm, tmp_path):
+    """A 200-page PDF whose every page is rendered large, plus a table: the chunks come one at a time, so memory
+    holds one chunk's pages, not the document's."""
+    from pathlib import Path
+
+    from ernie45.jobs.analyze import chunks
+
+    pdf = tmp_path / "big.pdf"
+    pdf.write_bytes(make_pdf([{"chart": [10 + i % 40, 30, 20], "text": [f"Section {i}: {i * 7} units shipped."]}
+                              for i in range(200)]))  # fmt: skip
+    table = tmp_path / "sales.csv"
+    table.write_text("region,units\n" + "\n".join(f"r{i},{i * 3}" for i in range(300)))
+
+    def rss(key: str) -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+        return int(line.split()[1]) << 10
+
+    options = DocumentOptions(target_pixels=2_000_000, max_pages=10_000)  # 6 MB a page: 1.2 GB if all were kept
+    Path("/proc/self/clear_refs").write_text("5")
+    before, seen, pages = rss("VmRSS:"), [], 0
+    for chunk in chunks([pdf, table], llm, budget=1500, options=options):
+        seen.append(chunk.cite)
+        pages += sum(p["type"] == "image" for p in chunk.parts)
+    grew = rss("VmHWM:") - before
+    assert pages == 200 and seen[0].startswith("big.pdf p. 1-") and seen[-1].startswith("sales.csv row ")
+    assert seen[-1].endswith("-300") and len(seen) > 3
+    most = max(int(c.split("-")[1]) - int(c.split(" ")[-1].split("-")[0]) + 1 for c in seen if "p." in c)
+    kept_all = 200 * 6_000_000  # every page's rendering at once
+    assert grew < min(2 * most * 6_000_000 + (250 << 20), kept_all // 2), f"peak RSS rose {grew >> 20} MiB"
+
+
+def test_analyze_answers_with_the_pages_it_read(llm, tmp_path):
+    from ernie45.jobs.analyze import analyze
+
+    pdf = tmp_path / "report.pdf"
+    pdf.write_bytes(make_pdf([{"text": [f"Section {i}: the northern depot received {i * 7} units this week."]}
+                              for i in range(6)]))  # fmt: skip
+    result = analyze([pdf], "How many units did section 4 get?", llm, note_tokens=8, answer_tokens=8,
+                     progress=False)  # fmt: skip
+    assert result.chunks == 1 and isinstance(result.answer, str) and result.answer
+    assert all(pages == "report.pdf p. 1-6" for pages, _ in result.notes)

@@ -9,7 +9,7 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..demo import MissingDataSource
 from ..processing.tokenizer import TokenizerError
-from . import chat, demo, inspect, moderate, serve, train
+from . import chat, demo, inspect, jobs, serve, train
 from .errors import UsageError
 
 USER_ERRORS = (UsageError, ConfigError, CheckpointError, TokenizerError, MissingDataSource)
@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_commands(sub)
     train.add_commands(sub)
     serve.add_commands(sub)
-    moderate.add_commands(sub)
+    jobs.add_commands(sub)
+    jobs.add_analyze(sub)
     return p
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,15 @@ def table_text(data: bytes, label: str, kind: str = "csv") -> str:
 
 
 def _pdf_parts(data: bytes, label: str, options: DocumentOptions) -> list[dict]:
+    return [part for _, parts in pdf_pages(data, label, options) for part in parts]
+
+
+def pdf_pages(data: bytes, label: str, options: DocumentOptions | None = None) -> Iterator[tuple[int, list[dict]]]:
+    """(page number, its parts) for the selected pages of a PDF, one page at a time: a long document is never all
+    in memory at once."""
     import pypdfium2 as pdfium
 
+    options = options or DocumentOptions()
     try:
         pdf = pdfium.PdfDocument(data)
     except pdfium.PdfiumError as e:
@@ -134,27 +142,30 @@ def _pdf_parts(data: bytes, label: str, options: DocumentOptions) -> list[dict]:
         if len(chosen) > options.max_pages:
             raise ValueError(f"{label}: {len(chosen)} pages selected, over this request's {options.max_pages}; "
                              "choose fewer with pages=\"1-20\"")  # fmt: skip
-        parts: list[dict] = []
         for i in chosen:
             page = pdf[i]
-            width, height = page.get_size()
-            if not (0 < width <= MAX_PAGE_POINTS and 0 < height <= MAX_PAGE_POINTS):
-                raise ValueError(f"{label}: page {i + 1} is {width:.0f}x{height:.0f} points, beyond PDF's limits")
-            textpage = page.get_textpage()
-            text = textpage.get_text_bounded().replace("\r\n", "\n").replace("\r", "\n").strip()
-            textpage.close()
-            render = options.render == "all" or (options.render == "auto" and (_has_graphics(page) or
-                                                                               len(text) < MIN_PAGE_TEXT))  # fmt: skip
-            parts.append({"type": "text", "text": f"{label}, page {i + 1}:\n{text}" if text else
-                          f"{label}, page {i + 1}:"})  # fmt: skip
-            if render:
-                scale = (options.target_pixels / (width * height)) ** 0.5  # points -> pixels within the budget
-                image = page.render(scale=scale).to_pil().convert("RGB")
-                parts.append({"type": "image", "image": image})
-            page.close()
-        return parts
+            try:
+                yield i + 1, _page_parts(page, i, label, options)
+            finally:
+                page.close()
     finally:
         pdf.close()
+
+
+def _page_parts(page, i: int, label: str, options: DocumentOptions) -> list[dict]:
+    width, height = page.get_size()
+    if not (0 < width <= MAX_PAGE_POINTS and 0 < height <= MAX_PAGE_POINTS):
+        raise ValueError(f"{label}: page {i + 1} is {width:.0f}x{height:.0f} points, beyond PDF's limits")
+    textpage = page.get_textpage()
+    text = textpage.get_text_bounded().replace("\r\n", "\n").replace("\r", "\n").strip()
+    textpage.close()
+    render = options.render == "all" or (options.render == "auto" and (_has_graphics(page) or
+                                                                       len(text) < MIN_PAGE_TEXT))  # fmt: skip
+    parts = [{"type": "text", "text": f"{label}, page {i + 1}:\n{text}" if text else f"{label}, page {i + 1}:"}]
+    if render:
+        scale = (options.target_pixels / (width * height)) ** 0.5  # points -> pixels within the budget
+        parts.append({"type": "image", "image": page.render(scale=scale).to_pil().convert("RGB")})
+    return parts
 
 
 def _has_graphics(page) -> bool:

@@ -1,5 +1,7 @@
-"""`ernie45 moderate VIDEO --policy policy.yaml`: a video screened window by window, frames and sound, one JSON
-verdict per line as each window is done; progress and how far behind real time on stderr; a summary at the end."""
+"""The jobs on the command line. `ernie45 moderate VIDEO --policy policy.yaml`: a video screened window by window,
+frames and sound, one JSON verdict per line as each window is done; progress and how far behind real time on
+stderr; a summary at the end. `ernie45 analyze FILE... --ask QUESTION`: documents of any length, map-reduce by
+pages, the answer with the pages it came from."""
 
 from __future__ import annotations
 
@@ -65,3 +67,35 @@ def add_commands(sub) -> None:
     m.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
     m.set_defaults(func=cmd_moderate)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from ..jobs.analyze import analyze
+
+    for f in args.files:
+        if not Path(f).is_file():
+            raise UsageError(f"{f}: no such file")
+    llm = _open_llm(args)
+    try:
+        result = analyze(args.files, args.ask, llm, note_tokens=args.note_tokens, answer_tokens=args.max_tokens)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        notes = [{"pages": p, "note": n} for p, n in result.notes]
+        print(json.dumps({"answer": result.answer, "chunks": result.chunks, "notes": notes}, ensure_ascii=False))
+        return
+    print(result.answer)
+    if result.notes:
+        print("\nSources: " + "; ".join(p for p, _ in result.notes))
+
+
+def add_analyze(sub) -> None:
+    a = sub.add_parser("analyze", help="ask a question over documents of any length (PDF, CSV, text): map-reduce")
+    a.add_argument("files", nargs="+", metavar="FILE")
+    a.add_argument("--ask", required=True, metavar="QUESTION", help="the question to answer from the files")
+    a.add_argument("--max-tokens", type=int, default=256, help="longest final answer (default 256)")
+    a.add_argument("--note-tokens", type=int, default=96, help="longest note per chunk of pages (default 96)")
+    a.add_argument("--json", action="store_true", help="print the answer and the notes as one JSON object")
+    a.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
+    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: as stored)")
+    a.set_defaults(func=cmd_analyze)
