@@ -308,3 +308,44 @@ def test_remote_media_is_fetched_async_with_a_deadline_and_only_from_allowed_add
             assert r.status_code == 400 and "longer than" in r.json()["error"]["message"]
             assert time.perf_counter() - started < 6
     remote.httpd.shutdown()
+
+
+def test_media_decoding_stops_when_its_client_leaves(llm):
+    """A long video's decoding is cancelled soon after the client hangs up, not run to its end."""
+    data = _mp4(frames=1500, size=(640, 480), fps=30)  # 50 s: over a second of decoding on 2 cores
+    url = "data:video/mp4;base64," + base64.b64encode(data).decode()
+    parts = [{"type": "text", "text": "what happens?"}, {"type": "video_url", "video_url": {"url": url}}]
+    body = json.dumps({**OK, "messages": [{"role": "user", "content": parts}]}).encode()
+    with running_server(llm, max_batch=2, max_len=4096, max_body_bytes=64 << 20) as (base, app):
+        port = int(base.rsplit(":", 1)[1])
+        started = time.perf_counter()
+        r = httpx.post(base + "/v1/chat/completions", content=body, headers=JSON, timeout=120)
+        whole = time.perf_counter() - started  # the same request, decoded to the end
+        assert r.status_code in (200, 400), r.text[:300]
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+            time.sleep(min(0.3 * whole, 1.0))  # the decoding has started; now hang up
+        left = time.perf_counter()
+        metrics = app.state.server.metrics
+        while metrics.media_cancelled == 0 and time.perf_counter() - left < whole:
+            time.sleep(0.05)
+        assert metrics.media_cancelled == 1, f"the decode ran to its end after the client left ({whole:.2f} s)"
+        assert time.perf_counter() - left < max(0.6 * whole, 1.0)
+        _alive(base)
+
+
+def test_a_whole_answer_stops_when_its_client_leaves(llm):
+    """Non-streamed: the route sees the disconnect (no middleware hides it) and the generation is aborted."""
+    body = json.dumps({**OK, "max_tokens": 3000, "temperature": 0}).encode()
+    with running_server(llm, max_batch=2, max_len=4096) as (base, app):
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+            time.sleep(0.5)
+        left, stats = time.perf_counter(), app.state.engine.stats
+        while stats["aborted"] == 0 and time.perf_counter() - left < 10:
+            time.sleep(0.05)
+        assert stats["aborted"] == 1 and stats["finished"] == 0 and time.perf_counter() - left < 3
+        _alive(base)

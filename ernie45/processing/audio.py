@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..config import AudioConfig
-from .media import MediaInput, describe, read_bytes
+from .media import MediaInput, check_cancelled, describe, read_bytes
 
 
 def hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -84,6 +84,7 @@ def decode_audio(source: MediaInput, sample_rate: int = 16000, max_seconds: floa
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             got = 0
             for frame in container.decode(container.streams.audio[0]):
+                check_cancelled()
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
                     got += chunks[-1].size

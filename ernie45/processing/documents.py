@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .media import describe, read_bytes
+from .media import check_cancelled, describe, read_bytes
 
 MAX_PAGES = 2000  # a PDF claiming more pages is refused unread
 MAX_PAGE_POINTS = 14_400  # 200 inches: the largest page side PDF allows
@@ -143,6 +143,7 @@ def pdf_pages(data: bytes, label: str, options: DocumentOptions | None = None) -
             raise ValueError(f"{label}: {len(chosen)} pages selected, over this request's {options.max_pages}; "
                              "choose fewer with pages=\"1-20\"")  # fmt: skip
         for i in chosen:
+            check_cancelled()
             page = pdf[i]
             try:
                 yield i + 1, _page_parts(page, i, label, options)

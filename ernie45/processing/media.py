@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union
 
@@ -18,6 +21,30 @@ from PIL import Image
 
 MediaInput = Union[str, Path, bytes, "Image.Image", np.ndarray]
 MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images unread: 8000 x 8000 is already 4x the model's cap
+
+
+class Cancelled(Exception):
+    """The request that wanted this media has gone: decoding stops at the next frame or page."""
+
+
+_cancel = threading.local()
+
+
+@contextlib.contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """Media decoding on this thread stops (raises `Cancelled`) soon after `event` is set."""
+    _cancel.event = event
+    try:
+        yield
+    finally:
+        _cancel.event = None
+
+
+def check_cancelled() -> None:
+    """Raise `Cancelled` if this thread's decoding was cancelled (called between frames, pages and items)."""
+    event = getattr(_cancel, "event", None)
+    if event is not None and event.is_set():
+        raise Cancelled("the request was cancelled while its media were being read")
 
 
 def describe(source: Any) -> str:

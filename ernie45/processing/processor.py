@@ -18,6 +18,7 @@ from .audio import AudioProcessor, decode_audio
 from .chat_template import TEXT_TEMPLATE, VL_TEMPLATE, media_items
 from .documents import DocumentOptions, expand_files, is_file_part
 from .image import ImageProcessor
+from .media import check_cancelled
 from .tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids
 from .tools import check_tools, prepare_messages
 from .video import VideoProcessor
@@ -105,6 +106,8 @@ class Processor:
         }
         for n, t in enumerate(ids):
             kind = kind_of.get(t)
+            if kind is not None:
+                check_cancelled()
             if kind is None:
                 out.append(t)
                 out_labels.append(labels[n] if labels is not None else t)

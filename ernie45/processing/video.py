@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .image import ImageProcessor, smart_resize
-from .media import MAX_IMAGE_PIXELS, MediaInput, describe, load_image, read_bytes
+from .media import MAX_IMAGE_PIXELS, MediaInput, check_cancelled, describe, load_image, read_bytes
 
 MAX_DECODED_FRAMES = 200_000  # a stream claiming more is refused rather than decoded for minutes
 
@@ -147,6 +147,7 @@ class VideoProcessor:
                 keep = set(wanted)
                 done: dict[int, Image.Image] = {}
                 for i, frame in enumerate(container.decode(stream)):
+                    check_cancelled()
                     if i > MAX_DECODED_FRAMES:
                         raise ValueError("too many frames")
                     if i in keep:

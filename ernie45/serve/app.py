@@ -7,8 +7,10 @@ status that says whose fault it was; a client that goes away aborts its request,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -25,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import LLM
 from ..engine.batcher import BatchEngine, EngineStopped, QueueFull
+from ..processing.media import Cancelled, cancellable
 from ..processing.tools import parse_tool_calls
 from .logprobs import chat_logprobs, completion_logprobs
 from .media import MediaPolicy
@@ -64,7 +67,8 @@ class Server:
             raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists {self.name!r}",
                            type="not_found_error", param="model", code="model_not_found")  # fmt: skip
 
-    async def encode_chat(self, body: ChatRequest) -> dict[str, Any]:
+    async def encode_chat(self, body: ChatRequest, request: Request | None = None) -> dict[str, Any]:
+        """The conversation encoded; media are decoded in the bounded pool, and stop when the client leaves."""
         conversation = body.conversation()
         self.check_texts(list(_texts(conversation)), "messages")
         messages = await self.media.resolve(conversation)
@@ -75,7 +79,7 @@ class Server:
             encode = functools.partial(self.llm.processor.encode_chat, messages, tools=body._tools, **kwargs)
             if not has_media:
                 return await run_in_threadpool(encode)
-            encoded = await anyio.to_thread.run_sync(encode, limiter=self.media_limiter)  # a bounded pool: decoding
+            encoded = await self._decode_media(encode, request)
             files = any(p.get("type") == "file" for m in messages if isinstance(m.get("content"), list)
                         for p in m["content"])  # fmt: skip
             return {**encoded, "documents": True} if files else encoded
@@ -84,6 +88,25 @@ class Server:
         except (ValueError, OSError, TypeError) as e:  # undecodable media, a template that refuses the turns
             raise APIError(422, f"cannot use this input: {self.media.public(str(e))}", param="messages",
                            code="unsupported_media") from None  # fmt: skip
+
+    async def _decode_media(self, encode, request: Request | None) -> dict[str, Any]:
+        """Run `encode` in the media pool (where a request's memory goes), cancelling it if the client leaves."""
+        stop = threading.Event()
+
+        def run() -> dict[str, Any]:
+            with cancellable(stop):
+                return encode()
+
+        work = asyncio.ensure_future(anyio.to_thread.run_sync(run, limiter=self.media_limiter))
+        while not work.done():
+            await asyncio.wait([work], timeout=0.25)
+            if not work.done() and request is not None and await request.is_disconnected():
+                stop.set()  # the decoding thread stops at its next frame or page
+                with contextlib.suppress(Cancelled):
+                    await work
+                self.metrics.media_cancelled += 1
+                raise APIError(499, "client closed the request")
+        return work.result()
 
     def encode_prompt(self, prompt: str | list[int]) -> dict[str, Any]:
         if isinstance(prompt, str):
@@ -181,16 +204,7 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
     app.state.engine = engine
     app.add_middleware(BodyLimit, limit=max_body_bytes)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start, route = time.perf_counter(), request.url.path
-        if route.startswith("/v1/") and api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-            resp = _error(APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                   type="authentication_error", code="invalid_api_key"))  # fmt: skip
-        else:
-            resp = await call_next(request)
-        srv.metrics.observe(route if route in KNOWN else "other", resp.status_code, time.perf_counter() - start)
-        return resp
+    app.add_middleware(Guard, api_key=api_key, metrics=srv.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -240,7 +254,7 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         srv.check_model(body.model)
-        encoded = await srv.encode_chat(body)
+        encoded = await srv.encode_chat(body, request)
         handles = srv.submit([encoded], body, body.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": name}
@@ -309,6 +323,37 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
         return {"prompt": srv.llm.processor.decode(body.tokens)}
 
     return app
+
+
+class Guard:
+    """ASGI: the API key on /v1/ routes, and each request's route, status and latency into the metrics. A plain
+    ASGI middleware, not Starlette's BaseHTTPMiddleware, whose wrapped `receive` hid a client's disconnect from
+    the routes (so a request whose client had left ran to its end)."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, route = time.perf_counter(), scope["path"]
+        status = [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        try:
+            if route.startswith("/v1/") and self.api_key and auth != f"Bearer {self.api_key}":
+                refusal = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                   type="authentication_error", code="invalid_api_key")  # fmt: skip
+                await _error(refusal)(scope, receive, sending)
+            else:
+                await self.app(scope, receive, sending)
+        finally:
+            self.metrics.observe(route if route in KNOWN else "other", status[0], time.perf_counter() - start)
 
 
 class BodyLimit:

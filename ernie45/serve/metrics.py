@@ -15,6 +15,7 @@ class Metrics:
         self.latency = [0] * (len(BUCKETS) + 1)
         self.latency_sum = 0.0
         self.disconnects = 0
+        self.media_cancelled = 0  # media decodes stopped because their client left
 
     def observe(self, route: str, status: int, seconds: float | None = None) -> None:
         with self.lock:
@@ -38,7 +39,8 @@ class Metrics:
                 lines.append(f'ernie45_request_latency_seconds_bucket{{le="{le}"}} {total}')
             lines += [f"ernie45_request_latency_seconds_sum {self.latency_sum:.6f}",
                       f"ernie45_request_latency_seconds_count {total}",
-                      f"ernie45_client_disconnects_total {self.disconnects}"]  # fmt: skip
+                      f"ernie45_client_disconnects_total {self.disconnects}",
+                      f"ernie45_media_decodes_cancelled_total {self.media_cancelled}"]  # fmt: skip
         gauges = {
             "ernie45_prompt_tokens_total": s["prompt_tokens"],
             "ernie45_completion_tokens_total": s["completion_tokens"],

@@ -4,6 +4,7 @@ the server-sent-event streams of chat and completions chunks (text, reasoning, l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -43,6 +44,8 @@ async def collect(handles, request: Request) -> list[tuple[str, str | None]]:
             for h in handles:
                 h.abort()
             work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
             raise APIError(499, "client closed the request")
     return work.result()
 
