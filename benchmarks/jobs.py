@@ -17,18 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from doc_fixtures import make_pdf  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from test_moderate import _clip  # noqa: E402
 
 from ernie45.engine import LLM  # noqa: E402
 from ernie45.jobs.moderate import Policy, moderate  # noqa: E402
 from ernie45.processing.documents import DocumentOptions, pdf_pages  # noqa: E402
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def main() -> None:
@@ -60,7 +54,7 @@ def main() -> None:
         took = time.perf_counter() - started
     rows.append((f"moderation, {args.window:g} s windows", f"{args.seconds / took:.2f}x real time",
                  f"{len(verdicts)} windows, {took / len(verdicts):.1f} s each"))  # fmt: skip
-    print(f"\nembedded demo model; CPU: {_cpu()}, {torch.get_num_threads()} threads")
+    print(f"\nembedded demo model; CPU: {cpu_name()}, {torch.get_num_threads()} threads")
     for name, value, note in rows:
         print(f"{name:<34} {value:>18}   {note}")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import httpx
 import torch
 from decode import make_checkpoint, timed
+from machine import cpu_name
 
 from ernie45.engine import LLM, SamplingParams
 from ernie45.runtime import hugepages
@@ -124,9 +124,7 @@ def main() -> None:
         path = make_checkpoint("0.3b", Path(tmp) / "ckpt")
         local = {b: in_process(path, b, args.new) for b in sizes}
         remote = served(path, sizes, args.new)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())  # fmt: skip
-    print(f"\n0.3b shapes, bf16, greedy, {args.new} new tokens; CPU: {cpu}, {os.cpu_count()} cores")
+    print(f"\n0.3b shapes, bf16, greedy, {args.new} new tokens; CPU: {cpu_name()}")
     print(f"{'streams / batch':<16} {'LLM.generate tok/s':>19} {'served tok/s':>13} {'served / in-process':>20}")
     for b in sizes:
         print(f"{b:<16} {local[b]:>19.1f} {remote[b]:>13.1f} {remote[b] / local[b]:>19.2f}x")

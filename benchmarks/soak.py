@@ -14,7 +14,6 @@ import argparse
 import base64
 import io
 import json
-import platform
 import random
 import socket
 import struct
@@ -27,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+from machine import cpu_name
 from PIL import Image
 
 
@@ -83,13 +83,6 @@ def hostile(c: httpx.Client, port: int) -> tuple[str, int]:
     return kind, 408 if closed else 0
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def rss(pid: int) -> int:
     line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("VmRSS:"))
     return int(line.split()[1]) >> 10
@@ -144,7 +137,7 @@ def main() -> None:
     server.terminate()
     server.wait(timeout=30)
     warm = [m for t, m in samples if t >= min(60, args.minutes * 15)]  # after the first minute (or quarter)
-    print(f"\nsoak: {args.minutes:g} min, {args.clients} clients, {args.hostile:.0%} hostile; CPU {_cpu()}")
+    print(f"\nsoak: {args.minutes:g} min, {args.clients} clients, {args.hostile:.0%} hostile; CPU {cpu_name()}")
     peak = max(m for _, m in samples)
     print(
         f"server RSS MiB: start {samples[0][1]}, after warm-up {warm[0] if warm else '-'}, peak {peak}, "

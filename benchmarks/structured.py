@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from decode import make_checkpoint, timed
+from machine import cpu_name
 
 from ernie45.engine import LLM, SamplingParams
 from ernie45.engine.structured import StructuredOutputs
@@ -55,13 +56,6 @@ def write_large_tokenizer(path: Path, size: int = 103_000) -> None:
                             pad_token="<unk>").save_pretrained(path)  # fmt: skip
 
 
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new", type=int, default=64)
@@ -86,7 +80,7 @@ def main() -> None:
                 first, whole = timed(run(1)), timed(run(args.new))
                 rows.append((batch, name, batch * (args.new - 1) / (whole - first)))
                 print(f"  batch {batch} {name}: {rows[-1][2]:.1f} tok/s", flush=True)
-    print(f"\n0.3b shapes, bf16, greedy, {args.new} new tokens; tokenizer vocab {vocab}; CPU: {_cpu()}, "
+    print(f"\n0.3b shapes, bf16, greedy, {args.new} new tokens; tokenizer vocab {vocab}; CPU: {cpu_name()}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
     print(f"{'batch':>5} {'constraint':<12} {'decode tok/s':>12} {'vs free':>8}")
     free = {b: v for b, n, v in rows if n == "free"}

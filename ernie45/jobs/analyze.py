@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..engine import LLM, SamplingParams
 from ..processing.documents import DocumentOptions, kind_of, pdf_pages, table_text
+from ..processing.image import smart_resize
 
 MAP = ("Read these pages and note what in them answers the question, with numbers and names as written. If "
        "nothing in them does, answer: nothing.\nQuestion: {question}")  # fmt: skip
@@ -116,8 +117,6 @@ def _tokens(proc, parts: list[dict]) -> int:
             total += len(proc.tokenizer.encode(p["text"], add_special_tokens=False))
         else:
             image = p["image"]
-            from ..processing.image import smart_resize
-
             factor = proc.image.patch_size * proc.image.merge_size
             h, w = smart_resize(image.height, image.width, factor, proc.image.min_pixels, proc.image.max_pixels)
             total += (h // proc.image.patch_size) * (w // proc.image.patch_size) // proc.image.merge_size**2 + 8

@@ -36,6 +36,10 @@ class DocumentOptions:
     render: str = "auto"
     target_pixels: int = 1_000_000
 
+    def __post_init__(self) -> None:
+        if self.render not in ("auto", "all", "none"):
+            raise ValueError(f"render is 'auto', 'all' or 'none', not {self.render!r}")
+
 
 def page_selection(spec: str | None, count: int) -> list[int]:
     """0-based page indices from "1-5,9" (1-based, inclusive ranges), checked against the page count."""

@@ -179,7 +179,7 @@ class CallStream:
         while True:
             start = self.held.find(CALL_START)
             if start == -1:
-                keep = 0 if final else _partial(self.held, CALL_START)
+                keep = 0 if final else partial_suffix(self.held, CALL_START)
                 content += self._text(self.held[: len(self.held) - keep])
                 self.held = self.held[len(self.held) - keep :]
                 break
@@ -216,7 +216,7 @@ class CallStream:
         return out
 
 
-def _partial(text: str, marker: str) -> int:
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest end of `text` that begins `marker`."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from ..engine import SamplingParams
 from ..engine.structured import StructuredOutputs
-from ..processing.tools import check_tools, choice_grammar
+from ..processing.tools import check_tools, choice_grammar, partial_suffix
 
 
 class APIError(Exception):
@@ -293,17 +293,9 @@ class ReasoningSplit:
             reasoning, rest = self.held[:at], self.held[at + len(self.END) :].lstrip("\n")
             self.thinking, self.held = False, ""
             return reasoning, rest
-        keep = 0 if final else _partial_suffix(self.held, self.END)
+        keep = 0 if final else partial_suffix(self.held, self.END)
         out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return out, ""
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that begins `marker` (it may complete on the next delta)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
 
 
 def split_answer(text: str, thinking: bool) -> tuple[str | None, str]:
