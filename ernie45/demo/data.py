@@ -56,6 +56,8 @@ class DemoRows(Dataset):
         row, used = [], 0
         while True:
             s = make_sample(self.proc, rng, self.mix, self.turns, self.describe_last)
+            if len(s) > self.budget:  # a long conversation that no row could hold: drawn again
+                continue
             if used + len(s) > self.budget:
                 return row or [s]
             row.append(s)

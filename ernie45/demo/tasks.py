@@ -9,13 +9,15 @@ import random
 import shutil
 import subprocess
 import wave
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from . import MissingDataSource
-from .scenes import NUMBER_WORDS, SHAPES, bar_chart, moving_video, shape_scene
+from . import MissingDataSource, wide
+from .scenes import NUMBER_WORDS, SHAPES
 
 PERSONA = (
     "I am ernie45's tiny demo model: a small ERNIE 4.5 omni model trained on a CPU on synthetic data. "
@@ -40,9 +42,19 @@ def _count(n: int) -> str:
 QA = tuple[str, str, str]  # (skill, question, answer)
 
 
-def image_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
+@dataclass(frozen=True)
+class Generator:
+    """Where a task's media come from: the training generator (`wide`) or the held-out one (`heldout`)."""
+
+    scene: Callable
+    chart: Callable
+    video: Callable
+    speak: Callable
+
+
+def image_questions(rng: random.Random, gen: Generator | None = None) -> tuple[list[dict], list[QA]]:
     """A shape scene and one question of each kind it allows."""
-    img, objects = shape_scene(rng)
+    img, objects = (gen or TRAIN).scene(rng)
     shapes = [s for _, s in objects]
     colours = [c for c, _ in objects]
     listed = ", ".join(f"a {c} {s}" for c, s in objects)
@@ -59,20 +71,20 @@ def image_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
     return [{"type": "image", "image": img}], qas
 
 
-def colour_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
+def colour_questions(rng: random.Random, gen: Generator | None = None) -> tuple[list[dict], list[QA]]:
     """A scene of 2-4 shapes and a colour question for each shape it holds once: a drill for the one picture
     skill the mixed questions do not teach (the trunk names another shape's colour; naming the shape of a colour
     it learns)."""
     while True:
-        img, objects = shape_scene(rng)
+        img, objects = (gen or TRAIN).scene(rng)
         shapes = [s for _, s in objects]
         qas = [("colour", f"What color is the {s}?", f"The {s} is {c}.") for c, s in objects if shapes.count(s) == 1]
         if len(objects) > 1 and qas:
             return [{"type": "image", "image": img}], qas
 
 
-def chart_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
-    img, values = bar_chart(rng)
+def chart_questions(rng: random.Random, gen: Generator | None = None) -> tuple[list[dict], list[QA]]:
+    img, values = (gen or TRAIN).chart(rng)
     tallest, shortest = max(values, key=values.get), min(values, key=values.get)
     label = rng.choice(list(values))
     qas = [("tallest", "Which bar is the tallest?", f"Bar {tallest} is the tallest."),
@@ -81,8 +93,8 @@ def chart_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
     return [{"type": "image", "image": img}], qas
 
 
-def video_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
-    frames, motion, colour, shape = moving_video(rng)
+def video_questions(rng: random.Random, gen: Generator | None = None) -> tuple[list[dict], list[QA]]:
+    frames, motion, colour, shape = (gen or TRAIN).video(rng)
     answer = f"It moves {motion}." if motion in ("left", "right", "up", "down") else f"It is {motion}."
     direction = ("direction", f"Which way does the {shape} move?", answer)
     qas = [direction, direction, ("what moves", "What is moving?", f"A {colour} {shape} is moving.")]
@@ -90,8 +102,8 @@ def video_questions(rng: random.Random) -> tuple[list[dict], list[QA]]:
 
 
 def _one(questions):
-    def task(rng: random.Random) -> tuple[str, list[dict], str]:
-        parts, qas = questions(rng)
+    def task(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
+        parts, qas = questions(rng, gen)
         skill, question, answer = rng.choice(qas)
         return skill, _user(parts, question), answer
 
@@ -110,18 +122,19 @@ def _espeak() -> str:
     return exe
 
 
-def speak(text: str, rng: random.Random) -> np.ndarray:
+def speak(text: str, rng: random.Random, rate: tuple[int, int] = (100, 250), noise: float = 0.03,
+          voices: tuple[list[str], list[str]] = (ACCENTS, VARIANTS)) -> np.ndarray:  # fmt: skip
     """16 kHz float32 speech of `text` in a random accent, voice, speed and pitch, with gain and noise."""
-    voice = rng.choice(ACCENTS) + rng.choice(VARIANTS)
-    cmd = [_espeak(), "-v", voice, "-s", str(rng.randint(120, 220)), "-p", str(rng.randint(20, 80)), "--stdout", text]
+    voice = rng.choice(voices[0]) + rng.choice(voices[1])
+    cmd = [_espeak(), "-v", voice, "-s", str(rng.randint(*rate)), "-p", str(rng.randint(10, 90)), "--stdout", text]
     raw = subprocess.run(cmd, capture_output=True, check=True).stdout
     with wave.open(io.BytesIO(raw)) as w:
         rate = w.getframerate()
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
     n = int(len(pcm) * 16000 / rate)
     wave16 = np.interp(np.linspace(0, len(pcm) - 1, n), np.arange(len(pcm)), pcm).astype(np.float32)
-    wave16 *= rng.uniform(0.3, 1.0)
-    wave16 += rng.uniform(0.0, 0.01) * np.random.default_rng(rng.getrandbits(32)).standard_normal(n).astype(np.float32)
+    wave16 *= rng.uniform(0.2, 1.0)
+    wave16 += rng.uniform(0.0, noise) * np.random.default_rng(rng.getrandbits(32)).standard_normal(n).astype(np.float32)
     return wave16
 
 
@@ -139,10 +152,10 @@ def spoken_prompt(rng: random.Random) -> tuple[str, str, str]:
     return "spoken question", f"what is {NUMBER_WORDS[a]} {op} {NUMBER_WORDS[b]}", f"{answer}."
 
 
-def audio_task(rng: random.Random) -> tuple[str, list[dict], str]:
+def audio_task(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
     skill, said, answer = spoken_prompt(rng)
     ask = "Transcribe the audio." if skill == "spoken digits" else "Answer the question."
-    return skill, _user([{"type": "audio", "audio": speak(said, rng)}], ask), answer
+    return skill, _user([{"type": "audio", "audio": (gen or TRAIN).speak(said, rng)}], ask), answer
 
 
 WORDNET = Path("/usr/share/wordnet/data.noun")
@@ -167,7 +180,7 @@ def definitions() -> list[tuple[str, str]]:
     return out[:4000]
 
 
-def arithmetic_task(rng: random.Random) -> tuple[str, list[dict], str]:
+def arithmetic_task(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
     op = rng.choice(list(SPOKEN_OPS))
     a, b = (rng.randint(0, 100), rng.randint(0, 100)) if op != "times" else (rng.randint(0, 12), rng.randint(0, 12))
     return "arithmetic", _user([], f"What is {a} {op} {b}?"), worked(a, op, b)
@@ -199,7 +212,7 @@ def worked(a: int, op: str, b: int) -> str:
     return f"{swap}{'; '.join(steps)}; so {result}"
 
 
-def text_task(rng: random.Random) -> tuple[str, list[dict], str]:
+def text_task(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
     kind = rng.choice(["define", "arithmetic", "arithmetic", "who", "greet"])
     if kind == "define":
         word, gloss = rng.choice(definitions())
@@ -212,7 +225,11 @@ def text_task(rng: random.Random) -> tuple[str, list[dict], str]:
     return "greet", _user([], rng.choice(GREETINGS)), "Hello! " + PERSONA.split(":")[0] + "."
 
 
+TRAIN = Generator(wide.scene, wide.chart, wide.video, speak)
 TASKS = {"image": image_task, "chart": chart_task, "video": video_task, "audio": audio_task, "text": text_task}
+from .jobtasks import JOB_TASKS  # noqa: E402  (the jobs in miniature use the generators above)
+
+TASKS.update(JOB_TASKS)
 DEFAULT_MIX = {"image": 0.3, "chart": 0.15, "video": 0.15, "audio": 0.2, "text": 0.2}
 
 
@@ -240,6 +257,8 @@ def draw(rng: random.Random, mix: dict[str, float] | None = None, turns: int = 1
     """
     mix = mix or DEFAULT_MIX
     family = rng.choices(list(mix), weights=list(mix.values()))[0]
+    if turns > 1 and rng.random() < MIXED:
+        return conversation(rng, mix, rng.randint(2, turns))
     if turns <= 1 or family not in QUESTIONS:
         return FAMILIES[family](rng)
     parts, qas = QUESTIONS[family](rng)
@@ -253,6 +272,23 @@ def draw(rng: random.Random, mix: dict[str, float] | None = None, turns: int = 1
         if i < len(chosen) - 1:
             messages.append({"role": "assistant", "content": answer})
     return chosen[-1][0], messages, chosen[-1][2]
+
+
+MIXED = 0.35  # the share of multi-turn draws that chain unrelated questions, each with its own media
+
+
+def conversation(rng: random.Random, mix: dict[str, float], turns: int,
+                 gen: Generator | None = None) -> tuple[str, list[dict], str]:  # fmt: skip
+    """`turns` unrelated questions in one conversation (each turn's picture, clip or sound in its own message),
+    the earlier ones answered: a second question must be read on its own, not through the first one's answer."""
+    messages: list[dict] = []
+    for i in range(turns):
+        family = rng.choices(list(mix), weights=list(mix.values()))[0]
+        skill, msgs, answer = FAMILIES[family](rng, gen)
+        messages += msgs
+        if i < turns - 1:
+            messages.append({"role": "assistant", "content": answer})
+    return skill, messages, answer
 
 
 def corpus(n: int = 3000, seed: int = 1234) -> list[str]:
