@@ -79,8 +79,48 @@ def test_csv_tables_keep_quoting_and_non_ascii():
     assert lines[0] == "| name | city | note |" and lines[1] == "|---|---|---|"
     assert '| Müller, Anna | Zürich | says "hi" |' in lines and "| 李雷 | 北京 | plain |" in lines
     assert document_parts(b"a\tb\n1\t2\n", "t.tsv")[0]["text"].endswith("| 1 | 2 |")
-    with pytest.raises(ValueError, match="xlsx"):
+    with pytest.raises(ValueError, match="not a readable .xlsx"):
         document_parts(b"PK\x03\x04rest", "sheet.xlsx")
+
+
+def _workbook() -> bytes:
+    from openpyxl import Workbook
+
+    book = Workbook()
+    sales = book.active
+    sales.title = "Sales"
+    for row in (["item", "units", "note"], ["Müller", 3, "a|b"], ["B", 17, None], ["total", "=SUM(B2:B3)", None]):
+        sales.append(row)
+    book.create_sheet("Empty")
+    book.create_sheet("Plan").append(["quarter", "target"])
+    book["Plan"].append(["Q1", 1.5])
+    buf = io.BytesIO()
+    book.save(buf)
+    return buf.getvalue()
+
+
+def test_xlsx_sheets_are_tables_with_their_formulas_shown(llm, tmp_path):
+    """Each non-empty sheet is a table; a formula no spreadsheet program has computed shows as its text, not as
+    an empty cell; an unpacking bomb is refused before it is parsed; analyze reads a workbook by rows."""
+    import zipfile
+
+    from ernie45.jobs.analyze import chunks
+
+    parts = document_parts(_workbook(), "book.xlsx")
+    assert [p["text"].split(":", 1)[0] for p in parts] == ["book.xlsx, sheet Sales", "book.xlsx, sheet Plan"]
+    assert "| Müller | 3 | a\\|b |" in parts[0]["text"] and "| total | =SUM(B2:B3) |  |" in parts[0]["text"]
+    assert parts[1]["text"].endswith("| Q1 | 1.5 |")
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("xl/worksheets/sheet1.xml", b"0" * (65 << 20))
+    with pytest.raises(ValueError, match="unpacks to more than 64 MiB"):
+        document_parts(bomb.getvalue(), "bomb.xlsx")
+    (tmp_path / "book.xlsx").write_bytes(_workbook())
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 4)
+    cites = [c.cite for c in chunks([tmp_path / "book.xlsx"], llm, budget=400)]
+    assert cites and all(c.startswith("book.xlsx row") for c in cites), cites
+    with pytest.raises(ValueError, match="not a PDF, CSV, XLSX or UTF-8 text"):
+        list(chunks([tmp_path / "blob.bin"], llm, budget=400))
 
 
 def test_a_pdf_in_a_chat_goes_in_as_text_and_pictures(llm, tmp_path):

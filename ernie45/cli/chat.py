@@ -19,7 +19,7 @@ HELP_LONG = """\
   /image PATH   attach a picture to your next message (repeatable)
   /video PATH   attach a video to your next message
   /audio PATH   attach a sound file (wav, mp3, ...) to your next message
-  /file PATH    attach a document (PDF, CSV, text) to your next message
+  /file PATH    attach a document (PDF, CSV, XLSX, text) to your next message
   /reset        forget the conversation and any attachments
   /help         this list
   /exit         leave (Ctrl-D works too)
@@ -269,7 +269,7 @@ def add_commands(sub) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="attach a document: PDF (its pages' text, and pictures of pages with charts), CSV, text",
+        help="attach a document: PDF (its pages' text, and pictures of pages with charts), CSV, XLSX, text",
     )
     g.add_argument("--video-audio", action="store_true", help="let the model hear the videos' sound tracks too")
     g.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")

@@ -12,8 +12,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ..demo.eval import HELD_OUT, evaluate, report
 
     llm = _open_llm(args)
-    table, ok = report(evaluate(llm, n=args.n, seed=HELD_OUT + args.seed))
-    print(table)
+    later = args.n // 2 if args.later is None else args.later
+    ok = True
+    for generator in ("train", "heldout") if args.generator == "both" else (args.generator,):
+        print(f"{generator} generator ({args.n} first-turn and {later} later-turn questions per task family):")
+        table, passed = report(evaluate(llm, n=args.n, seed=HELD_OUT + args.seed, generator=generator, later=later))
+        print(table, end="\n\n", flush=True)
+        ok &= passed or generator == "train"  # the card's targets are on the held-out generator
     if args.check and not ok:
         sys.exit(1)
 
@@ -23,6 +28,19 @@ def add_commands(sub) -> None:
     e.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the embedded demo model)")
     e.add_argument("--n", type=int, default=50, help="samples per task family (default 50)")
     e.add_argument("--seed", type=int, default=0, help="offset of the held-out seeds")
-    e.add_argument("--check", action="store_true", help="exit 1 when a skill is below its target")
+    e.add_argument(
+        "--generator",
+        choices=["train", "heldout", "both"],
+        default="both",
+        help="the training generator (new seeds), the held-out one (code it never trained on), or both",
+    )
+    e.add_argument(
+        "--later",
+        type=int,
+        default=None,
+        metavar="N",
+        help="questions per family asked as turn 2-4 of a conversation (default n/2)",
+    )
+    e.add_argument("--check", action="store_true", help="exit 1 when a held-out skill is below its target")
     e.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_eval)

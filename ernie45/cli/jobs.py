@@ -90,7 +90,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def add_analyze(sub) -> None:
-    a = sub.add_parser("analyze", help="ask a question over documents of any length (PDF, CSV, text): map-reduce")
+    a = sub.add_parser("analyze", help="ask a question over documents of any length (PDF, CSV, XLSX, text): map-reduce")
     a.add_argument("files", nargs="+", metavar="FILE")
     a.add_argument("--ask", required=True, metavar="QUESTION", help="the question to answer from the files")
     a.add_argument("--max-tokens", type=int, default=256, help="longest final answer (default 256)")

@@ -86,11 +86,11 @@ def moderation_task(rng: random.Random, gen: Generator | None = None) -> tuple[s
         categories = dict(reversed(categories.items()))
     policy = Policy(categories, rng.choice(["", "Flag a segment only when it clearly shows or says the category."]))
     g = gen or TRAIN
-    frames = g.video(rng)[0]
+    frames = (g.clip or g.video)(rng)[0]
     shown, said = rng.random() < 0.45, rng.random() < 0.45
     if shown:
         first = rng.randrange(len(frames))
-        frames = np.stack([draw_x(f, rng) if t >= first else f for t, f in enumerate(frames)])
+        frames = np.stack([(g.mark or draw_x)(f, rng) if t >= first else f for t, f in enumerate(frames)])
     words = [NUMBER_WORDS[rng.randint(0, 9)] for _ in range(rng.randint(1, 3))]
     if said:
         words.insert(rng.randint(0, len(words)), FLAGGED_WORD)
@@ -101,8 +101,8 @@ def moderation_task(rng: random.Random, gen: Generator | None = None) -> tuple[s
     evidence = "; ".join(["a red X is shown" if n == symbol_name else f"the word {FLAGGED_WORD} is said"
                           for n in labels]) or "nothing from the policy"  # fmt: skip
     verdict = {"labels": labels, "evidence": evidence, "confidence": 90 if labels else 80}
-    parts = [{"type": "video", "video": frames}, {"type": "audio", "audio": audio},
-             {"type": "text", "text": f"Segment {start:.1f}-{start + length:.1f} s. Which categories apply?"}]  # fmt: skip
+    ask = f"Segment {start:.1f}-{start + length:.1f} s. Which categories apply?"  # as `moderate` asks
+    parts = [{"type": "video", "video": frames}, {"type": "audio", "audio": audio}, {"type": "text", "text": ask}]
     messages = [{"role": "system", "content": policy.prompt()}, {"role": "user", "content": parts}]
     return "moderation", messages, json.dumps(verdict)
 

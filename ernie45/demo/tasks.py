@@ -48,8 +48,10 @@ class Generator:
 
     scene: Callable
     chart: Callable
-    video: Callable
+    video: Callable  # a clip as frames (or a file path) for the video questions
     speak: Callable
+    clip: Callable | None = None  # a clip as frames, where `video` gives files (moderation draws on frames)
+    mark: Callable | None = None  # draws the moderation policy's symbol on a frame
 
 
 def image_questions(rng: random.Random, gen: Generator | None = None) -> tuple[list[dict], list[QA]]:
@@ -88,8 +90,9 @@ def chart_questions(rng: random.Random, gen: Generator | None = None) -> tuple[l
     tallest, shortest = max(values, key=values.get), min(values, key=values.get)
     label = rng.choice(list(values))
     qas = [("tallest", "Which bar is the tallest?", f"Bar {tallest} is the tallest."),
-           ("shortest", "Which bar is the shortest?", f"Bar {shortest} is the shortest."),
-           ("bar value", f"What is the value of {label}?", f"The value of {label} is {values[label]}.")]  # fmt: skip
+           ("shortest", "Which bar is the shortest?", f"Bar {shortest} is the shortest.")]  # fmt: skip
+    if img.info.get("values_readable", True):  # a chart with neither an axis nor numbers does not say its values
+        qas.append(("bar value", f"What is the value of {label}?", f"The value of {label} is {values[label]}."))
     return [{"type": "image", "image": img}], qas
 
 

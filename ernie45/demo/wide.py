@@ -138,10 +138,13 @@ def chart(rng: random.Random, labels: str = LABELS, fonts=(None, *TRAIN_FONTS)) 
     names = list(labels[:n]) if len(labels) <= 7 or rng.random() < 0.5 else sorted(rng.sample(labels, n))
     values = dict(zip(names, rng.sample(range(1, 10), n), strict=True))
     horizontal = rng.random() < 0.2
-    w, h = (rng.randint(96, 180), rng.randint(64, 140)) if not horizontal else (rng.randint(80, 160), rng.randint(80, 170))
+    w, h = (
+        (rng.randint(96, 180), rng.randint(64, 140)) if not horizontal else (rng.randint(80, 160), rng.randint(80, 170))
+    )
     s = rng.choice([1, 2])
     light = rng.random() < 0.85
-    bg = (255, 255, 255) if light and rng.random() < 0.6 else tuple(rng.randint(225, 255) if light else rng.randint(0, 40) for _ in range(3))
+    tint = [rng.randint(225, 255) if light else rng.randint(0, 40) for _ in range(3)]
+    bg = (255, 255, 255) if light and rng.random() < 0.6 else tuple(tint)
     ink = (0, 0, 0) if light else (230, 230, 230)
     img = Image.new("RGB", (w * s, h * s), bg)
     draw = ImageDraw.Draw(img)

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..engine import LLM, SamplingParams
-from ..processing.documents import DocumentOptions, kind_of, pdf_pages, table_text
+from ..processing.documents import DocumentOptions, kind_of, pdf_pages, sheets, table_text
 from ..processing.image import smart_resize
 
 MAP = ("Read these pages and note what in them answers the question, with numbers and names as written. If "
@@ -59,10 +59,15 @@ def chunks(files: list[str | Path], llm: LLM, budget: int,
         kind = kind_of(path.name, data)
         if kind == "pdf":
             pages: Iterator[tuple[int, list[dict]]] = pdf_pages(data, path.name, options)
-        elif kind in ("csv", "tsv"):
-            pages = _table_pieces(path.name, table_text(data, path.name, kind), proc, budget // 2)
+        elif kind in ("csv", "tsv", "xlsx"):
+            tables = ([(path.name, table_text(data, path.name, kind))] if kind != "xlsx" else
+                      [(f"{path.name}, sheet {name}", table) for name, table in sheets(data, path.name)])  # fmt: skip
+            pages = (piece for label, table in tables for piece in _table_pieces(label, table, proc, budget // 2))
         else:
-            text = data.decode("utf-8", errors="replace")
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path.name}: not a PDF, CSV, XLSX or UTF-8 text file") from None
             size = budget * 2  # characters: well under a token budget for any tokenizer
             pages = ((i // size + 1, [{"type": "text", "text": f"{path.name}, part {i // size + 1}:\n"
                                        + text[i : i + size]}]) for i in range(0, len(text), size))  # fmt: skip
@@ -77,9 +82,9 @@ def chunks(files: list[str | Path], llm: LLM, budget: int,
                 yield current
                 current = None
             if current is None:
-                current, used = Chunk(path.name, number, number, rows=kind in ("csv", "tsv")), 0
+                current, used = Chunk(path.name, number, number, rows=kind in ("csv", "tsv", "xlsx")), 0
             current.parts += parts
-            current.last, used = number if kind not in ("csv", "tsv") else _last_row(parts), used + cost
+            current.last, used = number if kind not in ("csv", "tsv", "xlsx") else _last_row(parts), used + cost
         if current is not None:
             yield current
 

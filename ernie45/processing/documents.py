@@ -1,5 +1,5 @@
 """Documents as model inputs: PDF pages (each page's text layer in reading order, and a rendering of the pages that
-carry pictures or drawings or too little text), CSV / TSV tables as text, plain text and Markdown.
+carry pictures or drawings or too little text), CSV / TSV tables and .xlsx sheets as text, plain text and Markdown.
 
 A text page costs text tokens, not pixels: a page is rendered only where its text layer cannot stand for it. The
 rendering's size comes from the image processor's pixel budget, so a page's nominal size never decides the memory
@@ -22,6 +22,7 @@ MAX_PAGES = 2000  # a PDF claiming more pages is refused unread
 MAX_PAGE_POINTS = 14_400  # 200 inches: the largest page side PDF allows
 MIN_PAGE_TEXT = 40  # characters: a page with less text (a scan, a chart) is rendered
 MAX_TABLE_CELLS = 200_000
+MAX_XLSX_BYTES = 64 << 20  # a workbook's unpacked size
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".log", ".json", ".xml", ".html", ".yaml", ".yml"}
 
 
@@ -86,11 +87,11 @@ def document_parts(source: Any, name: str | None = None, options: DocumentOption
     if kind in ("csv", "tsv"):
         return [{"type": "text", "text": f"{label}:\n{table_text(data, label, kind)}"}]
     if kind == "xlsx":
-        raise ValueError(f"{label}: spreadsheets (.xlsx) are not read here; save the sheet as CSV and send that")
+        return [{"type": "text", "text": f"{label}, sheet {sheet}:\n{table}"} for sheet, table in sheets(data, label)]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueError(f"{label}: not a PDF, CSV or UTF-8 text file") from None
+        raise ValueError(f"{label}: not a PDF, CSV, XLSX or UTF-8 text file") from None
     return [{"type": "text", "text": f"{label}:\n{text}"}]
 
 
@@ -106,7 +107,11 @@ def table_text(data: bytes, label: str, kind: str = "csv") -> str:
             delimiter = csv.Sniffer().sniff(text[:4096], delimiters=",;\t|").delimiter
         except csv.Error:
             pass
-    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    return markdown(list(csv.reader(io.StringIO(text), delimiter=delimiter)), label)
+
+
+def markdown(rows: list[list[str]], label: str) -> str:
+    """Rows of cells as a Markdown table (the first row the header), empty rows dropped, within the cell limit."""
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise ValueError(f"{label}: the table is empty")
@@ -119,6 +124,53 @@ def table_text(data: bytes, label: str, kind: str = "csv") -> str:
         return "| " + " | ".join(cells) + " |"
 
     return "\n".join([line(rows[0]), "|" + "---|" * width, *(line(r) for r in rows[1:])])
+
+
+def sheets(data: bytes, label: str) -> list[tuple[str, str]]:
+    """Each non-empty sheet of an .xlsx workbook as (name, Markdown table) with the cells' values (formulas as
+    last computed). A workbook that unpacks past MAX_XLSX_BYTES (a zip bomb) is refused before it is parsed."""
+    import zipfile
+
+    from openpyxl import load_workbook
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            if sum(i.file_size for i in z.infolist()) > MAX_XLSX_BYTES:
+                raise ValueError(f"{label}: the workbook unpacks to more than {MAX_XLSX_BYTES >> 20} MiB")
+        book = load_workbook(io.BytesIO(data), read_only=True, data_only=True)
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise ValueError(f"{label}: not a readable .xlsx workbook ({e})") from None
+    out = []
+    try:
+        formulas = None  # a formula no spreadsheet program has computed has no value: its text is shown instead
+        for k, sheet in enumerate(book.worksheets):
+            rows = _cells(sheet, label)
+            if any(v is None for r in rows for v in r):
+                formulas = formulas or load_workbook(io.BytesIO(data), read_only=True, data_only=False)
+                rows = [[_shown(v, f) for v, f in zip(r, fr, strict=False)]
+                        for r, fr in zip(rows, _cells(formulas.worksheets[k], label), strict=True)]  # fmt: skip
+            text = [["" if v is None else str(v) for v in r] for r in rows]
+            if any(any(c.strip() for c in r) for r in text):
+                out.append((sheet.title, markdown(text, f"{label}, sheet {sheet.title}")))
+    finally:
+        book.close()
+    if not out:
+        raise ValueError(f"{label}: the workbook's sheets are empty")
+    return out
+
+
+def _shown(value: Any, formula: Any) -> Any:
+    return formula if value is None and isinstance(formula, str) and formula.startswith("=") else value
+
+
+def _cells(sheet, label: str) -> list[list]:
+    rows, cells = [], 0
+    for row in sheet.iter_rows(values_only=True):
+        cells += len(row)
+        if cells > MAX_TABLE_CELLS:
+            raise ValueError(f"{label}: the workbook has more than {MAX_TABLE_CELLS:,} cells; send a part of it")
+        rows.append(list(row))
+    return rows
 
 
 def _pdf_parts(data: bytes, label: str, options: DocumentOptions) -> list[dict]:
