@@ -50,7 +50,7 @@ def test_drill_families_ask_only_their_skill_and_a_bad_mix_is_refused(tmp_path):
     from ernie45.demo.tasks import check_mix, draw
 
     for i in range(30):
-        skill, messages, answer = draw(random.Random(i), {"colour": 1.0}, turns=4)
+        skill, messages, answer = draw(random.Random(i), {"colour": 1.0}, turns=4, mixed=0.0)
         questions = [m["content"][-1]["text"] for m in messages if m["role"] == "user"]
         assert skill == "colour" and all(q.startswith("What color is the ") for q in questions)
         assert len(set(questions)) == len(questions)  # each turn asks about another shape
@@ -183,7 +183,7 @@ def test_multi_turn_media_samples_ask_distinct_questions_about_one_picture():
     from ernie45.demo.tasks import draw
 
     rng = random.Random(4)
-    convs = [draw(rng, {"image": 1.0, "video": 1.0}, turns=3) for _ in range(40)]
+    convs = [draw(rng, {"image": 1.0, "video": 1.0}, turns=3, mixed=0.0) for _ in range(40)]
     assert max(sum(m["role"] == "user" for m in msgs) for _, msgs, _ in convs) == 3
     for _, msgs, answer in convs:
         users = [m for m in msgs if m["role"] == "user"]
@@ -191,7 +191,7 @@ def test_multi_turn_media_samples_ask_distinct_questions_about_one_picture():
         assert len(media) == 1 and media[0] in users[0]["content"]  # the picture comes once, first
         questions = [p["text"] for m in users for p in m["content"] if p["type"] == "text"]
         assert len(set(questions)) == len(questions) and answer
-    assert draw(random.Random(1), {"audio": 1.0}, turns=3)[1][0]["role"] == "user"  # audio stays one turn
+    assert len(draw(random.Random(1), {"audio": 1.0}, turns=3, mixed=0.0)[1]) == 1  # audio stays one turn
 
 
 def test_describe_last_keeps_the_description_after_the_questions_it_would_answer():
@@ -199,7 +199,7 @@ def test_describe_last_keeps_the_description_after_the_questions_it_would_answer
 
     def order(describe_last: bool) -> list[list[str]]:
         rng = random.Random(11)
-        convs = [draw(rng, {"image": 1.0}, turns=3, describe_last=describe_last) for _ in range(60)]
+        convs = [draw(rng, {"image": 1.0}, turns=3, describe_last=describe_last, mixed=0.0) for _ in range(60)]
         texts = [[p["text"] for m in msgs if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
                  for _, msgs, _ in convs]  # fmt: skip
         return [["Describe" in q for q in qs] for qs in texts]

@@ -10,6 +10,7 @@ import re
 
 from ..engine import LLM, SamplingParams
 from ..engine.structured import StructuredOutputs
+from ..processing.tools import parse_tool_calls
 from . import heldout
 from .tasks import FAMILIES, TASKS, TRAIN, Generator
 
@@ -17,7 +18,7 @@ from .tasks import FAMILIES, TASKS, TRAIN, Generator
 TARGETS = {
     "count": 0.90, "colour": 0.90, "shape": 0.90, "tallest": 0.85, "shortest": 0.85, "bar value": 0.85,
     "direction": 0.90, "spoken digits": 0.95, "arithmetic": 0.90, "document value": 0.80, "document chart": 0.80,
-    "moderation": 0.90,
+    "moderation": 0.90, "tool call": 0.90,
 }  # fmt: skip
 HELD_OUT = 900_000_001  # training rows use seeds seed * 1_000_003 + i; evaluation starts far away
 HELDOUT = Generator(heldout.scene, heldout.chart, heldout.video, heldout.speak, clip=heldout.clip, mark=heldout.mark)
@@ -38,6 +39,10 @@ def score(skill: str, got: str, expected: str) -> float:
             return float(sorted(json.loads(got)["labels"]) == sorted(json.loads(expected)["labels"]))
         except (ValueError, KeyError, TypeError):
             return 0.0
+    if skill == "tool call":  # the same function with the same arguments, as the server would parse them
+        calls = [parse_tool_calls(text)[1] for text in (got, expected)]
+        same = [[(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in cs] for cs in calls]
+        return float(same[0] == same[1])
     if skill == "arithmetic":
         got, expected = got.rsplit("so ", 1)[-1], expected.rsplit("so ", 1)[-1]
     if skill != "spoken digits":

@@ -108,3 +108,100 @@ def moderation_task(rng: random.Random, gen: Generator | None = None) -> tuple[s
 
 
 JOB_TASKS = {"csv": csv_task, "page": page_task, "moderation": moderation_task}
+
+
+TOOLS = {
+    "get_order_status": ("Look up where an order is", {"order_id": "string"}),
+    "cancel_order": ("Cancel an order", {"order_id": "string"}),
+    "report_problem": ("Report an error a customer sees with an order", {"order_id": "string"}),
+    "get_weather": ("Today's weather in a city", {"city": "string"}),
+    "send_email": ("Send an email", {"to": "string", "body": "string"}),
+}
+RESULTS = {
+    "get_order_status": lambda rng, o: ({"order_id": o, "status": (s := rng.choice(["shipped", "delivered",
+                                                                                        "packed", "delayed"]))},
+                                        f"Order {o} is {s}."),
+    "cancel_order": lambda rng, o: ({"order_id": o, "cancelled": True}, f"Order {o} is cancelled."),
+    "report_problem": lambda rng, o: ({"ticket": (t := f"T-{rng.randint(10, 99)}")},
+                                      f"I opened ticket {t} for order {o}."),
+}  # fmt: skip
+
+
+def tool(name: str) -> dict:
+    description, params = TOOLS[name]
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {k: {"type": v} for k, v in params.items()},
+                "required": list(params),
+            },
+        },
+    }
+
+
+def screenshot(rng: random.Random, kind: str) -> Image.Image:
+    """A drawn screenshot: an order page (a coloured header bar over rows of a table) or an error dialog (a
+    box with a red title bar and a warning sign over a greyed page)."""
+    w, h = rng.randint(100, 160), rng.randint(80, 130)
+    img = Image.new("RGB", (w, h), (250, 250, 250) if kind == "order" else (150, 150, 150))
+    d = ImageDraw.Draw(img)
+    if kind == "order":
+        d.rectangle([0, 0, w, h // 6], fill=rng.choice([(40, 90, 200), (30, 140, 90), (90, 60, 160)]))
+        for y in range(h // 4, h - 8, rng.randint(10, 14)):
+            d.line([6, y, w - 6, y], fill=(190, 190, 190))
+            d.rectangle([8, y + 3, 8 + rng.randint(15, w // 2), y + 6], fill=(90, 90, 90))
+        return img
+    x0, y0 = rng.randint(8, w // 5), rng.randint(8, h // 5)
+    x1, y1 = w - rng.randint(8, w // 5), h - rng.randint(8, h // 5)
+    d.rectangle([x0, y0, x1, y1], fill=(255, 255, 255), outline=(60, 60, 60))
+    d.rectangle([x0, y0, x1, y0 + (y1 - y0) // 5], fill=(200, 30, 30))
+    cx, cy, r = x0 + (x1 - x0) // 4, (y0 + y1) // 2 + 4, min(x1 - x0, y1 - y0) // 6
+    d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=(240, 190, 0))
+    d.rectangle([cx + r + 6, cy - 2, x1 - 8, cy + 2], fill=(90, 90, 90))
+    return img
+
+
+def agent_conversation(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], list[dict], str]:
+    """(skill, OpenAI messages, tools, answer): a customer's screenshot and voice message with an order number,
+    3-4 tools offered, the right one to call with the spoken number — then, half the time, the tool's result to
+    answer from."""
+    from ..processing.tools import _block
+
+    page = rng.choice(["order", "error"])
+    order = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 4)))
+    spoken = " ".join(NUMBER_WORDS[int(c)] for c in order)
+    if rng.random() < 0.3:
+        said, name = f"please cancel order {spoken}", "cancel_order"
+    else:
+        said = rng.choice([f"order {spoken}", f"this is about order {spoken}", f"my order is {spoken}"])
+        name = "report_problem" if page == "error" else "get_order_status"
+    offered = [name, *rng.sample([t for t in TOOLS if t != name], rng.randint(2, 3))]
+    rng.shuffle(offered)
+    ask = rng.choice(["Help me with this.", "Can you help?", "Please help."])
+    media = [
+        {"type": "image", "image": screenshot(rng, page)},
+        {"type": "audio", "audio": (gen or TRAIN).speak(said, rng)},
+    ]
+    messages = [{"role": "user", "content": [*media, {"type": "text", "text": ask}]}]
+    call = {"type": "function", "function": {"name": name, "arguments": json.dumps({"order_id": order})}}
+    if rng.random() < 0.5:
+        result, answer = RESULTS[name](rng, order)
+        messages += [{"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", **call}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(result)}]  # fmt: skip
+        return "tool answer", messages, [tool(t) for t in offered], answer
+    return "tool call", messages, [tool(t) for t in offered], _block(call)
+
+
+def agent_task(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
+    """The agent conversation with its tools written into the prompt, as `LLM.chat(..., tools=...)` writes them."""
+    from ..processing.tools import prepare_messages
+
+    skill, messages, tools, answer = agent_conversation(rng, gen)
+    return skill, prepare_messages(messages, tools, "")[0], answer
+
+
+JOB_TASKS["agent"] = agent_task

@@ -250,17 +250,18 @@ def check_mix(mix: dict[str, float]) -> None:
 
 
 def draw(rng: random.Random, mix: dict[str, float] | None = None, turns: int = 1,
-         describe_last: bool = False) -> tuple[str, list[dict], str]:  # fmt: skip
+         describe_last: bool = False, mixed: float | None = None) -> tuple[str, list[dict], str]:  # fmt: skip
     """(skill, messages, answer) for a task drawn by the mix weights.
 
     With `turns` > 1 a picture or video gets up to that many distinct questions as one conversation (the
     media in the first turn): more supervised answers per encoded image, the cheapest signal the demo gets.
     With `describe_last` a description comes after the other questions: it names every colour and shape, so a
     colour or shape question after it could be answered by copying the text instead of reading the picture.
+    A `mixed` share of multi-turn draws (default MIXED) chains unrelated questions instead (`conversation`).
     """
     mix = mix or DEFAULT_MIX
     family = rng.choices(list(mix), weights=list(mix.values()))[0]
-    if turns > 1 and rng.random() < MIXED:
+    if turns > 1 and rng.random() < (MIXED if mixed is None else mixed):
         return conversation(rng, mix, rng.randint(2, turns))
     if turns <= 1 or family not in QUESTIONS:
         return FAMILIES[family](rng)
