@@ -228,3 +228,29 @@ def test_encoder_freeze_steps_hold_the_encoders_then_release_them(vl_dir, chat_d
     assert not torch.equal(seen[2][0], seen[1][0])  # step 3: the encoder trains at its scaled rate
     torch.save(trainer.lr_scheduler.state_dict(), tmp_path / "scheduler.pt")  # resumable: the Trainer reloads
     torch.load(tmp_path / "scheduler.pt", weights_only=True)  # its scheduler with weights_only=True
+
+
+def test_gradient_accumulation_gives_the_full_batch_loss_and_gradients(vl_dir, chat_data, tmp_path):
+    """One step of 4 samples at once, or of 4 accumulated micro-batches of 1: the same logged loss and the same
+    gradients (the loss is normalised by the step's target count, `num_items_in_batch`), not 4x."""
+
+    class Grads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def step(batch: int, accum: int):
+        cfg = _cfg(vl_dir, chat_data, tmp_path / f"ga{accum}", data={"pack": False},
+                   train={"max_steps": 1, "batch_size": batch, "grad_accum": accum, "logging_steps": 1,
+                          "max_grad_norm": 1e9},
+                   losses={"load_balance": 0.0, "z_loss": 0.0, "orthogonal": 0.0, "bias_update_rate": 0.0})  # fmt: skip
+        trainer = build_trainer(cfg)
+        grads = Grads()
+        trainer.add_callback(grads)
+        trainer.train()
+        return next(h["loss"] for h in trainer.state.log_history if "loss" in h), grads.grads
+
+    (whole, g1), (accumulated, g4) = step(4, 1), step(1, 4)
+    assert abs(whole - accumulated) < 1e-3 * whole, (whole, accumulated)
+    assert g1.keys() == g4.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g4[name], g1[name], rtol=2e-3, atol=1e-6, msg=name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from .errors import UsageError
@@ -59,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         final = run(cfg, resume=args.resume)
     except (DataError, ValueError) as e:
         raise UsageError(str(e)) from None
-    print(f"trained model written to {final}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
+        print(f"trained model written to {final}")
 
 
 def add_commands(sub) -> None:

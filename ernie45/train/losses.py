@@ -24,12 +24,15 @@ def routers(model) -> dict[tuple[int, str], Router]:
     return out
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, balance_len: int | None = None) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, balance_len: int | None = None,
+                  total: torch.Tensor | int | None = None) -> torch.Tensor:  # fmt: skip
     """Mean next-token CE over targets. With `balance_len` (token-balanced loss), the value is still the
-    mean, but the gradient is sum / balance_len, so each sample's text weighs by its own length."""
+    mean, but the gradient is sum / balance_len, so each sample's text weighs by its own length. With `total`
+    (the targets of every micro-batch of the optimizer step, on every rank: the Trainer's `num_items_in_batch`)
+    the mean is over all of them, so the micro-batches' losses add up to the step's mean."""
     flat = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=-100, reduction="none")  # fmt: skip
-    n = (labels[:, 1:] != -100).sum().clamp(min=1)
+    n = (labels[:, 1:] != -100).sum().clamp(min=1) if total is None else total
     mean = flat.sum() / n
     if not balance_len:
         return mean
@@ -89,14 +92,31 @@ class BiasBalancer:
 
     @torch.no_grad()
     def step(self, model) -> None:
+        """Under data parallelism every rank sums the dispatch counts of all ranks first (one all-reduce over
+        every router, in a fixed order, whether or not this rank's tokens reached it), so the bias, and with it
+        the routing, stays the same on every replica."""
         if not self.rate:
             self.usage.clear()
             return
         found = routers(model)
-        for key, usage in self.usage.items():
-            bias = found[key].e_score_correction_bias
-            bias += self.rate * torch.sign(usage.mean() - usage).to(bias.device)
+        keys = sorted(found)
+        counts = [self.usage.get(k) for k in keys]
+        sizes = [found[k].e_score_correction_bias.numel() for k in keys]
+        pieces = [c.float().cpu() if c is not None else torch.zeros(n) for c, n in zip(counts, sizes, strict=True)]
+        flat = torch.cat(pieces)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = found[keys[0]].e_score_correction_bias.device if keys else "cpu"
+            flat = flat.to(device)
+            torch.distributed.all_reduce(flat)
+        for key, usage in zip(keys, flat.split(sizes), strict=True):
+            bias = _local(found[key].e_score_correction_bias)
+            bias += self.rate * torch.sign(usage.mean() - usage).to(bias.device, bias.dtype)
         self.usage.clear()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's local tensor (an FSDP2 DTensor's shard, replicated for the bias), else itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, spans: list[tuple[int, int, int, int, int]]):

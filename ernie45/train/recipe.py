@@ -32,7 +32,8 @@ DEFAULTS: dict[str, Any] = {
               "grad_accum": 1, "warmup_steps": 0, "lr_scheduler": "cosine", "weight_decay": 0.0, "seed": 0,
               "save_steps": 50, "logging_steps": 1, "bf16": False, "gradient_checkpointing": False,
               "max_grad_norm": 1.0, "encoder_lr_scale": 1.0,
-              "encoder_freeze_steps": 0},
+              "encoder_freeze_steps": 0, "disable_tqdm": False, "ddp_find_unused_parameters": None, "fsdp": None,
+              "fsdp_config": None, "deepspeed": None},
     "losses": {"load_balance": 0.0, "z_loss": 0.0, "orthogonal": 0.0, "token_balance_len": 0,
                "bias_update_rate": 0.0},
     "freeze": [],
@@ -40,6 +41,19 @@ DEFAULTS: dict[str, Any] = {
     "dpo": None,
 }  # fmt: skip
 FREEZABLE = ("vision", "audio", "experts", "router", "embeddings")
+DISTRIBUTED = ("ddp_find_unused_parameters", "fsdp", "fsdp_config", "deepspeed")  # TrainingArguments, as given
+
+
+def check_keys(cfg: dict) -> None:
+    """A recipe key that nothing reads is a typo that would silently do nothing: refuse it, naming the known ones."""
+    for section, value in cfg.items():
+        if section not in DEFAULTS:
+            raise ValueError(f"recipe: unknown section {section!r}; known: {', '.join(DEFAULTS)}")
+        known = DEFAULTS[section]
+        if isinstance(known, dict) and isinstance(value, dict):
+            extra = set(value) - set(known) - (set(SOURCES) if section == "data" else set())
+            if extra:
+                raise ValueError(f"recipe: unknown {section} keys {sorted(extra)}; known: {', '.join(known)}")
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -123,6 +137,7 @@ def positions_for(model):
 
 
 def build_trainer(cfg: dict) -> Ernie45Trainer:
+    check_keys(cfg)
     cfg = merge(DEFAULTS, cfg)
     model, proc = build_model(cfg)
     d, t = cfg["data"], cfg["train"]
@@ -145,6 +160,7 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     if cfg["dpo"] and cfg["dpo"].get("reference", "model") == "model" and not cfg["lora"]:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg["lora"]:
+        torch.manual_seed(t["seed"])  # the adapters' initialisation is the run's, not the process's
         model = apply_lora(model, cfg["lora"])
     if t["gradient_checkpointing"]:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
@@ -170,7 +186,8 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
         seed=t["seed"], data_seed=t["seed"], save_steps=t["save_steps"], logging_steps=t["logging_steps"],
         bf16=t["bf16"], max_grad_norm=t["max_grad_norm"], remove_unused_columns=False, report_to=[],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        disable_tqdm=t.get("disable_tqdm", False),
+        disable_tqdm=t["disable_tqdm"],
+        **{k: t[k] for k in DISTRIBUTED if t[k] is not None},
     )  # fmt: skip
     trainer = Ernie45Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -203,6 +220,11 @@ def run(cfg: dict, resume: bool = False) -> Path:
     model = trainer.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(final)
-    trainer.processor.save_pretrained(final)  # also makes it chat-ready (use_cache, end-of-turn ids)
+        if trainer.is_world_process_zero():
+            model.save_pretrained(final)
+    else:  # the Trainer's save: gathers sharded (FSDP / ZeRO-3) weights, and only the main process writes
+        trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        trainer.processor.save_pretrained(final)  # also makes it chat-ready (use_cache, end-of-turn ids)
+    trainer.accelerator.wait_for_everyone()
     return final

@@ -96,21 +96,33 @@ class Ernie45Trainer(Trainer):
         moe = self._is_moe(model)
         out = model(**inputs, output_router_logits=moe)
         parts: dict[str, torch.Tensor] = {}
+        # The Trainer leaves a loss undivided by the accumulation steps when it handed over `num_items_in_batch`
+        # (the step's target count, summed over micro-batches and, by default, ranks): the LM loss is then that
+        # count's share, the per-micro-batch means (DPO, the MoE terms) are divided here, and the whole is scaled
+        # by the ranks that DDP averages over, so accumulation and data parallelism give one process's numbers.
+        per_step = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+        steps = (getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+                 if per_step else 1)  # fmt: skip
         if self.dpo is not None and spans:
             chosen, rejected = sequence_logps(out.logits, inputs["input_ids"], spans)
             ref_c, ref_r = self._reference(model, inputs, spans, ref_logps)
             loss, margin = dpo_loss(chosen, rejected, ref_c, ref_r, self.dpo.beta)
-            parts["dpo_margin"] = margin
+            parts["dpo_margin"], parts["lm_loss"] = margin, loss.detach()
+            loss = loss / steps
         else:
-            loss = cross_entropy(out.logits, labels, self.weights.token_balance_len or None)
-        parts["lm_loss"] = loss.detach()
+            total = num_items_in_batch if per_step else None
+            loss = cross_entropy(out.logits, labels, self.weights.token_balance_len or None, total)
+            local = (labels[:, 1:] != -100).sum().clamp(min=1)
+            parts["lm_loss"] = loss.detach() * (total / local if per_step else 1)  # this micro-batch's mean
         if moe and out.router_logits:
             self.balancer.accumulate(out.router_logits)
             for name, value in moe_losses(_unwrap(model), out.router_logits).items():
                 parts[name] = value.detach()
                 weight = getattr(self.weights, name)
                 if weight:
-                    loss = loss + weight * value
+                    loss = loss + weight * value / steps
+        if per_step and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.args.world_size
         self._record(parts)
         self.tokens_seen += int((inputs["input_ids"] != (_base_config(model).pad_token_id or 0)).sum())
         return (loss, out) if return_outputs else loss
