@@ -107,3 +107,80 @@ def test_the_train_command_under_torchrun_writes_one_final_model(setup, tmp_path
     bad.write_text(yaml.safe_dump({**_cfg(root, model, tmp_path / "o2", 1, 1), "train": {"fsdp_confg": {}}}))
     r = subprocess.run([sys.executable, "-m", "ernie45", "train", str(bad)], capture_output=True, text=True)
     assert r.returncode != 0 and "unknown train keys ['fsdp_confg']" in r.stderr and "Traceback" not in r.stderr
+
+
+FSDP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    import ernie45
+    from ernie45.train.losses import BiasBalancer, cross_entropy, moe_losses, routers
+
+    model_dir, out, shard = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    model = ernie45.load(model_dir).float().train()
+    if shard:  # FSDP2: every decoder layer its own unit, then the root
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+        dist.init_process_group("gloo")
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, 200, (2, 24), generator=g)  # every rank the same batch: one process's numbers
+    out_ = model(input_ids=ids, output_router_logits=True)
+    parts = moe_losses(model, out_.router_logits)
+    loss = cross_entropy(out_.logits, ids) + sum(1.0 * v for v in parts.values())
+    loss.backward()
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    balancer = BiasBalancer(0.01)
+    balancer.accumulate(out_.router_logits)
+    balancer.step(model)
+    bias = {k: (r.e_score_correction_bias.full_tensor() if hasattr(r.e_score_correction_bias, "full_tensor")
+                else r.e_score_correction_bias).clone() for k, r in routers(model).items()}
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save({"loss": loss.detach(), "parts": {k: v.detach() for k, v in parts.items()}, "grads": grads,
+                "bias": bias}, f"{out}/fsdp{int(shard)}-{rank}.pt")
+""")
+
+
+def test_fsdp2_keeps_the_moe_losses_and_the_bias_update(setup, tmp_path):
+    """Under FSDP2 (fully_shard per decoder layer) the router weights outside the forward are shards: the MoE
+    losses come from the forward's records, the bias update adds each rank's part. Loss (with load balance,
+    z-loss and orthogonality at weight 1), gradients and the updated bias equal one unsharded process's."""
+    root, model = setup
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    base = [str(script), str(model), str(tmp_path)]
+    for cmd in (
+        [sys.executable, *base, "0"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *base, "1"],
+    ):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = torch.load(tmp_path / "fsdp0-0.pt"), [torch.load(tmp_path / f"fsdp1-{i}.pt") for i in range(2)]
+    assert set(one["parts"]) == {"load_balance", "z_loss", "orthogonal"} and float(one["parts"]["orthogonal"]) > 0
+    for got in two:
+        torch.testing.assert_close(got["loss"], one["loss"], rtol=1e-5, atol=1e-6)
+        assert got["grads"].keys() == one["grads"].keys()
+        for name, g in one["grads"].items():
+            torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        for key, b in one["bias"].items():
+            torch.testing.assert_close(got["bias"][key], b)
+    assert any(b.abs().sum() > 0 for b in one["bias"].values())
+
+
+def test_router_records_survive_hooks_that_rebuild_the_forwards_arguments(setup):
+    """DeepSpeed ZeRO-3's pre-forward hooks hand each layer copies of its arguments; the MoE losses must still see
+    every layer's routing (they were silently dropped when records only travelled through the argument list)."""
+    _, model_dir = setup
+    model = ernie45.load(model_dir).float()
+    ids = torch.randint(20, 200, (1, 16), generator=torch.Generator().manual_seed(1))
+    plain = model(input_ids=ids, output_router_logits=True).router_logits
+    copy_lists = lambda module, args: tuple(list(a) if isinstance(a, list) else a for a in args)  # noqa: E731
+    handles = [layer.register_forward_pre_hook(copy_lists) for layer in model.model.layers]
+    hooked = model(input_ids=ids, output_router_logits=True).router_logits
+    for h in handles:
+        h.remove()
+    assert len(plain) >= 1 and [(r.layer, r.group) for r in hooked] == [(r.layer, r.group) for r in plain]
+    torch.testing.assert_close(hooked[0].logits, plain[0].logits)
+    assert all(getattr(layer.mlp, "records", None) is None for layer in model.model.layers)  # nothing kept after

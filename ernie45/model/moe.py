@@ -26,6 +26,7 @@ class RouterRecord(NamedTuple):
     logits: torch.Tensor  # [N, E] fp32 router logits of the group's tokens
     experts: torch.Tensor  # [N, k] the experts each token was sent to
     rows: torch.Tensor | None  # which of the layer's flattened tokens these are (None: all of them)
+    orthogonal: torch.Tensor  # the router's orthogonality loss, from its weight as the forward saw it
 
 
 class Router(nn.Module):
@@ -47,6 +48,13 @@ class Router(nn.Module):
             weights = probs.gather(-1, ids)
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
         return logits, weights.to(x.dtype), ids
+
+    def orthogonality(self) -> torch.Tensor:
+        """||W_n W_n^T - I||_F^2 / E^2 with rows L2-normalised. Read inside the forward, where FSDP and ZeRO-3 have
+        gathered the weight (outside it, it is a shard)."""
+        w = F.normalize(self.weight.float(), dim=-1, eps=1e-12)
+        e = w.shape[0]
+        return (w @ w.T - torch.eye(e, device=w.device)).pow(2).sum() / e**2
 
 
 class ExpertGroup(nn.Module):
@@ -98,6 +106,13 @@ class ExpertGroup(nn.Module):
         return self.experts(x, ids, weights), logits, ids
 
 
+def _router(group: nn.Module) -> Router:
+    """A group's router, also under adapter wrappers (PEFT's ParamWrapper keeps the group as `base_layer`)."""
+    while not hasattr(group, "gate") and hasattr(group, "base_layer"):
+        group = group.base_layer
+    return group.gate
+
+
 class MoEBlock(nn.Module):
     """Shared experts for every token + each token's modality group (top-k of that group's experts)."""
 
@@ -115,23 +130,30 @@ class MoEBlock(nn.Module):
             SwiGLU(h, config.moe_shared_intermediate_size, config.use_bias) if config.moe_num_shared_experts else None
         )
 
+    records: list | None = None  # what the last forward that collected decided, per group (see `forward`)
+
     def forward(
         self, x: torch.Tensor, modality: torch.Tensor | None = None, router_out: list | None = None
     ) -> torch.Tensor:
         """x [B, S, H]; modality [B, S] ids (None: all text).
 
-        router_out: a list to append ``(group, router logits, chosen experts, token rows)`` to, for the
-        training losses and the correction-bias update; None (inference) keeps nothing.
+        router_out: not None asks for ``(group, router logits, chosen experts, token rows, orthogonality)`` per
+        group, for the training losses and the correction-bias update. They are kept on the module
+        (`records`) as well as appended to the list: wrappers that rebuild a forward's arguments (DeepSpeed
+        ZeRO-3's hooks) hand the layer a copy of the list, and what it appends there never reaches the caller.
         """
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         out = self.shared_experts(x) if self.shared_experts is not None else torch.zeros_like(x)
+        found: list | None = [] if router_out is not None else None
+        self.records = found
         if len(self.groups) == 1:
             (name, group), rows = next(iter(self.groups.items())), None
             y, logits, ids = group(x)
             out = out + y
-            if router_out is not None:
-                router_out.append((name, logits, ids, rows))
+            if found is not None:
+                found.append((name, logits, ids, rows, _router(group).orthogonality()))
+                router_out.extend(found)
             return out.reshape(shape)
         modality = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if modality is None else modality
         modality = modality.reshape(-1)
@@ -140,6 +162,8 @@ class MoEBlock(nn.Module):
             if rows.numel():
                 y, logits, ids = group(x[rows])
                 out = out.index_add(0, rows, y.to(out.dtype))  # (autocast may give the shared path another dtype)
-                if router_out is not None:
-                    router_out.append((name, logits, ids, rows))
+                if found is not None:
+                    found.append((name, logits, ids, rows, _router(group).orthogonality()))
+        if found:
+            router_out.extend(found)
         return out.reshape(shape)

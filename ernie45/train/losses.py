@@ -51,27 +51,23 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), -1).pow(2).mean()
 
 
-def orthogonal_loss(weight: torch.Tensor) -> torch.Tensor:
-    """||W_n W_n^T - I||_F^2 / E^2 with rows L2-normalised (sum-of-squares convention)."""
-    w = F.normalize(weight.float(), dim=-1, eps=1e-12)
-    e = w.shape[0]
-    return (w @ w.T - torch.eye(e, device=w.device)).pow(2).sum() / e**2
-
-
 def moe_losses(model, router_out: list) -> dict[str, torch.Tensor]:
-    """Load balance and z-loss averaged over (layer, group) entries, orthogonality over all routers."""
+    """Load balance, z-loss and orthogonality averaged over the (layer, group) entries of the forward.
+
+    Everything is read from the forward's router records, never from the parameters afterwards: under FSDP2
+    and ZeRO-3 a router's weight outside its forward is a shard."""
     if not router_out:
         return {}
-    lb, z = [], []
+    lb, z, orth = [], [], {}
     for record in router_out:  # model.moe.RouterRecord
         logits, experts = record.logits, record.experts
         lb.append(load_balance(logits, experts, logits.shape[-1]))
         z.append(z_loss(logits))
-    gates = [r.weight for r in routers(model).values()]
+        orth.setdefault((record.layer, record.group), record.orthogonal)
     return {
         "load_balance": torch.stack(lb).mean(),
         "z_loss": torch.stack(z).mean(),
-        "orthogonal": torch.stack([orthogonal_loss(w) for w in gates]).mean(),
+        "orthogonal": torch.stack(list(orth.values())).mean(),
     }
 
 
@@ -109,14 +105,16 @@ class BiasBalancer:
             flat = flat.to(device)
             torch.distributed.all_reduce(flat)
         for key, usage in zip(keys, flat.split(sizes), strict=True):
-            bias = _local(found[key].e_score_correction_bias)
-            bias += self.rate * torch.sign(usage.mean() - usage).to(bias.device, bias.dtype)
+            bias = found[key].e_score_correction_bias
+            update = self.rate * torch.sign(usage.mean() - usage)
+            if hasattr(bias, "device_mesh"):  # an FSDP2 DTensor: each rank adds its shard's part of the update
+                from torch.distributed.tensor import distribute_tensor
+
+                part = distribute_tensor(update.to(bias.device, bias.dtype), bias.device_mesh, bias.placements)
+                bias.to_local().add_(part.to_local())
+            else:
+                bias += update.to(bias.device, bias.dtype)
         self.usage.clear()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A parameter's local tensor (an FSDP2 DTensor's shard, replicated for the bias), else itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, spans: list[tuple[int, int, int, int, int]]):
