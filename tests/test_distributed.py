@@ -92,11 +92,16 @@ def test_two_ranks_step_like_one_process_and_route_alike(setup, tmp_path):
 
 
 def test_the_train_command_under_torchrun_writes_one_final_model(setup, tmp_path):
+    """A VL model (text and vision expert groups) with gradient checkpointing, on text only: the vision group's
+    parameters get no gradient, which DDP must be told to expect."""
     import yaml
 
-    root, model = setup
+    root, _ = setup
+    model = write_chat_checkpoint(tmp_path / "vl", vision=True)
+    cfg = _cfg(root, model, tmp_path / "out", batch=1, steps=2)
+    cfg["train"]["gradient_checkpointing"] = True
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(_cfg(root, model, tmp_path / "out", batch=1, steps=2)))
+    recipe.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "-m", "ernie45", "train", str(recipe)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -136,6 +136,16 @@ def positions_for(model):
     return positions
 
 
+def _sparse(model) -> bool:
+    """Whether a batch can leave parameters without a gradient: a second expert group (or a media encoder) that
+    a text-only batch never reaches. DDP must then look for unused parameters, which the Trainer turns off by
+    default under gradient checkpointing ("Expected to have finished reduction in the prior iteration")."""
+    config = getattr(model, "config", None)
+    groups = getattr(config, "expert_groups", None) or []
+    encoders = any(getattr(config, k, None) for k in ("vision_config", "audio_config"))
+    return len(groups) > 1 or encoders
+
+
 def build_trainer(cfg: dict) -> Ernie45Trainer:
     check_keys(cfg)
     cfg = merge(DEFAULTS, cfg)
@@ -188,6 +198,7 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         disable_tqdm=t["disable_tqdm"],
         **{k: t[k] for k in DISTRIBUTED if t[k] is not None},
+        **({"ddp_find_unused_parameters": True} if t["ddp_find_unused_parameters"] is None and _sparse(model) else {}),
     )  # fmt: skip
     trainer = Ernie45Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
