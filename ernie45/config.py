@@ -110,6 +110,15 @@ class Ernie45Config(PreTrainedConfig):
 
     model_type = "ernie45"
     keys_to_ignore_at_inference = ["cache"]
+    # transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): attention heads and
+    # the dense / shared-expert FFN split across ranks, their outputs summed; routed experts stay whole per rank
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise", "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+    }  # fmt: skip
 
     vocab_size: int = 103424
     hidden_size: int = 1024

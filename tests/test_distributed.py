@@ -189,3 +189,40 @@ def test_router_records_survive_hooks_that_rebuild_the_forwards_arguments(setup)
     assert len(plain) >= 1 and [(r.layer, r.group) for r in hooked] == [(r.layer, r.group) for r in plain]
     torch.testing.assert_close(hooked[0].logits, plain[0].logits)
     assert all(getattr(layer.mlp, "records", None) is None for layer in model.model.layers)  # nothing kept after
+
+
+TP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    from transformers import DistributedConfig
+    import ernie45
+    from ernie45.model import Ernie45ForConditionalGeneration
+
+    ids = torch.randint(20, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    for d in sys.argv[2:]:
+        tp = Ernie45ForConditionalGeneration.from_pretrained(
+            d, distributed_config=DistributedConfig(tp_plan="auto"), dtype=torch.float32)
+        with torch.no_grad():
+            got = tp(input_ids=ids).logits
+            want = ernie45.load(d).float()(input_ids=ids).logits
+        sharded = type(tp.model.layers[0].self_attn.q_proj.weight).__name__
+        with open(f"{sys.argv[1]}/tp-{os.environ['RANK']}-{os.path.basename(d)}", "w") as f:
+            f.write(f"{sharded} {float((got - want).abs().max())}")
+""")
+
+
+def test_tensor_parallel_from_pretrained_matches_one_process(setup, tmp_path):
+    """`from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))` under torchrun: attention and
+    the dense / shared FFNs split over 2 ranks (DTensor weights), logits equal to the unsplit model's."""
+    root, model = setup
+    vl = write_chat_checkpoint(tmp_path / "vl", vision=True)
+    script = tmp_path / "tp.py"
+    script.write_text(TP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path), str(model), str(vl)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        for d in (model, vl):
+            kind, diff = (tmp_path / f"tp-{rank}-{d.name}").read_text().split()
+            assert kind == "DTensor" and float(diff) < 1e-4, (rank, d.name, kind, diff)

@@ -268,6 +268,8 @@ def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor |
 class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
     """Every ERNIE 4.5 variant: the trunk plus a (tied) LM head; returns ``.logits`` and, with labels, ``.loss``."""
 
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # the head split by vocabulary, gathered into whole logits
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: Ernie45Config) -> None:
