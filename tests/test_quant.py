@@ -30,6 +30,25 @@ def test_quant_linear_tracks_the_float_layer(bits, group, tol, rows, out):
     assert torch.allclose(again(x), got, atol=1e-5)
 
 
+def test_int8_at_widths_the_packed_kernel_cannot_read_runs_and_stays_close():
+    """torch's int8-pack matmul crashed the process for input widths that are not multiples of 16 (a tiny
+    model's 24-wide shared expert): those linears take the dequantised route. In a subprocess, so a regression
+    fails this test instead of killing the run."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom ernie45.runtime.quant import QuantLinear\n"
+            "for k in (8, 24, 40, 72):\n"
+            "    for rows in (1, 8, 100):\n"
+            "        w, x = torch.randn(48, k), torch.randn(rows, k)\n"
+            "        q = QuantLinear.from_float(w, None, 8)\n"
+            "        rel = float((q(x) - x @ w.T).norm() / (x @ w.T).norm())\n"
+            "        assert rel < 0.02, (k, rows, rel)\n"
+            "print('ok')\n")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
 def test_int4_prefill_path_matches_the_kernel():
     """Many rows run on W^T unpacked from the CPU kernel's tiles: the same codes, the same products."""
     torch.manual_seed(0)

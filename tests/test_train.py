@@ -254,3 +254,36 @@ def test_gradient_accumulation_gives_the_full_batch_loss_and_gradients(vl_dir, c
     assert g1.keys() == g4.keys() and len(g1) > 10
     for name in g1:
         torch.testing.assert_close(g4[name], g1[name], rtol=2e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lora_on_a_quantized_base_trains_only_the_adapters(vl_dir, chat_data, tmp_path, bits):
+    """`model.quantize` holds the frozen base (its linears and routed experts) as int8 / int4 codes; LoRA adapters
+    on the attention and shared experts learn through it (the gradient reaches them through the quantized
+    layers), the codes never change, and the run writes the adapters, which apply to the float base."""
+    from peft import PeftModel
+
+    from ernie45.runtime.quant import QuantLinear
+    from ernie45.train import run
+
+    cfg = _cfg(vl_dir, chat_data, tmp_path / "out", model={"path": str(vl_dir), "quantize": {"bits": bits}},
+               lora={"r": 8, "alpha": 16, "targets": ["attention", "shared_experts"]},
+               train={"max_steps": 30, "learning_rate": 5e-3})  # fmt: skip
+    trainer = build_trainer(cfg)
+    quantized = [m for m in trainer.model.modules() if isinstance(m, QuantLinear)]
+    codes = {id(m): m.qweight.clone() for m in quantized}
+    assert len(quantized) >= (10 if bits == 8 else 3)  # int4 tiles only widths that are multiples of 32
+    trainer.train()
+    losses = [h["lm_loss"] for h in trainer.state.log_history if "lm_loss" in h]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert all(torch.equal(m.qweight, codes[id(m)]) for m in quantized)
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
+    final = run(cfg)
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+    merged = PeftModel.from_pretrained(ernie45.load(vl_dir), final).merge_and_unload()
+    assert isinstance(merged.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    with pytest.raises(ValueError, match="add a `lora` section"):
+        build_trainer(_cfg(vl_dir, chat_data, tmp_path / "x", model={"path": str(vl_dir), "quantize": 4}))
+    with pytest.raises(ValueError, match="routed experts are quantized"):
+        build_trainer(_cfg(vl_dir, chat_data, tmp_path / "y", model={"path": str(vl_dir), "quantize": 4},
+                           lora={"targets": ["experts"]}))  # fmt: skip

@@ -104,6 +104,11 @@ class QuantLinear(nn.Module):
         if self.dynamic is not None:  # any row count: 512 prefill rows take 3.4 ms here vs 3.9 dequantised
             self._decode = self._many = self._rows = self._fbgemm
             return
+        if self.bits == 8 and self.in_features % 16:
+            # torch's int8-pack matmul reads past the row for a width that is not a multiple of 16 (it crashed
+            # the process at widths 8, 24, 40, 56 and 72 here): such a linear multiplies its dequantised weight
+            self._decode = self._many = self._rows = self._dequantised
+            return
         if self.bits == 8:
             self._rows = self._int8_cpu if cpu and self.dtype == torch.float32 else self._int8
         else:
@@ -274,7 +279,10 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self.forward_nobias(x.reshape(-1, shape[-1]))
+        if x.requires_grad and torch.is_grad_enabled():  # training through a frozen quantized base (LoRA)
+            y = _FrozenMatmul.apply(x.reshape(-1, shape[-1]), self)
+        else:
+            y = self.forward_nobias(x.reshape(-1, shape[-1]))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -282,6 +290,20 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         tail = f", group={self.group}" if self.bits == 4 else ""
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}{tail}"
+
+
+class _FrozenMatmul(torch.autograd.Function):
+    """x W^T by the layer's kernels forward; backward gives x its gradient through the dequantised weight (the
+    codes themselves are frozen: they get none). What LoRA on a quantized base needs, and no kernel has."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.forward_nobias(x2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dense_weight(grad.dtype), None
 
 
 class QuantExpertGroup(ExpertGroup):

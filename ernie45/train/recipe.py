@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ log = logging.getLogger("ernie45.train")
 
 DEFAULTS: dict[str, Any] = {
     "model": {"path": None, "preset": None, "overrides": {}, "tokenizer": None, "dtype": None,
-              "split_numbers": False},
+              "split_numbers": False, "quantize": None},
     "data": {"train": [], "kind": "chat", "loss_on": "assistant", "on_error": "skip", "pack": True,
              "max_tokens": 2048},
     "train": {"output_dir": "runs/ernie45", "max_steps": 100, "learning_rate": 1e-4, "batch_size": 1,
@@ -68,7 +69,28 @@ def build_model(cfg: dict):
     for option, apply in TOKENIZER_OPTIONS.items():  # e.g. split_numbers (saved with the model)
         if cfg["model"].get(option):
             log.info("%s: %d tokenizer changes", option, apply(processor.tokenizer))
+    if cfg["model"]["quantize"]:
+        _quantize_base(model, cfg)
     return model, processor
+
+
+def _quantize_base(model, cfg: dict) -> None:
+    """`model.quantize: {bits: 4 | 8, group_size: 32, experts: true}`: the frozen base held as int4/int8 (LoRA only:
+    its codes get no gradient), so the adapters of a model too large for memory in bf16 can still be trained."""
+    from ..runtime.quant import quantize
+
+    q = cfg["model"]["quantize"]
+    q = {"bits": q} if isinstance(q, int) else dict(q)
+    unknown = set(q) - {"bits", "group_size", "experts"}
+    if unknown or q.get("bits") not in (4, 8):
+        raise ValueError("model.quantize: {bits: 4 or 8, group_size: 32, experts: true}" +
+                         (f"; unknown keys {sorted(unknown)}" if unknown else ""))  # fmt: skip
+    if not cfg["lora"]:
+        raise ValueError("model.quantize: a quantized base cannot be trained itself; add a `lora` section")
+    if q.get("experts", True) and "experts" in cfg["lora"].get("targets", []):
+        raise ValueError("lora.targets: the routed experts are quantized (model.quantize.experts); adapt attention "
+                         "and shared_experts, or set model.quantize.experts: false")  # fmt: skip
+    quantize(model, q["bits"], q.get("group_size", 32), experts=q.get("experts", True), progress=False)
 
 
 def _model_and_processor(m: dict, train: dict):
@@ -117,7 +139,14 @@ def apply_lora(model, lora: dict):
         params += ["gate_up_proj", "down_proj"]
     config = LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
                         target_modules=modules or None, target_parameters=params or None)  # fmt: skip
-    return get_peft_model(model, config)
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from ..runtime.quant import QuantLinear
+
+    config._register_custom_module({QuantLinear: LoraLinear})  # x W^T plus the adapters, as for nn.Linear
+    with warnings.catch_warnings():  # PEFT warns it does not know QuantLinear; the mapping above tells it how
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return get_peft_model(model, config)
 
 
 def positions_for(model):
@@ -211,6 +240,10 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     return trainer
 
 
+def cfg_quantized(trainer: Ernie45Trainer) -> bool:
+    return bool(trainer.ernie45_config["model"].get("quantize"))
+
+
 def run(cfg: dict, resume: bool = False) -> Path:
     """Train; returns the directory of the final model (with its tokenizer)."""
     trainer = build_trainer(cfg)
@@ -229,7 +262,13 @@ def run(cfg: dict, resume: bool = False) -> Path:
     trainer.train(resume_from_checkpoint=checkpoint)
     final = out / "final"
     model = trainer.model
-    if hasattr(model, "merge_and_unload"):
+    if hasattr(model, "merge_and_unload") and cfg_quantized(trainer):
+        if trainer.is_world_process_zero():  # the adapters alone (PEFT's layout), for the bf16 base they were made on
+            model.save_pretrained(final)
+            apply = f"PeftModel.from_pretrained(ernie45.load(BASE), '{final}').merge_and_unload()"
+            print(f"ernie45 train: a quantized base was trained through LoRA; {final} holds the adapters. Apply "
+                  f"them to the float base: {apply}", file=sys.stderr)  # fmt: skip
+    elif hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
         if trainer.is_world_process_zero():
             model.save_pretrained(final)
