@@ -12,3 +12,4 @@ class MissingDataSource(RuntimeError):
 
 
 from . import plugins  # noqa: E402,F401  (registers the demo's data source and tokenizer with `train`)
+from . import tasks  # noqa: E402,F401  (first: the task table, which the jobs in miniature (`jobtasks`) extend)
