@@ -113,7 +113,7 @@ def report(results: dict[str, tuple[float, int]], targets: dict[str, float] | No
         base = skill.removesuffix(" (turn 2+)")
         target = targets.get(skill)
         if base != skill and base in results:
-            target = results[base][0] - 0.05
+            target = max(0.0, results[base][0] - 0.05)
         mark = "" if target is None else ("  ok" if acc >= target else "  below")
         ok &= target is None or acc >= target
         lines.append(f"{skill:28} {acc:9.1%} {'' if target is None else f'{target:.0%}':>7} {n:5d}{mark}")
