@@ -24,6 +24,7 @@ from .compiled import CompiledDecoder
 from .llm import LLM, Delta, RowState
 from .sampling import SamplingParams, apply_penalties, position_logprobs, sample
 from .slots import SlotKVCache
+from .speculative import SpeculativeConfig, eligible, speculate
 from .structured import Constraint
 
 MIN_PREFIX = 16  # shorter shared prefixes are cheaper to recompute than to look up and copy
@@ -129,11 +130,13 @@ class BatchEngine:
 
     def __init__(self, llm: LLM, *, max_batch: int = 16, max_len: int | None = None, prefill_chunk: int = 256,
                  max_waiting: int = 256, thread: bool = True, raise_errors: bool = False,
-                 group_share: int | None = None, decoder: CompiledDecoder | None = None) -> None:  # fmt: skip
+                 group_share: int | None = None, decoder: CompiledDecoder | None = None,
+                 speculative: SpeculativeConfig | None = None) -> None:  # fmt: skip
         """thread: run the steps on a worker thread of its own; False: the creating thread runs `run()` (or calls
         `step()` itself). raise_errors: a failing step raises (`LLM`'s own use) instead of failing its requests
         and serving the others (a server's). decoder: decode steps through this compiled fixed-shape step (its slot
-        cache, every slot each step) instead of eagerly.
+        cache, every slot each step) instead of eagerly. speculative: draft tokens by prompt lookup and verify
+        them in one forward (`speculative.py`).
 
         Run the steps on the thread that loaded the model where you can (`ernie45 serve` does): OpenMP keeps one
         thread pool per thread that starts parallel work, and with two pools on a small machine libgomp stops
@@ -143,6 +146,7 @@ class BatchEngine:
         limit = self.model.config.max_position_embeddings
         self.max_len = min(max_len or limit, limit)
         self.decoder = decoder
+        self.speculative = speculative
         if decoder is None:
             self.cache = SlotKVCache.for_model(self.model, max_batch, self.max_len)
         else:  # a kept cache of the decoder's (bucketed length): the compiled graph is reused across engines
@@ -457,6 +461,10 @@ class BatchEngine:
 
     def _decode(self) -> None:
         rows = self.running
+        if self.speculative is not None:
+            rows = [r for r in rows if not self._speculated(r)]
+            if not rows:
+                return
         n = len(self.slots) if self.decoder is not None else max(r.slot for r in rows) + 1
         dev = self.model.device
         tokens = torch.zeros(n, 1, dtype=torch.long, device=dev)
@@ -479,6 +487,16 @@ class BatchEngine:
             except Exception as e:
                 self._fail([r], e)
 
+    def _speculated(self, req: Request) -> bool:
+        """Whether `req` took a verified speculative step (a failure fails it alone, as a decode step would)."""
+        if not eligible(req):
+            return False
+        try:
+            return speculate(self, req, self.speculative)
+        except Exception as e:
+            self._failed([req], e)
+            return True
+
     def _take(self, req: Request, logits: torch.Tensor) -> None:
         p, row = req.params, req.row
         raw = logits
@@ -494,7 +512,11 @@ class BatchEngine:
             logits = apply_penalties(logits.float(), req.seen, req.counts, p)
         if req.constraint is not None:
             logits = req.constraint.mask(logits)
-        tok = int(sample(logits, p, req.generator)[0])
+        self._push(req, int(sample(logits, p, req.generator)[0]), raw)
+
+    def _push(self, req: Request, tok: int, raw: torch.Tensor | None) -> None:
+        """One chosen token into the request: grammar, penalties' counts, text, logprobs, stop and length."""
+        p, row = req.params, req.row
         req.last_token = tok
         if req.constraint is not None:
             req.constraint.advance(tok)
@@ -507,7 +529,7 @@ class BatchEngine:
         before = len(row.token_ids)
         text = row.push(tok)
         ids = row.token_ids[before:]
-        if ids and row.logprobs is not None:
+        if ids and row.logprobs is not None and raw is not None:
             row.logprobs.append(position_logprobs(raw[0], tok, p.logprobs, self._decode_one))
         room = self.cache.lengths[req.slot] + 1 < self.max_len
         if row.finish_reason is None and not room:

@@ -159,6 +159,7 @@ class LLM:
         if vllm.get("seed") is not None:
             self.default_sampling = replace(self.default_sampling, seed=vllm["seed"])
         self.max_model_len = min(vllm.get("max_model_len") or c.max_position_embeddings, c.max_position_embeddings)
+        self.speculative = vllm.get("speculative")  # prompt-lookup drafts, verified by the scheduler
 
     def _check_token_ids(self) -> None:
         c, ids = self.model.config, self.processor.ids
@@ -325,7 +326,7 @@ class LLM:
         max_len = min(max(lengths) + max(p.max_tokens for p in params) + 1, self.max_model_len)
         engine = BatchEngine(self, max_batch=len(encoded), max_len=max_len, prefill_chunk=sum(lengths),
                              max_waiting=len(encoded), thread=False, raise_errors=True,
-                             decoder=self.decoder)  # fmt: skip
+                             decoder=self.decoder, speculative=self.speculative)  # fmt: skip
         reqs = [engine.submit(e, p).request for e, p in zip(encoded, params, strict=True)]
         while not all(r.finished for r in reqs):
             engine.step()

@@ -13,6 +13,7 @@ VLLM_OPTIONS = {
     "tensor_parallel_size": "1 only (one process, one device)",
     "trust_remote_code": "accepted: ernie45 runs no remote code, every checkpoint it reads is built in",
     "tokenizer": "the checkpoint's own directory only (a tokenizer elsewhere is not supported)",
+    "speculative_config": '{"method": "ngram", "num_speculative_tokens": 4, ...}: prompt-lookup speculative decoding',
 }
 
 
@@ -34,4 +35,8 @@ def apply_vllm_options(options: dict[str, Any], compile: bool | None) -> tuple[b
     max_len = options.get("max_model_len")
     if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
         raise ValueError(f"max_model_len must be an integer >= 2, got {max_len!r}")
-    return compile, {k: options[k] for k in ("seed", "max_model_len") if k in options}
+    from .speculative import SpeculativeConfig
+
+    out = {k: options[k] for k in ("seed", "max_model_len") if k in options}
+    out["speculative"] = SpeculativeConfig.parse(options.get("speculative_config"))
+    return compile, out

@@ -1,0 +1,134 @@
+"""Speculative decoding in the scheduler: prompt-lookup (n-gram) drafts, verified in one forward.
+
+A decode step reads every weight to make one token, so on a CPU or a small batch it is bound by memory, not
+arithmetic: a forward over the last token plus k drafted ones costs about one step. The draft is the
+continuation of the latest earlier place where the answer's last n tokens occurred (in the prompt or the
+answer so far) — free, and good wherever the answer copies (summaries, extraction, code edits, documents).
+
+Acceptance keeps the output exactly what plain decoding gives: greedy rows take drafted tokens while they are
+the argmax; sampled rows take a drafted token d with probability p(d) and otherwise sample from p without d
+(speculative sampling with a one-token proposal), so every token still comes from the target distribution.
+Rows with penalties, logit bias, grammars, logprobs, min_tokens or media in the prompt decode as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .sampling import filter_logits
+
+if TYPE_CHECKING:
+    from .batcher import BatchEngine, Request
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+    "prompt_lookup_min": 2}`."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+
+    @classmethod
+    def parse(cls, spec: Any) -> SpeculativeConfig | None:
+        if spec is None or isinstance(spec, SpeculativeConfig):
+            return spec
+        if not isinstance(spec, dict):
+            raise ValueError('speculative_config: a dict like {"method": "ngram", "num_speculative_tokens": 4}')
+        unknown = sorted(set(spec) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"})
+        if unknown:
+            raise ValueError(f"speculative_config: unknown keys {unknown}")
+        config = cls(**spec)
+        if config.method != "ngram":
+            raise ValueError(f"speculative_config: method {config.method!r} is not built; 'ngram' is")
+        if not 1 <= config.num_speculative_tokens <= 16:
+            raise ValueError("speculative_config: num_speculative_tokens is 1-16")
+        if not 1 <= config.prompt_lookup_min <= config.prompt_lookup_max:
+            raise ValueError("speculative_config: 1 <= prompt_lookup_min <= prompt_lookup_max")
+        return config
+
+
+def ngram_draft(ids: list[int] | np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the last n tokens (longest n first)."""
+    arr = np.asarray(ids, dtype=np.int64)
+    total = len(arr)
+    for n in range(min(n_max, total - 1), n_min - 1, -1):
+        tail = arr[total - n :]
+        starts = np.flatnonzero(arr[: total - n] == tail[0])  # candidates, latest last
+        for s in starts[::-1]:
+            if s + n < total and np.array_equal(arr[s : s + n], tail):
+                return arr[s + n : s + n + k].tolist()
+    return []
+
+
+def eligible(req: Request) -> bool:
+    p = req.params
+    return not (p.penalised or p.logit_bias or req.constraint is not None or p.logprobs is not None
+                or (p.min_tokens and len(req.row.token_ids) < p.min_tokens) or _media(req))  # fmt: skip
+
+
+def _media(req: Request) -> bool:  # (3D RoPE positions after a picture are not verified on this path)
+    return any(k not in ("input_ids", "attention_mask") for k in req.encoded)
+
+
+def accept(logits: torch.Tensor, draft: list[int], req: Request) -> list[int]:
+    """The tokens this step yields: the drafted ones accepted, then one from the target (a correction or, all
+    accepted, the next). logits [k+1, V]: row i is the distribution after the last token and i drafts."""
+    p = req.params
+    if p.greedy:
+        best = logits.argmax(-1).tolist()
+        out = []
+        for i, d in enumerate(draft):
+            if best[i] != d:
+                return [*out, best[i]]
+            out.append(d)
+        return [*out, best[len(draft)]]
+    probs = filter_logits(logits.float().nan_to_num(nan=float("-inf")), p).softmax(-1)
+    out = []
+    for i, d in enumerate(draft):
+        u = torch.rand((), generator=req.generator, device=probs.device)
+        if u < probs[i, d]:
+            out.append(d)
+            continue
+        rest = probs[i].clone()
+        rest[d] = 0  # the draft's share goes: what is left is p's distribution given "not d"
+        if rest.sum() <= 0:
+            return [*out, d]
+        return [*out, int(torch.multinomial(rest / rest.sum(), 1, generator=req.generator))]
+    return [*out, int(torch.multinomial(probs[len(draft)], 1, generator=req.generator))]
+
+
+def speculate(engine: BatchEngine, req: Request, config: SpeculativeConfig) -> bool:
+    """One verified step for `req` if a draft is found (its tokens pushed like sampled ones); False: no draft."""
+    slot, cache = req.slot, engine.cache
+    start = cache.lengths[slot]
+    room = min(config.num_speculative_tokens, engine.max_len - start - 2,
+               req.params.max_tokens - len(req.row.token_ids) - 1)  # fmt: skip
+    if room < 1:
+        return False
+    history = [*req.encoded["input_ids"], *req.row.token_ids]
+    draft = ngram_draft(history, room, config.prompt_lookup_min, config.prompt_lookup_max)
+    if not draft:
+        return False
+    dev = engine.model.device
+    ids = torch.tensor([[req.last_token, *draft]], device=dev)
+    mask = torch.ones(1, start + ids.shape[1], dtype=torch.long, device=dev)
+    logits = engine.model(input_ids=ids, cache=cache.slot(slot), attention_mask=mask, logits_to_keep=0).logits[0]
+    tokens = accept(logits, draft, req)
+    kept = len(tokens) - 1  # drafted tokens whose keys and values stay in the cache
+    cache.lengths[slot] = start + 1 + kept
+    if engine.slot_tokens[slot] is not None:
+        engine.slot_tokens[slot].extend([req.last_token, *draft[:kept]])
+    engine.stats["draft_tokens"] = engine.stats.get("draft_tokens", 0) + len(draft)
+    engine.stats["accepted_tokens"] = engine.stats.get("accepted_tokens", 0) + kept
+    for tok in tokens:
+        engine._push(req, tok, None)
+        if req.row.finish_reason is not None:
+            break
+    return True
