@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..processing.tools import JSON_STYLE
+
 
 @dataclass
 class StructuredOutputs:
@@ -38,7 +40,7 @@ class StructuredOutputs:
     def grammar_text(self) -> str:
         from llguidance import LLMatcher
 
-        compact = {"whitespace_flexible": False}  # ", " and ": " only: a model cannot spend its tokens on whitespace
+        compact = JSON_STYLE  # ", " and ": " only: a model cannot spend its tokens on whitespace
         if self.json is not None:
             schema = json.loads(self.json) if isinstance(self.json, str) else self.json
             return LLMatcher.grammar_from_json_schema(schema, overrides=compact)

@@ -20,6 +20,9 @@ import uuid
 from typing import Any
 
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
+# Constrained JSON is written as Python's json.dumps writes it (", " and ": ", no other whitespace): the form
+# the prompts and training data show, so a grammar never pushes a model off the spacing it learned.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 TOOLS_PROMPT = (
@@ -137,7 +140,7 @@ def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool
                                                   "arguments": _closed(t["function"]["parameters"])},
                  "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]  # fmt: skip
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    options = {"whitespace_flexible": False}
+    options = JSON_STYLE
     repeat = 'call ("\\n" call)*' if parallel and name is None else "call"
     return (f"start: {repeat}\n"
             f"call: \"{CALL_START}\\n\" body \"\\n{CALL_END}\"\n"
