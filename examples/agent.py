@@ -1,12 +1,12 @@
 """A customer-service agent on `ernie45 serve`, with the openai SDK: the customer sends a screenshot and a voice
-message, the model calls a tool (`get_order_status`), the script runs it and sends the result back, and the model
-answers. Runs offline against a local server:
+message with an order number; the model picks one of three tools and fills in the number it heard, the script
+runs the tool and sends the result back, and the model answers from it. Runs offline against a local server:
 
     ernie45 serve &                       # the embedded demo model (or: ernie45 serve DIR)
-    python examples/agent.py              # --base-url http://HOST:PORT/v1, --image FILE, --audio FILE
+    python examples/agent.py              # --image FILE --audio FILE --tool-choice auto|required
 
-The demo model's own skill at choosing tools is small, so the call is constrained (`tool_choice: "required"`):
-whatever the model, the call parses and its arguments match the function's schema.
+With the default `tool_choice: "auto"` the model decides whether to call and what; `"required"` makes the
+call certain (constrained decoding: it parses and its arguments match the schema whatever the model).
 """
 
 from __future__ import annotations
@@ -19,48 +19,59 @@ from pathlib import Path
 from openai import OpenAI
 
 HERE = Path(__file__).resolve().parent
-ORDERS = {"A17": {"status": "shipped", "eta": "tomorrow"}, "B42": {"status": "packing", "eta": "in 3 days"}}
-TOOLS = [{
-    "type": "function",
-    "function": {
-        "name": "get_order_status",
-        "description": "Look up where a customer's order is.",
-        "parameters": {"type": "object", "properties": {"order_id": {"type": "string", "pattern": "^[A-Z][0-9]{2}$"}},
-                       "required": ["order_id"]},
-    },
-}]  # fmt: skip
+ORDERS = {"4711": {"status": "shipped"}, "1234": {"status": "packed"}}
+
+
+def _tool(name: str, description: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}  # fmt: skip
+
+
+TOOLS = [_tool("get_order_status", "Look up where an order is"), _tool("cancel_order", "Cancel an order"),
+         _tool("report_problem", "Report an error a customer sees with an order")]  # fmt: skip
 
 
 def get_order_status(order_id: str) -> dict:
     """The 'back-office system' the agent calls."""
-    return ORDERS.get(order_id, {"status": "unknown order", "order_id": order_id})
+    return {"order_id": order_id, **ORDERS.get(order_id, {"status": "unknown"})}
+
+
+def cancel_order(order_id: str) -> dict:
+    return {"order_id": order_id, "cancelled": order_id in ORDERS}
+
+
+def report_problem(order_id: str) -> dict:
+    return {"ticket": f"T-{sum(map(ord, order_id)) % 90 + 10}"}
+
+
+FUNCTIONS = {"get_order_status": get_order_status, "cancel_order": cancel_order, "report_problem": report_problem}
 
 
 def data_url(path: Path, mime: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def run(base_url: str, image: Path, audio: Path, model: str | None = None, log=print) -> list[dict]:
+def run(base_url: str, image: Path, audio: Path, model: str | None = None, log=print,
+        tool_choice: str = "auto") -> list[dict]:  # fmt: skip
     """One customer turn, the tool round trip and the answer; returns the conversation."""
     client = OpenAI(base_url=base_url, api_key="unused", max_retries=0)
     model = model or client.models.list().data[0].id
     messages: list[dict] = [
-        {"role": "system", "content": "You are a shop's support agent. Use the tools to look orders up."},
         {"role": "user", "content": [
-            {"type": "text", "text": "Here is my order screen and a voice note. Where is my order A17?"},
             {"type": "image_url", "image_url": {"url": data_url(image, "image/png")}},
             {"type": "input_audio", "input_audio": {"data": base64.b64encode(audio.read_bytes()).decode(),
                                                     "format": "wav"}},
+            {"type": "text", "text": "Can you help?"},
         ]},
     ]  # fmt: skip
-    first = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice="required",
-                                           max_tokens=160, temperature=0)  # fmt: skip
+    first = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice=tool_choice,
+                                           max_tokens=80, temperature=0)  # fmt: skip
     reply = first.choices[0].message
     messages.append({"role": "assistant", "content": reply.content,
                      "tool_calls": [c.model_dump() for c in reply.tool_calls or []]})  # fmt: skip
     for call in reply.tool_calls or []:
         args = json.loads(call.function.arguments)
-        result = get_order_status(**args)
+        result = FUNCTIONS[call.function.name](**args)
         log(f"tool call: {call.function.name}({args}) -> {result}")
         messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
     answer = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice="none",
@@ -74,10 +85,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--model", help="the served model's id (default: the first /v1/models lists)")
-    p.add_argument("--image", type=Path, default=HERE / "shapes.png")
-    p.add_argument("--audio", type=Path, default=HERE / "digits.wav")
+    p.add_argument("--image", type=Path, default=HERE / "order_page.png", help="the customer's screenshot")
+    p.add_argument("--audio", type=Path, default=HERE / "voice_order.wav", help="the customer's voice message")
+    p.add_argument("--tool-choice", default="auto", help='"auto" (the model decides) or "required"')
     args = p.parse_args()
-    run(args.base_url, args.image, args.audio, args.model)
+    run(args.base_url, args.image, args.audio, args.model, tool_choice=args.tool_choice)
 
 
 if __name__ == "__main__":

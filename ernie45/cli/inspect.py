@@ -100,6 +100,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     src = Path(args.src)
     if not src.is_dir():
         raise UsageError(f"{src} is not a checkpoint directory")
+    if args.format == "gguf":
+        from ..checkpoint.gguf_export import export_gguf
+
+        try:
+            out = export_gguf(src, args.out, args.type)
+        except ImportError:
+            raise UsageError("GGUF export needs the gguf package: pip install gguf") from None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        print(f"wrote {out} (GGUF, {args.type}) for llama.cpp")
+        return
+    if args.type != "bf16":
+        raise UsageError("--type applies to --format gguf; the official layout keeps the checkpoint's dtype")
     out = export(src, args.out, shard_size_gb=args.shard_size_gb)
     print(f"wrote the official layout to {out}")
 
@@ -112,6 +125,18 @@ def add_commands(sub) -> None:
     ex.add_argument("src", metavar="DIR", help="checkpoint directory (any layout ernie45 reads)")
     ex.add_argument("out", metavar="OUT", help="output directory")
     ex.add_argument("--shard-size-gb", type=float, default=5.0, help="largest shard size (default 5)")
+    ex.add_argument(
+        "--format",
+        choices=["official", "gguf"],
+        default="official",
+        help="official: the -PT safetensors layout; gguf: one file for llama.cpp / ollama (OUT: the file)",
+    )
+    ex.add_argument(
+        "--type",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+        default="bf16",
+        help="GGUF tensor type for the matrices (default bf16; norms and routers stay f32)",
+    )
     ex.set_defaults(func=cmd_export)
     q = sub.add_parser("quantize", help="weight-only int8 / int4 copy of a checkpoint (ernie45 loads it as is)")
     q.add_argument("dir", metavar="DIR", help="checkpoint directory (any layout ernie45 reads)")
