@@ -84,3 +84,16 @@ def test_a_bad_speculative_config_is_refused_by_name():
         SpeculativeConfig.parse({"method": "mtp"})
     with pytest.raises(ValueError, match="unknown keys \\['lookahead'\\]"):
         SpeculativeConfig.parse({"lookahead": 3})
+
+
+def test_the_commands_take_speculation_and_answer_the_same():
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "ernie45", "generate", PROMPTS[3], "--max-tokens", "24", "--temperature", "0"]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=600)
+    fast = subprocess.run([*base, "--speculative", "4"], capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr[-2000:]
+    assert fast.stdout == plain.stdout and plain.stdout.strip()
+    bad = subprocess.run([*base, "--speculative", "40"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "num_speculative_tokens is 1-16" in bad.stderr and "Traceback" not in bad.stderr

@@ -45,7 +45,12 @@ def _open_llm(args: argparse.Namespace):
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} is not a checkpoint directory (it needs config.json, weights and a tokenizer)")
     quantization, compile = getattr(args, "quantization", None), getattr(args, "compile", None)
-    return LLM(path, dtype=args.dtype, quantization=quantization, compile=compile)
+    k = getattr(args, "speculative", 0) or 0
+    extra = {"speculative_config": {"method": "ngram", "num_speculative_tokens": k}} if k else {}
+    try:
+        return LLM(path, dtype=args.dtype, quantization=quantization, compile=compile, **extra)
+    except ValueError as e:  # a bad option value, named
+        raise UsageError(str(e)) from None
 
 
 def _sampling(args: argparse.Namespace, llm):
@@ -256,6 +261,13 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization on the fly (default: none)")  # fmt: skip
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through torch.compile (default: on for CUDA only; the first answer waits)")  # fmt: skip
+    speculative_option(p)
+
+
+def speculative_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="draft K tokens a step by prompt lookup and verify them at once (greedy answers unchanged; "
+                        "faster where answers copy from the prompt); default 0: off")  # fmt: skip
 
 
 def add_commands(sub) -> None:

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .chat import _open_llm
+from .chat import _open_llm, speculative_option
 from .errors import UsageError
 
 
@@ -132,5 +132,6 @@ def add_commands(sub) -> None:
         help="open connections / running requests before new requests get 503 (default 512)",
     )
     s.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    speculative_option(s)
     s.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)

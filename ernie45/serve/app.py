@@ -182,7 +182,8 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
     are refused from their header; a video is fitted to the context (frames x pixels) before it is decoded; at
     most `media_workers` requests decode media at once."""
     engine = BatchEngine(llm, max_batch=max_batch, max_len=max_len, max_waiting=max_waiting, thread=engine_thread,
-                         group_share=max_slots_per_request, decoder=llm.decoder)  # fmt: skip
+                         group_share=max_slots_per_request, decoder=llm.decoder,
+                         speculative=getattr(llm, "speculative", None))  # fmt: skip
     proc = llm.processor
     proc.image.max_input_pixels = proc.video.max_input_pixels = max_image_pixels
     proc.max_document_pages = max_document_pages
