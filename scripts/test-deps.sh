@@ -3,6 +3,7 @@
 #   espeak-ng        speaks the test audio
 #   wordnet-base     the glosses the demo's text data defines words with
 #   chromium, chromium-driver   render and drive the web chat page
+#   fonts-dejavu-core, fonts-liberation   the fonts the demo's charts are drawn in (training and held-out)
 # Run by the README's test command (and so by .ci/run) before pytest.
 set -euo pipefail
 missing=()
@@ -10,6 +11,8 @@ command -v espeak-ng >/dev/null || missing+=(espeak-ng)
 [ -f /usr/share/wordnet/data.noun ] || missing+=(wordnet-base)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+[ -f /usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf ] || missing+=(fonts-liberation)
 [ ${#missing[@]} -eq 0 ] && exit 0
 sudo=""
 if [ "$(id -u)" != 0 ]; then

@@ -29,7 +29,7 @@ SHADES = {
     "orange": [(255, 120, 0), (230, 150, 50)], "purple": [(120, 30, 170), (160, 80, 210)],
     "white": [(250, 250, 250)], "black": [(10, 10, 10)],
 }  # fmt: skip
-HELD_FONTS = ("dejavu/DejaVuSans.ttf", "liberation/LiberationSerif-Regular.ttf", "dejavu/DejaVuSansCondensed-Bold.ttf")
+HELD_FONTS = ("dejavu/DejaVuSans.ttf", "liberation/LiberationSerif-Regular.ttf", "dejavu/DejaVuSans-Bold.ttf")
 LABELS = "ABCDEFG"
 VOICES = (["en", "en-us", "en-gb"], ["+m6", "+m7", "+f5", "+klatt3", "+klatt4"])
 VIDEO_KINDS = ("mp4", "gif", "frames")
