@@ -3,10 +3,11 @@ message with an order number; the model picks one of three tools and fills in th
 runs the tool and sends the result back, and the model answers from it. Runs offline against a local server:
 
     ernie45 serve &                       # the embedded demo model (or: ernie45 serve DIR)
-    python examples/agent.py              # --image FILE --audio FILE --tool-choice auto|required
+    python examples/agent.py              # --image FILE --audio FILE --tool-choice required|auto
 
-With the default `tool_choice: "auto"` the model decides whether to call and what; `"required"` makes the
-call certain (constrained decoding: it parses and its arguments match the schema whatever the model).
+The embedded demo model has not learned to choose tools (see its card), so the call is constrained by default
+(`tool_choice: "required"`: it parses and its arguments match the schema whatever the model); `--tool-choice
+auto` lets the model decide, as a model trained for tools does.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ ORDERS = {"4711": {"status": "shipped"}, "1234": {"status": "packed"}}
 
 def _tool(name: str, description: str) -> dict:
     return {"type": "function", "function": {"name": name, "description": description, "parameters": {
-        "type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}}}  # fmt: skip
+        "type": "object", "properties": {"order_id": {"type": "string", "pattern": "^[0-9]{3,6}$"}},
+        "required": ["order_id"]}}}  # fmt: skip
 
 
 TOOLS = [_tool("get_order_status", "Look up where an order is"), _tool("cancel_order", "Cancel an order"),
@@ -52,7 +54,7 @@ def data_url(path: Path, mime: str) -> str:
 
 
 def run(base_url: str, image: Path, audio: Path, model: str | None = None, log=print,
-        tool_choice: str = "auto") -> list[dict]:  # fmt: skip
+        tool_choice: str = "required") -> list[dict]:  # fmt: skip
     """One customer turn, the tool round trip and the answer; returns the conversation."""
     client = OpenAI(base_url=base_url, api_key="unused", max_retries=0)
     model = model or client.models.list().data[0].id
@@ -65,7 +67,7 @@ def run(base_url: str, image: Path, audio: Path, model: str | None = None, log=p
         ]},
     ]  # fmt: skip
     first = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, tool_choice=tool_choice,
-                                           max_tokens=80, temperature=0)  # fmt: skip
+                                           max_tokens=160, temperature=0)  # fmt: skip
     reply = first.choices[0].message
     messages.append({"role": "assistant", "content": reply.content,
                      "tool_calls": [c.model_dump() for c in reply.tool_calls or []]})  # fmt: skip
@@ -87,7 +89,7 @@ def main() -> None:
     p.add_argument("--model", help="the served model's id (default: the first /v1/models lists)")
     p.add_argument("--image", type=Path, default=HERE / "order_page.png", help="the customer's screenshot")
     p.add_argument("--audio", type=Path, default=HERE / "voice_order.wav", help="the customer's voice message")
-    p.add_argument("--tool-choice", default="auto", help='"auto" (the model decides) or "required"')
+    p.add_argument("--tool-choice", default="required", help='"required" (default) or "auto" (the model decides)')
     args = p.parse_args()
     run(args.base_url, args.image, args.audio, args.model, tool_choice=args.tool_choice)
 

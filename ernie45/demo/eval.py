@@ -11,8 +11,8 @@ import re
 from ..engine import LLM, SamplingParams
 from ..engine.structured import StructuredOutputs
 from ..processing.tools import parse_tool_calls
-from . import heldout
-from .tasks import FAMILIES, TASKS, TRAIN, Generator
+from . import heldout, scenes
+from .tasks import FAMILIES, TASKS, TRAIN, Generator, speak
 
 # The skill card's targets (issue #29), on the held-out generator.
 TARGETS = {
@@ -22,7 +22,10 @@ TARGETS = {
 }  # fmt: skip
 HELD_OUT = 900_000_001  # training rows use seeds seed * 1_000_003 + i; evaluation starts far away
 HELDOUT = Generator(heldout.scene, heldout.chart, heldout.video, heldout.speak, clip=heldout.clip, mark=heldout.mark)
-GENERATORS = {"train": TRAIN, "heldout": HELDOUT}
+# the first generation's generator (one layout per kind), on which the shipped model's card was measured
+FIRST = Generator(scenes.shape_scene, scenes.bar_chart, scenes.moving_video, speak)
+GENERATORS = {"train": TRAIN, "heldout": HELDOUT, "first": FIRST}
+CARD_FAMILIES = ("image", "chart", "video", "audio", "text")  # what the first generation was trained on
 EARLIER = ("image", "chart", "video", "audio", "text")  # what the turns before a turn-2+ question ask about
 
 
@@ -86,12 +89,14 @@ def _draw(family: str, rng: random.Random, gen: Generator, later: bool) -> tuple
 
 
 def evaluate(llm: LLM, n: int = 50, seed: int = HELD_OUT, batch: int = 16, generator: str = "train",
-             later: int = 0) -> dict[str, tuple[float, int]]:  # fmt: skip
-    """skill -> (accuracy, samples) over `n` fresh tasks of each family; with `later` > 0 also that many per family
-    asked as a later turn, reported as "<skill> (turn 2+)"."""
+             later: int = 0, families: tuple[str, ...] | None = None) -> dict[str, tuple[float, int]]:  # fmt: skip
+    """skill -> (accuracy, samples) over `n` fresh tasks of each family (`families`: only these); with `later` > 0
+    also that many per family asked as a later turn, reported as "<skill> (turn 2+)"."""
     gen = GENERATORS[generator]
     results: dict[str, list[float]] = {}
     for f, family in enumerate(TASKS):
+        if families is not None and family not in families:
+            continue
         drawn = [(False, _draw(family, random.Random(seed + 7919 * f + j), gen, False)) for j in range(n)]
         drawn += [(True, _draw(family, random.Random(seed + 7919 * f + 500_009 + j), gen, True)) for j in range(later)]
         for start in range(0, len(drawn), batch):
