@@ -55,8 +55,9 @@ def test_drill_families_ask_only_their_skill_and_a_bad_mix_is_refused(tmp_path):
         assert skill == "colour" and all(q.startswith("What color is the ") for q in questions)
         assert len(set(questions)) == len(questions)  # each turn asks about another shape
         image = messages[0]["content"][0]["image"]
-        colour = answer.rstrip(".").split()[-1]
-        assert COLOURS[colour] in {tuple(p) for p in np.asarray(image).reshape(-1, 3)}
+        colour = answer.rstrip(".").split()[-1]  # drawn with up to 25 levels of drift per channel, maybe JPEG'd
+        px = np.asarray(image).reshape(-1, 3).astype(int)
+        assert (np.abs(px - np.array(COLOURS[colour])).max(-1) <= 45).sum() >= 6, colour
         skill, _, answer = draw(random.Random(i), {"arithmetic": 1.0})
         assert skill == "arithmetic" and " is " in answer
     with pytest.raises(ValueError, match="unknown families \\['colours'\\]"):

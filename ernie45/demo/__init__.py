@@ -11,7 +11,4 @@ class MissingDataSource(RuntimeError):
     """A Debian package the demo's data is made from is not installed (the message says which)."""
 
 
-from . import (  # noqa: E402  (after MissingDataSource, which both import)
-    plugins,  # noqa: F401  (registers the demo's data source and tokenizer with `train`)
-    tasks,  # noqa: F401  (first: the task table, which the jobs in miniature (`jobtasks`) extend)
-)
+from . import plugins  # noqa: E402,F401  (registers the demo's data source and tokenizer with `train`)

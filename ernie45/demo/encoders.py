@@ -32,7 +32,8 @@ from torch import nn
 from ..model.trunk import ENCODER_MODULES
 from ..processing.processor import Processor
 from .scenes import COLOURS, MOTIONS, NUMBER_WORDS, SHAPES, bar_chart, moving_video, shape_scene
-from .tasks import SPOKEN_OPS, speak
+from .speech import speak
+from .tasks import SPOKEN_OPS
 
 log = logging.getLogger("ernie45.train")
 WORDS = (*NUMBER_WORDS, "what", "is", *SPOKEN_OPS)  # every word the demo's speech says

@@ -12,7 +12,9 @@ from ..engine import LLM, SamplingParams
 from ..engine.structured import StructuredOutputs
 from ..processing.tools import parse_tool_calls
 from . import heldout, scenes
-from .tasks import FAMILIES, TASKS, TRAIN, Generator, speak
+from .generator import TRAIN, Generator
+from .speech import speak
+from .tasks import FAMILIES, TASKS
 
 # The skill card's targets (issue #29), on the held-out generator.
 TARGETS = {

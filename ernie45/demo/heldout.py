@@ -209,7 +209,7 @@ def _as_file(frames: np.ndarray, kind: str):
 
 def speak(text: str, rng: random.Random) -> np.ndarray:
     """Speech in voices and at rates the training never used; a third through an 8 kHz telephone band."""
-    from .tasks import speak as espeak
+    from .speech import speak as espeak
 
     rate = rng.choice([(85, 99), (251, 280)])
     wave = espeak(text, rng, rate=rate, noise=0.04, voices=VOICES)

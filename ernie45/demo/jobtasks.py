@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw
 
 from ..jobs.moderate import Policy
 from ..processing.documents import document_parts
+from .generator import TRAIN, Generator
 from .scenes import NUMBER_WORDS
-from .tasks import TRAIN, Generator
 
 QUARTERS = ("Q1", "Q2", "Q3", "Q4")
 ITEMS = ("A", "B", "C", "D", "E", "F")

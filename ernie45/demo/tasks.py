@@ -4,19 +4,13 @@ gives the answer the model is trained (and evaluated) on.
 
 from __future__ import annotations
 
-import io
 import random
-import shutil
-import subprocess
-import wave
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-
-from . import MissingDataSource, wide
+from . import MissingDataSource
+from .generator import TRAIN, Generator
+from .jobtasks import JOB_TASKS
 from .scenes import NUMBER_WORDS, SHAPES
 
 PERSONA = (
@@ -26,8 +20,6 @@ PERSONA = (
 )
 GREETINGS = ["Hello!", "Hi!", "Hello there.", "Good morning!", "Hey!"]
 WHO = ["Who are you?", "What are you?", "Tell me about yourself.", "Introduce yourself."]
-ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
-VARIANTS = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+f1", "+f2", "+f3", "+f4", "+klatt", "+klatt2"]
 SPOKEN_OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
 
 
@@ -40,18 +32,6 @@ def _count(n: int) -> str:
 
 
 QA = tuple[str, str, str]  # (skill, question, answer)
-
-
-@dataclass(frozen=True)
-class Generator:
-    """Where a task's media come from: the training generator (`wide`) or the held-out one (`heldout`)."""
-
-    scene: Callable
-    chart: Callable
-    video: Callable  # a clip as frames (or a file path) for the video questions
-    speak: Callable
-    clip: Callable | None = None  # a clip as frames, where `video` gives files (moderation draws on frames)
-    mark: Callable | None = None  # draws the moderation policy's symbol on a frame
 
 
 def image_questions(rng: random.Random, gen: Generator | None = None) -> tuple[list[dict], list[QA]]:
@@ -115,30 +95,6 @@ def _one(questions):
 
 
 image_task, chart_task, video_task = _one(image_questions), _one(chart_questions), _one(video_questions)
-
-
-@lru_cache(maxsize=1)
-def _espeak() -> str:
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise MissingDataSource("espeak-ng is needed to make the demo's speech data: apt-get install espeak-ng")
-    return exe
-
-
-def speak(text: str, rng: random.Random, rate: tuple[int, int] = (100, 250), noise: float = 0.03,
-          voices: tuple[list[str], list[str]] = (ACCENTS, VARIANTS)) -> np.ndarray:  # fmt: skip
-    """16 kHz float32 speech of `text` in a random accent, voice, speed and pitch, with gain and noise."""
-    voice = rng.choice(voices[0]) + rng.choice(voices[1])
-    cmd = [_espeak(), "-v", voice, "-s", str(rng.randint(*rate)), "-p", str(rng.randint(10, 90)), "--stdout", text]
-    raw = subprocess.run(cmd, capture_output=True, check=True).stdout
-    with wave.open(io.BytesIO(raw)) as w:
-        rate = w.getframerate()
-        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32) / 32768
-    n = int(len(pcm) * 16000 / rate)
-    wave16 = np.interp(np.linspace(0, len(pcm) - 1, n), np.arange(len(pcm)), pcm).astype(np.float32)
-    wave16 *= rng.uniform(0.2, 1.0)
-    wave16 += rng.uniform(0.0, noise) * np.random.default_rng(rng.getrandbits(32)).standard_normal(n).astype(np.float32)
-    return wave16
 
 
 def spoken_prompt(rng: random.Random) -> tuple[str, str, str]:
@@ -228,10 +184,7 @@ def text_task(rng: random.Random, gen: Generator | None = None) -> tuple[str, li
     return "greet", _user([], rng.choice(GREETINGS)), "Hello! " + PERSONA.split(":")[0] + "."
 
 
-TRAIN = Generator(wide.scene, wide.chart, wide.video, speak)
 TASKS = {"image": image_task, "chart": chart_task, "video": video_task, "audio": audio_task, "text": text_task}
-from .jobtasks import JOB_TASKS  # noqa: E402  (the jobs in miniature use the generators above)
-
 TASKS.update(JOB_TASKS)
 DEFAULT_MIX = {"image": 0.3, "chart": 0.15, "video": 0.15, "audio": 0.2, "text": 0.2}
 
