@@ -112,6 +112,10 @@ def speculate(engine: BatchEngine, req: Request, config: SpeculativeConfig) -> b
                req.params.max_tokens - len(req.row.token_ids) - 1)  # fmt: skip
     if room < 1:
         return False
+    backoff = req.__dict__.setdefault("speculation", [0, 0])  # [steps to skip drafting, drafts missed in a row]
+    if backoff[0]:  # a verify forward costs more than a decode step: after misses, draft less often
+        backoff[0] -= 1
+        return False
     history = [*req.encoded["input_ids"], *req.row.token_ids]
     draft = ngram_draft(history, room, config.prompt_lookup_min, config.prompt_lookup_max)
     if not draft:
@@ -122,6 +126,8 @@ def speculate(engine: BatchEngine, req: Request, config: SpeculativeConfig) -> b
     logits = engine.model(input_ids=ids, cache=cache.slot(slot), attention_mask=mask, logits_to_keep=0).logits[0]
     tokens = accept(logits, draft, req)
     kept = len(tokens) - 1  # drafted tokens whose keys and values stay in the cache
+    backoff[1] = 0 if kept else backoff[1] + 1
+    backoff[0] = 0 if kept else min(2 ** backoff[1], 64)
     cache.lengths[slot] = start + 1 + kept
     if engine.slot_tokens[slot] is not None:
         engine.slot_tokens[slot].extend([req.last_token, *draft[:kept]])
