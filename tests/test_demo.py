@@ -245,3 +245,11 @@ def test_split_numbers_cuts_every_number_into_digits_and_keeps_the_rest(tmp_path
     assert tok(words)["input_ids"] == plain(words)["input_ids"]
     tok.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).tokenize(" 385") == ["Ġ3", "8", "5"]
+
+
+def test_eval_demo_takes_every_generator_it_names(capsys):
+    from ernie45.cli import main
+
+    assert main(["eval-demo", "--generator", "first", "--n", "1", "--later", "0"]) in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("first generator") and "count" in out and "moderation" not in out

@@ -32,9 +32,10 @@ def add_commands(sub) -> None:
     e.add_argument("--seed", type=int, default=0, help="offset of the held-out seeds")
     e.add_argument(
         "--generator",
-        choices=["train", "heldout", "both"],
+        choices=["train", "heldout", "both", "first"],
         default="both",
-        help="the training generator (new seeds), the held-out one (code it never trained on), or both",
+        help="the training generator (new seeds), the held-out one (code it never trained on), both, or the first "
+        "generation's (one layout per kind: the shipped model's card)",
     )
     e.add_argument(
         "--later",
