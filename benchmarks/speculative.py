@@ -48,8 +48,8 @@ def run(llm: LLM, prompt, k: int, tokens: int) -> tuple[float, int, float]:
     while not handle.request.finished:
         engine.step()
     seconds = time.perf_counter() - start
-    drafted = engine.stats.get("draft_tokens", 0)
-    return seconds, len(handle.request.row.token_ids), engine.stats.get("accepted_tokens", 0) / max(drafted, 1)
+    drafted = engine.stats["draft_tokens"]
+    return seconds, len(handle.request.row.token_ids), engine.stats["accepted_tokens"] / max(drafted, 1)
 
 
 def main() -> None:

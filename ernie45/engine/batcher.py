@@ -74,6 +74,7 @@ class Request:
     counts: torch.Tensor | None = None
     generator: torch.Generator | None = None
     constraint: Constraint | None = None  # structured outputs: the grammar's matcher for this answer
+    speculation: list[int] = field(default_factory=lambda: [0, 0])  # [steps to skip drafting, misses in a row]
 
     @property
     def prompt_len(self) -> int:
@@ -164,7 +165,7 @@ class BatchEngine:
         self.error: BaseException | None = None
         self.stats = {"requests": 0, "finished": 0, "aborted": 0, "failed": 0, "prompt_tokens": 0,
                       "completion_tokens": 0, "steps": 0, "latency_sum": 0.0, "ttft_sum": 0.0,
-                      "prefix_cached_tokens": 0}  # fmt: skip
+                      "prefix_cached_tokens": 0, "draft_tokens": 0, "accepted_tokens": 0}  # fmt: skip
         if thread:
             self._thread = threading.Thread(target=self._loop, name="ernie45-engine", daemon=True)
             self._thread.start()

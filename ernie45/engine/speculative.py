@@ -112,7 +112,7 @@ def speculate(engine: BatchEngine, req: Request, config: SpeculativeConfig) -> b
                req.params.max_tokens - len(req.row.token_ids) - 1)  # fmt: skip
     if room < 1:
         return False
-    backoff = req.__dict__.setdefault("speculation", [0, 0])  # [steps to skip drafting, drafts missed in a row]
+    backoff = req.speculation
     if backoff[0]:  # a verify forward costs more than a decode step: after misses, draft less often
         backoff[0] -= 1
         return False
@@ -131,8 +131,8 @@ def speculate(engine: BatchEngine, req: Request, config: SpeculativeConfig) -> b
     cache.lengths[slot] = start + 1 + kept
     if engine.slot_tokens[slot] is not None:
         engine.slot_tokens[slot].extend([req.last_token, *draft[:kept]])
-    engine.stats["draft_tokens"] = engine.stats.get("draft_tokens", 0) + len(draft)
-    engine.stats["accepted_tokens"] = engine.stats.get("accepted_tokens", 0) + kept
+    engine.stats["draft_tokens"] += len(draft)
+    engine.stats["accepted_tokens"] += kept
     for tok in tokens:
         engine._push(req, tok, None)
         if req.row.finish_reason is not None:

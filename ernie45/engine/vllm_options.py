@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .speculative import SpeculativeConfig
+
 # option -> what it does here
 VLLM_OPTIONS = {
     "enforce_eager": "True: no torch.compile (as compile=False)",
@@ -35,8 +37,6 @@ def apply_vllm_options(options: dict[str, Any], compile: bool | None) -> tuple[b
     max_len = options.get("max_model_len")
     if max_len is not None and (not isinstance(max_len, int) or max_len < 2):
         raise ValueError(f"max_model_len must be an integer >= 2, got {max_len!r}")
-    from .speculative import SpeculativeConfig
-
     out = {k: options[k] for k in ("seed", "max_model_len") if k in options}
     out["speculative"] = SpeculativeConfig.parse(options.get("speculative_config"))
     return compile, out

@@ -138,9 +138,9 @@ class MoEBlock(nn.Module):
         """x [B, S, H]; modality [B, S] ids (None: all text).
 
         router_out: not None asks for ``(group, router logits, chosen experts, token rows, orthogonality)`` per
-        group, for the training losses and the correction-bias update. They are kept on the module
-        (`records`) as well as appended to the list: wrappers that rebuild a forward's arguments (DeepSpeed
-        ZeRO-3's hooks) hand the layer a copy of the list, and what it appends there never reaches the caller.
+        group, for the training losses and the correction-bias update. They are kept on the module (`records`,
+        which `DecoderStack` reads), not appended to the list: wrappers that rebuild a forward's arguments
+        (DeepSpeed ZeRO-3's hooks) hand the layer a copy of the list, and what went there never reached the caller.
         """
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -150,11 +150,9 @@ class MoEBlock(nn.Module):
         if len(self.groups) == 1:
             (name, group), rows = next(iter(self.groups.items())), None
             y, logits, ids = group(x)
-            out = out + y
             if found is not None:
                 found.append((name, logits, ids, rows, _router(group).orthogonality()))
-                router_out.extend(found)
-            return out.reshape(shape)
+            return (out + y).reshape(shape)
         modality = torch.zeros(x.shape[0], dtype=torch.long, device=x.device) if modality is None else modality
         modality = modality.reshape(-1)
         for name, group in self.groups.items():
@@ -164,6 +162,4 @@ class MoEBlock(nn.Module):
                 out = out.index_add(0, rows, y.to(out.dtype))  # (autocast may give the shared path another dtype)
                 if found is not None:
                     found.append((name, logits, ids, rows, _router(group).orthogonality()))
-        if found:
-            router_out.extend(found)
         return out.reshape(shape)

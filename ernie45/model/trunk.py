@@ -55,17 +55,14 @@ class DecoderStack(nn.ModuleList):
         """router_out: a list that collects, per MoE layer and group, (layer, group, router logits, chosen experts,
         token rows) for the training losses; None keeps nothing."""
         for i, layer in enumerate(self):
-            layer_out = None if router_out is None else []
-            moe = layer.mlp if isinstance(getattr(layer, "mlp", None), MoEBlock) else None
-            if moe is not None:
-                moe.records = None
+            layer_out = None if router_out is None else []  # not None: the MoE block keeps its `records`
             if self.gradient_checkpointing and self.training:
                 h = self._gradient_checkpointing_func(layer.__call__, h, rope, mask, None, modality, layer_out)
             else:
                 h = layer(h, rope, mask, cache, modality, layer_out)
-            found = layer_out or (moe.records if moe is not None and router_out is not None else None)
-            if found:  # (group, router logits, chosen experts, token rows, orthogonality) from the MoE block
-                router_out.extend(RouterRecord(i, *entry) for entry in found)
+            moe = layer.mlp if isinstance(getattr(layer, "mlp", None), MoEBlock) else None
+            if moe is not None and moe.records:  # (group, router logits, chosen experts, token rows, orthogonality)
+                router_out.extend(RouterRecord(i, *entry) for entry in moe.records)
             if moe is not None:
                 moe.records = None  # the tensors go with the list the caller holds, not with the module
         return h

@@ -240,10 +240,6 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     return trainer
 
 
-def cfg_quantized(trainer: Ernie45Trainer) -> bool:
-    return bool(trainer.ernie45_config["model"].get("quantize"))
-
-
 def run(cfg: dict, resume: bool = False) -> Path:
     """Train; returns the directory of the final model (with its tokenizer)."""
     trainer = build_trainer(cfg)
@@ -262,16 +258,16 @@ def run(cfg: dict, resume: bool = False) -> Path:
     trainer.train(resume_from_checkpoint=checkpoint)
     final = out / "final"
     model = trainer.model
-    if hasattr(model, "merge_and_unload") and cfg_quantized(trainer):
-        if trainer.is_world_process_zero():  # the adapters alone (PEFT's layout), for the bf16 base they were made on
+    if hasattr(model, "merge_and_unload"):  # LoRA
+        quantized = bool(trainer.ernie45_config["model"]["quantize"])  # (the merged recipe: every key is there)
+        if not quantized:
+            model = model.merge_and_unload()
+        if trainer.is_world_process_zero():  # merged, or the adapters alone (PEFT's layout) for the float base
             model.save_pretrained(final)
-            apply = f"PeftModel.from_pretrained(ernie45.load(BASE), '{final}').merge_and_unload()"
-            print(f"ernie45 train: a quantized base was trained through LoRA; {final} holds the adapters. Apply "
-                  f"them to the float base: {apply}", file=sys.stderr)  # fmt: skip
-    elif hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-        if trainer.is_world_process_zero():
-            model.save_pretrained(final)
+            if quantized:
+                apply = f"PeftModel.from_pretrained(ernie45.load(BASE), '{final}').merge_and_unload()"
+                print(f"ernie45 train: a quantized base was trained through LoRA; {final} holds the adapters. Apply "
+                      f"them to the float base: {apply}", file=sys.stderr)  # fmt: skip
     else:  # the Trainer's save: gathers sharded (FSDP / ZeRO-3) weights, and only the main process writes
         trainer.save_model(str(final))
     if trainer.is_world_process_zero():
