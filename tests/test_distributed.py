@@ -108,6 +108,10 @@ def test_the_train_command_under_torchrun_writes_one_final_model(setup, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("trained model written to") == 1
     assert ernie45.load(tmp_path / "out" / "final").config.num_hidden_layers >= 1
+    with pytest.raises(ValueError, match="falls back to DDP on CPU"):  # not a silent fallback
+        from ernie45.train import build_trainer
+
+        build_trainer({**_cfg(root, model, tmp_path / "o3", 1, 1), "train": {"fsdp": "full_shard"}})
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**_cfg(root, model, tmp_path / "o2", 1, 1), "train": {"fsdp_confg": {}}}))
     r = subprocess.run([sys.executable, "-m", "ernie45", "train", str(bad)], capture_output=True, text=True)

@@ -178,6 +178,9 @@ def _sparse(model) -> bool:
 def build_trainer(cfg: dict) -> Ernie45Trainer:
     check_keys(cfg)
     cfg = merge(DEFAULTS, cfg)
+    if cfg["train"]["fsdp"] and not torch.cuda.is_available():  # the Trainer would run plain DDP without a word
+        raise ValueError("train.fsdp: transformers' Trainer shards with FSDP on GPUs only and falls back to DDP on "
+                         "CPU; leave it out here (FSDP2 on CPU: apply torch's fully_shard yourself)")  # fmt: skip
     model, proc = build_model(cfg)
     d, t = cfg["data"], cfg["train"]
     torch.set_flush_denormal(True)  # saturated softmax tails otherwise slow CPU steps several-fold
