@@ -19,12 +19,15 @@ DEMO_VIDEO = {"min_frames": 8, "max_frames": 8, "min_pixels": 84 * 84, "max_pixe
               "draw_timestamps": False}  # fmt: skip
 
 
-def configure(proc: Processor) -> Processor:
-    """The demo's media sizes: 140 px images (25 tokens: a 5 x 5 grid, one column per bar of a chart) and
-    8-frame 84 px videos (36 tokens)."""
-    for k, v in DEMO_IMAGE.items():
+def configure(proc: Processor, image_side: int = 140, video_side: int = 84) -> Processor:
+    """The demo's media sizes: by default 140 px images (25 tokens: a 5 x 5 grid) and 8-frame 84 px videos
+    (36 tokens); a recipe's `image_side` / `video_side` (multiples of 28: one token per 28 x 28 px) set others."""
+    for side, name in ((image_side, "image_side"), (video_side, "video_side")):
+        if side % 28 or side < 28:
+            raise ValueError(f"data.demo.{name}: {side} is not a positive multiple of 28 (one token per 28 x 28 px)")
+    for k, v in {**DEMO_IMAGE, "min_pixels": image_side**2, "max_pixels": image_side**2}.items():
         setattr(proc.image, k, v)
-    for k, v in DEMO_VIDEO.items():
+    for k, v in {**DEMO_VIDEO, "min_pixels": video_side**2, "max_pixels": video_side**2}.items():
         setattr(proc.video, k, v)
     return proc
 

@@ -7,6 +7,9 @@ from pathlib import Path
 from ..train.plugins import DataSource, register_source, register_tokenizer, register_tokenizer_option
 
 
+KEYS = ("rows", "seed", "mix", "turns", "describe_last", "image_side", "video_side", "encoder_pretrain")
+
+
 def _rows(proc, spec: dict, max_tokens: int, rows: int, seed: int):
     from .data import DemoRows
 
@@ -17,7 +20,10 @@ def _rows(proc, spec: dict, max_tokens: int, rows: int, seed: int):
 def _prepare(model, proc, spec: dict, seed: int) -> None:
     from .data import configure
 
-    configure(proc)
+    unknown = sorted(set(spec) - set(KEYS))
+    if unknown:  # a typo here would silently train on the defaults
+        raise ValueError(f"recipe: unknown data.demo keys {unknown}; known: {', '.join(KEYS)}")
+    configure(proc, spec.get("image_side", 140), spec.get("video_side", 84))
     stage0 = spec.get("encoder_pretrain")
     if stage0:  # the media encoders learn from the pictures' and clips' facts before the trunk reads them
         from .encoders import pretrain_encoders
