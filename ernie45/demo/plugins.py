@@ -6,7 +6,6 @@ from pathlib import Path
 
 from ..train.plugins import DataSource, register_source, register_tokenizer, register_tokenizer_option
 
-
 KEYS = ("rows", "seed", "mix", "turns", "describe_last", "image_side", "video_side", "encoder_pretrain")
 
 

@@ -53,14 +53,26 @@ class Policy:
 
 def load_policy(path: str | Path) -> Policy:
     """A policy from YAML or JSON: {categories: {name: description, ...}, instructions: "..."}."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable policy file ({e})") from None
+    return parse_policy(text, str(path))
+
+
+def parse_policy(text: str, where: str = "policy") -> Policy:
+    """A policy from YAML or JSON text: {categories: {name: description}, instructions: ...}, or the categories'
+    mapping alone (lines of `name: what it covers`)."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: not a readable policy file ({e})") from None
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not readable YAML or JSON ({e})") from None
+    if isinstance(data, dict) and "categories" not in data and all(isinstance(v, str) for v in data.values()):
+        data = {"categories": data}
     if not isinstance(data, dict) or not isinstance(data.get("categories"), dict):
-        raise ValueError(f"{path}: a policy is {{categories: {{name: description, ...}}, instructions: ...}}")
+        raise ValueError(f"{where}: a policy is {{categories: {{name: description, ...}}, instructions: ...}}")
     return Policy({str(k): str(v) for k, v in data["categories"].items()}, str(data.get("instructions") or ""))
 
 
@@ -157,23 +169,32 @@ def moderate(source: Any, policy: Policy, llm: LLM | None = None, *, length: flo
     rate = proc.audio.config.sample_rate if proc.hears else 16000
     began = time.perf_counter()
     for w in windows(source, length, stride, fps, rate, max_pixels=proc.video.max_pixels, format=format):
-        parts: list[dict] = []
-        if w.frames:
-            parts.append({"type": "video", "video": w.frames if len(w.frames) > 1 else w.frames * 2})
-        if proc.hears and w.audio is not None and w.audio.size >= rate // 10:
-            parts.append({"type": "audio", "audio": w.audio})
-        parts.append({"type": "text", "text": f"Segment {w.start:.1f}-{w.end:.1f} s. Which categories apply?"})
-        messages = [{"role": "system", "content": policy.prompt()}, {"role": "user", "content": parts}]
-        answer = llm.chat(messages, params)[0]
-        try:
-            verdict = json.loads(answer.text)
-        except json.JSONDecodeError:  # the answer ran out of tokens before the JSON closed
-            verdict = {"labels": [], "evidence": "", "confidence": 0, "error": f"unfinished verdict: {answer.text!r}"}
-        labels = list(dict.fromkeys(verdict.get("labels", [])))  # each category once
-        yield {"start": round(w.start, 3), "end": round(w.end, 3), "labels": labels,
-               "evidence": verdict.get("evidence", ""), "confidence": verdict.get("confidence", 0) / 100,
-               "behind": round(max(0.0, time.perf_counter() - began - w.end), 3),
-               **({"error": verdict["error"]} if "error" in verdict else {})}  # fmt: skip
+        answer = llm.chat(window_messages(w, policy, proc.hears, rate), params)[0]
+        yield verdict(w, answer.text, time.perf_counter() - began)
+
+
+def window_messages(w: Window, policy: Policy, hears: bool, rate: int) -> list[dict]:
+    """The chat that asks one window's frames (and sound, for a model that hears) against the policy."""
+    parts: list[dict] = []
+    if w.frames:
+        parts.append({"type": "video", "video": w.frames if len(w.frames) > 1 else w.frames * 2})
+    if hears and w.audio is not None and w.audio.size >= rate // 10:
+        parts.append({"type": "audio", "audio": w.audio})
+    parts.append({"type": "text", "text": f"Segment {w.start:.1f}-{w.end:.1f} s. Which categories apply?"})
+    return [{"role": "system", "content": policy.prompt()}, {"role": "user", "content": parts}]
+
+
+def verdict(w: Window, text: str, elapsed: float) -> dict:
+    """A window's answer as its verdict; `elapsed`: seconds since the screening began (for `behind`)."""
+    try:
+        said = json.loads(text)
+    except json.JSONDecodeError:  # the answer ran out of tokens before the JSON closed
+        said = {"labels": [], "evidence": "", "confidence": 0, "error": f"unfinished verdict: {text!r}"}
+    labels = list(dict.fromkeys(said.get("labels", [])))  # each category once
+    return {"start": round(w.start, 3), "end": round(w.end, 3), "labels": labels,
+            "evidence": said.get("evidence", ""), "confidence": said.get("confidence", 0) / 100,
+            "behind": round(max(0.0, elapsed - w.end), 3),
+            **({"error": said["error"]} if "error" in said else {})}  # fmt: skip
 
 
 def summary(verdicts: list[dict], policy: Policy) -> dict:

@@ -22,6 +22,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,6 +30,7 @@ from ..engine import LLM
 from ..engine.batcher import BatchEngine, EngineStopped, QueueFull
 from ..processing.media import Cancelled, cancellable
 from ..processing.tools import parse_tool_calls
+from .jobs import add_job_routes
 from .logprobs import chat_logprobs, completion_logprobs
 from .media import MediaPolicy
 from .metrics import Metrics
@@ -237,6 +239,9 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", name))
 
+    app.mount("/static", StaticFiles(directory=PAGE.parent), name="static")  # the page's scripts, nothing fetched
+    add_job_routes(app, srv)
+
     @app.get("/health")
     async def health():
         if not engine.alive:
@@ -393,7 +398,16 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-KNOWN = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+KNOWN = {
+    "/",
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/moderations/video",
+    "/v1/documents/info",
+}
 
 
 def _error(e: APIError) -> JSONResponse:
