@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import wide
-from .speech import speak
 
 
 @dataclass(frozen=True)
@@ -22,4 +21,4 @@ class Generator:
     mark: Callable | None = None  # draws the moderation policy's symbol on a frame
 
 
-TRAIN = Generator(wide.scene, wide.chart, wide.video, speak)
+TRAIN = Generator(wide.scene, wide.chart, wide.video, wide.speak)
