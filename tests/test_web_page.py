@@ -53,7 +53,7 @@ def _greedy(llm, messages):
     return llm.chat(messages, SamplingParams(temperature=0, max_tokens=256), enable_thinking=False)[0].text
 
 
-def test_conversation_survives_reload_and_is_kept_renamed_searched_edited(served, browser):
+def test_conversation_survives_reload_and_is_kept_renamed_searched_edited(served, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     llm, url = served
@@ -110,6 +110,24 @@ def test_conversation_survives_reload_and_is_kept_renamed_searched_edited(served
         " && !(e.labels && e.labels.length) && !e.getAttribute('aria-label') && !e.textContent.trim()).map(e => e.id)"
     )
     assert unlabelled == []  # every control has a label a screen reader can say
+
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    browser.find_element(By.ID, "search").clear()
+    browser.find_element(By.ID, "export").click()
+    saved = wait(browser, lambda d: list(tmp_path.glob("ernie45-conversations*.json")), 20)[0]
+    exported = json.loads(wait(browser, lambda d: saved.read_text() if saved.stat().st_size else None, 20))
+    assert sorted(c["title"] for c in exported["conversations"]) == ["Hello", "Sums"]
+    browser.execute_script("localStorage.clear()")  # a new browser: nothing kept, until the file comes back
+    browser.refresh()
+    wait(browser, lambda d: d.execute_script("return window.ernie45 && window.ernie45.ready"), 20)
+    assert titles() == []
+    browser.find_element(By.ID, "import").send_keys(str(saved))
+    wait(browser, lambda d: sorted(titles()) == ["Hello", "Sums"], 20)
+    browser.find_element(By.XPATH, "//ul[@id='conversations']//button[text()='Sums']").click()
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg.user .body")[1].text == "What is 12 plus 7?"
+    browser.find_element(By.CSS_SELECTOR, "#conversations .delete[aria-label='Delete Hello']").click()
+    browser.switch_to.alert.accept()
+    assert titles() == ["Sums"]
     assert page_errors(browser) == []
 
 
