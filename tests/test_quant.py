@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from chat_fixtures import EXTRA, tiny_chat_config, write_spm_tokenizer
@@ -100,6 +102,56 @@ def test_quantized_moe_model_stays_close(tmp_path):
         assert len(llm.generate("hello", None)[0].token_ids) >= 1
     with pytest.raises(ValueError, match="use int8, int4"):
         LLM(path, quantization="int3")
+
+
+def test_a_quantizing_load_never_holds_the_float_model_and_gives_the_same_codes(tmp_path, monkeypatch):
+    """`LLM(dir, quantization=...)` quantizes each decoder layer as soon as it is read: when a layer is handed
+    over, the layers before it are quantized already and those after it hold nothing yet."""
+    from torch import nn
+
+    import ernie45
+    from ernie45.runtime.prepare import Plan, QuantizingLoader, prepare
+
+    path = _moe_checkpoint(tmp_path / "ckpt")
+    seen = []
+
+    class Watching(QuantizingLoader):
+        def __call__(self, layer):
+            model_layers = layer_list[0]
+            floats = [
+                i
+                for i, other in enumerate(model_layers)
+                if any(isinstance(m, nn.Linear) and m.weight.device.type != "meta" for m in other.modules())
+            ]
+            seen.append(floats)
+            super().__call__(layer)
+
+    layer_list = []
+    loader = Watching("int4")
+    module = importlib.import_module("ernie45.checkpoint.load")
+    original = module.build_on_meta
+
+    def build(config):
+        model = original(config)
+        layer_list.append(model.model.layers)
+        return model
+
+    monkeypatch.setattr(module, "build_on_meta", build)
+    streamed = ernie45.load(path, dtype=torch.float32, on_layer=loader)
+    monkeypatch.undo()
+    n = streamed.config.num_hidden_layers
+    assert loader.layers == n and len(seen) == n
+    assert seen == [[i] for i in range(n)]  # only the layer being quantized is in float, in file order
+    streamed.quantized_while_loading = True
+    report = prepare(streamed, Plan(quantization="int4"))
+    assert "while loading" in str(report)
+    whole = ernie45.load(path, dtype=torch.float32)
+    prepare(whole, Plan(quantization="int4"))
+    ids = torch.tensor([[400, 294, 261, 358, 341, 313, 300, 290]])
+    assert torch.equal(streamed(input_ids=ids).logits, whole(input_ids=ids).logits)  # the same codes
+    llm = LLM(path, quantization="int4")
+    assert "layer by layer while loading" in str(llm.report)
+    assert torch.equal(llm.model(input_ids=ids).logits, whole(input_ids=ids).logits)
 
 
 def test_quantize_command_writes_a_checkpoint_that_loads_as_quantized(tmp_path, capsys):

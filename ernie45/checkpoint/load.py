@@ -24,9 +24,15 @@ FP32_PARAMS = ("gate.weight", "gate.e_score_correction_bias")  # the router stay
 class _Filler:
     """Places checkpoint tensors into the meta model's parameters and checks that every one is covered."""
 
-    def __init__(self, model: nn.Module, rules: tuple[Rule, ...], dtype, device) -> None:
+    def __init__(self, model: nn.Module, rules: tuple[Rule, ...], dtype, device, on_layer=None) -> None:
         self.model, self.rules, self.dtype, self.device = model, rules, dtype, torch.device(device or "cpu")
         self.meta = dict(model.named_parameters())
+        self.on_layer = on_layer  # called with each decoder layer as soon as all its weights are in
+        self.layer_left: dict[str, int] = {}  # "model.layers.3." -> elements still to come
+        for name, p in self.meta.items():
+            prefix = _layer_prefix(name)
+            if prefix is not None:
+                self.layer_left[prefix] = self.layer_left.get(prefix, 0) + p.numel()
         groups = model.config.expert_groups or []
         self.groups = [g["name"] for g in groups]
         self.offsets = [sum(g["num_experts"] for g in groups[:i]) for i in range(len(groups) + 1)]
@@ -85,7 +91,7 @@ class _Filler:
             if whole_direct and target_dtype == dtype and self.device.type == "cpu":
                 self.storage[name] = read()  # read straight into the parameter's own memory
                 self.filled[name] = meta.numel()
-                return
+                return self._count(name, meta.numel())
             self.storage[name] = torch.empty(meta.shape, dtype=target_dtype, device=self.device)
             self.filled[name] = 0
         region = _region(self.storage[name], slot)
@@ -95,6 +101,18 @@ class _Filler:
             src = tensor if tensor is not None else read()
             region.copy_(src.T if transpose else src)
         self.filled[name] += region.numel()
+        self._count(name, region.numel())
+
+    def _count(self, name: str, n: int) -> None:
+        """A layer whose weights are all in is handed to `on_layer` now (so a quantizing load never holds more
+        than the layers being read in float)."""
+        prefix = _layer_prefix(name)
+        if prefix is None or self.on_layer is None:
+            return
+        self.layer_left[prefix] -= n
+        if self.layer_left[prefix] == 0 and not self.errors:
+            self._install([k for k in self.storage if k.startswith(prefix)])
+            self.on_layer(self.model.get_submodule(prefix[:-1]))
 
     def finish(self) -> None:
         tied = self.model.config.tie_word_embeddings
@@ -110,12 +128,23 @@ class _Filler:
             shown = "\n  ".join(self.errors[:12])
             more = f"\n  ... and {len(self.errors) - 12} more" if len(self.errors) > 12 else ""
             raise CheckpointError(f"checkpoint does not fit the model ({len(self.errors)} problems):\n  {shown}{more}")
-        for name, t in self.storage.items():
-            module_name, _, attr = name.rpartition(".")
-            module = self.model.get_submodule(module_name)
-            module._parameters[attr] = nn.Parameter(t, requires_grad=self.meta[name].requires_grad)
+        self._install(list(self.storage))
         if tied:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
+
+    def _install(self, names: list[str]) -> None:
+        """The read tensors become the modules' parameters (and leave `storage`)."""
+        for name in names:
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name)
+            module._parameters[attr] = nn.Parameter(self.storage.pop(name), requires_grad=self.meta[name].requires_grad)
+
+
+def _layer_prefix(name: str) -> str | None:
+    """ "model.layers.3." for a parameter of decoder layer 3, else None."""
+    if not name.startswith("model.layers."):
+        return None
+    return "model.layers." + name[len("model.layers.") :].split(".", 1)[0] + "."
 
 
 def _region(t: torch.Tensor, slot) -> torch.Tensor:
@@ -136,10 +165,13 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
+    on_layer=None,
 ) -> Ernie45ForConditionalGeneration:
     """Load a checkpoint directory in any supported layout.
 
     dtype: the weights' dtype (default: as stored); the router always stays fp32.
+    on_layer: called with each decoder layer once its weights are all read (e.g. to quantize it, so the whole
+    model never exists in float: `runtime.prepare.QuantizingLoader`).
     Multi-token-prediction (``mtp_*``) weights are kept aside in ``model.mtp_state_dict``.
     """
     from ..hub import NotFound, resolve
@@ -160,13 +192,14 @@ def load(
         _generation_config(model, path)
         return model.eval()
     files, kind = weight_files(path, allow_pickle)
-    filler = _Filler(model, RULES_BY_MODEL_TYPE[model_type], dtype, device)
+    filler = _Filler(model, RULES_BY_MODEL_TYPE[model_type], dtype, device, on_layer)
     tensors = list(iter_tensors(files, kind))
     for key, t_dtype, shape, read in tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=None):
         filler.put(key, t_dtype, shape, read)
     filler.finish()
     model.mtp_state_dict = filler.side
-    stored = next((t.dtype for n, t in filler.storage.items() if not n.endswith(FP32_PARAMS)), torch.float32)
+    stored = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point()
+                   and not n.endswith(FP32_PARAMS)), torch.float32)  # fmt: skip
     model.config.dtype = dtype or stored
     model.config.name_or_path = str(path)
     _generation_config(model, path)

@@ -149,13 +149,15 @@ def add_commands(sub) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    """Load, quantize the weights (int8 per channel / int4 per group), save with the tokenizer beside them."""
+    """Load, quantize the weights (int8 per channel / int4 per group), save with the tokenizer beside them. Each
+    decoder layer is quantized as soon as it is read, so a 44 GB bf16 checkpoint never exists whole in memory."""
     import shutil
+    from functools import partial
 
     from ..checkpoint import load
     from ..checkpoint.chat_ready import make_chat_ready
     from ..checkpoint.quantized import save_quantized
-    from ..runtime.quant import quantize
+    from ..runtime.quant import quantize, quantize_modules
 
     src, out = Path(args.dir), Path(args.out)
     if not (src / "config.json").is_file():
@@ -164,7 +166,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise UsageError(f"{out} exists and is not empty; choose a new directory")
     stored = load(src, device="meta").config.dtype  # the source's float dtype: the float parts keep it
     stored = stored if isinstance(stored, torch.dtype) else torch.bfloat16
-    model = load(src, dtype=torch.float32)
+    each = partial(quantize_modules, bits=args.bits, group_size=args.group_size, progress=False)
+    model = load(src, dtype=torch.float32, on_layer=each)
     quantize(model, bits=args.bits, group_size=args.group_size, lm_head=not args.float_lm_head)
     save_quantized(model, out, float_dtype=stored)
     for f in src.iterdir():  # tokenizer, chat template, processor and generation settings travel along

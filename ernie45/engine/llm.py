@@ -21,7 +21,7 @@ from ..embedded import default_model_path
 from ..processing.chat_template import split_reasoning
 from ..processing.processor import Processor, load_processor
 from ..processing.tools import check_tools, choice_grammar, parse_tool_calls
-from ..runtime.prepare import Plan, prepare
+from ..runtime.prepare import Plan, QuantizingLoader, prepare
 from .compiled import CompiledDecoder
 from .detokenize import IncrementalDetokenizer
 from .sampling import Logprob, SamplingParams
@@ -136,7 +136,9 @@ class LLM:
             path = resolve(model_or_dir)
             if dtype is None and (device is None or torch.device(device).type == "cpu"):
                 dtype = torch.float32  # bf16/fp16 storage computes faster in fp32 on CPUs without AMX
-            self.model = load(path, dtype=dtype, device=device)
+            on_layer = QuantizingLoader(quantization) if quantization else None
+            self.model = load(path, dtype=dtype, device=device, on_layer=on_layer)
+            self.model.quantized_while_loading = bool(on_layer and on_layer.layers)
             self.processor = processor or load_processor(path)
             owned = True
         else:

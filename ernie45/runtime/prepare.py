@@ -40,7 +40,7 @@ from .fused import (
     stackable,
 )
 from .packed import pack_bf16_linears
-from .quant import QuantExpertGroup, prepare_fbgemm_int8, quantize
+from .quant import QuantExpertGroup, prepare_fbgemm_int8, quantize, quantize_modules
 
 log = logging.getLogger("ernie45")
 QUANTIZATIONS = ("int8", "int4", "int4-g64", "int4-g128")
@@ -86,15 +86,17 @@ def prepare(model: nn.Module, plan: Plan | None = None) -> Report:
         reason = "the build failed (see the warning above)"
     report.add("CPU kernels", "on (AVX512-BF16)" if reason is None else f"off: {reason}")
     model.eval()
+    layered = getattr(model, "quantized_while_loading", False)
     if plan.owned:
         model.requires_grad_(False)
-        report.add("fuse q/k/v, gate/up", _count(_fuse(model)))
+        fused = _count(_fuse(model))
+        report.add("fuse q/k/v, gate/up", "each layer while loading" if layered and fused == "none" else fused)
     else:
         report.add("fuse q/k/v, gate/up", "no: the model is the caller's (pass a directory to let the engine own it)")
     if plan.quantization:
-        kind, _, group = plan.quantization.partition("-g")
-        quantize(model, bits=int(kind[3:]), group_size=int(group or 32), lm_head=True)  # head in int8
-        report.add("quantize", f"{plan.quantization} weight-only, the LM head in int8")
+        quantize(model, **_bits(plan.quantization), lm_head=True)  # head in int8; what is quantized stays
+        how = ", layer by layer while loading (the float model never existed whole)" if layered else ""
+        report.add("quantize", f"{plan.quantization} weight-only, the LM head in int8{how}")
     if plan.owned:
         report.add("fast modules", _count(_fast_modules(model)))
     if plan.compile:
@@ -111,6 +113,26 @@ def prepare(model: nn.Module, plan: Plan | None = None) -> Report:
         report.add("2 MB pages", f"{moved / 2**20:.0f} MiB" if moved else "off (ERNIE45_HUGEPAGES=0, or not Linux)")
     log.info("ernie45 runtime:\n%s", report)
     return report
+
+
+def _bits(quantization: str) -> dict[str, int]:
+    kind, _, group = quantization.partition("-g")
+    return {"bits": int(kind[3:]), "group_size": int(group or 32)}
+
+
+class QuantizingLoader:
+    """An `on_layer` for `ernie45.load`: each decoder layer fused and quantized as soon as its weights are read,
+    as `prepare` would fuse and quantize it afterwards (the same codes), so loading a bf16 checkpoint at int4
+    holds the quantized model plus the layers being read in float, never the whole float model."""
+
+    def __init__(self, quantization: str) -> None:
+        Plan(quantization=quantization)  # a bad name is refused before anything is read
+        self.bits, self.layers = _bits(quantization), 0
+
+    def __call__(self, layer: nn.Module) -> None:
+        _fuse(layer)
+        quantize_modules(layer, **self.bits, progress=False)
+        self.layers += 1
 
 
 def _count(counts: dict[str, int]) -> str:

@@ -361,7 +361,17 @@ def _quantize_group(model: nn.Module, name: str, group: ExpertGroup, bits: int, 
 def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = False, experts: bool = True,
              encoders: bool = False, progress: bool = True) -> nn.Module:  # fmt: skip
     """Quantize `model` in place (text trunk linears; the LM head (always int8), experts and media encoders by
-    choice). progress: a bar on stderr while it works, where stderr is a terminal."""
+    choice). progress: a bar on stderr while it works, where stderr is a terminal. What is quantized already
+    (a layer quantized while loading: `quantize_modules`) is left as it is."""
+    quantize_modules(model, bits, group_size, lm_head, experts, encoders, progress)
+    model.config.ernie45_quantization = {"bits": bits, "group_size": group_size, "lm_head": lm_head}
+    return model
+
+
+@torch.no_grad()
+def quantize_modules(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = False,
+                     experts: bool = True, encoders: bool = False, progress: bool = True) -> nn.Module:  # fmt: skip
+    """`quantize` on any module (a decoder layer as soon as its weights are loaded), without touching a config."""
     skip = () if encoders else ENCODER_MODULES
     targets = []
     for name, module in list(model.named_modules()):
@@ -394,7 +404,7 @@ def quantize(model: nn.Module, bits: int, group_size: int = 32, lm_head: bool = 
             continue  # a width the int4 kernel cannot tile stays in float
         b = 8 if head else bits
         setattr(parent, child_name, QuantLinear.from_float(child.weight.data, child.bias, b, group_size))
-    model.config.ernie45_quantization = {"bits": bits, "group_size": group_size, "lm_head": lm_head}
+    bar.close()
     return model
 
 
