@@ -359,3 +359,19 @@ def test_quantized_checkpoints_load_in_transformers_shrink_and_export_dequantise
         with pytest.raises(ValueError, match="dequantize"):
             ernie45.export(ours, tmp_path / f"refused{bits}")  # a quantized model object is refused, not half-written
     assert sizes[4] < 0.4 and sizes[8] < 0.65, sizes  # int4 about a third of bf16 (tokenizer and config aside)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_memory_estimate_counts_the_bytes_a_quantized_base_holds(tmp_path, bits):
+    """`ernie45.train.memory.weight_bytes` (the numbers docs/distributed.md gives for 21B-A3B) against the
+    buffers and parameters of a real quantized bf16 model of the same config."""
+    import ernie45
+    from ernie45.runtime.quant import quantize
+    from ernie45.train.memory import weight_bytes
+
+    path = _moe_checkpoint(tmp_path / "ckpt")
+    model = ernie45.load(path, dtype=torch.bfloat16)
+    quantize(model, bits, 32, experts=True, progress=False)
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    codes, floats = weight_bytes(model.config, bits, 32)
+    assert abs(codes + floats - held) / held < 0.01, (codes + floats, held)

@@ -7,6 +7,7 @@ import copy
 import logging
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from .. import presets
 from ..checkpoint import load
 from ..model import Ernie45ForConditionalGeneration
 from ..processing.processor import load_processor
+from ..runtime.quant import quantize, quantize_modules
 from .data import load_samples
 from .packing import collate_packed, collate_padded, pack, text_positions
 from .plugins import SOURCES, TOKENIZER_OPTIONS, TOKENIZERS
@@ -65,20 +67,20 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def build_model(cfg: dict):
-    model, processor = _model_and_processor(cfg["model"], cfg["train"])
+    q = _quantize_spec(cfg) if cfg["model"]["quantize"] else None
+    model, processor = _model_and_processor(cfg["model"], cfg["train"], q)
     for option, apply in TOKENIZER_OPTIONS.items():  # e.g. split_numbers (saved with the model)
         if cfg["model"].get(option):
             log.info("%s: %d tokenizer changes", option, apply(processor.tokenizer))
-    if cfg["model"]["quantize"]:
-        _quantize_base(model, cfg)
+    if q is not None:  # (a base loaded from a path is quantized layer by layer already; this does the rest)
+        quantize(model, q["bits"], q.get("group_size", 32), experts=q.get("experts", True), progress=False)
     return model, processor
 
 
-def _quantize_base(model, cfg: dict) -> None:
+def _quantize_spec(cfg: dict) -> dict:
     """`model.quantize: {bits: 4 | 8, group_size: 32, experts: true}`: the frozen base held as int4/int8 (LoRA only:
-    its codes get no gradient), so the adapters of a model too large for memory in bf16 can still be trained."""
-    from ..runtime.quant import quantize
-
+    its codes get no gradient), so the adapters of a model too large for memory in bf16 can still be trained.
+    Each decoder layer is quantized as it is read: the float base never exists whole."""
     q = cfg["model"]["quantize"]
     q = {"bits": q} if isinstance(q, int) else dict(q)
     unknown = set(q) - {"bits", "group_size", "experts"}
@@ -90,12 +92,16 @@ def _quantize_base(model, cfg: dict) -> None:
     if q.get("experts", True) and "experts" in cfg["lora"].get("targets", []):
         raise ValueError("lora.targets: the routed experts are quantized (model.quantize.experts); adapt attention "
                          "and shared_experts, or set model.quantize.experts: false")  # fmt: skip
-    quantize(model, q["bits"], q.get("group_size", 32), experts=q.get("experts", True), progress=False)
+    return q
 
 
-def _model_and_processor(m: dict, train: dict):
+def _model_and_processor(m: dict, train: dict, q: dict | None = None):
     if m.get("path"):
-        return load(m["path"], dtype=m.get("dtype")), load_processor(m.get("tokenizer") or m["path"])
+        each = None
+        if q is not None:
+            each = partial(quantize_modules, bits=q["bits"], group_size=q.get("group_size", 32),
+                           experts=q.get("experts", True), progress=False)  # fmt: skip
+        return load(m["path"], dtype=m.get("dtype"), on_layer=each), load_processor(m.get("tokenizer") or m["path"])
     if not m.get("preset") or not m.get("tokenizer"):
         raise ValueError("model: give `path` (a checkpoint), or `preset` plus `tokenizer` (a directory, or `demo`)")
     torch.manual_seed(train["seed"])
