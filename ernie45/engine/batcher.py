@@ -15,13 +15,13 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .compiled import CompiledDecoder
-from .llm import LLM, Delta, RowState
+from .llm import LLM, Delta
+from .requests import EngineStopped, QueueFull, Request, RequestFailed, RequestHandle, common_prefix, has_media
 from .sampling import SamplingParams, apply_penalties, position_logprobs, sample
 from .slots import SlotKVCache
 from .speculative import SpeculativeConfig, eligible, speculate
@@ -29,101 +29,6 @@ from .structured import Constraint
 
 MIN_PREFIX = 16  # shorter shared prefixes are cheaper to recompute than to look up and copy
 SCORED_CHUNK = 256  # prompt positions a chunk computes logits for when the prompt is scored (V floats each)
-
-
-def _has_media(encoded: dict[str, Any]) -> bool:
-    return any(k not in ("input_ids", "attention_mask") for k in encoded)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-class QueueFull(RuntimeError):
-    """More requests wait than the engine was told to hold (`max_waiting`)."""
-
-
-class RequestFailed(RuntimeError):
-    """This request could not be completed (the engine goes on with the others)."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shut down (or its worker died); no request is taken."""
-
-
-@dataclass
-class Request:
-    id: int
-    encoded: dict[str, Any]
-    params: SamplingParams
-    row: RowState
-    out: Any  # queue.Queue or (loop, asyncio.Queue)
-    group: int = 0  # the requests submitted together (one HTTP request's prompts and n choices) share a group
-    slot: int = -1
-    done_prompt: int = 0  # prompt tokens already in the cache
-    last_token: int = 0
-    aborted: bool = False
-    finished: bool = False
-    arrival: float = field(default_factory=time.perf_counter)
-    first_token: float | None = None
-    seen: torch.Tensor | None = None
-    counts: torch.Tensor | None = None
-    generator: torch.Generator | None = None
-    constraint: Constraint | None = None  # structured outputs: the grammar's matcher for this answer
-    speculation: list[int] = field(default_factory=lambda: [0, 0])  # [steps to skip drafting, misses in a row]
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.encoded["input_ids"])
-
-    def emit(self, item: Delta | BaseException) -> None:
-        if isinstance(self.out, queue.Queue):
-            self.out.put(item)
-        else:
-            loop, q = self.out
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the caller's loop is gone: nobody is listening any more
-                self.aborted = True
-
-
-class RequestHandle:
-    """What `submit` returns: iterate (sync) or `async for` over the deltas; `abort()` frees the slot."""
-
-    def __init__(self, engine: BatchEngine, request: Request) -> None:
-        self.engine, self.request = engine, request
-
-    @property
-    def prompt_tokens(self) -> int:
-        return self.request.prompt_len
-
-    def abort(self) -> None:
-        self.request.aborted = True
-        self.engine._wake()
-
-    def __iter__(self):
-        q = self.request.out
-        while True:
-            item = q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason:
-                return
-
-    async def __aiter__(self):
-        _, q = self.request.out
-        while True:
-            item = await q.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason:
-                return
 
 
 class BatchEngine:
@@ -359,12 +264,12 @@ class BatchEngine:
         """
         free = [i for i, r in enumerate(self.slots) if r is None]
         ids = req.encoded["input_ids"]
-        text = not _has_media(req.encoded)
+        text = not has_media(req.encoded)
         scored = req.params.prompt_logprobs is not None  # every prompt position's logits are computed
         src, reuse = None, 0
         for i, held in enumerate(self.slot_tokens if text and not scored else []):
             if held:
-                n = min(_common_prefix(held, ids), len(ids) - 1)  # one prompt token is computed, for its logits
+                n = min(common_prefix(held, ids), len(ids) - 1)  # one prompt token is computed, for its logits
                 if n >= MIN_PREFIX and (n > reuse or (n == reuse and i in free)):
                     src, reuse = i, n
         if src is not None and src in free:
@@ -384,7 +289,7 @@ class BatchEngine:
     def _prefill(self, req: Request, budget: int) -> int:
         """Feed the next chunk of `req`'s prompt into its slot; on the last chunk, sample its first token."""
         enc, dev = req.encoded, self.model.device
-        media = _has_media(enc)
+        media = has_media(enc)
         start = req.done_prompt
         end = req.prompt_len if media else min(req.prompt_len, start + max(budget, 1))
         scored = req.params.prompt_logprobs is not None
@@ -438,7 +343,7 @@ class BatchEngine:
         prefills them all instead of one forward each."""
         group, total = [], 0
         for req in self.prefilling:
-            if req.done_prompt or _has_media(req.encoded) or req.finished or req.params.prompt_logprobs is not None:
+            if req.done_prompt or has_media(req.encoded) or req.finished or req.params.prompt_logprobs is not None:
                 continue
             if total + req.prompt_len > budget:
                 break

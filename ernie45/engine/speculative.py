@@ -22,7 +22,8 @@ import torch
 from .sampling import filter_logits
 
 if TYPE_CHECKING:
-    from .batcher import BatchEngine, Request
+    from .batcher import BatchEngine
+    from .requests import Request
 
 
 @dataclass(frozen=True)
