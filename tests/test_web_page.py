@@ -139,7 +139,10 @@ def test_markdown_and_code_render_and_a_script_in_an_answer_stays_inert(served, 
     answer = ("**Bold** and a list:\n\n- one\n- two\n\n```python\ndef f(x):\n    return x + 1\n```\n\n"
               "<script>window.pwned = 1</script><img src=x onerror=\"window.pwned = 2\">"
               "[link](javascript:window.pwned=3)")  # fmt: skip
-    messages = [{"role": "user", "content": "<b>not bold</b>"}, {"role": "assistant", "content": answer}]
+    messages = [
+        {"role": "user", "content": "<b>not bold</b>"},
+        {"role": "assistant", "content": answer, "reasoning": "First, think."},
+    ]
     conv = {"id": "md", "title": "Markdown", "created": 1, "updated": 2, "messages": messages}
     browser.execute_script("localStorage.setItem('ernie45-conversations', arguments[0]);"
                            "localStorage.setItem('ernie45-current', 'md');", json.dumps([conv]))  # fmt: skip
@@ -154,6 +157,11 @@ def test_markdown_and_code_render_and_a_script_in_an_answer_stays_inert(served, 
     assert not body.find_elements(By.CSS_SELECTOR, "[href^='javascript'], [src^='javascript']")
     assert browser.execute_script("return window.pwned") is None
     assert browser.find_element(By.CSS_SELECTOR, ".msg.user .body").text == "<b>not bold</b>"  # the user's text is text
+    reasoning = browser.find_element(By.CSS_SELECTOR, ".msg.assistant details.reasoning")
+    thought = reasoning.find_element(By.CSS_SELECTOR, ".thought")
+    assert reasoning.get_attribute("open") is None and not thought.is_displayed()
+    reasoning.find_element(By.TAG_NAME, "summary").click()  # the reasoning folds out on demand
+    assert thought.text == "First, think."
     browser.find_element(By.CSS_SELECTOR, "#theme option[value=dark]").click()
     assert browser.execute_script("return document.documentElement.dataset.theme") == "dark"
     browser.save_screenshot(str(SHOTS / "web-markdown-dark.png"))

@@ -182,7 +182,8 @@ function apiMessages(conv) {
 async function send(ev) {
   if (ev) ev.preventDefault();
   const text = $("text").value.trim();
-  if (controller || recorder.recording || (!text && !pending.length)) return;
+  if (recorder.recording) return notice("Stop the recording first (● Stop recording): it becomes an attachment.");
+  if (controller || (!text && !pending.length)) return;
   if (!current) {
     current = store.create();
     current.title = store.titleFrom(text || pending.map((a) => a.name).join(", "));
