@@ -13,7 +13,7 @@ export function kindOf(file) {
   return null;
 }
 
-function readDataURL(blob) {
+export function readDataURL(blob) {
   return new Promise((ok, fail) => {
     const r = new FileReader();
     r.onload = () => ok(r.result);

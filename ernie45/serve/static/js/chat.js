@@ -4,8 +4,9 @@
 
 import * as agent from "./agent.js";
 import {acceptDropsAndPastes, fromFile, part, Recorder, trimmedWav} from "./attach.js";
-import {screen, Timeline} from "./moderate.js";
-import {chip, el, markdown, stats} from "./render.js";
+import {setupModeration} from "./moderate.js";
+import {events} from "./sse.js";
+import {chip, download, el, markdown, stats} from "./render.js";
 import * as store from "./store.js";
 
 const $ = (id) => document.getElementById(id);
@@ -235,42 +236,22 @@ async function complete() {
     $("log").scrollTop = $("log").scrollHeight;
   };
   try {
-    const resp = await fetch("/v1/chat/completions", {method: "POST", headers: headers(), body: JSON.stringify(body),
-                                                        signal: controller.signal});
-    if (!resp.ok) {
-      const e = await resp.json().catch(() => ({}));
-      throw new Error(e.error ? e.error.message : `HTTP ${resp.status}`);
-    }
-    const reader = resp.body.getReader();
-    const dec = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const {value, done} = await reader.read();
-      if (done) break;
-      buf += dec.decode(value, {stream: true});
-      let at;
-      while ((at = buf.indexOf("\n\n")) >= 0) {
-        const line = buf.slice(0, at).trim();
-        buf = buf.slice(at + 2);
-        if (!line.startsWith("data:") || line.slice(5).trim() === "[DONE]") continue;
-        const chunk = JSON.parse(line.slice(5));
-        if (chunk.error) throw new Error(chunk.error.message);
-        if (chunk.usage) usage = chunk.usage;
-        const choice = (chunk.choices || [])[0];
-        if (!choice) continue;
-        const d = choice.delta || {};
-        if ((d.content || d.reasoning_content || d.tool_calls) && first === null) first = performance.now();
-        if (d.content) m.content += d.content;
-        if (d.reasoning_content) m.reasoning += d.reasoning_content;
-        for (const tc of d.tool_calls || []) {
-          const slot = (m.tool_calls[tc.index] ||= {id: tc.id, type: "function", function: {name: "", arguments: ""}});
-          if (tc.id) slot.id = tc.id;
-          if (tc.function && tc.function.name) slot.function.name += tc.function.name;
-          if (tc.function && tc.function.arguments) slot.function.arguments += tc.function.arguments;
-        }
-        if (choice.finish_reason) finish = choice.finish_reason;
-        if (!frame) frame = requestAnimationFrame(redraw);
+    for await (const chunk of events("/v1/chat/completions", body, headers(), controller.signal)) {
+      if (chunk.usage) usage = chunk.usage;
+      const choice = (chunk.choices || [])[0];
+      if (!choice) continue;
+      const d = choice.delta || {};
+      if ((d.content || d.reasoning_content || d.tool_calls) && first === null) first = performance.now();
+      if (d.content) m.content += d.content;
+      if (d.reasoning_content) m.reasoning += d.reasoning_content;
+      for (const tc of d.tool_calls || []) {
+        const slot = (m.tool_calls[tc.index] ||= {id: tc.id, type: "function", function: {name: "", arguments: ""}});
+        if (tc.id) slot.id = tc.id;
+        if (tc.function && tc.function.name) slot.function.name += tc.function.name;
+        if (tc.function && tc.function.arguments) slot.function.arguments += tc.function.arguments;
       }
+      if (choice.finish_reason) finish = choice.finish_reason;
+      if (!frame) frame = requestAnimationFrame(redraw);
     }
   } catch (e) {
     if (e.name === "AbortError") finish = "stopped by you";
@@ -370,51 +351,6 @@ function saveTools() {
   renderTools();
 }
 
-// ---- moderation -----------------------------------------------------------------------------------------
-const timeline = new Timeline($("timeline"), $("mod-player"), $("mod-detail"));
-let modController = null;
-
-async function moderate(ev) {
-  ev.preventDefault();
-  const file = $("mod-video").files[0];
-  const status = $("mod-status");
-  try {
-    if (!file) throw new Error("choose a video first");
-    const policy = $("mod-policy").value;  // YAML or JSON text: the server reads it as a policy file
-    if (!policy.trim()) throw new Error("write a policy first: one category a line, name: what it covers");
-    const url = await new Promise((ok, fail) => {
-      const r = new FileReader();
-      r.onload = () => ok(r.result);
-      r.onerror = () => fail(r.error);
-      r.readAsDataURL(file);
-    });
-    timeline.clear();
-    modController = new AbortController();
-    $("mod-stop").hidden = false;
-    $("mod-export").disabled = true;
-    status.textContent = "Screening…";
-    const body = {model: MODEL, video: url, policy, window: Number($("mod-window").value) || 2};
-    const summary = await screen(body, headers(), modController.signal, (w) => {
-      timeline.add(w);
-      status.textContent = `${timeline.windows.length} windows judged`;
-    });
-    const flagged = summary ? summary.flagged.length : 0;
-    status.textContent = `Done: ${timeline.windows.length} windows, ${flagged} flagged.`;
-  } catch (e) {
-    status.textContent = e.name === "AbortError" ? `Stopped after ${timeline.windows.length} windows.` : "Error: " + e.message;
-  }
-  modController = null;
-  $("mod-stop").hidden = true;
-  $("mod-export").disabled = !timeline.windows.length;
-}
-
-function download(name, text, type) {
-  const a = el("a", {href: URL.createObjectURL(new Blob([text], {type})), download: name});
-  document.body.append(a);
-  a.click();
-  a.remove();
-}
-
 // ---- wiring ---------------------------------------------------------------------------------------------
 function applyTheme() {
   const choice = $("theme").value;
@@ -487,15 +423,7 @@ $("add-tool").onclick = () => {
 };
 $("tab-chat").onclick = () => showTab("chat");
 $("tab-moderate").onclick = () => showTab("moderate");
-$("moderate-form").addEventListener("submit", moderate);
-$("mod-stop").onclick = () => modController && modController.abort();
-$("mod-export").onclick = () => download("verdicts.jsonl", timeline.jsonLines(), "application/x-ndjson");
-$("mod-video").onchange = () => {
-  const f = $("mod-video").files[0];
-  if (f) $("mod-player").src = URL.createObjectURL(f);
-};
-$("mod-player").addEventListener("loadedmetadata", () => timeline.layout());
-$("mod-policy-file").onchange = async () => { $("mod-policy").value = await $("mod-policy-file").files[0].text(); };
+setupModeration(MODEL, headers);
 
 applyTheme();
 renderTools();

@@ -2,7 +2,9 @@
 // judged and are laid on a timeline under the player (thumbnail, labels, confidence). A window is a button:
 // it seeks the player there. The verdicts export as JSON Lines.
 
-import {el} from "./render.js";
+import {readDataURL} from "./attach.js";
+import {download, el} from "./render.js";
+import {events} from "./sse.js";
 
 export function fmtTime(s) {
   return `${Math.floor(s / 60)}:${(s % 60).toFixed(1).padStart(4, "0")}`;
@@ -60,29 +62,56 @@ export class Timeline {
 
 // Streams the windows of `body` from the server into `onWindow`; resolves to the summary.
 export async function screen(body, headers, signal, onWindow) {
-  const resp = await fetch("/v1/moderations/video", {method: "POST", headers, body: JSON.stringify(body), signal});
-  if (!resp.ok) {
-    const e = await resp.json().catch(() => ({}));
-    throw new Error(e.error ? e.error.message : `HTTP ${resp.status}`);
-  }
   let summary = null;
-  const reader = resp.body.getReader();
-  const dec = new TextDecoder();
-  let buf = "";
-  for (;;) {
-    const {value, done} = await reader.read();
-    if (done) break;
-    buf += dec.decode(value, {stream: true});
-    let at;
-    while ((at = buf.indexOf("\n\n")) >= 0) {
-      const line = buf.slice(0, at).trim();
-      buf = buf.slice(at + 2);
-      if (!line.startsWith("data:") || line.slice(5).trim() === "[DONE]") continue;
-      const item = JSON.parse(line.slice(5));
-      if (item.error) throw new Error(item.error.message);
-      if (item.object === "moderation.window") onWindow(item);
-      else if (item.object === "moderation.summary") summary = item;
-    }
+  for await (const item of events("/v1/moderations/video", body, headers, signal)) {
+    if (item.object === "moderation.window") onWindow(item);
+    else if (item.object === "moderation.summary") summary = item;
   }
   return summary;
+}
+
+// The view's controls: pick a video and a policy, screen, stop, export.
+export function setupModeration(model, headers) {
+  const $ = (id) => document.getElementById(id);
+  const timeline = new Timeline($("timeline"), $("mod-player"), $("mod-detail"));
+  let modController = null;
+
+  async function moderate(ev) {
+    ev.preventDefault();
+    const file = $("mod-video").files[0];
+    const status = $("mod-status");
+    try {
+      if (!file) throw new Error("choose a video first");
+      const policy = $("mod-policy").value;  // YAML or JSON text: the server reads it as a policy file
+      if (!policy.trim()) throw new Error("write a policy first: one category a line, name: what it covers");
+      const url = await readDataURL(file);
+      timeline.clear();
+      modController = new AbortController();
+      $("mod-stop").hidden = false;
+      $("mod-export").disabled = true;
+      status.textContent = "Screening…";
+      const body = {model, video: url, policy, window: Number($("mod-window").value) || 2};
+      const summary = await screen(body, headers(), modController.signal, (w) => {
+        timeline.add(w);
+        status.textContent = `${timeline.windows.length} windows judged`;
+      });
+      const flagged = summary ? summary.flagged.length : 0;
+      status.textContent = `Done: ${timeline.windows.length} windows, ${flagged} flagged.`;
+    } catch (e) {
+      status.textContent = e.name === "AbortError" ? `Stopped after ${timeline.windows.length} windows.` : "Error: " + e.message;
+    }
+    modController = null;
+    $("mod-stop").hidden = true;
+    $("mod-export").disabled = !timeline.windows.length;
+  }
+
+  $("moderate-form").addEventListener("submit", moderate);
+  $("mod-stop").onclick = () => modController && modController.abort();
+  $("mod-export").onclick = () => download("verdicts.jsonl", timeline.jsonLines(), "application/x-ndjson");
+  $("mod-video").onchange = () => {
+    const f = $("mod-video").files[0];
+    if (f) $("mod-player").src = URL.createObjectURL(f);
+  };
+  $("mod-player").addEventListener("loadedmetadata", () => timeline.layout());
+  $("mod-policy-file").onchange = async () => { $("mod-policy").value = await $("mod-policy-file").files[0].text(); };
 }

@@ -61,3 +61,11 @@ export function stats(s) {
   if (s.finish_reason && s.finish_reason !== "stop") parts.push(why);
   return parts.join(" · ");
 }
+
+// Saves `text` as a file through the browser's download.
+export function download(name, text, type) {
+  const a = el("a", {href: URL.createObjectURL(new Blob([text], {type})), download: name});
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
