@@ -86,3 +86,23 @@ def test_moderation_route_refuses_bad_requests_by_name(served, change, status, w
     r = httpx.post(f"{url}/v1/moderations/video", json={**body, **change}, timeout=60)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"] or words == r.json()["error"].get("param")
+
+
+def test_a_video_part_brings_its_sound_track_when_asked(served):
+    """`video_url: {url, use_audio: true}`: the sound is interleaved with the frames (the web page asks for it when
+    the model hears); a video without a sound track is its frames."""
+    llm, url = served
+
+    def prompt_tokens(video: str, **extra) -> int:
+        part = {"type": "video_url", "video_url": {"url": _url(EXAMPLES / video, "video/mp4"), **extra}}
+        body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": [
+            part, {"type": "text", "text": "What happens?"}]}]}  # fmt: skip
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    plain, sound = prompt_tokens("screened.mp4"), prompt_tokens("screened.mp4", use_audio=True)
+    parts = [{"type": "video", "video": str(EXAMPLES / "screened.mp4"), "use_audio": True},
+             {"type": "text", "text": "What happens?"}]  # fmt: skip
+    assert sound == len(llm.processor.encode_chat([{"role": "user", "content": parts}])["input_ids"]) > plain
+    assert prompt_tokens("moving.mp4", use_audio=True) == prompt_tokens("moving.mp4")  # no sound track to add

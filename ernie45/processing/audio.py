@@ -59,6 +59,20 @@ def log_mel(wave: torch.Tensor, config: AudioConfig | None = None) -> torch.Tens
     return ((logs + 4.0) / 4.0).T.contiguous()
 
 
+def has_audio_stream(source: MediaInput) -> bool:
+    """Whether a media file (a path, bytes or data: URL) has a sound track; frames in memory have none."""
+    import av
+
+    if isinstance(source, np.ndarray | torch.Tensor | list | tuple):
+        return False
+    data = read_bytes(source) if not isinstance(source, Path) or source.is_file() else read_bytes(str(source))
+    try:
+        with av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as container:
+            return bool(container.streams.audio)
+    except (av.error.FFmpegError, OSError) as e:
+        raise ValueError(f"{describe(source)}: not a readable file ({e})") from None
+
+
 def decode_audio(source: MediaInput, sample_rate: int = 16000, max_seconds: float | None = None) -> torch.Tensor:
     """Any audio file, bytes, data: URL or 1-D array (taken as `sample_rate` Hz) -> float32 mono samples."""
     import av

@@ -237,7 +237,8 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", name))
+        hears = "1" if llm.processor.hears else ""  # the page sends a video's sound only to a model that hears
+        return HTMLResponse(PAGE.read_text().replace("{{MODEL}}", name).replace("{{HEARS}}", hears))
 
     app.mount("/static", StaticFiles(directory=PAGE.parent), name="static")  # the page's scripts, nothing fetched
     add_job_routes(app, srv)

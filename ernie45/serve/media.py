@@ -55,9 +55,10 @@ class MediaPolicy:
             a = part["input_audio"]
             return {"type": "audio", "audio": f"data:audio/{a.get('format', 'wav')};base64,{a['data']}"}
         url = part[field]["url"]
+        sound = {"use_audio": True} if kind == "video_url" and part[field].get("use_audio") else {}
         if urlparse(url).scheme.lower() in ("http", "https") and self.allow_remote:
-            return {"type": native, native: await self._fetch(url, kind)}
-        return {"type": native, native: self._source(url, kind)}
+            return {"type": native, native: await self._fetch(url, kind), **sound}
+        return {"type": native, native: self._source(url, kind), **sound}
 
     def _source(self, url: str, param: str) -> str | bytes | Path:
         if url.startswith("data:"):

@@ -47,9 +47,14 @@ class ImagePart(_Body):
     image_url: ImageURL
 
 
+class VideoURL(_Body):
+    url: str
+    use_audio: bool = False  # the video's sound track goes in too, interleaved with its frames (a model that hears)
+
+
 class VideoPart(_Body):
     type: Literal["video_url"]
-    video_url: ImageURL
+    video_url: VideoURL
 
 
 class AudioPart(_Body):

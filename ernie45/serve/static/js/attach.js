@@ -43,10 +43,12 @@ export async function fromFile(file, request) {
   return att;
 }
 
-// The server's content part for an attachment.
+// The server's content part for an attachment (a video with its sound for a model that hears).
 export function part(att) {
   if (att.kind === "image") return {type: "image_url", image_url: {url: att.url}};
-  if (att.kind === "video") return {type: "video_url", video_url: {url: att.url}};
+  if (att.kind === "video") {
+    return {type: "video_url", video_url: {url: att.url, ...(document.body.dataset.hears ? {use_audio: true} : {})}};
+  }
   if (att.kind === "audio") {
     const mime = att.mime.split(";")[0];
     return {type: "input_audio", input_audio: {data: att.url.split(",")[1], format: AUDIO_FORMATS[mime]}};
