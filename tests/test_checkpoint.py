@@ -187,3 +187,45 @@ def test_a_shard_index_cannot_name_a_file_outside_the_checkpoint(ref_dense_dir, 
     (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["x"]}))
     with pytest.raises(CheckpointError, match="weight_map"):
         ernie45.load(path)
+
+
+def test_files_written_by_several_processes_at_once_are_never_read_half_written(tmp_path):
+    """The ranks of a run all write the tokenizer's config.json (the recipe, the demo's tokenizer); with
+    `written_atomically` a reader sees the old file or the new one, whole (4 of ~28 two-rank launches used to die
+    with JSONDecodeError)."""
+    import json
+    import multiprocessing as mp
+
+    from ernie45.checkpoint.files import written_atomically
+
+    ctx = mp.get_context("fork")
+    stop = ctx.Event()
+    writers = [ctx.Process(target=_write_often, args=(tmp_path, stop, i)) for i in range(2)]
+    for w in writers:
+        w.start()
+    seen = set()
+    try:
+        for _ in range(3000):
+            try:
+                text = (tmp_path / "config.json").read_text()
+            except FileNotFoundError:
+                continue
+            seen.add(json.loads(text)["writer"])  # raises on a half-written file
+    finally:
+        stop.set()
+        for w in writers:
+            w.join()
+    assert seen == {0, 1}
+    with written_atomically(tmp_path) as tmp:
+        (tmp / "config.json").write_text('{"writer": 9}')
+    assert json.loads((tmp_path / "config.json").read_text()) == {"writer": 9}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary left behind
+
+
+def _write_often(out, stop, i):
+    from ernie45.checkpoint.files import written_atomically
+
+    big = "x" * 200_000  # long enough that a plain write is caught half-done
+    while not stop.is_set():
+        with written_atomically(out) as tmp:
+            (tmp / "config.json").write_text(f'{{"writer": {i}, "pad": "{big}"}}')

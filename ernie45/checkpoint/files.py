@@ -8,8 +8,11 @@ second copy of the weights: no mmap of the whole file, no intermediate state dic
 from __future__ import annotations
 
 import json
+import os
 import struct
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -97,6 +100,19 @@ class SafetensorsFile:
                         raise CheckpointError(f"{self.path}: file ended while reading {key}")
                     got += n
         return out
+
+
+@contextmanager
+def written_atomically(out: str | Path) -> Iterator[Path]:
+    """A temporary directory inside `out` whose files replace `out`'s, each in one step (`os.replace`), when the
+    block ends: processes writing the same files at once (the ranks of one run) never leave a reader a
+    half-written file."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".writing-") as tmp:
+        yield Path(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, out / f.name)
 
 
 def _ints(x: object) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ..checkpoint.files import written_atomically
 from ..processing.tokenizer import SPECIAL_TOKENS
 from .tasks import corpus
 
@@ -18,8 +19,12 @@ SPECIALS = BASE + list(SPECIAL_TOKENS.values())  # ids 0..15, fixed: the demo pr
 
 
 def build_tokenizer(out: str | Path, vocab_size: int = 4096, seed: int = 1234) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with written_atomically(out) as tmp:  # the ranks of a run all build it; none reads a half-written file
+        _build(tmp, vocab_size, seed)
+    return Path(out)
+
+
+def _build(out: Path, vocab_size: int, seed: int) -> None:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -38,7 +43,6 @@ def build_tokenizer(out: str | Path, vocab_size: int = 4096, seed: int = 1234) -
         "cls_token": SPECIAL_TOKENS["cls"], "sep_token": SPECIAL_TOKENS["sep"],
         "additional_special_tokens": list(SPECIAL_TOKENS.values()),
     }))  # fmt: skip
-    return out
 
 
 def split_numbers(tokenizer: PreTrainedTokenizerBase) -> int:

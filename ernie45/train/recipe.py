@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 
 from .. import presets
 from ..checkpoint import load
+from ..checkpoint.files import written_atomically
 from ..model import Ernie45ForConditionalGeneration
 from ..processing.processor import load_processor
 from ..runtime.quant import quantize, quantize_modules
@@ -110,7 +111,8 @@ def _model_and_processor(m: dict, train: dict, q: dict | None = None):
     tokenizer_dir = m["tokenizer"]
     if tokenizer_dir in TOKENIZERS:  # a registered builder (the demo's: from its own text)
         tokenizer_dir = TOKENIZERS[tokenizer_dir](Path(train["output_dir"]) / "tokenizer")
-    config.save_pretrained(tokenizer_dir)  # the processor reads which encoders the model has
+    with written_atomically(tokenizer_dir) as tmp:  # every rank writes it; none reads a half-written file
+        config.save_pretrained(tmp)  # the processor reads which encoders the model has
     return model, load_processor(tokenizer_dir)
 
 
