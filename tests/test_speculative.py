@@ -53,6 +53,13 @@ def test_greedy_answers_are_identical_to_plain_decoding_and_drafts_are_accepted(
     stop = SamplingParams(max_tokens=32, temperature=0, stop=["circle"])
     assert [g.text for g in spec.generate(PROMPTS, stop)] == [w.text for w in plain.generate(PROMPTS, stop)]
 
+    assert engine.stats["unspeculated_requests"] == 0
+    penalised = SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3)
+    handle = engine.submit({"input_ids": ids}, penalised)  # a row speculation cannot verify: said, not silent
+    while not handle.request.finished:
+        engine.step()
+    assert handle.request.unspeculated == "penalties" and engine.stats["unspeculated_requests"] == 1
+
 
 def test_sampled_tokens_keep_the_target_distribution():
     """accept() on fixed logits: the first token is distributed as p0 whatever the draft, and after an accepted

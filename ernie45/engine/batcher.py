@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,9 +25,10 @@ from .llm import LLM, Delta
 from .requests import EngineStopped, QueueFull, Request, RequestFailed, RequestHandle, common_prefix, has_media
 from .sampling import SamplingParams, apply_penalties, position_logprobs, sample
 from .slots import SlotKVCache
-from .speculative import SpeculativeConfig, eligible, speculate
+from .speculative import SpeculativeConfig, speculate, why_not
 from .structured import Constraint
 
+log = logging.getLogger("ernie45.engine")
 MIN_PREFIX = 16  # shorter shared prefixes are cheaper to recompute than to look up and copy
 SCORED_CHUNK = 256  # prompt positions a chunk computes logits for when the prompt is scored (V floats each)
 
@@ -70,7 +72,8 @@ class BatchEngine:
         self.error: BaseException | None = None
         self.stats = {"requests": 0, "finished": 0, "aborted": 0, "failed": 0, "prompt_tokens": 0,
                       "completion_tokens": 0, "steps": 0, "latency_sum": 0.0, "ttft_sum": 0.0,
-                      "prefix_cached_tokens": 0, "draft_tokens": 0, "accepted_tokens": 0}  # fmt: skip
+                      "prefix_cached_tokens": 0, "draft_tokens": 0, "accepted_tokens": 0,
+                      "unspeculated_requests": 0}  # fmt: skip
         if thread:
             self._thread = threading.Thread(target=self._loop, name="ernie45-engine", daemon=True)
             self._thread.start()
@@ -395,7 +398,12 @@ class BatchEngine:
 
     def _speculated(self, req: Request) -> bool:
         """Whether `req` took a verified speculative step (a failure fails it alone, as a decode step would)."""
-        if not eligible(req):
+        reason = why_not(req)
+        if reason is not None:
+            if req.unspeculated is None:  # said once per request: the engine log and the metrics count it
+                req.unspeculated = reason
+                self.stats["unspeculated_requests"] += 1
+                log.info("request %d decodes without speculation (%s)", req.id, reason)
             return False
         try:
             return speculate(self, req, self.speculative)

@@ -68,10 +68,20 @@ def ngram_draft(ids: list[int] | np.ndarray, k: int, n_min: int, n_max: int) -> 
     return []
 
 
-def eligible(req: Request) -> bool:
+def why_not(req: Request) -> str | None:
+    """Why `req` decodes without drafts (None: it may draft). These rows' next token depends on more than the
+    logits this path verifies (penalties, a bias, a grammar's mask, logprobs, a minimum length, 3D positions)."""
     p = req.params
-    return not (p.penalised or p.logit_bias or req.constraint is not None or p.logprobs is not None
-                or (p.min_tokens and len(req.row.token_ids) < p.min_tokens) or _media(req))  # fmt: skip
+    short = p.min_tokens and len(req.row.token_ids) < p.min_tokens
+    reasons = (
+        ("penalties", p.penalised),
+        ("logit_bias", p.logit_bias),
+        ("a grammar", req.constraint is not None),
+        ("logprobs", p.logprobs is not None),
+        ("min_tokens", short),
+        ("media in the prompt", _media(req)),
+    )
+    return next((why for why, applies in reasons if applies), None)
 
 
 def _media(req: Request) -> bool:  # (3D RoPE positions after a picture are not verified on this path)
