@@ -35,7 +35,7 @@ class Estimate:
         rows = [("quantized weights", self.codes), ("float parts", self.floats),
                 ("LoRA + grads + AdamW", self.adapters), ("activations", self.activations),
                 ("CUDA context, slack", self.overhead), ("total", self.total)]  # fmt: skip
-        return "\n".join(f"{name:24} {v / 2**30:7.2f} GiB" for name, v in rows)
+        return "\n".join(f"{name:24} {v / 2**30:7.2f} GiB" for name, v in rows if v)
 
 
 def weight_bytes(config: Ernie45Config, bits: int, group_size: int = 32) -> tuple[float, float]:
@@ -84,6 +84,16 @@ def estimate(config: Ernie45Config, bits: int = 4, group_size: int = 32, rank: i
     return Estimate(codes, floats, adapters, saved + recompute + logits)
 
 
+def full_finetune(config: Ernie45Config, gpus: int, batch: int = 1, seq: int = 4096) -> Estimate:
+    """Per GPU, a full fine-tune sharded over `gpus` (FSDP full shard / ZeRO-3, bf16 mixed precision): bf16
+    weights and gradients, fp32 master weights and two AdamW moments, all split evenly; activations per GPU as
+    for LoRA (each rank runs its own micro-batch)."""
+    n = sum(p.numel() for p in build_on_meta(config).parameters())
+    states = n * (2 + 2 + 4 + 4 + 4) / gpus
+    lora = estimate(config, 16, 32, 0, (), batch, seq)
+    return Estimate(codes=0.0, floats=states, adapters=0.0, activations=lora.activations)
+
+
 def main(argv: list[str] | None = None) -> None:
     from .. import presets
 
@@ -94,7 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--full", type=int, metavar="GPUS", help="a full fine-tune sharded over GPUS instead of LoRA")
     args = ap.parse_args(argv)
+    if args.full:
+        e = full_finetune(presets.get(args.preset), args.full, args.batch, args.seq)
+        print(f"{args.preset}, full fine-tune sharded over {args.full} GPUs (bf16 weights and grads, fp32 master and "
+              f"AdamW), {args.batch} x {args.seq} tokens a GPU, gradient checkpointing, per GPU:")  # fmt: skip
+        print(e.table().replace("float parts", "model states"))
+        return
     e = estimate(presets.get(args.preset), args.bits, args.group_size, args.rank, batch=args.batch, seq=args.seq)
     print(f"{args.preset}, int{args.bits} base, LoRA r={args.rank} on attention + shared experts, "
           f"{args.batch} x {args.seq} tokens, gradient checkpointing:")  # fmt: skip
