@@ -51,9 +51,15 @@ class DecoderStack(nn.ModuleList):
 
     gradient_checkpointing = False  # set by transformers' `gradient_checkpointing_enable`
 
+    records: list | None = None  # the last collecting forward's router records (read by the causal LM)
+
     def forward(self, h: torch.Tensor, rope, mask, cache=None, modality=None, router_out=None) -> torch.Tensor:
-        """router_out: a list that collects, per MoE layer and group, (layer, group, router logits, chosen experts,
-        token rows) for the training losses; None keeps nothing."""
+        """router_out: not None asks for, per MoE layer and group, (layer, group, router logits, chosen experts,
+        token rows) for the training losses, kept on this module (`records`) as the MoE blocks keep theirs:
+        wrappers that rebuild a module's arguments (DeepSpeed ZeRO-3's hooks, on every module) hand it a copy
+        of the list, so nothing put in the list ever reached the caller."""
+        collected: list | None = None if router_out is None else []
+        self.records = collected
         for i, layer in enumerate(self):
             layer_out = None if router_out is None else []  # not None: the MoE block keeps its `records`
             if self.gradient_checkpointing and self.training:
@@ -61,11 +67,16 @@ class DecoderStack(nn.ModuleList):
             else:
                 h = layer(h, rope, mask, cache, modality, layer_out)
             moe = layer.mlp if isinstance(getattr(layer, "mlp", None), MoEBlock) else None
-            if moe is not None and moe.records:  # (group, router logits, chosen experts, token rows, orthogonality)
-                router_out.extend(RouterRecord(i, *entry) for entry in moe.records)
+            if moe is not None and moe.records and collected is not None:
+                collected.extend(RouterRecord(i, *entry) for entry in moe.records)
             if moe is not None:
-                moe.records = None  # the tensors go with the list the caller holds, not with the module
+                moe.records = None  # the tensors go with the list the caller takes, not with the module
         return h
+
+    def take_records(self) -> list:
+        """The last collecting forward's records, handed over once (the module keeps no tensors)."""
+        out, self.records = self.records or [], None
+        return out
 
 
 class Ernie45PreTrainedModel(PreTrainedModel):
@@ -304,7 +315,6 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         output_router_logits: also return, per MoE layer and group, a `moe.RouterRecord` (layer, group, router
         logits, chosen experts, token rows) in ``.router_logits`` (what the MoE training losses read).
         """
-        router_out: list | None = [] if output_router_logits else None
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             from transformers import DynamicCache
@@ -325,8 +335,9 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             video_grid_thw=video_grid_thw,
             audio_values=audio_values,
             audio_lengths=audio_lengths,
-            router_out=router_out,
+            router_out=[] if output_router_logits else None,
         )
+        router_out = self.model.layers.take_records() if output_router_logits else None
         h = out.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor):  # one position per row: [B] indices
             h = h[torch.arange(h.shape[0], device=h.device), logits_to_keep.to(h.device)][:, None]

@@ -51,11 +51,35 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), -1).pow(2).mean()
 
 
-def moe_losses(model, router_out: list) -> dict[str, torch.Tensor]:
+def real_tokens(router_out: list, valid: torch.Tensor | None) -> list:
+    """The records with the padding's rows left out (`valid`: [B, T] True on real tokens; None: all are)."""
+    if valid is None:
+        return router_out
+    flat = valid.reshape(-1).to(router_out[0].logits.device) if router_out else None
+    out = []
+    for r in router_out:
+        keep = flat if r.rows is None else flat[r.rows]
+        if keep.all():
+            out.append(r)
+        elif keep.any():
+            rows = None if r.rows is None else r.rows[keep]
+            out.append(r._replace(logits=r.logits[keep], experts=r.experts[keep], rows=rows))
+    return out
+
+
+def moe_losses(model, router_out: list, across_ranks: bool = False) -> dict[str, torch.Tensor]:
     """Load balance, z-loss and orthogonality averaged over the (layer, group) entries of the forward.
 
     Everything is read from the forward's router records, never from the parameters afterwards: under FSDP2
-    and ZeRO-3 a router's weight outside its forward is a shard."""
+    and ZeRO-3 a router's weight outside its forward is a shard.
+
+    across_ranks: the statistics are the whole data-parallel batch's (dispatch shares and token counts summed
+    over the ranks by one all-reduce), and each rank returns its share of the batch's loss, so that the ranks'
+    values add up to what one process computes on the whole batch (the caller scales by the world size for
+    DDP's averaging, as it does the LM loss). Per rank, a load-balance loss is a different number: a batch
+    split over 2 ranks trained 1.07 above one process at weight 1.0."""
+    if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return _global_moe_losses(model, router_out)  # (every rank joins the all-reduce, records or not)
     if not router_out:
         return {}
     lb, z, orth = [], [], {}
@@ -69,6 +93,50 @@ def moe_losses(model, router_out: list) -> dict[str, torch.Tensor]:
         "z_loss": torch.stack(z).mean(),
         "orthogonal": torch.stack(list(orth.values())).mean(),
     }
+
+
+def _global_moe_losses(model, router_out: list) -> dict[str, torch.Tensor]:
+    """`moe_losses` over every rank's tokens: one all-reduce of every router's dispatch counts and token count, in
+    a fixed order whether or not this rank's tokens reached it (a rank with no image tokens has no record for
+    the vision group, and must still take part)."""
+    found = routers(model)
+    keys = sorted(found)
+    sizes = [_experts(model, k[1]) for k in keys]
+    mine = {(r.layer, r.group): r for r in router_out}
+    stats = []
+    for key, n in zip(keys, sizes, strict=True):
+        r = mine.get(key)
+        counts = torch.zeros(n) if r is None else torch.bincount(r.experts.detach().reshape(-1).cpu(), minlength=n)
+        stats += [counts.float(), torch.tensor([0.0 if r is None else float(r.logits.shape[0])])]
+    device = router_out[0].logits.device if router_out else next(model.parameters()).device
+    flat = torch.cat(stats).to(device)
+    torch.distributed.all_reduce(flat)
+    world = torch.distributed.get_world_size()
+    totals = dict(zip(keys, flat.split([x for n in sizes for x in (n, 1)])[1::2], strict=True))
+    shares = dict(zip(keys, flat.split([x for n in sizes for x in (n, 1)])[0::2], strict=True))
+    lb, z, orth = [], [], {}
+    present = [k for k in keys if totals[k] > 0]  # the (layer, group) pairs the whole batch reached
+    for key in present:
+        r, tokens = mine.get(key), totals[key].clamp(min=1)
+        if r is None:
+            continue  # this rank adds nothing to that router's terms
+        share = shares[key] / (shares[key].sum().clamp(min=1))
+        probs = r.logits.float().softmax(-1).sum(0) / tokens  # this rank's part of the batch's mean probability
+        lb.append(r.logits.shape[-1] * (probs * share).sum())
+        z.append(torch.logsumexp(r.logits.float(), -1).pow(2).sum() / tokens)
+        orth.setdefault(key, r.orthogonal)
+    zero = flat.new_zeros(()).float()
+    return {
+        "load_balance": (torch.stack(lb).sum() if lb else zero) / max(len(present), 1),
+        "z_loss": (torch.stack(z).sum() if z else zero) / max(len(present), 1),
+        "orthogonal": torch.stack(list(orth.values())).mean() / world if orth else zero,
+    }
+
+
+def _experts(model, group: str) -> int:
+    """A group's expert count from the config (under ZeRO-3 a router's own tensors are empty outside forward)."""
+    config = getattr(model, "config", None) or model.get_base_model().config
+    return next(g["num_experts"] for g in config.expert_groups if g["name"] == group)
 
 
 class BiasBalancer:
@@ -97,7 +165,7 @@ class BiasBalancer:
         found = routers(model)
         keys = sorted(found)
         counts = [self.usage.get(k) for k in keys]
-        sizes = [found[k].e_score_correction_bias.numel() for k in keys]
+        sizes = [_experts(model, k[1]) for k in keys]
         pieces = [c.float().cpu() if c is not None else torch.zeros(n) for c, n in zip(counts, sizes, strict=True)]
         flat = torch.cat(pieces)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -105,16 +173,24 @@ class BiasBalancer:
             flat = flat.to(device)
             torch.distributed.all_reduce(flat)
         for key, usage in zip(keys, flat.split(sizes), strict=True):
-            bias = found[key].e_score_correction_bias
-            update = self.rate * torch.sign(usage.mean() - usage)
-            if hasattr(bias, "device_mesh"):  # an FSDP2 DTensor: each rank adds its shard's part of the update
-                from torch.distributed.tensor import distribute_tensor
-
-                part = distribute_tensor(update.to(bias.device, bias.dtype), bias.device_mesh, bias.placements)
-                bias.to_local().add_(part.to_local())
-            else:
-                bias += update.to(bias.device, bias.dtype)
+            _add(found[key].e_score_correction_bias, self.rate * torch.sign(usage.mean() - usage))
         self.usage.clear()
+
+
+def _add(bias: torch.Tensor, update: torch.Tensor) -> None:
+    """bias += update, where the bias may be an FSDP2 shard or a ZeRO-3 partition (every rank has the same update)."""
+    if hasattr(bias, "device_mesh"):  # an FSDP2 DTensor: each rank adds its shard's part of the update
+        from torch.distributed.tensor import distribute_tensor
+
+        part = distribute_tensor(update.to(bias.device, bias.dtype), bias.device_mesh, bias.placements)
+        bias.to_local().add_(part.to_local())
+    elif hasattr(bias, "ds_id"):  # ZeRO-3: gathered whole, changed, and partitioned again
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([bias], modifier_rank=0):
+            bias += update.to(bias.device, bias.dtype)
+    else:
+        bias += update.to(bias.device, bias.dtype)
 
 
 def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, spans: list[tuple[int, int, int, int, int]]):

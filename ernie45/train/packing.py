@@ -70,11 +70,13 @@ def _media(samples: list[Sample]) -> dict[str, torch.Tensor]:
 
 def collate_packed(rows: list[list[Sample]], budget: int, pad_id: int = 0,
                    positions: PositionFn = text_positions) -> dict:  # fmt: skip
-    """Rows of samples -> a batch: input_ids, labels, position_ids [B, T] (or [3, B, T]), FlashMask, media."""
-    ids, labels, pos, masks = [], [], [], []
+    """Rows of samples -> a batch: input_ids, labels, position_ids [B, T] (or [3, B, T]), FlashMask, media, and
+    token_mask [B, T] (True on real tokens: the padding is kept out of the MoE losses and the bias update)."""
+    ids, labels, pos, masks, real = [], [], [], [], []
     dpo = any(s.answers for r in rows for s in r)
     for row in rows:
         n = sum(len(s) for s in row)
+        real.append(torch.arange(budget) < n)
         ids.append(torch.tensor([t for s in row for t in s.input_ids] + [pad_id] * (budget - n)))
         labels.append(torch.tensor([t for s in row for t in _targets(s)] + [-100] * (budget - n)))
         p = torch.cat([_sample_positions(s, positions) for s in row], dim=-1)
@@ -91,6 +93,7 @@ def collate_packed(rows: list[list[Sample]], budget: int, pad_id: int = 0,
         "labels": torch.stack(labels),
         "position_ids": position_ids,
         "attention_mask": builders.stack(masks),
+        "token_mask": torch.stack(real),  # the real tokens, not the row's padding (for the MoE statistics)
         **_media([s for r in rows for s in r]),
     }
     if dpo:
@@ -131,4 +134,4 @@ def collate_padded(samples: list[Sample], pad_id: int = 0, positions: PositionFn
         pad = torch.arange(width - len(s))
         pos.append(torch.cat([p, pad.expand(p.shape[0], -1) if p.dim() == 2 else pad], dim=-1))
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": torch.stack(pos, dim=-2),
-            **_media(samples)}  # fmt: skip
+            "token_mask": mask.bool(), **_media(samples)}  # fmt: skip

@@ -4,6 +4,7 @@ LoRA, DPO, and transformers' TrainingArguments."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import sys
 import warnings
@@ -173,6 +174,27 @@ def positions_for(model):
     return positions
 
 
+def _deepspeed(config: dict | str) -> dict:
+    """`train.deepspeed` (a dict or a JSON file) as the Trainer will use it. Under ZeRO-3 the final save needs the
+    16-bit weights gathered onto the writing rank: without `stage3_gather_16bit_weights_on_model_save` the Trainer
+    writes every tensor with shape [0] (and a warning), a model nothing can load. It is turned on when unset, and a
+    recipe that turns it off is refused."""
+    if isinstance(config, str):
+        try:
+            config = json.loads(Path(config).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"train.deepspeed: {config} is not a readable JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError("train.deepspeed: a DeepSpeed config (a mapping, or the path of a JSON file)")
+    zero = config.get("zero_optimization") or {}
+    if zero.get("stage") == 3:
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            raise ValueError("train.deepspeed: ZeRO-3 with stage3_gather_16bit_weights_on_model_save false would write "
+                             "a final model of empty tensors; leave it out or set it true")  # fmt: skip
+        config = {**config, "zero_optimization": {**zero, "stage3_gather_16bit_weights_on_model_save": True}}
+    return config
+
+
 def _sparse(model) -> bool:
     """Whether a batch can leave parameters without a gradient: a second expert group (or a media encoder) that
     a text-only batch never reaches. DDP must then look for unused parameters, which the Trainer turns off by
@@ -237,7 +259,7 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
         bf16=t["bf16"], max_grad_norm=t["max_grad_norm"], remove_unused_columns=False, report_to=[],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         disable_tqdm=t["disable_tqdm"],
-        **{k: t[k] for k in DISTRIBUTED if t[k] is not None},
+        **{k: (_deepspeed(t[k]) if k == "deepspeed" else t[k]) for k in DISTRIBUTED if t[k] is not None},
         **({"ddp_find_unused_parameters": True} if t["ddp_find_unused_parameters"] is None and _sparse(model) else {}),
     )  # fmt: skip
     trainer = Ernie45Trainer(

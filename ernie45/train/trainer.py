@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..model.trunk import ENCODER_MODULES
-from .losses import BiasBalancer, cross_entropy, dpo_loss, moe_losses, sequence_logps
+from .losses import BiasBalancer, cross_entropy, dpo_loss, moe_losses, real_tokens, sequence_logps
 
 
 @dataclass
@@ -93,16 +93,21 @@ class Ernie45Trainer(Trainer):
         labels = inputs.pop("labels")
         spans = inputs.pop("answer_spans", None)
         ref_logps = inputs.pop("ref_logps", None)
+        valid = inputs.pop("token_mask", None)  # the padding stays out of the MoE statistics
         moe = self._is_moe(model)
         out = model(**inputs, output_router_logits=moe)
         parts: dict[str, torch.Tensor] = {}
         # The Trainer leaves a loss undivided by the accumulation steps when it handed over `num_items_in_batch`
         # (the step's target count, summed over micro-batches and, by default, ranks): the LM loss is then that
-        # count's share, the per-micro-batch means (DPO, the MoE terms) are divided here, and the whole is scaled
-        # by the ranks that DDP averages over, so accumulation and data parallelism give one process's numbers.
+        # count's share, the per-micro-batch means (DPO, the MoE terms) are divided here. Under data parallelism
+        # the LM loss and the MoE terms are this rank's share of the whole batch's, scaled by the ranks that DDP
+        # averages over, so accumulation and data parallelism give one process's numbers. (DPO stays a mean over
+        # this rank's pairs: DDP's average of the ranks' means is the batch's mean.)
         per_step = num_items_in_batch is not None and self.model_accepts_loss_kwargs
         steps = (getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
                  if per_step else 1)  # fmt: skip
+        shared = per_step and self.args.average_tokens_across_devices and self.args.world_size > 1
+        scale = self.args.world_size if shared else 1
         if self.dpo is not None and spans:
             chosen, rejected = sequence_logps(out.logits, inputs["input_ids"], spans)
             ref_c, ref_r = self._reference(model, inputs, spans, ref_logps)
@@ -115,15 +120,20 @@ class Ernie45Trainer(Trainer):
             parts["lm_loss"] = loss.detach()
             if per_step:  # logged as this micro-batch's own mean
                 parts["lm_loss"] = parts["lm_loss"] * total / (labels[:, 1:] != -100).sum().clamp(min=1)
-        if moe and out.router_logits:
-            self.balancer.accumulate(out.router_logits)
-            for name, value in moe_losses(_unwrap(model), out.router_logits).items():
-                parts[name] = value.detach()
+            loss = loss * scale
+        if moe and (out.router_logits or shared):
+            records = real_tokens(out.router_logits or [], valid)
+            self.balancer.accumulate(records)
+            terms = moe_losses(_unwrap(model), records, across_ranks=shared)
+            if shared:  # logged: the whole batch's values (the ranks' shares summed)
+                logged = torch.stack([v.detach() for v in terms.values()])
+                torch.distributed.all_reduce(logged)
+                parts.update(zip(terms, logged, strict=True))
+            for name, value in terms.items():
+                parts.setdefault(name, value.detach())
                 weight = getattr(self.weights, name)
                 if weight:
-                    loss = loss + weight * value / steps
-        if per_step and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.args.world_size
+                    loss = loss + weight * value * scale / steps
         self._record(parts)
         self.tokens_seen += int((inputs["input_ids"] != (_base_config(model).pad_token_id or 0)).sum())
         return (loss, out) if return_outputs else loss
