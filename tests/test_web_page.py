@@ -138,7 +138,8 @@ def test_markdown_and_code_render_and_a_script_in_an_answer_stays_inert(served, 
     _fresh(browser, url)
     answer = ("**Bold** and a list:\n\n- one\n- two\n\n```python\ndef f(x):\n    return x + 1\n```\n\n"
               "<script>window.pwned = 1</script><img src=x onerror=\"window.pwned = 2\">"
-              "[link](javascript:window.pwned=3)")  # fmt: skip
+              "[link](javascript:window.pwned=3)\n\n"
+              "Math: $$x^2 + 1$$ and $a_i$, $\\href{javascript:window.pwned=4}{x}$; prices $5 and $6 stay text.")  # fmt: skip
     messages = [
         {"role": "user", "content": "<b>not bold</b>"},
         {"role": "assistant", "content": answer, "reasoning": "First, think."},
@@ -155,6 +156,8 @@ def test_markdown_and_code_render_and_a_script_in_an_answer_stays_inert(served, 
     assert not body.find_elements(By.TAG_NAME, "script")
     assert body.find_element(By.TAG_NAME, "img").get_attribute("onerror") is None
     assert not body.find_elements(By.CSS_SELECTOR, "[href^='javascript'], [src^='javascript']")
+    assert len(body.find_elements(By.CSS_SELECTOR, ".katex")) == 3  # typeset by the bundled KaTeX
+    assert body.find_elements(By.CSS_SELECTOR, ".katex-display") and "$5 and $6" in body.text
     assert browser.execute_script("return window.pwned") is None
     assert browser.find_element(By.CSS_SELECTOR, ".msg.user .body").text == "<b>not bold</b>"  # the user's text is text
     reasoning = browser.find_element(By.CSS_SELECTOR, ".msg.assistant details.reasoning")

@@ -1,15 +1,46 @@
 // Answers as Markdown: marked renders, DOMPurify removes anything executable (scripts, event handlers,
-// javascript: links), highlight.js colours code blocks. All three ship inside the package (static/vendor).
+// javascript: links), highlight.js colours code blocks, KaTeX typesets math ($...$, $$...$$, \(...\), \[...\]).
+// All four ship inside the package (static/vendor).
 
-/* global marked, DOMPurify, hljs */
+/* global marked, DOMPurify, hljs, katex */
 
 marked.setOptions({gfm: true, breaks: true});
 
+// Math outside code spans and blocks: display first, then inline ($ followed by a non-space, as in "$x$", so that
+// "$5 and $6" stays text).
+const MATH = /(```[\s\S]*?```|`[^`\n]*`)|\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\]|\\\(([\s\S]+?)\\\)|\$(?=\S)([^$\n]*?\S)\$/g;
+
 export function markdown(el, text) {
-  const html = DOMPurify.sanitize(marked.parse(text || ""), {FORBID_TAGS: ["style", "form", "input"]});
-  el.innerHTML = html;
+  const formulas = [];
+  const source = (text || "").replace(MATH, (all, code, display, display2, inline, inline2) => {
+    if (code) return code;
+    const block = display !== undefined || display2 !== undefined;
+    formulas.push({tex: display ?? display2 ?? inline ?? inline2, display: block});
+    return `@@MATH${formulas.length - 1}@@`;
+  });
+  el.innerHTML = DOMPurify.sanitize(marked.parse(source), {FORBID_TAGS: ["style", "form", "input"]});
   for (const a of el.querySelectorAll("a[href]")) { a.target = "_blank"; a.rel = "noopener noreferrer"; }
   for (const code of el.querySelectorAll("pre code")) hljs.highlightElement(code);
+  if (formulas.length) typeset(el, formulas);
+}
+
+// Placeholders -> KaTeX's HTML (trust off: no links, no raw HTML from the formula; an error shows the source).
+function typeset(el, formulas) {
+  const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+  const nodes = [];
+  while (walker.nextNode()) if (walker.currentNode.nodeValue.includes("@@MATH")) nodes.push(walker.currentNode);
+  for (const node of nodes) {
+    const frag = document.createDocumentFragment();
+    for (const piece of node.nodeValue.split(/(@@MATH\d+@@)/)) {
+      const m = piece.match(/^@@MATH(\d+)@@$/);
+      if (!m || !formulas[Number(m[1])]) { frag.append(piece); continue; }
+      const f = formulas[Number(m[1])];
+      const span = document.createElement("span");
+      span.innerHTML = katex.renderToString(f.tex, {displayMode: f.display, throwOnError: false, trust: false});
+      frag.append(span);
+    }
+    node.replaceWith(frag);
+  }
 }
 
 export function el(tag, attrs = {}, ...children) {
