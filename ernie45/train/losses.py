@@ -107,29 +107,28 @@ def _global_moe_losses(model, router_out: list) -> dict[str, torch.Tensor]:
     for key, n in zip(keys, sizes, strict=True):
         r = mine.get(key)
         counts = torch.zeros(n) if r is None else torch.bincount(r.experts.detach().reshape(-1).cpu(), minlength=n)
-        stats += [counts.float(), torch.tensor([0.0 if r is None else float(r.logits.shape[0])])]
+        tokens = 0.0 if r is None else float(r.logits.shape[0])
+        stats += [counts.float(), torch.tensor([tokens, float(r is not None)])]  # dispatches, tokens, ranks
     device = router_out[0].logits.device if router_out else next(model.parameters()).device
     flat = torch.cat(stats).to(device)
     torch.distributed.all_reduce(flat)
-    world = torch.distributed.get_world_size()
-    totals = dict(zip(keys, flat.split([x for n in sizes for x in (n, 1)])[1::2], strict=True))
-    shares = dict(zip(keys, flat.split([x for n in sizes for x in (n, 1)])[0::2], strict=True))
-    lb, z, orth = [], [], {}
-    present = [k for k in keys if totals[k] > 0]  # the (layer, group) pairs the whole batch reached
+    pieces = flat.split([x for n in sizes for x in (n, 2)])
+    shares, totals = dict(zip(keys, pieces[0::2], strict=True)), dict(zip(keys, pieces[1::2], strict=True))
+    present = [k for k in keys if totals[k][0] > 0]  # the (layer, group) pairs the whole batch reached
+    lb, z, orth = [], [], []
     for key in present:
-        r, tokens = mine.get(key), totals[key].clamp(min=1)
+        r, (tokens, ranks) = mine.get(key), totals[key].clamp(min=1)
         if r is None:
             continue  # this rank adds nothing to that router's terms
         share = shares[key] / (shares[key].sum().clamp(min=1))
         probs = r.logits.float().softmax(-1).sum(0) / tokens  # this rank's part of the batch's mean probability
         lb.append(r.logits.shape[-1] * (probs * share).sum())
         z.append(torch.logsumexp(r.logits.float(), -1).pow(2).sum() / tokens)
-        orth.setdefault(key, r.orthogonal)
-    zero = flat.new_zeros(()).float()
+        orth.append(r.orthogonal / ranks)  # the same on every rank that ran the group: each adds its part
+    zero, n = flat.new_zeros(()).float(), max(len(present), 1)
     return {
-        "load_balance": (torch.stack(lb).sum() if lb else zero) / max(len(present), 1),
-        "z_loss": (torch.stack(z).sum() if z else zero) / max(len(present), 1),
-        "orthogonal": torch.stack(list(orth.values())).mean() / world if orth else zero,
+        name: (torch.stack(v).sum() if v else zero) / n
+        for name, v in (("load_balance", lb), ("z_loss", z), ("orthogonal", orth))
     }
 
 
