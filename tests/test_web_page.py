@@ -139,7 +139,8 @@ def test_markdown_and_code_render_and_a_script_in_an_answer_stays_inert(served, 
     answer = ("**Bold** and a list:\n\n- one\n- two\n\n```python\ndef f(x):\n    return x + 1\n```\n\n"
               "<script>window.pwned = 1</script><img src=x onerror=\"window.pwned = 2\">"
               "[link](javascript:window.pwned=3)\n\n"
-              "Math: $$x^2 + 1$$ and $a_i$, $\\href{javascript:window.pwned=4}{x}$; prices $5 and $6 stay text.")  # fmt: skip
+              "Math: $$x^2 + 1$$ and $a_i$, $\\href{javascript:window.pwned=4}{x}$; "
+              "prices $5 and $6 stay text.")  # fmt: skip
     messages = [
         {"role": "user", "content": "<b>not bold</b>"},
         {"role": "assistant", "content": answer, "reasoning": "First, think."},
