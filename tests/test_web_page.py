@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from serve_fixtures import running_server
-from web_fixtures import CHROMIUM, DRIVER, SHOTS, answers, chromium, drop_files, page_errors, wait
+from web_fixtures import CHROMIUM, DRIVER, SHOTS, answers, chromium, drop_files, page_errors, paste_files, wait
 
 from ernie45.engine import LLM, SamplingParams
 
@@ -172,11 +172,15 @@ def test_markdown_and_code_render_and_a_script_in_an_answer_stays_inert(served, 
     browser.find_element(By.CSS_SELECTOR, "#theme option[value=light]").click()
 
 
-def test_an_image_a_pdf_and_a_csv_dropped_on_the_page_reach_the_model(served, browser):
+def test_an_image_a_pdf_and_a_csv_dropped_on_the_page_reach_the_model_and_a_paste_attaches(served, browser):
     from selenium.webdriver.common.by import By
 
     llm, url = served
     _fresh(browser, url)
+    paste_files(browser, [EXAMPLES / "shapes.png"])  # a pasted screenshot becomes an attachment, and can go again
+    pasted = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments .chip[data-kind=image]"), 20)
+    pasted[0].find_element(By.CSS_SELECTOR, "button[aria-label='Remove shapes.png']").click()
+    assert not browser.find_elements(By.CSS_SELECTOR, "#attachments .chip")
     files = [EXAMPLES / "chart.png", EXAMPLES / "report.pdf", EXAMPLES / "sales.csv"]
     drop_files(browser, files)
     chips = wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attachments .chip")) == 3

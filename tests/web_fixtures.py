@@ -50,16 +50,33 @@ def page_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
 
-def drop_files(driver, paths: list[Path], target_css: str = "#log") -> None:
-    """Drag-and-drop as a person does it: the files land on the page in one drop event (Selenium cannot drag from
-    the desktop, so a hidden input holds the files and the drop carries them in a real DataTransfer)."""
-    from selenium.webdriver.common.by import By
+def paste_files(driver, paths: list[Path], target_css: str = "#text") -> None:
+    """A paste of files (as from a screenshot tool's clipboard) into the message box, in a real DataTransfer."""
+    _hold(driver, paths)
+    driver.execute_script(
+        "const files = document.getElementById('test-drop').files, dt = new DataTransfer();"
+        "for (const f of files) dt.items.add(f);"
+        "document.querySelector(arguments[0]).dispatchEvent("
+        "  new ClipboardEvent('paste', {bubbles: true, cancelable: true, clipboardData: dt}));"
+        "document.getElementById('test-drop').remove();",
+        target_css,
+    )
 
+
+def _hold(driver, paths: list[Path]) -> None:
     holder = driver.execute_script(
         "const i = document.createElement('input'); i.type = 'file'; i.multiple = true; i.id = 'test-drop';"
         "i.style.display = 'none'; document.body.append(i); return i;"
     )
     holder.send_keys("\n".join(str(p) for p in paths))
+
+
+def drop_files(driver, paths: list[Path], target_css: str = "#log") -> None:
+    """Drag-and-drop as a person does it: the files land on the page in one drop event (Selenium cannot drag from
+    the desktop, so a hidden input holds the files and the drop carries them in a real DataTransfer)."""
+    from selenium.webdriver.common.by import By
+
+    _hold(driver, paths)
     driver.execute_script(
         "const files = document.getElementById('test-drop').files, dt = new DataTransfer();"
         "for (const f of files) dt.items.add(f);"
