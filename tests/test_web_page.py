@@ -303,3 +303,36 @@ def test_a_moderation_run_lays_its_windows_on_the_timeline(served, browser):
     assert browser.find_element(By.ID, "mod-export").is_enabled()
     browser.execute_script("document.getElementById('timeline').scrollIntoView({block: 'end'})")
     browser.save_screenshot(str(SHOTS / "web-moderation.png"))
+
+
+def test_esc_stops_a_streaming_answer_and_keeps_what_came(browser, tmp_path):
+    """A model that never ends its answer (a tiny random one): Esc stops the stream, the partial answer stays
+    with "stopped by you", and the next question can be asked at once."""
+    from chat_fixtures import write_chat_checkpoint
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    path = write_chat_checkpoint(tmp_path / "endless", endless=True)
+    (path / "generation_config.json").write_text('{"do_sample": false, "max_new_tokens": 4000}')
+    llm = LLM(path)
+    assert llm.default_sampling.max_tokens == 4000  # the checkpoint's answer length is the default (was 256)
+    with running_server(llm, max_batch=2, max_len=4096) as (url, _):
+        _fresh(browser, url)
+        box = browser.find_element(By.ID, "text")
+        box.send_keys("Hello there")
+        box.send_keys(Keys.ENTER)
+        wait(
+            browser,
+            lambda d: any(len(b.text) > 20 for b in d.find_elements(By.CSS_SELECTOR, ".msg.assistant .body")),
+            60,
+        )  # streaming
+        assert browser.find_element(By.ID, "stop").is_displayed()
+        box.send_keys(Keys.ESCAPE)
+        done = answers(browser, 1)[0]
+        assert "stopped by you" in done.find_element(By.CSS_SELECTOR, ".stats").text
+        assert not browser.find_element(By.ID, "stop").is_displayed()
+        kept = done.find_element(By.CSS_SELECTOR, ".body").text
+        assert len(kept) > 20
+        browser.refresh()  # the partial answer was kept with the conversation
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .body"), 20)
+        assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant .body").text == kept

@@ -182,6 +182,8 @@ class LLM:
         params = {k: g[k] for k in keys if g.get(k) is not None}
         if g.get("do_sample") is False:  # transformers' way of saying greedy
             params["temperature"] = 0.0
+        if g.get("max_new_tokens"):  # the answer length the checkpoint asks for (was ignored: always 256)
+            params["max_tokens"] = int(g["max_new_tokens"])
         return SamplingParams(**params)
 
     # ---- public API -------------------------------------------------------------------------------------
