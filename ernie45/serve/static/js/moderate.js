@@ -35,14 +35,13 @@ export class Timeline {
       const flagged = w.labels.length > 0;
       const label = flagged ? w.labels.join(", ") : "clear";
       const text = `${fmtTime(w.start)}–${fmtTime(w.end)}: ${label}, confidence ${Math.round(w.confidence * 100)}%`;
-      const b = el("button", {type: "button", role: "listitem", class: "window" + (flagged ? " flagged" : ""),
-                              "data-start": w.start, "data-index": i, "aria-label": text, title: text,
-                              onclick: () => this.select(i)});
-      b.style.left = `${(100 * w.start) / total}%`;
-      b.style.width = `${(100 * (w.end - w.start)) / total}%`;
+      const b = el("button", {type: "button", "aria-label": text, title: text, onclick: () => this.select(i)});
       if (w.thumbnail) b.append(el("img", {src: w.thumbnail, alt: ""}));
       b.append(el("span", {class: "labels", text: label}), el("span", {text: `${Math.round(w.confidence * 100)}%`}));
-      this.box.append(b);
+      const item = el("li", {class: "window" + (flagged ? " flagged" : ""), "data-start": w.start, "data-index": i}, b);
+      item.style.left = `${(100 * w.start) / total}%`;
+      item.style.width = `${(100 * (w.end - w.start)) / total}%`;
+      this.box.append(item);
     });
   }
 
