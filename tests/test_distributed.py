@@ -268,21 +268,25 @@ TP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_tensor_parallel_from_pretrained_matches_one_process(setup, tmp_path):
-    """`from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))` under torchrun: attention and
-    the dense / shared FFNs split over 2 ranks (DTensor weights), logits equal to the unsplit model's."""
-    root, model = setup
+def _on_two_ranks(script: str, name: str, tmp_path, model) -> dict[tuple[int, str], list[str]]:
+    """Run `script` under torchrun on 2 ranks over `model` and a VL checkpoint; (rank, checkpoint) -> the words
+    each rank wrote to `{name}-{rank}-{checkpoint}`."""
     vl = write_chat_checkpoint(tmp_path / "vl", vision=True)
-    script = tmp_path / "tp.py"
-    script.write_text(TP_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+    path = tmp_path / f"{name}.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(path),
            str(tmp_path), str(model), str(vl)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    for rank in (0, 1):
-        for d in (model, vl):
-            kind, diff = (tmp_path / f"tp-{rank}-{d.name}").read_text().split()
-            assert kind == "DTensor" and float(diff) < 1e-4, (rank, d.name, kind, diff)
+    return {(rank, d.name): (tmp_path / f"{name}-{rank}-{d.name}").read_text().split()
+            for rank in (0, 1) for d in (model, vl)}  # fmt: skip
+
+
+def test_tensor_parallel_from_pretrained_matches_one_process(setup, tmp_path):
+    """`from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))` under torchrun: attention and
+    the dense / shared FFNs split over 2 ranks (DTensor weights), logits equal to the unsplit model's."""
+    for where, (kind, diff) in _on_two_ranks(TP_SCRIPT, "tp", tmp_path, setup[1]).items():
+        assert kind == "DTensor" and float(diff) < 1e-4, (where, kind, diff)
 
 
 EP_SCRIPT = textwrap.dedent("""
@@ -313,16 +317,6 @@ def test_expert_parallel_inference_holds_half_the_experts_and_matches_one_proces
     """`shard_experts` under torchrun (2 ranks): each rank keeps half of every routed group's experts, runs the
     token-expert pairs it holds, and the summed outputs give one process's logits (a text MoE, and a VL model
     whose text and vision groups both split)."""
-    _, model = setup
-    vl = write_chat_checkpoint(tmp_path / "vl", vision=True)
-    script = tmp_path / "ep.py"
-    script.write_text(EP_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path), str(model), str(vl)]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for rank in (0, 1):
-        for d in (model, vl):
-            groups, held, total, diff = (tmp_path / f"ep-{rank}-{d.name}").read_text().split()
-            assert int(groups) >= 1 and 2 * int(held) == int(total), (rank, d.name, groups, held, total)
-            assert float(diff) < 1e-5, (rank, d.name, diff)
+    for where, (groups, held, total, diff) in _on_two_ranks(EP_SCRIPT, "ep", tmp_path, setup[1]).items():
+        assert int(groups) >= 1 and 2 * int(held) == int(total), (where, groups, held, total)
+        assert float(diff) < 1e-5, (where, diff)
