@@ -76,6 +76,7 @@ def test_moderation_route_streams_the_verdicts_moderate_gives(served):
      ({"video": "https://example.com/a.mp4"}, 400, "data: URL"),
      ({"policy": "just words"}, 400, "a policy is"),
      ({"policy": {"categories": {}}}, 400, "categories"),
+     ({"policy": {"categories": {"": ""}}}, 400, "at least one category"),
      ({"window": 0}, 400, "window"),
      ({"model": "other"}, 404, "not served here"),
      ({"colour": "red"}, 400, "colour")],

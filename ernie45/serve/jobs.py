@@ -114,13 +114,13 @@ def add_job_routes(app: FastAPI, srv) -> None:
         if not proc.multimodal:
             raise APIError(400, "this model does not see pictures; moderation needs a VL or omni model",
                            param="model")  # fmt: skip
-        if isinstance(body.policy, str):
-            try:
+        try:
+            if isinstance(body.policy, str):
                 policy = parse_policy(body.policy)
-            except ValueError as e:
-                raise APIError(400, str(e), param="policy") from None
-        else:
-            policy = Policy(dict(body.policy.categories), body.policy.instructions)
+            else:
+                policy = Policy(dict(body.policy.categories), body.policy.instructions)
+        except ValueError as e:  # no categories, an empty category name, unreadable YAML
+            raise APIError(400, f"policy: {e}", param="policy") from None
         data = _data(body.video, "video")
         rate = proc.audio.config.sample_rate if proc.hears else 16000
         source = windows(io.BytesIO(data), body.window, body.stride, body.fps, rate, max_pixels=proc.video.max_pixels)
