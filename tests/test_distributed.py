@@ -246,6 +246,9 @@ def test_router_records_survive_hooks_that_rebuild_the_forwards_arguments(setup)
     torch.testing.assert_close(hooked[0].logits, plain[0].logits)
     assert all(getattr(layer.mlp, "records", None) is None for layer in model.model.layers)  # nothing kept after
     assert model.model.layers.records is None
+    direct: list = []  # the base model called alone fills the caller's list, as its signature says
+    model.model(input_ids=ids, router_out=direct)
+    assert [(r.layer, r.group) for r in direct] == [(r.layer, r.group) for r in plain]
 
 
 TP_SCRIPT = textwrap.dedent("""

@@ -257,6 +257,8 @@ class Ernie45Model(Ernie45PreTrainedModel):
         rope = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, c.freq_allocation)
         mask = _layer_mask(attention_mask, seq, past + seq, h.device)
         h = self.layers(h, rope, mask, cache, modality, router_out)
+        if router_out is not None:  # a direct caller's list (the causal LM reads the stack's `records` instead:
+            router_out.extend(self.layers.records or [])  # under ZeRO-3 the list it passed reaches here as a copy)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
 
 
