@@ -75,7 +75,7 @@ def build_model(cfg: dict):
         if cfg["model"].get(option):
             log.info("%s: %d tokenizer changes", option, apply(processor.tokenizer))
     if q is not None:  # (a base loaded from a path is quantized layer by layer already; this does the rest)
-        quantize(model, q["bits"], q.get("group_size", 32), experts=q.get("experts", True), progress=False)
+        quantize(model, **q, progress=False)
     return model, processor
 
 
@@ -94,15 +94,12 @@ def _quantize_spec(cfg: dict) -> dict:
     if q.get("experts", True) and "experts" in cfg["lora"].get("targets", []):
         raise ValueError("lora.targets: the routed experts are quantized (model.quantize.experts); adapt attention "
                          "and shared_experts, or set model.quantize.experts: false")  # fmt: skip
-    return q
+    return {"group_size": 32, "experts": True, **q}
 
 
 def _model_and_processor(m: dict, train: dict, q: dict | None = None):
     if m.get("path"):
-        each = None
-        if q is not None:
-            each = partial(quantize_modules, bits=q["bits"], group_size=q.get("group_size", 32),
-                           experts=q.get("experts", True), progress=False)  # fmt: skip
+        each = None if q is None else partial(quantize_modules, **q, progress=False)
         return load(m["path"], dtype=m.get("dtype"), on_layer=each), load_processor(m.get("tokenizer") or m["path"])
     if not m.get("preset") or not m.get("tokenizer"):
         raise ValueError("model: give `path` (a checkpoint), or `preset` plus `tokenizer` (a directory, or `demo`)")

@@ -117,9 +117,8 @@ class Ernie45Trainer(Trainer):
         else:
             total = num_items_in_batch if per_step else None
             loss = cross_entropy(out.logits, labels, self.weights.token_balance_len or None, total)
-            parts["lm_loss"] = loss.detach()
-            if per_step:  # logged as this micro-batch's own mean
-                parts["lm_loss"] = parts["lm_loss"] * total / (labels[:, 1:] != -100).sum().clamp(min=1)
+            local = (labels[:, 1:] != -100).sum().clamp(min=1)
+            parts["lm_loss"] = loss.detach() * (total / local if per_step else 1)  # this micro-batch's mean
             loss = loss * scale
         if moe and (out.router_logits or shared):
             records = real_tokens(out.router_logits or [], valid)
