@@ -59,22 +59,10 @@ def log_mel(wave: torch.Tensor, config: AudioConfig | None = None) -> torch.Tens
     return ((logs + 4.0) / 4.0).T.contiguous()
 
 
-def has_audio_stream(source: MediaInput) -> bool:
-    """Whether a media file (a path, bytes or data: URL) has a sound track; frames in memory have none."""
-    import av
-
-    if isinstance(source, np.ndarray | torch.Tensor | list | tuple):
-        return False
-    data = read_bytes(source) if not isinstance(source, Path) or source.is_file() else read_bytes(str(source))
-    try:
-        with av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as container:
-            return bool(container.streams.audio)
-    except (av.error.FFmpegError, OSError) as e:
-        raise ValueError(f"{describe(source)}: not a readable file ({e})") from None
-
-
-def decode_audio(source: MediaInput, sample_rate: int = 16000, max_seconds: float | None = None) -> torch.Tensor:
-    """Any audio file, bytes, data: URL or 1-D array (taken as `sample_rate` Hz) -> float32 mono samples."""
+def decode_audio(source: MediaInput, sample_rate: int = 16000, max_seconds: float | None = None,
+                 silent_ok: bool = False) -> torch.Tensor:  # fmt: skip
+    """Any audio file, bytes, data: URL or 1-D array (taken as `sample_rate` Hz) -> float32 mono samples.
+    silent_ok: a file without a sound track (a silent video) gives no samples instead of an error."""
     import av
 
     if isinstance(source, np.ndarray | torch.Tensor):
@@ -90,6 +78,8 @@ def decode_audio(source: MediaInput, sample_rate: int = 16000, max_seconds: floa
     try:
         with av.open(io.BytesIO(data) if isinstance(data, bytes) else str(data)) as container:
             if not container.streams.audio:
+                if silent_ok:
+                    return torch.zeros(0)
                 raise ValueError("it has no audio stream")
             claimed = container.duration / 1_000_000 if container.duration else None
             if max_seconds is not None and claimed is not None and claimed > max_seconds + 1:  # from the header

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..config import AudioConfig
-from .audio import AudioProcessor, decode_audio, has_audio_stream
+from .audio import AudioProcessor, decode_audio
 from .chat_template import TEXT_TEMPLATE, VL_TEMPLATE, media_items
 from .documents import DocumentOptions, expand_files, is_file_part
 from .image import ImageProcessor
@@ -167,9 +167,10 @@ class Processor:
             return [token] * self.video.num_tokens(grid)
         self._check_can("audio")
         c = self.audio.config
-        if not has_audio_stream(source):
+        in_memory = isinstance(source, list | tuple | np.ndarray)  # frames have no sound track
+        wave = torch.zeros(0) if in_memory else decode_audio(source, c.sample_rate, c.max_seconds, silent_ok=True)
+        if not wave.numel():
             return [token] * self.video.num_tokens(grid)  # a silent video: its frames are all there is
-        wave = decode_audio(source, c.sample_rate, c.max_seconds)
         per_pair = self.video.num_tokens([self.video.temporal_merge_size, grid[1], grid[2]])
         pair_times = seconds[:: self.video.temporal_merge_size]
         chunk = int(AUDIO_CHUNK_SECONDS * c.sample_rate)
