@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .requests import has_media
 from .sampling import filter_logits
 
 if TYPE_CHECKING:
@@ -79,13 +80,9 @@ def why_not(req: Request) -> str | None:
         ("a grammar", req.constraint is not None),
         ("logprobs", p.logprobs is not None),
         ("min_tokens", short),
-        ("media in the prompt", _media(req)),
+        ("media in the prompt", has_media(req.encoded)),  # 3D RoPE positions after a picture: not verified
     )
     return next((why for why, applies in reasons if applies), None)
-
-
-def _media(req: Request) -> bool:  # (3D RoPE positions after a picture are not verified on this path)
-    return any(k not in ("input_ids", "attention_mask") for k in req.encoded)
 
 
 def accept(logits: torch.Tensor, draft: list[int], req: Request) -> list[int]:
