@@ -148,6 +148,7 @@ class Ernie45Config(PreTrainedConfig):
     vision_config: dict | None = None
     audio_config: dict | None = None
     freq_allocation: int = 0
+    num_nextn_predict_layers: int = 0
 
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
@@ -176,7 +177,7 @@ class Ernie45Config(PreTrainedConfig):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ConfigError(f"{name} must be a positive number; the config has {v!r}")
-        for name in ("moe_num_shared_experts", "moe_layer_interval", "freq_allocation"):
+        for name in ("moe_num_shared_experts", "moe_layer_interval", "freq_allocation", "num_nextn_predict_layers"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "moe_layer_interval" else 0):
                 raise ConfigError(f"{name} must be a whole number >= {int(name == 'moe_layer_interval')}; the config "

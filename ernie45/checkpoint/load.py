@@ -6,6 +6,8 @@ its family, straight into the memory of the parameter (or stacked-expert slice) 
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from ..official_config import read_config
 from .files import CheckpointError, iter_tensors, weight_files
 from .rules import RULES_BY_MODEL_TYPE, SIDE_KEYS, Rule
 
+log = logging.getLogger("ernie45")
 FP32_PARAMS = ("gate.weight", "gate.e_score_correction_bias")  # the router stays fp32 (docs/architecture.md, pitfall 3)
 
 
@@ -43,6 +46,8 @@ class _Filler:
         self.side: dict[str, torch.Tensor] = {}
 
     def put(self, key: str, dtype: torch.dtype, shape: tuple[int, ...], read) -> None:
+        if SIDE_KEYS.search(key) and key in self.meta:  # the model's own MTP modules
+            return self._fill(key, None, key, read=read, dtype=dtype, shape=shape)
         if SIDE_KEYS.search(key):
             self.side[key] = read()
             return
@@ -160,6 +165,24 @@ def build_on_meta(config: Ernie45Config) -> Ernie45ForConditionalGeneration:
         return Ernie45ForConditionalGeneration(config)
 
 
+def _with_mtp(config: Ernie45Config, keys: list[str]) -> Ernie45ForConditionalGeneration:
+    """The meta model, with MTP modules for the checkpoint's `mtp_*` weights when their names are those of the
+    modules (a dense block: ours and the official layout's); otherwise without, the weights kept aside (logged)."""
+    mtp = sorted(k for k in keys if SIDE_KEYS.search(k))
+    depths = {int(m.group(1)) for k in mtp if (m := re.search(r"mtp_linear_proj\.(\d+)\.", k))}
+    if mtp and depths == set(range(len(depths))):
+        config.num_nextn_predict_layers = len(depths)
+        model = build_on_meta(config)
+        names = {n for n, _ in model.named_parameters() if ".mtp_" in n} | {n for n, _ in model.named_buffers()}
+        wanted = {n for n, _ in model.named_parameters() if ".mtp_" in n}
+        if set(mtp) >= wanted and set(mtp) <= names:
+            return model
+        log.info("the checkpoint's MTP weights (%d tensors) are in a layout ernie45 does not map (%s); kept aside "
+                 "in model.mtp_state_dict, no MTP drafting", len(mtp), sorted(set(mtp) - names)[:3])  # fmt: skip
+    config.num_nextn_predict_layers = 0
+    return build_on_meta(config)
+
+
 def load(
     path: str | Path,
     dtype: torch.dtype | str | None = None,
@@ -172,7 +195,8 @@ def load(
     dtype: the weights' dtype (default: as stored); the router always stays fp32.
     on_layer: called with each decoder layer once its weights are all read (e.g. to quantize it, so the whole
     model never exists in float: `runtime.prepare.QuantizingLoader`).
-    Multi-token-prediction (``mtp_*``) weights are kept aside in ``model.mtp_state_dict``.
+    Multi-token-prediction (``mtp_*``) weights load into the model's MTP modules (`model.mtp`), which the engine's
+    speculative decoding drafts with; a layout they do not map onto is kept aside in ``model.mtp_state_dict``.
     """
     from ..hub import NotFound, resolve
 
@@ -183,17 +207,18 @@ def load(
     config, model_type = read_config(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
-    model = build_on_meta(config)
     if getattr(config, "ernie45_quantization", None):  # written by `ernie45 quantize`
         from .quantized import load_quantized
 
+        model = build_on_meta(config)
         load_quantized(path, model, dtype, device)
         model.config.name_or_path = str(path)
         _generation_config(model, path)
         return model.eval()
     files, kind = weight_files(path, allow_pickle)
-    filler = _Filler(model, RULES_BY_MODEL_TYPE[model_type], dtype, device, on_layer)
     tensors = list(iter_tensors(files, kind))
+    model = _with_mtp(config, [t[0] for t in tensors])
+    filler = _Filler(model, RULES_BY_MODEL_TYPE[model_type], dtype, device, on_layer)
     for key, t_dtype, shape, read in tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=None):
         filler.put(key, t_dtype, shape, read)
     filler.finish()

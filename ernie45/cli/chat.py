@@ -46,7 +46,8 @@ def _open_llm(args: argparse.Namespace):
         raise UsageError(f"{path} is not a checkpoint directory (it needs config.json, weights and a tokenizer)")
     quantization, compile = getattr(args, "quantization", None), getattr(args, "compile", None)
     k = getattr(args, "speculative", 0) or 0
-    extra = {"speculative_config": {"method": "ngram", "num_speculative_tokens": k}} if k else {}
+    spec = {"method": "mtp"} if k == "mtp" else {"method": "ngram", "num_speculative_tokens": k}
+    extra = {"speculative_config": spec} if k else {}
     try:
         return LLM(path, dtype=args.dtype, quantization=quantization, compile=compile, **extra)
     except ValueError as e:  # a bad option value, named
@@ -265,9 +266,18 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def speculative_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculative", type=int, default=0, metavar="K",
-                   help="draft K tokens a step by prompt lookup and verify them at once (greedy answers unchanged; "
-                        "faster where answers copy from the prompt); default 0: off")  # fmt: skip
+    p.add_argument("--speculative", type=_speculative, default=0, metavar="K|mtp",
+                   help="draft K tokens a step by prompt lookup, or one by the model's MTP layer ('mtp'), and "
+                        "verify them at once (greedy answers unchanged); default 0: off")  # fmt: skip
+
+
+def _speculative(value: str) -> int | str:
+    if value == "mtp":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of drafted tokens (e.g. 4) or 'mtp'") from None
 
 
 def add_commands(sub) -> None:

@@ -15,6 +15,11 @@ that are thrown away afterwards:
 - videos: the motion, colour and shape from the mean of all tokens — so the motion must be visible in each
   token (the resampler's frame pairs), not only across them;
 - speech: the words, by CTC over the audio tokens.
+
+`generator="wide"` draws the same facts from the second generation's pictures, charts, clips and voices
+(`wide`): pictures keep their own aspect ratio (so the token grid varies and the per-token targets, which need
+the first generation's fixed layout, are left out), charts have 2-7 bars labelled A-G anywhere, and speech
+includes the agent's voice messages with 3-4 digit order numbers.
 """
 
 from __future__ import annotations
@@ -31,14 +36,17 @@ from torch import nn
 
 from ..model.trunk import ENCODER_MODULES
 from ..processing.processor import Processor
+from . import wide
 from .scenes import COLOURS, MOTIONS, NUMBER_WORDS, SHAPES, bar_chart, moving_video, shape_scene
 from .speech import speak
 from .tasks import SPOKEN_OPS
 
 log = logging.getLogger("ernie45.train")
-WORDS = (*NUMBER_WORDS, "what", "is", *SPOKEN_OPS)  # every word the demo's speech says
+AGENT_WORDS = ("please", "cancel", "order", "this", "about", "my")  # the agent's voice messages (`jobtasks`)
+WORDS = (*NUMBER_WORDS, "what", "is", *SPOKEN_OPS, *AGENT_WORDS)  # every word the demo's speech says
 COLOUR_NAMES = tuple(COLOURS)
 LABELS = "ABCDE"
+GENERATORS = ("first", "wide")
 
 
 class Probe(nn.Module):
@@ -51,47 +59,43 @@ class Probe(nn.Module):
         self.key = nn.Linear(width, dim)
         self.value = nn.Linear(width, classes)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] -> [B, queries, classes]."""
-        weights = (self.query @ self.key(tokens).transpose(1, 2) * self.query.shape[-1] ** -0.5).softmax(-1)
-        return weights @ self.value(tokens)
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N, D] (`mask` [B, N]: True where a token is real) -> [B, queries, classes]."""
+        scores = self.query @ self.key(tokens).transpose(1, 2) * self.query.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        return scores.softmax(-1) @ self.value(tokens)
 
 
 class Heads(nn.Module):
-    def __init__(self, width: int, audio: bool) -> None:
+    def __init__(self, width: int, audio: bool, labels: str = LABELS) -> None:
         super().__init__()
         self.colour_of = Probe(width, len(SHAPES), 1 + len(COLOUR_NAMES))  # 0 = no such shape
         self.shape_of = Probe(width, len(COLOUR_NAMES), 1 + len(SHAPES))  # 0 = no such colour
         self.count = nn.Linear(width, 4)
         self.token = nn.Linear(width, 1 + len(SHAPES) + 1 + len(COLOUR_NAMES))  # what lies under each token
-        self.column = nn.Linear(width, 10 + len(LABELS))  # a chart token: its column's bar value and label
-        self.value_of = Probe(width, len(LABELS), 10)  # 0 = no such bar
-        self.extreme = Probe(width, 2, len(LABELS))  # tallest, shortest
+        self.column = nn.Linear(width, 10 + len(labels))  # a chart token: its column's bar value and label
+        self.value_of = Probe(width, len(labels), 10)  # 0 = no such bar
+        self.extreme = Probe(width, 2, len(labels))  # tallest, shortest
         self.video = nn.Linear(width, len(MOTIONS) + len(COLOUR_NAMES) + len(SHAPES))
         self.words = nn.Linear(width, 1 + len(WORDS)) if audio else None  # 0 = CTC blank
 
 
 def _scene_batch(rng: random.Random, n: int, grid: int):
-    """Pictures; per shape and per colour, the other attribute (0 = absent, -100 = twice: not asked); per token
-    (row-major), the shape and colour under it: its centre in the shape's box, or the shape's centre in it."""
-    images, counts = [], torch.zeros(n, dtype=torch.long)
-    colour_of = torch.zeros(n, len(SHAPES), dtype=torch.long)
-    shape_of = torch.zeros(n, len(COLOUR_NAMES), dtype=torch.long)
+    """Pictures, their (colour, shape) lists, and per token (row-major) the shape and colour under it: its centre
+    in the shape's box, or the shape's centre in it."""
+    images, objects = [], []
     under = torch.zeros(n, 2, grid, grid, dtype=torch.long)
     centres = (torch.arange(grid) + 0.5) / grid
     for b in range(n):
-        img, objects, where = shape_scene(rng, geometry=True)
+        img, objs, where = shape_scene(rng, geometry=True)
         images.append(img)
-        counts[b] = len(objects) - 1
-        shapes, colours = [s for _, s in objects], [c for c, _ in objects]
-        for (colour, shape), (cx, cy, r) in zip(objects, where, strict=True):
-            i, j = SHAPES.index(shape), COLOUR_NAMES.index(colour)
-            colour_of[b, i] = 1 + j if shapes.count(shape) == 1 else -100
-            shape_of[b, j] = 1 + i if colours.count(colour) == 1 else -100
+        objects.append(objs)
+        for (colour, shape), (cx, cy, r) in zip(objs, where, strict=True):
             inside = ((centres[:, None] - cy).abs() <= r) & ((centres[None, :] - cx).abs() <= r)
             inside[int(cy * grid), int(cx * grid)] = True  # the token under the centre, however small the shape
-            under[b, 0][inside], under[b, 1][inside] = 1 + i, 1 + j
-    return images, counts, colour_of, shape_of, under.flatten(2)
+            under[b, 0][inside], under[b, 1][inside] = 1 + SHAPES.index(shape), 1 + COLOUR_NAMES.index(colour)
+    return images, objects, under.flatten(2)
 
 
 def _column_targets(values: torch.Tensor, grid: int) -> torch.Tensor:
@@ -114,66 +118,32 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int = 16, lr: float = 1e-3,
-                      seed: int = 0, log_every: int = 50) -> dict[str, float]:  # fmt: skip
-    """Train the vision and audio paths of `model` in place for `steps` steps; returns the last step's accuracies
-    and its summed loss ("loss")."""
+                      seed: int = 0, log_every: int = 50, generator: str = "first") -> dict[str, float]:  # fmt: skip
+    """Train the vision and audio paths of `model` in place for `steps` steps on the `generator`'s media ("first":
+    the first generation's fixed layouts; "wide": the second's); returns the last step's accuracies and its
+    summed loss ("loss")."""
+    if generator not in GENERATORS:
+        raise ValueError(f"encoder_pretrain: generator {generator!r} is not one of {', '.join(GENERATORS)}")
     trunk, c = model.model, model.config
     torch.manual_seed(seed)
     rng = random.Random(seed * 7_919 + 17)
-    side = int(proc.image.min_pixels**0.5)
-    grid = side // (proc.image.patch_size * proc.image.merge_size)
-    tokens = grid * grid
+    first = generator == "first"
     audio = hasattr(trunk, "audio_tower")
-    heads = Heads(c.hidden_size, audio)
+    heads = Heads(c.hidden_size, audio, LABELS if first else wide.LABELS)
     encoder = [p for n, p in trunk.named_parameters() if n.split(".")[0] in ENCODER_MODULES]
     opt = torch.optim.AdamW([*encoder, *heads.parameters()], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + _cos(s / steps)))
     model.train()
     stats: dict[str, float] = {}
     start = time.perf_counter()
+    pictures, charts = (_first_pictures, _first_charts) if first else (_wide_pictures, _wide_charts)
     for step in range(steps):
         losses, stats = {}, {}
-        images, counts, colour_of, shape_of, under = _scene_batch(rng, batch, grid)
-        x = proc.image([_square(img, side) for img in images])
-        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(batch, tokens, -1)
-        c_log, s_log, n_log = heads.colour_of(feats), heads.shape_of(feats), heads.count(feats.mean(1))
-        losses["colour"] = F.cross_entropy(c_log.flatten(0, 1), colour_of.flatten(), ignore_index=-100)
-        losses["shape"] = F.cross_entropy(s_log.flatten(0, 1), shape_of.flatten(), ignore_index=-100)
-        losses["count"] = F.cross_entropy(n_log, counts)
-        t_log = heads.token(feats).split([1 + len(SHAPES), 1 + len(COLOUR_NAMES)], dim=-1)
-        losses["tokens"] = sum(F.cross_entropy(lg.transpose(1, 2), under[:, k]) for k, lg in enumerate(t_log))
-        stats["colour"] = _accuracy(c_log[colour_of > 0], colour_of[colour_of > 0])
-        stats["shape"] = _accuracy(s_log[shape_of > 0], shape_of[shape_of > 0])
-        stats["count"] = _accuracy(n_log, counts)
-
-        charts = [bar_chart(rng) for _ in range(batch // 2)]
-        x = proc.image([_square(img, side) for img, _ in charts])
-        values = torch.tensor([[v.get(label, 0) for label in LABELS] for _, v in charts])
-        extremes = torch.tensor([[LABELS.index(f(v, key=v.get)) for f in (max, min)] for _, v in charts])
-        feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(charts), tokens, -1)
-        v_log, e_log = heads.value_of(feats), heads.extreme(feats)
-        losses["bar"] = F.cross_entropy(v_log.flatten(0, 1), values.flatten())
-        losses["extreme"] = F.cross_entropy(e_log.flatten(0, 1), extremes.flatten())
-        columns = _column_targets(values, grid)
-        k_log = heads.column(feats).split([10, len(LABELS)], dim=-1)
-        losses["columns"] = sum(F.cross_entropy(lg.transpose(1, 2), columns[:, k]) for k, lg in enumerate(k_log))
-        stats["bar value"] = _accuracy(v_log[values > 0], values[values > 0])
-        stats["tallest"] = _accuracy(e_log[:, 0], extremes[:, 0])
-        stats["shortest"] = _accuracy(e_log[:, 1], extremes[:, 1])
-
-        videos = [moving_video(rng) for _ in range(batch // 2)]
-        x = proc.video([v for v, *_ in videos])
-        feats = trunk.encode_vision(x["pixel_values_videos"], x["video_grid_thw"])
-        per_video = trunk.resampler_model.tokens_per_item(x["video_grid_thw"])
-        logits = heads.video(torch.stack([f.mean(0) for f in feats.split(per_video)]))
-        parts = logits.split([len(MOTIONS), len(COLOUR_NAMES), len(SHAPES)], dim=-1)
-        targets = [torch.tensor([names.index(v[i]) for v in videos])
-                   for names, i in ((MOTIONS, 1), (COLOUR_NAMES, 2), (SHAPES, 3))]  # fmt: skip
-        losses["video"] = sum(F.cross_entropy(p, t) for p, t in zip(parts, targets, strict=True))
-        stats["direction"] = _accuracy(parts[0], targets[0])
-
+        pictures(trunk, proc, heads, rng, batch, losses, stats)
+        charts(trunk, proc, heads, rng, batch // 2, losses, stats)
+        _videos(trunk, proc, heads, rng, batch // 2, moving_video if first else wide.video, losses, stats)
         if audio:
-            losses["speech"], stats["speech clips"] = _speech_loss(trunk, proc, heads, rng, batch // 2)
+            losses["speech"], stats["speech clips"] = _speech_loss(trunk, proc, heads, rng, batch // 2, not first)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,20 +159,128 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     return stats
 
 
+def _square_tokens(trunk, proc: Processor, images: list[Image.Image]) -> tuple[torch.Tensor, int]:
+    """The pictures at the demo's square size, encoded: [B, grid * grid, D] and the grid."""
+    side = int(proc.image.min_pixels**0.5)
+    grid = side // (proc.image.patch_size * proc.image.merge_size)
+    x = proc.image([_square(img, side) for img in images])
+    return trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(images), grid * grid, -1), grid
+
+
+def _tokens(trunk, proc: Processor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pictures as the processor sizes them (their own aspect ratios), encoded and padded: [B, N, D] and
+    the mask of real tokens [B, N]."""
+    x = proc.image(images)
+    feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"])
+    per = feats.split(trunk.resampler_model.tokens_per_item(x["image_grid_thw"]))
+    mask = nn.utils.rnn.pad_sequence([torch.ones(len(f), dtype=torch.bool) for f in per], batch_first=True)
+    return nn.utils.rnn.pad_sequence(list(per), batch_first=True), mask
+
+
+def _shape_losses(heads: Heads, feats, mask, objects: list, losses: dict, stats: dict) -> None:
+    """Per shape its colour and per colour its shape (0 = absent, -100 = twice: not asked), and the count."""
+    n = len(objects)
+    colour_of = torch.zeros(n, len(SHAPES), dtype=torch.long)
+    shape_of = torch.zeros(n, len(COLOUR_NAMES), dtype=torch.long)
+    for b, objs in enumerate(objects):
+        shapes, colours = [s for _, s in objs], [c for c, _ in objs]
+        for colour, shape in objs:
+            i, j = SHAPES.index(shape), COLOUR_NAMES.index(colour)
+            colour_of[b, i] = 1 + j if shapes.count(shape) == 1 else -100
+            shape_of[b, j] = 1 + i if colours.count(colour) == 1 else -100
+    counts = torch.tensor([len(objs) - 1 for objs in objects])
+    mean = feats.mean(1) if mask is None else (feats * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    c_log, s_log, n_log = heads.colour_of(feats, mask), heads.shape_of(feats, mask), heads.count(mean)
+    losses["colour"] = F.cross_entropy(c_log.flatten(0, 1), colour_of.flatten(), ignore_index=-100)
+    losses["shape"] = F.cross_entropy(s_log.flatten(0, 1), shape_of.flatten(), ignore_index=-100)
+    losses["count"] = F.cross_entropy(n_log, counts)
+    stats["colour"] = _accuracy(c_log[colour_of > 0], colour_of[colour_of > 0])
+    stats["shape"] = _accuracy(s_log[shape_of > 0], shape_of[shape_of > 0])
+    stats["count"] = _accuracy(n_log, counts)
+
+
+def _first_pictures(trunk, proc, heads: Heads, rng, n: int, losses: dict, stats: dict) -> None:
+    """Shape scenes of the first generation, with what lies under each token."""
+    side = int(proc.image.min_pixels**0.5)
+    images, objects, under = _scene_batch(rng, n, side // (proc.image.patch_size * proc.image.merge_size))
+    feats, _ = _square_tokens(trunk, proc, images)
+    _shape_losses(heads, feats, None, objects, losses, stats)
+    t_log = heads.token(feats).split([1 + len(SHAPES), 1 + len(COLOUR_NAMES)], dim=-1)
+    losses["tokens"] = sum(F.cross_entropy(lg.transpose(1, 2), under[:, k]) for k, lg in enumerate(t_log))
+
+
+def _wide_pictures(trunk, proc, heads: Heads, rng, n: int, losses: dict, stats: dict) -> None:
+    """The second generation's scenes, each at its own aspect ratio."""
+    drawn = [wide.scene(rng) for _ in range(n)]
+    feats, mask = _tokens(trunk, proc, [img for img, _ in drawn])
+    _shape_losses(heads, feats, mask, [objs for _, objs in drawn], losses, stats)
+
+
+def _chart_losses(heads: Heads, feats, mask, drawn: list, labels: str, losses: dict, stats: dict) -> torch.Tensor:
+    values = torch.tensor([[v.get(label, 0) for label in labels] for _, v in drawn])
+    extremes = torch.tensor([[labels.index(f(v, key=v.get)) for f in (max, min)] for _, v in drawn])
+    v_log, e_log = heads.value_of(feats, mask), heads.extreme(feats, mask)
+    losses["bar"] = F.cross_entropy(v_log.flatten(0, 1), values.flatten())
+    losses["extreme"] = F.cross_entropy(e_log.flatten(0, 1), extremes.flatten())
+    stats["bar value"] = _accuracy(v_log[values > 0], values[values > 0])
+    stats["tallest"] = _accuracy(e_log[:, 0], extremes[:, 0])
+    stats["shortest"] = _accuracy(e_log[:, 1], extremes[:, 1])
+    return values
+
+
+def _first_charts(trunk, proc, heads: Heads, rng, n: int, losses: dict, stats: dict) -> None:
+    """The first generation's charts (label k in the k-th fifth), with each token's column's value and label."""
+    drawn = [bar_chart(rng) for _ in range(n)]
+    feats, grid = _square_tokens(trunk, proc, [img for img, _ in drawn])
+    values = _chart_losses(heads, feats, None, drawn, LABELS, losses, stats)
+    columns = _column_targets(values, grid)
+    k_log = heads.column(feats).split([10, len(LABELS)], dim=-1)
+    losses["columns"] = sum(F.cross_entropy(lg.transpose(1, 2), columns[:, k]) for k, lg in enumerate(k_log))
+
+
+def _wide_charts(trunk, proc, heads: Heads, rng, n: int, losses: dict, stats: dict) -> None:
+    """The second generation's charts: 2-7 bars anywhere, vertical or horizontal, at their own aspect ratio."""
+    drawn = [wide.chart(rng) for _ in range(n)]
+    feats, mask = _tokens(trunk, proc, [img for img, _ in drawn])
+    _chart_losses(heads, feats, mask, drawn, wide.LABELS, losses, stats)
+
+
+def _videos(trunk, proc, heads: Heads, rng, n: int, draw, losses: dict, stats: dict) -> None:
+    """A clip's motion, colour and shape from the mean of its tokens."""
+    videos = [draw(rng) for _ in range(n)]
+    x = proc.video([v for v, *_ in videos])
+    feats = trunk.encode_vision(x["pixel_values_videos"], x["video_grid_thw"])
+    per_video = trunk.resampler_model.tokens_per_item(x["video_grid_thw"])
+    logits = heads.video(torch.stack([f.mean(0) for f in feats.split(per_video)]))
+    parts = logits.split([len(MOTIONS), len(COLOUR_NAMES), len(SHAPES)], dim=-1)
+    targets = [torch.tensor([names.index(v[i]) for v in videos])
+               for names, i in ((MOTIONS, 1), (COLOUR_NAMES, 2), (SHAPES, 3))]  # fmt: skip
+    losses["video"] = sum(F.cross_entropy(p, t) for p, t in zip(parts, targets, strict=True))
+    stats["direction"] = _accuracy(parts[0], targets[0])
+
+
 def _cos(x: float) -> float:
     return math.cos(math.pi * min(x, 1.0))
 
 
-def _speech_loss(trunk, proc: Processor, heads: Heads, rng: random.Random, n: int) -> tuple[torch.Tensor, float]:
-    """CTC over the audio tokens of `n` fresh clips (spoken digits and spoken questions)."""
+def _speech_loss(trunk, proc: Processor, heads: Heads, rng: random.Random, n: int,
+                 wide_voices: bool = False) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """CTC over the audio tokens of `n` fresh clips (spoken digits and spoken questions; with `wide_voices`, the
+    second generation's voices and also the agent's voice messages)."""
     texts = []
     for _ in range(n):
-        if rng.random() < 0.7:
-            texts.append(" ".join(NUMBER_WORDS[rng.randint(0, 9)] for _ in range(rng.randint(1, 4))))
+        digits = " ".join(NUMBER_WORDS[rng.randint(0, 9)] for _ in range(rng.randint(1, 4)))
+        if wide_voices and rng.random() < 0.3:
+            order = " ".join(NUMBER_WORDS[rng.randint(0, 9)] for _ in range(rng.randint(3, 4)))
+            texts.append(
+                rng.choice(["please cancel order", "order", "this is about order", "my order is"]) + " " + order
+            )
+        elif rng.random() < 0.7:
+            texts.append(digits)
         else:
             a, b = NUMBER_WORDS[rng.randint(0, 9)], NUMBER_WORDS[rng.randint(0, 9)]
             texts.append(f"what is {a} {rng.choice(list(SPOKEN_OPS))} {b}")
-    x = proc.audio([speak(t, rng) for t in texts])
+    x = proc.audio([(wide.speak if wide_voices else speak)(t, rng) for t in texts])
     feats = trunk.encode_audio(x["audio_values"], x["audio_lengths"])
     per = proc.audio.config.mel_frames_per_token
     lengths = x["audio_lengths"] // per

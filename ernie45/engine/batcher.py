@@ -55,6 +55,9 @@ class BatchEngine:
         self.max_len = min(max_len or limit, limit)
         self.decoder = decoder
         self.speculative = speculative
+        if speculative is not None and speculative.method == "mtp" and not self.model.config.num_nextn_predict_layers:
+            raise ValueError("speculative_config method 'mtp': this model has no MTP block (its checkpoint has no "
+                             "mtp_* weights); use method 'ngram'")  # fmt: skip
         if decoder is None:
             self.cache = SlotKVCache.for_model(self.model, max_batch, self.max_len)
         else:  # a kept cache of the decoder's (bucketed length): the compiled graph is reused across engines

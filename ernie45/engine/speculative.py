@@ -1,9 +1,13 @@
-"""Speculative decoding in the scheduler: prompt-lookup (n-gram) drafts, verified in one forward.
+"""Speculative decoding in the scheduler: prompt-lookup (n-gram) or MTP drafts, verified in one forward.
 
 A decode step reads every weight to make one token, so on a CPU or a small batch it is bound by memory, not
 arithmetic: a forward over the last token plus k drafted ones costs about one step. The draft is the
 continuation of the latest earlier place where the answer's last n tokens occurred (in the prompt or the
 answer so far) — free, and good wherever the answer copies (summaries, extraction, code edits, documents).
+With `method="mtp"` the draft is the model's own multi-token-prediction block's guess (`model.mtp`): one token
+per step, from the trunk's hidden state of the verify forward and the token just chosen. The MTP block attends
+over its own cache, which starts with the last `MTP_WINDOW` positions before the request's first speculative
+step (recomputed once by that step's forward, which also yields its token like a decode step).
 
 Acceptance keeps the output exactly what plain decoding gives: greedy rows take drafted tokens while they are
 the argmax; sampled rows take a drafted token d with probability p(d) and otherwise sample from p without d
@@ -19,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..model.layers import attention_mask, rope_cos_sin
+from ..model.mtp import MTPCache, mtp_forward
 from .requests import has_media
 from .sampling import filter_logits
 
@@ -27,10 +33,14 @@ if TYPE_CHECKING:
     from .requests import Request
 
 
+MTP_WINDOW = 128  # positions the MTP block's cache starts with (before them, its attention does not reach)
+METHODS = {"ngram": "ngram", "mtp": "mtp", "ernie_mtp": "mtp"}  # vLLM calls ERNIE's "ernie_mtp"
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's `speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-    "prompt_lookup_min": 2}`."""
+    "prompt_lookup_min": 2}`, or `{"method": "mtp"}` (one drafted token per step)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
@@ -46,9 +56,12 @@ class SpeculativeConfig:
         unknown = sorted(set(spec) - {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"})
         if unknown:
             raise ValueError(f"speculative_config: unknown keys {unknown}")
-        config = cls(**spec)
-        if config.method != "ngram":
-            raise ValueError(f"speculative_config: method {config.method!r} is not built; 'ngram' is")
+        method = METHODS.get(spec.get("method", "ngram"))
+        if method is None:
+            raise ValueError(f"speculative_config: method {spec.get('method')!r}; choose from {', '.join(METHODS)}")
+        if method == "mtp" and spec.get("num_speculative_tokens", 1) != 1:
+            raise ValueError("speculative_config: MTP drafts one token per step (num_speculative_tokens 1)")
+        config = cls(**{**spec, "method": method, **({"num_speculative_tokens": 1} if method == "mtp" else {})})
         if not 1 <= config.num_speculative_tokens <= 16:
             raise ValueError("speculative_config: num_speculative_tokens is 1-16")
         if not 1 <= config.prompt_lookup_min <= config.prompt_lookup_max:
@@ -120,6 +133,8 @@ def speculate(engine: BatchEngine, req: Request, config: SpeculativeConfig) -> b
                req.params.max_tokens - len(req.row.token_ids) - 1)  # fmt: skip
     if room < 1:
         return False
+    if config.method == "mtp":
+        return _mtp_step(engine, req, start)
     backoff = req.speculation
     if backoff[0]:  # a verify forward costs more than a decode step: after misses, draft less often
         backoff[0] -= 1
@@ -136,13 +151,57 @@ def speculate(engine: BatchEngine, req: Request, config: SpeculativeConfig) -> b
     kept = len(tokens) - 1  # drafted tokens whose keys and values stay in the cache
     backoff[1] = 0 if kept else backoff[1] + 1
     backoff[0] = 0 if kept else min(2 ** backoff[1], 64)
-    cache.lengths[slot] = start + 1 + kept
-    if engine.slot_tokens[slot] is not None:
-        engine.slot_tokens[slot].extend([req.last_token, *draft[:kept]])
+    _commit(engine, req, start, draft, tokens)
+    return True
+
+
+def _commit(engine: BatchEngine, req: Request, start: int, draft: list[int], tokens: list[int]) -> None:
+    """The cache keeps the last token and the accepted drafts; the step's tokens are pushed like sampled ones."""
+    kept = len(tokens) - 1
+    engine.cache.lengths[req.slot] = start + 1 + kept
+    if engine.slot_tokens[req.slot] is not None:
+        engine.slot_tokens[req.slot].extend([req.last_token, *draft[:kept]])
     engine.stats["draft_tokens"] += len(draft)
     engine.stats["accepted_tokens"] += kept
     for tok in tokens:
         engine._push(req, tok, None)
         if req.row.finish_reason is not None:
             break
+
+
+def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
+    """Verify the MTP draft made last step (the first step has none: it recomputes the last `MTP_WINDOW` cached
+    positions instead, for their hidden states), then run the MTP block over the newly confirmed positions and
+    keep its guess for the next step. `req.mtp` holds (the MTP block's cache, the draft)."""
+    model, slot, cache = engine.model, req.slot, engine.cache
+    trunk = model.model
+    if req.mtp is None:
+        back = min(MTP_WINDOW, start)
+        history = [*req.encoded["input_ids"], *req.row.token_ids][start - back : start]
+        req.mtp, draft, base = (MTPCache(), []), [], start - back
+    else:
+        history, draft, base = [], req.mtp[1], start
+    ids = torch.tensor([[*history, req.last_token, *draft]], device=model.device)
+    cache.lengths[slot] = base  # the recomputed positions get the same keys and values again
+    mask = torch.ones(1, base + ids.shape[1], dtype=torch.long, device=model.device)
+    out = trunk(input_ids=ids, cache=cache.slot(slot), attention_mask=mask, keep_trunk_hidden=True)
+    logits = model.lm_head(out.last_hidden_state[0, len(history) :])
+    tokens = accept(logits, draft, req)
+    kept = len(tokens) - 1
+    _commit(engine, req, start, draft, tokens)
+    if req.row.finish_reason is not None:
+        return True
+    # the MTP slots now confirmed: position q's hidden state with the token at q + 1
+    hidden = out.hidden_states[0][:, : len(history) + kept + 1]
+    following = torch.tensor([[*ids[0, 1 : len(history) + kept + 1].tolist(), tokens[-1]]], device=model.device)
+    mtp_cache = req.mtp[0]
+    past = mtp_cache.get_seq_length()
+    c = model.config
+    pos = torch.arange(base + 1, base + 1 + following.shape[1], device=model.device)[None]
+    rope = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.freq_allocation)
+    n = following.shape[1]
+    mask = attention_mask(None, n, past + n, model.device)
+    h = mtp_forward(trunk, hidden, trunk.embed_tokens(following), rope, mask, mtp_cache)
+    guess = int(model.lm_head(trunk.norm(h[:, -1])).argmax(-1))
+    req.mtp = (mtp_cache, [guess])
     return True

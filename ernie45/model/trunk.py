@@ -7,6 +7,7 @@ embeddings); the per-token ``modality`` ids reach every MoE block.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from ..config import AudioConfig, Ernie45Config
 from .audio import AudioEncoder, AudioResampler
 from .layers import Attention, RMSNorm, SwiGLU, attention_mask, rope_cos_sin
 from .moe import ExpertGroup, MoEBlock, Router, RouterRecord
+from .mtp import mtp_forward, mtp_modules
 from .positions import rope_index, text_positions
 from .vision import Resampler, VisionConfig, VisionTransformer
 
@@ -148,6 +150,8 @@ class Ernie45Model(Ernie45PreTrainedModel):
             self.audio_resampler = AudioResampler(ac, config.hidden_size, config.rms_norm_eps)
         self.layers = DecoderStack([DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        for name, modules in mtp_modules(config, DecoderLayer).items():  # none unless num_nextn_predict_layers
+            self.add_module(name, modules)
         self.gradient_checkpointing = False
         c = config
         # token id -> modality id: placeholders and their START/END markers route like their media
@@ -231,9 +235,12 @@ class Ernie45Model(Ernie45PreTrainedModel):
         audio_values: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
         router_out: list | None = None,
+        keep_trunk_hidden: bool = False,
         **_: Any,
     ) -> BaseModelOutputWithPast:
-        """modality: [B, S] ids (0 text, 1 image, 2 video, 3 audio); None derives them from input_ids."""
+        """modality: [B, S] ids (0 text, 1 image, 2 video, 3 audio); None derives them from input_ids.
+        keep_trunk_hidden: also return the last layer's output before the final norm, with the RoPE tables and the
+        mask the layers used, as ``hidden_states = (h, rope, mask)`` (what multi-token prediction reads)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         c = self.config
@@ -259,7 +266,19 @@ class Ernie45Model(Ernie45PreTrainedModel):
         h = self.layers(h, rope, mask, cache, modality, router_out)
         if router_out is not None:  # a direct caller's list (the causal LM reads the stack's `records` instead:
             router_out.extend(self.layers.records or [])  # under ZeRO-3 the list it passed reaches here as a copy)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache)
+        kept = (h, rope, mask, position_ids) if keep_trunk_hidden else None
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache, hidden_states=kept)
+
+    def mtp_row(self, trunk_hidden, mask, position_ids, input_ids) -> torch.Tensor:
+        """Training: the MTP block over a whole row; slot i reads (h_i, embed(t_{i+1})) at t_{i+1}'s position and
+        predicts t_{i+2}. The last slot has no next token (a zero embedding); the row keeps its length, so the
+        trunk's mask applies as it is (pairs that straddle a packed row's document boundary are left in: two
+        tokens per boundary)."""
+        c = self.config
+        nxt = torch.cat([self.embed_tokens(input_ids[:, 1:]), torch.zeros_like(trunk_hidden[:, :1])], dim=1)
+        pos = torch.cat([position_ids[..., 1:], position_ids[..., -1:] + 1], dim=-1)
+        rope = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.freq_allocation)
+        return self.norm(mtp_forward(self, trunk_hidden, nxt.to(trunk_hidden.dtype), rope, mask))
 
 
 def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor | FlashMask | None:
@@ -273,6 +292,14 @@ def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor |
             "it must span the cached and the new tokens"
         )
     return attention_mask(padding_mask, q_len, kv_len, device)
+
+
+@dataclass
+class Ernie45CausalLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' MoE output plus, when asked (`output_mtp_logits`), the MTP block's logits [B, S, V]: slot i
+    predicts the token at i + 2."""
+
+    mtp_logits: torch.Tensor | None = None
 
 
 class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
@@ -308,15 +335,19 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         moe_mm_token_type_ids: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool = False,
+        output_mtp_logits: bool = False,
         **kwargs: Any,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> Ernie45CausalLMOutput:
         """Keyword names follow transformers' VL model, so a batch from either processor runs on either model.
 
         moe_mm_token_type_ids / mm_token_type_ids: per-token modality ids (0 text, 1 image, 2 video, 3 audio)
         that pick each token's expert group; by default they are derived from the token ids.
         output_router_logits: also return, per MoE layer and group, a `moe.RouterRecord` (layer, group, router
         logits, chosen experts, token rows) in ``.router_logits`` (what the MoE training losses read).
+        output_mtp_logits: also return the multi-token-prediction block's logits (``.mtp_logits``, training).
         """
+        if output_mtp_logits and not self.config.num_nextn_predict_layers:
+            raise ValueError("output_mtp_logits: this model has no MTP block (config.num_nextn_predict_layers is 0)")
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             from transformers import DynamicCache
@@ -338,8 +369,13 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             audio_values=audio_values,
             audio_lengths=audio_lengths,
             router_out=[] if output_router_logits else None,
+            keep_trunk_hidden=output_mtp_logits,
         )
         router_out = self.model.layers.take_records() if output_router_logits else None
+        mtp_logits = None
+        if output_mtp_logits:
+            trunk_h, _, mask, pos = out.hidden_states
+            mtp_logits = self.lm_head(self.model.mtp_row(trunk_h, mask, pos, input_ids))
         h = out.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor):  # one position per row: [B] indices
             h = h[torch.arange(h.shape[0], device=h.device), logits_to_keep.to(h.device)][:, None]
@@ -351,4 +387,5 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return MoeCausalLMOutputWithPast(loss=loss, logits=logits, cache=cache, router_logits=router_out)
+        return Ernie45CausalLMOutput(loss=loss, logits=logits, cache=cache, router_logits=router_out,
+                                     mtp_logits=mtp_logits)  # fmt: skip

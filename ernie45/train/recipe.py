@@ -19,6 +19,7 @@ from .. import presets
 from ..checkpoint import load
 from ..checkpoint.files import written_atomically
 from ..model import Ernie45ForConditionalGeneration
+from ..model.mtp import with_mtp
 from ..processing.processor import load_processor
 from ..runtime.quant import quantize, quantize_modules
 from .data import load_samples
@@ -30,7 +31,7 @@ log = logging.getLogger("ernie45.train")
 
 DEFAULTS: dict[str, Any] = {
     "model": {"path": None, "preset": None, "overrides": {}, "tokenizer": None, "dtype": None,
-              "split_numbers": False, "quantize": None},
+              "split_numbers": False, "quantize": None, "mtp": 0},
     "data": {"train": [], "kind": "chat", "loss_on": "assistant", "on_error": "skip", "pack": True,
              "max_tokens": 2048},
     "train": {"output_dir": "runs/ernie45", "max_steps": 100, "learning_rate": 1e-4, "batch_size": 1,
@@ -40,12 +41,12 @@ DEFAULTS: dict[str, Any] = {
               "encoder_freeze_steps": 0, "disable_tqdm": False, "ddp_find_unused_parameters": None, "fsdp": None,
               "fsdp_config": None, "deepspeed": None},
     "losses": {"load_balance": 0.0, "z_loss": 0.0, "orthogonal": 0.0, "token_balance_len": 0,
-               "bias_update_rate": 0.0},
+               "bias_update_rate": 0.0, "mtp": 0.0},
     "freeze": [],
     "lora": None,
     "dpo": None,
 }  # fmt: skip
-FREEZABLE = ("vision", "audio", "experts", "router", "embeddings")
+FREEZABLE = ("vision", "audio", "experts", "router", "embeddings", "base")  # base: all but the MTP layers
 DISTRIBUTED = ("ddp_find_unused_parameters", "fsdp", "fsdp_config", "deepspeed")  # TrainingArguments, as given
 
 
@@ -76,6 +77,13 @@ def build_model(cfg: dict):
             log.info("%s: %d tokenizer changes", option, apply(processor.tokenizer))
     if q is not None:  # (a base loaded from a path is quantized layer by layer already; this does the rest)
         quantize(model, **q, progress=False)
+    depths = cfg["model"]["mtp"]
+    if depths and model.config.num_nextn_predict_layers != depths:  # `model.mtp: 1`: train an MTP layer for it
+        if model.config.num_nextn_predict_layers:
+            raise ValueError(f"model.mtp: {depths}, but the model has {model.config.num_nextn_predict_layers}")
+        model = with_mtp(model, depths)
+    if cfg["losses"]["mtp"] and not model.config.num_nextn_predict_layers:
+        raise ValueError("losses.mtp: the model has no MTP layer; add `model: {mtp: 1}` to train one")
     return model, processor
 
 
@@ -126,6 +134,7 @@ def freeze(model, parts: list[str]) -> None:
             or ("experts" in parts and name.endswith(("gate_up_proj", "down_proj")) and ".groups." in name)
             or ("router" in parts and name.endswith("gate.weight"))
             or ("embeddings" in parts and "embed_tokens" in name)
+            or ("base" in parts and ".mtp_" not in name)
         )
         if hit:
             p.requires_grad_(False)
@@ -222,8 +231,8 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
             raise ValueError(f"no usable training samples in {d['train']} ({len(problems)} skipped)")
         log.info("%d samples (%d skipped)", len(samples), len(problems))
     freeze(model, cfg["freeze"])
-    if (cfg["lora"] or "router" in cfg["freeze"]) and cfg["losses"]["bias_update_rate"]:
-        log.info("router frozen (LoRA or freeze: router): the correction-bias update is off")
+    if (cfg["lora"] or {"router", "base"} & set(cfg["freeze"])) and cfg["losses"]["bias_update_rate"]:
+        log.info("router frozen (LoRA or freeze: router / base): the correction-bias update is off")
         cfg["losses"]["bias_update_rate"] = 0.0
     ref_model = None
     if cfg["dpo"] and cfg["dpo"].get("reference", "model") == "model" and not cfg["lora"]:

@@ -25,6 +25,7 @@ class LossWeights:
     orthogonal: float = 0.0
     token_balance_len: int = 0  # > 0: token-balanced CE with this constant length
     bias_update_rate: float = 0.0  # aux-loss-free balancing step (0: off)
+    mtp: float = 0.0  # the multi-token-prediction layer's loss (the token after next), where the model has one
 
 
 @dataclass
@@ -95,7 +96,7 @@ class Ernie45Trainer(Trainer):
         ref_logps = inputs.pop("ref_logps", None)
         valid = inputs.pop("token_mask", None)  # the padding stays out of the MoE statistics
         moe = self._is_moe(model)
-        out = model(**inputs, output_router_logits=moe)
+        out = model(**inputs, output_router_logits=moe, **({"output_mtp_logits": True} if self.weights.mtp else {}))
         parts: dict[str, torch.Tensor] = {}
         # The Trainer leaves a loss undivided by the accumulation steps when it handed over `num_items_in_batch`
         # (the step's target count, summed over micro-batches and, by default, ranks): the LM loss is then that
@@ -120,6 +121,10 @@ class Ernie45Trainer(Trainer):
             local = (labels[:, 1:] != -100).sum().clamp(min=1)
             parts["lm_loss"] = loss.detach() * (total / local if per_step else 1)  # this micro-batch's mean
             loss = loss * scale
+        if self.weights.mtp:  # slot i predicts the token at i + 2
+            mtp = cross_entropy(out.mtp_logits[:, :-1], labels[:, 1:], None, None)
+            parts["mtp_loss"] = mtp.detach()
+            loss = loss + self.weights.mtp * mtp * scale / steps
         if moe and (out.router_logits or shared):
             records = real_tokens(out.router_logits or [], valid)
             self.balancer.accumulate(records)
