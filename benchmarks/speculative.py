@@ -1,12 +1,13 @@
-"""Prompt-lookup speculative decoding against plain decoding, side by side in one run, batch 1, greedy.
+"""Speculative decoding against plain decoding, side by side in one run, batch 1, greedy: prompt lookup
+(n-gram, k drafts) and, where the model has an MTP layer, MTP drafts (one a step).
 
     python benchmarks/speculative.py            # the embedded demo model
     python benchmarks/speculative.py --model DIR --k 4
 
-Prompts of three kinds: answers that copy from the prompt (a document's lines asked back, a CSV table read
-out), answers that repeat themselves, and answers that copy nothing (the draft is then rarely found, and the
-row costs what it did). Decode tok/s = new tokens / wall time of the whole answer (one prefill included in
-both columns). Acceptance = drafted tokens kept / drafted tokens.
+Prompts of four kinds: answers that copy from the prompt (a document's lines asked back, a CSV table read
+out), answers that repeat themselves, answers that copy nothing, and the demo's own answers (worked arithmetic,
+document questions) at their natural length. Decode tok/s = new tokens / wall time of the whole answer (one
+prefill included in every column). Acceptance = drafted tokens kept / drafted tokens.
 """
 
 from __future__ import annotations
@@ -31,25 +32,40 @@ PROMPTS = {
     "repeats itself": "alpha beta gamma delta alpha beta gamma delta alpha beta gamma delta alpha beta",
     "copies nothing": "What is 23 plus 48?",
 }
+# the demo model's own answers, each to its end (no ignore_eos): what MTP drafting is for
+ANSWERS = {
+    "arithmetic": [f"What is {a} {op} {b}?" for a, op, b in ((59, "plus", 73), (84, "minus", 27), (46, "plus", 38),
+                                                             (91, "minus", 56), (7, "times", 8), (68, "plus", 97))],
+    "documents": [{"role": "user", "content": [{"type": "file", "file": TABLE.encode()},
+                                               {"type": "text", "text": q}]}
+                  for q in ("What is the value for C?", "Which item has the highest value?",
+                            "What is the value for A?", "Which item has the lowest value?")],
+}  # fmt: skip
 
 
-def run(llm: LLM, prompt, k: int, tokens: int) -> tuple[float, int, float]:
-    """(seconds, new tokens, acceptance) for one answer, speculative with k > 0."""
-    spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+def run(llm: LLM, prompts: list, k: int | str, tokens: int, to_end: bool = False) -> tuple[float, int, float]:
+    """(seconds, new tokens, acceptance) over `prompts` answered one after another; k > 0: n-gram drafts, "mtp":
+    MTP drafts. to_end: each answer to its own end (else exactly `tokens` tokens)."""
+    spec = {"method": "mtp"} if k == "mtp" else {"method": "ngram", "num_speculative_tokens": k,
+                                                  "prompt_lookup_max": 3, "prompt_lookup_min": 1}  # fmt: skip
     config = SpeculativeConfig.parse(spec) if k else None
     engine = BatchEngine(llm, max_batch=1, max_len=2048, thread=False, speculative=config)
-    if isinstance(prompt, str):
-        enc = {"input_ids": llm.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]}
-    else:
-        enc = llm.processor.encode_chat([prompt])
-    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    handle = engine.submit(enc, params)
-    while not handle.request.finished:
-        engine.step()
-    seconds = time.perf_counter() - start
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=not to_end)
+    seconds, new = 0.0, 0
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            enc = llm.processor.encode_chat([{"role": "user", "content": prompt}]) if to_end else {
+                "input_ids": llm.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]}  # fmt: skip
+        else:
+            enc = llm.processor.encode_chat([prompt])
+        start = time.perf_counter()
+        handle = engine.submit(enc, params)
+        while not handle.request.finished:
+            engine.step()
+        seconds += time.perf_counter() - start
+        new += len(handle.request.row.token_ids)
     drafted = engine.stats["draft_tokens"]
-    return seconds, len(handle.request.row.token_ids), engine.stats["accepted_tokens"] / max(drafted, 1)
+    return seconds, new, engine.stats["accepted_tokens"] / max(drafted, 1)
 
 
 def main() -> None:
@@ -59,14 +75,20 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=96, help="new tokens per answer")
     args = ap.parse_args()
     llm = LLM(args.model)
+    mtp = bool(llm.model.config.num_nextn_predict_layers)
     print(f"{cpu_name()}; {args.model or 'demo model'}; batch 1, greedy, {args.tokens} new tokens, k = {args.k}")
-    print(f"{'prompt':16} {'plain tok/s':>12} {'ngram tok/s':>12} {'ratio':>6} {'accepted':>9}")
-    for name, prompt in PROMPTS.items():
-        run(llm, prompt, 0, 8)  # warm-up
-        plain_s, n, _ = run(llm, prompt, 0, args.tokens)
-        spec_s, m, acceptance = run(llm, prompt, args.k, args.tokens)
-        assert m == n
-        print(f"{name:16} {n / plain_s:12.1f} {m / spec_s:12.1f} {plain_s / spec_s:5.2f}x {acceptance:9.0%}")
+    head = f"{'prompt':16} {'plain tok/s':>12} {'ngram tok/s':>12} {'ratio':>6} {'accepted':>9}"
+    print(head + (f" {'mtp tok/s':>10} {'ratio':>6} {'accepted':>9}" if mtp else ""))
+    cases = [(name, [p], False) for name, p in PROMPTS.items()] + [(n, ps, True) for n, ps in ANSWERS.items()]
+    for name, prompts, to_end in cases:
+        run(llm, prompts[:1], 0, 8)  # warm-up
+        plain_s, n, _ = run(llm, prompts, 0, args.tokens, to_end)
+        line = f"{name:16} {n / plain_s:12.1f}"
+        for k in (args.k, "mtp") if mtp else (args.k,):
+            spec_s, m, acceptance = run(llm, prompts, k, args.tokens, to_end)
+            assert m == n, (name, k, m, n)  # greedy answers are the same answers
+            line += f" {m / spec_s:12.1f} {plain_s / spec_s:5.2f}x {acceptance:9.0%}"
+        print(line)
 
 
 if __name__ == "__main__":

@@ -309,17 +309,72 @@ EP_SCRIPT = textwrap.dedent("""
         groups = shard_experts(model)
         held = [m.gate_up_proj.shape[0] for m in model.modules() if isinstance(m, LocalExperts)]
         total = [m.num_experts for m in model.modules() if isinstance(m, LocalExperts)]
+        split = ernie45.load(d, expert_shard=True).float()  # built on meta, only this rank's experts read
+        split_held = [m.gate_up_proj.shape[0] for m in split.modules() if isinstance(m, LocalExperts)]
         with torch.no_grad():
             got = model(input_ids=ids).logits
+            got_split = split(input_ids=ids).logits
         with open(f"{sys.argv[1]}/ep-{os.environ['RANK']}-{os.path.basename(d)}", "w") as f:
-            f.write(f"{groups} {sum(held)} {sum(total)} {float((got - want).abs().max())}")
+            f.write(f"{groups} {sum(held)} {sum(total)} {float((got - want).abs().max())} {sum(split_held)} "
+                    f"{float((got_split - want).abs().max())}")
 """)
 
 
 def test_expert_parallel_inference_holds_half_the_experts_and_matches_one_process(setup, tmp_path):
     """`shard_experts` under torchrun (2 ranks): each rank keeps half of every routed group's experts, runs the
     token-expert pairs it holds, and the summed outputs give one process's logits (a text MoE, and a VL model
-    whose text and vision groups both split)."""
-    for where, (groups, held, total, diff) in _on_two_ranks(EP_SCRIPT, "ep", tmp_path, setup[1]).items():
+    whose text and vision groups both split); the same when the split is made by the loader, before reading."""
+    runs = _on_two_ranks(EP_SCRIPT, "ep", tmp_path, setup[1])
+    for where, (groups, held, total, diff, split_held, split_diff) in runs.items():
         assert int(groups) >= 1 and 2 * int(held) == int(total), (where, groups, held, total)
         assert float(diff) < 1e-5, (where, diff)
+        # `ernie45.load(DIR, expert_shard=True)`: the same split made before reading (no whole model first)
+        assert split_held == held and float(split_diff) < 1e-5, (where, split_held, split_diff)
+
+
+def test_a_split_load_reads_only_this_rank_s_experts_in_every_layout(setup, tmp_path):
+    """`load(..., expert_shard=(rank, ranks))` without a process group: each rank's experts equal its slice of the
+    whole model's, from ernie45's stacked layout and from the official per-expert layout (whose other experts are
+    never read: every tensor read is counted)."""
+    from ernie45.checkpoint import files
+    from ernie45.runtime.expert_parallel import LocalExperts
+
+    vl = write_chat_checkpoint(tmp_path / "vl", vision=True)
+    whole = ernie45.load(vl)
+    params = dict(whole.named_parameters())
+    official = tmp_path / "official"
+    ernie45.export(whole, official)
+    read_keys: list[str] = []
+    real = files.iter_tensors
+
+    def counting(*args, **kwargs):
+        for key, dtype, shape, read in real(*args, **kwargs):
+            yield key, dtype, shape, lambda *a, _k=key, _r=read: (read_keys.append(_k), _r(*a))[1]
+
+    loader = sys.modules["ernie45.checkpoint.load"]  # (the package's `load` is the function)
+    for src in (vl, official):
+        for rank in (0, 1):
+            read_keys.clear()
+            loader.iter_tensors = counting
+            try:
+                model = ernie45.load(src, expert_shard=(rank, 2))
+            finally:
+                loader.iter_tensors = real
+            parts = [(n, m) for n, m in model.named_modules() if isinstance(m, LocalExperts)]
+            assert parts
+            for name, m in parts:
+                for attr in ("gate_up_proj", "down_proj"):
+                    want = params[f"{name}.{attr}"][rank * m.held : (rank + 1) * m.held]
+                    assert torch.equal(getattr(m, attr), want), (src.name, name, attr)
+            if src == official:  # per-expert keys: the other rank's experts are skipped unread
+                mine, offset = set(), 0
+                for g in whole.config.expert_groups:
+                    half = g["num_experts"] // 2
+                    mine |= set(range(offset + rank * half, offset + (rank + 1) * half))
+                    offset += g["num_experts"]
+                read = {int(k.split(".experts.")[1].split(".")[0]) for k in read_keys if ".experts." in k}
+                assert read == mine, (rank, sorted(read), sorted(mine))
+    with pytest.raises(ValueError, match="rank 2 is not one of 2 ranks"):
+        ernie45.load(vl, expert_shard=(2, 2))
+    with pytest.raises(ValueError, match="no process group"):
+        ernie45.load(vl, expert_shard=True)

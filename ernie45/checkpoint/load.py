@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..config import Ernie45Config
 from ..model import Ernie45ForConditionalGeneration
 from ..official_config import read_config
+from ..runtime.expert_parallel import LocalExperts, split_experts
 from .files import CheckpointError, iter_tensors, weight_files
 from .rules import RULES_BY_MODEL_TYPE, SIDE_KEYS, Rule
 
@@ -30,6 +31,8 @@ class _Filler:
     def __init__(self, model: nn.Module, rules: tuple[Rule, ...], dtype, device, on_layer=None) -> None:
         self.model, self.rules, self.dtype, self.device = model, rules, dtype, torch.device(device or "cpu")
         self.meta = dict(model.named_parameters())
+        self.held = {f"{n}.{attr}": (m.first, m.held, m.num_experts) for n, m in model.named_modules()
+                     if isinstance(m, LocalExperts) for attr in ("gate_up_proj", "down_proj")}  # fmt: skip
         self.on_layer = on_layer  # called with each decoder layer as soon as all its weights are in
         self.layer_left: dict[str, int] = {}  # "model.layers.3." -> elements still to come
         for name, p in self.meta.items():
@@ -78,13 +81,23 @@ class _Filler:
             if gi is None:
                 return self.errors.append(f"unexpected key {key}: expert {e} >= {self.offsets[-1]} experts")
             name = rule.ours.format(**fields, group=self.groups[gi])
-            slot = (rule.part, e - self.offsets[gi], self.widths[gi])
+            local = e - self.offsets[gi]
+            if name in self.held:  # an expert-parallel rank: only its own experts are read
+                first, held, _ = self.held[name]
+                if not first <= local < first + held:
+                    return
+                local -= first
+            slot = (rule.part, local, self.widths[gi])
         self._fill(name, slot, key, None, read, dtype, shape, rule.transpose)
 
     def _fill(self, name, slot, key, tensor=None, read=None, dtype=None, shape=None, transpose=False) -> None:
         meta = self.meta.get(name)
         if meta is None:
             return self.errors.append(f"unexpected key {key}: the model has no parameter {name}")
+        if slot is None and name in self.held and not transpose:  # a stacked group on an expert-parallel rank
+            first, held, total = self.held[name]
+            tensor = tensor if tensor is not None else read()
+            tensor = tensor[first : first + held] if tensor.shape[0] == total else tensor
         region_shape = _region(meta, slot).shape
         shape = tuple(tensor.shape) if tensor is not None else shape
         got = tuple(reversed(shape)) if transpose else tuple(shape)
@@ -159,6 +172,18 @@ def _region(t: torch.Tensor, slot) -> torch.Tensor:
     return {"gate": lambda: t[e, :width], "up": lambda: t[e, width:], "expert": lambda: t[e]}[part]()
 
 
+def _rank(expert_shard: bool | tuple[int, int]) -> tuple[int, int]:
+    if expert_shard is True:
+        if not torch.distributed.is_initialized():
+            raise ValueError("expert_shard=True: no process group (launch with torchrun and init_process_group "
+                             "first), or give (rank, ranks)")  # fmt: skip
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, ranks = expert_shard
+    if not 0 <= rank < ranks:
+        raise ValueError(f"expert_shard: rank {rank} is not one of {ranks} ranks")
+    return rank, ranks
+
+
 def build_on_meta(config: Ernie45Config) -> Ernie45ForConditionalGeneration:
     """The model's structure with no memory behind it (for loading and for counting parameters)."""
     with torch.device("meta"):
@@ -189,13 +214,16 @@ def load(
     device: str | torch.device | None = None,
     allow_pickle: bool = False,
     on_layer=None,
+    expert_shard: bool | tuple[int, int] = False,
 ) -> Ernie45ForConditionalGeneration:
     """Load a checkpoint directory in any supported layout.
 
     dtype: the weights' dtype (default: as stored); the router always stays fp32.
     on_layer: called with each decoder layer once its weights are all read (e.g. to quantize it, so the whole
     model never exists in float: `runtime.prepare.QuantizingLoader`).
-    Multi-token-prediction (``mtp_*``) weights load into the model's MTP modules (`model.mtp`), which the engine's
+    expert_shard: expert parallelism (`runtime.expert_parallel`): this process holds and reads only its rank's share
+    of every routed expert group: True takes (rank, ranks) from the torch.distributed process group.
+    Multi-token-prediction (``mtp_*``) weights load into the model's MTP modules (``model.mtp_*``), which the engine's
     speculative decoding drafts with; a layout they do not map onto is kept aside in ``model.mtp_state_dict``.
     """
     from ..hub import NotFound, resolve
@@ -218,6 +246,12 @@ def load(
     files, kind = weight_files(path, allow_pickle)
     tensors = list(iter_tensors(files, kind))
     model = _with_mtp(config, [t[0] for t in tensors])
+    if expert_shard:
+        if on_layer is not None:
+            raise ValueError("expert_shard: a quantizing (layer by layer) load keeps whole expert groups; load "
+                             "the float model split, or quantize after splitting")  # fmt: skip
+        rank, ranks = _rank(expert_shard)
+        split_experts(model, rank, ranks)
     filler = _Filler(model, RULES_BY_MODEL_TYPE[model_type], dtype, device, on_layer)
     for key, t_dtype, shape, read in tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=None):
         filler.put(key, t_dtype, shape, read)

@@ -3,7 +3,8 @@ experts; a layer's tokens (the same on every rank) are routed as before, each ra
 whose expert it holds, and one all-reduce sums the ranks' outputs. Routers, attention, shared experts and the rest
 stay whole on every rank.
 
-    torchrun --nproc_per_node 2 app.py     # with model = ernie45.load(DIR); shard_experts(model)
+    torchrun --nproc_per_node 2 app.py     # with model = ernie45.load(DIR, expert_shard=True)
+                                           # (or ernie45.load(DIR) then shard_experts(model))
 
 A 64-expert group over 8 ranks holds 8 experts a rank: most of an ERNIE MoE's weights are its experts, so each
 rank holds about 1/8 of them. The logits equal one process's (tests/test_distributed.py).
@@ -56,6 +57,12 @@ def shard_experts(model: nn.Module, process_group=None) -> int:
         raise RuntimeError("shard_experts: no process group (launch with torchrun and init_process_group first)")
     ranks = torch.distributed.get_world_size(process_group)
     rank = torch.distributed.get_rank(process_group)
+    return split_experts(model, rank, ranks, process_group)
+
+
+def split_experts(model: nn.Module, rank: int, ranks: int, process_group=None) -> int:
+    """`shard_experts` for a given rank of `ranks` (also on a meta-device model: `ernie45.load(...,
+    expert_shard=...)` splits the model before reading, so a rank never reads the experts it does not hold)."""
     done = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, ExpertGroup) or isinstance(module, (LocalExperts, QuantExpertGroup)):
