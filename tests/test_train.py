@@ -13,6 +13,7 @@ import pytest
 import torch
 from chat_fixtures import write_chat_checkpoint
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import ernie45
@@ -261,20 +262,25 @@ def test_gradient_accumulation_gives_the_full_batch_loss_and_gradients(vl_dir, c
 @pytest.mark.parametrize("bits", [8, 4])
 def test_lora_on_a_quantized_base_trains_only_the_adapters(vl_dir, chat_data, tmp_path, bits):
     """`model.quantize` holds the frozen base (its linears and routed experts) as int8 / int4 codes; LoRA adapters
-    on the attention and shared experts learn through it (the gradient reaches them through the quantized
-    layers), the codes never change, and the run writes the adapters, which apply to the float base."""
-    from peft import PeftModel
-
+    on the attention, shared experts and each routed expert's quantized matrices learn through it (the gradient
+    reaches them through the quantized layers), the codes never change, and the run writes the adapters, which
+    `ernie45 merge` folds into the float base: each expert's weight moves by exactly its adapter's product, and the
+    merged model answers like the trained one, not like the base."""
     from ernie45.runtime.quant import QuantLinear
     from ernie45.train import run
+    from ernie45.train.lora_merge import merge_adapters
 
     cfg = _cfg(vl_dir, chat_data, tmp_path / "out", model={"path": str(vl_dir), "quantize": {"bits": bits}},
-               lora={"r": 8, "alpha": 16, "targets": ["attention", "shared_experts"]},
+               lora={"r": 8, "alpha": 16, "targets": ["attention", "shared_experts", "experts"]},
                train={"max_steps": 30, "learning_rate": 5e-3})  # fmt: skip
     trainer = build_trainer(cfg)
     quantized = [m for m in trainer.model.modules() if isinstance(m, QuantLinear)]
     codes = {id(m): m.qweight.clone() for m in quantized}
     assert len(quantized) >= (10 if bits == 8 else 3)  # int4 tiles only widths that are multiples of 32
+    adapted = {n.split(".lora_A")[0] for n, _ in trainer.model.named_parameters() if ".lora_A." in n}
+    quantized_experts = bits == 8  # (this tiny model's expert widths take no int4 tiles: they stay float)
+    assert any(".q_gate_up." in n for n in adapted) == quantized_experts
+    assert any(".q_down." in n for n in adapted) == quantized_experts
     trainer.train()
     losses = [h["lm_loss"] for h in trainer.state.log_history if "lm_loss" in h]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -282,10 +288,31 @@ def test_lora_on_a_quantized_base_trains_only_the_adapters(vl_dir, chat_data, tm
     assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
     final = run(cfg)
     assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
-    merged = PeftModel.from_pretrained(ernie45.load(vl_dir), final).merge_and_unload()
-    assert isinstance(merged.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+    merged, base = merge_adapters(vl_dir, final, torch.float32), ernie45.load(vl_dir, dtype=torch.float32)
+    weights = load_file(final / "adapter_model.safetensors")
+    if quantized_experts:
+        key = next(k for k in weights if ".q_gate_up.1.lora_A." in k)
+        group = key.split(".q_gate_up.")[0].removeprefix("base_model.model.")
+        delta = 2.0 * weights[key.replace("lora_A", "lora_B")].float() @ weights[key].float()  # alpha / r = 2
+        moved = merged.get_parameter(f"{group}.gate_up_proj")[1] - base.get_parameter(f"{group}.gate_up_proj")[1]
+        torch.testing.assert_close(moved, delta, rtol=1e-4, atol=1e-6)
+    ids = torch.tensor([[1, 30, 31, 32, 33, 34, 35, 36]])
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        off_merged = (merged(input_ids=ids).logits - want).abs().mean()
+        off_base = (base(input_ids=ids).logits - want).abs().mean()
+    assert off_merged < 0.5 * off_base, (off_merged, off_base)
+    if quantized_experts:  # the command: the same merge, written with the run's tokenizer; a bad path in one line
+        cmd = [sys.executable, "-m", "ernie45", "merge", str(vl_dir), str(final), str(tmp_path / "merged")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        written = ernie45.load(tmp_path / "merged", dtype=torch.float32)
+        with torch.no_grad():
+            assert (written(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() < 0.05
+        bad = subprocess.run([*cmd[:4], str(tmp_path / "nowhere"), str(final), str(tmp_path / "m2")],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert bad.returncode != 0 and "no such directory" in bad.stderr and "Traceback" not in bad.stderr
     with pytest.raises(ValueError, match="add a `lora` section"):
         build_trainer(_cfg(vl_dir, chat_data, tmp_path / "x", model={"path": str(vl_dir), "quantize": 4}))
-    with pytest.raises(ValueError, match="routed experts are quantized"):
-        build_trainer(_cfg(vl_dir, chat_data, tmp_path / "y", model={"path": str(vl_dir), "quantize": 4},
-                           lora={"targets": ["experts"]}))  # fmt: skip

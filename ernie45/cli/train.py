@@ -64,7 +64,33 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"trained model written to {final}")
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    import shutil
+
+    from ..train.lora_merge import merge_adapters
+
+    for what, path in (("base", args.base), ("adapters", args.adapters)):
+        if not Path(path).is_dir():
+            raise UsageError(f"{what} {path}: no such directory")
+    try:
+        model = merge_adapters(args.base, args.adapters)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.out)
+    model.save_pretrained(out)
+    for f in Path(args.adapters).iterdir():  # the tokenizer and processor files the training run wrote
+        if f.is_file() and not f.name.startswith("adapter_") and f.name != "README.md":
+            shutil.copy2(f, out / f.name)
+    print(f"merged model written to {out} (bf16; `ernie45 export {out} DIR` writes the official layout)")
+
+
 def add_commands(sub) -> None:
+    m = sub.add_parser("merge", help="fold LoRA adapters (also those trained on a quantized base) into the base")
+    m.add_argument("base", metavar="BASE", help="the float checkpoint the adapters were trained on")
+    m.add_argument("adapters", metavar="ADAPTERS", help="the training run's final directory (adapter_*.* files)")
+    m.add_argument("out", metavar="OUT", help="where the merged model goes")
+    m.set_defaults(func=cmd_merge)
+
     t = sub.add_parser("train", help="train or fine-tune from a recipe (SFT, pretraining, DPO, LoRA)")
     t.add_argument("config", metavar="CONFIG.yaml")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=20")

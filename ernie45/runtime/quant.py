@@ -324,7 +324,9 @@ class QuantExpertGroup(ExpertGroup):
         if not kernels.ready("int4") or kernels.needs_grad(x):
             return None
         if getattr(self, "_decode_experts", False) is False:  # made once: 2 x 64 lookups per layer and step
-            tiles = [m.int4_tiles() for m in [*self.q_gate_up, *self.q_down]]
+            mats = [*self.q_gate_up, *self.q_down]
+            # (matrices wrapped with LoRA adapters run through their modules, adapters included)
+            tiles = [m.int4_tiles() if isinstance(m, QuantLinear) else None for m in mats]
             groups = {t[2] for t in tiles if t is not None}
             self._decode_experts = None
             if None not in tiles and len(groups) == 1:

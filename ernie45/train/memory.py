@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from ..checkpoint.load import build_on_meta
 from ..config import Ernie45Config
+from ..model.moe import ExpertGroup
 from ..model.trunk import ENCODER_MODULES
 
 FLOAT_KEEP = ("norm", "embed_tokens", "gate.weight", "e_score_correction_bias", "bias")
 SHARED = ("shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj")
-LORA_TARGETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "shared_experts": SHARED}
+LORA_TARGETS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "shared_experts": SHARED, "experts": ()}
 
 
 @dataclass
@@ -66,6 +67,9 @@ def lora_params(config: Ernie45Config, rank: int, targets: tuple[str, ...] = ("a
     for name, module in model.named_modules():
         if name.endswith(suffixes) and hasattr(module, "in_features") and ".layers." in name:
             n += rank * (module.in_features + module.out_features)
+        if "experts" in targets and isinstance(module, ExpertGroup):  # one adapter per expert matrix
+            e, out2, h = module.gate_up_proj.shape
+            n += e * rank * ((h + out2) + (out2 // 2 + h))
     return n
 
 
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--targets", default="attention,shared_experts",
+                    help="LoRA targets, comma-separated: attention, shared_experts, experts")
     ap.add_argument("--full", type=int, metavar="GPUS", help="a full fine-tune sharded over GPUS instead of LoRA")
     args = ap.parse_args(argv)
     if args.full:
@@ -112,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
               f"AdamW), {args.batch} x {args.seq} tokens a GPU, gradient checkpointing, per GPU:")  # fmt: skip
         print(e.table().replace("float parts", "model states"))
         return
-    e = estimate(presets.get(args.preset), args.bits, args.group_size, args.rank, batch=args.batch, seq=args.seq)
-    print(f"{args.preset}, int{args.bits} base, LoRA r={args.rank} on attention + shared experts, "
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    if not targets or set(targets) - set(LORA_TARGETS):
+        ap.error(f"--targets: choose from {', '.join(LORA_TARGETS)}")
+    e = estimate(presets.get(args.preset), args.bits, args.group_size, args.rank, targets, args.batch, args.seq)
+    print(f"{args.preset}, int{args.bits} base, LoRA r={args.rank} on {' + '.join(targets)}, "
           f"{args.batch} x {args.seq} tokens, gradient checkpointing:")  # fmt: skip
     print(e.table())
 

@@ -99,9 +99,6 @@ def _quantize_spec(cfg: dict) -> dict:
                          (f"; unknown keys {sorted(unknown)}" if unknown else ""))  # fmt: skip
     if not cfg["lora"]:
         raise ValueError("model.quantize: a quantized base cannot be trained itself; add a `lora` section")
-    if q.get("experts", True) and "experts" in cfg["lora"].get("targets", []):
-        raise ValueError("lora.targets: the routed experts are quantized (model.quantize.experts); adapt attention "
-                         "and shared_experts, or set model.quantize.experts: false")  # fmt: skip
     return {"group_size": 32, "experts": True, **q}
 
 
@@ -141,19 +138,31 @@ def freeze(model, parts: list[str]) -> None:
 
 
 def apply_lora(model, lora: dict):
-    """LoRA adapters through PEFT on attention, shared experts and/or the stacked routed experts."""
+    """LoRA adapters through PEFT on attention, shared experts and/or the routed experts: on a float base the
+    stacked expert tensors (PEFT's target_parameters), on a quantized base each expert's int8 / int4 matrices
+    (`q_gate_up.E`, `q_down.E`; `ernie45 merge` folds them into the float base)."""
     from peft import LoraConfig, get_peft_model
+
+    from ..model.moe import ExpertGroup
+    from ..runtime.quant import QuantExpertGroup
 
     targets = lora.get("targets", ["attention"])
     modules, params = [], []
     if "attention" in targets:
         modules += ["q_proj", "k_proj", "v_proj", "o_proj"]
     if "shared_experts" in targets:
-        modules += [f"shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
-    if "experts" in targets:
+        modules += [r"shared_experts\.(gate|up|down)_proj"]
+    groups = [isinstance(m, QuantExpertGroup) for m in model.modules() if isinstance(m, ExpertGroup)]
+    if "experts" in targets and all(groups):
+        modules += [r"q_gate_up\.\d+", r"q_down\.\d+"]
+    elif "experts" in targets and any(groups):
+        raise ValueError("lora.targets: experts, but only some routed expert groups are quantized (int4 codes need "
+                         "widths that are multiples of 32); quantize at 8 bits or set model.quantize.experts: false")
+    elif "experts" in targets:
         params += ["gate_up_proj", "down_proj"]
+    pattern = rf".*\.({'|'.join(modules)})" if modules else None  # a regex: PEFT matches it whole
     config = LoraConfig(r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0),
-                        target_modules=modules or None, target_parameters=params or None)  # fmt: skip
+                        target_modules=pattern, target_parameters=params or None)  # fmt: skip
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     from ..runtime.quant import QuantLinear
@@ -161,7 +170,11 @@ def apply_lora(model, lora: dict):
     config._register_custom_module({QuantLinear: LoraLinear})  # x W^T plus the adapters, as for nn.Linear
     with warnings.catch_warnings():  # PEFT warns it does not know QuantLinear; the mapping above tells it how
         warnings.filterwarnings("ignore", message="Unsupported layer type")
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    for m in model.modules():
+        if isinstance(m, QuantExpertGroup):
+            m._decode_experts = False  # its int4 decode tiles are made again: adapted experts run their modules
+    return model
 
 
 def positions_for(model):
@@ -304,9 +317,8 @@ def run(cfg: dict, resume: bool = False) -> Path:
         if trainer.is_world_process_zero():  # merged, or the adapters alone (PEFT's layout) for the float base
             model.save_pretrained(final)
             if quantized:
-                apply = f"PeftModel.from_pretrained(ernie45.load(BASE), '{final}').merge_and_unload()"
-                print(f"ernie45 train: a quantized base was trained through LoRA; {final} holds the adapters. Apply "
-                      f"them to the float base: {apply}", file=sys.stderr)  # fmt: skip
+                print(f"ernie45 train: a quantized base was trained through LoRA; {final} holds the adapters. Fold "
+                      f"them into the float base: ernie45 merge BASE {final} OUT", file=sys.stderr)  # fmt: skip
     else:  # the Trainer's save: gathers sharded (FSDP / ZeRO-3) weights, and only the main process writes
         trainer.save_model(str(final))
     if trainer.is_world_process_zero():
