@@ -120,6 +120,17 @@ class Ernie45Config(PreTrainedConfig):
         "layers.*.mlp.shared_experts.down_proj": "rowwise",
     }  # fmt: skip
 
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """transformers' expert parallelism (`DistributedConfig(ep_size=N)` under torchrun): each routed group's
+        stacked experts split over the ranks, the group's call (the block has routed already) taken over by the
+        token dispatch; routers, attention and shared experts stay whole."""
+        plan = {}
+        for g in self.expert_groups or []:
+            at = f"layers.*.mlp.groups.{g['name']}"
+            plan |= {f"{at}.gate_up_proj": "grouped_gemm", f"{at}.down_proj": "grouped_gemm", at: "ep_dispatch_experts"}
+        return plan
+
     vocab_size: int = 103424
     hidden_size: int = 1024
     intermediate_size: int = 3072

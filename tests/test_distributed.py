@@ -271,6 +271,36 @@ TP_SCRIPT = textwrap.dedent("""
 """)
 
 
+HF_EP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import torch
+    from transformers import DistributedConfig
+    import ernie45
+    from ernie45.model import Ernie45ForConditionalGeneration
+
+    ids = torch.randint(20, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    for d in sys.argv[2:]:
+        config = DistributedConfig(tp_size=2, ep_size=2)  # the ranks share one batch: attention split too
+        ep = Ernie45ForConditionalGeneration.from_pretrained(d, distributed_config=config, dtype=torch.float32)
+        with torch.no_grad():
+            got = ep(input_ids=ids).logits
+            want = ernie45.load(d).float()(input_ids=ids).logits
+        groups = [m for n, m in ep.named_modules() if n.endswith(("groups.text", "groups.vision"))]
+        held = sum(m.gate_up_proj.to_local().shape[0] for m in groups)
+        total = sum(m.gate.weight.shape[0] for m in groups)
+        with open(f"{sys.argv[1]}/hfep-{os.environ['RANK']}-{os.path.basename(d)}", "w") as f:
+            f.write(f"{held} {total} {float((got - want).abs().max())}")
+""")
+
+
+def test_transformers_expert_parallel_config_matches_one_process(setup, tmp_path):
+    """`from_pretrained(..., distributed_config=DistributedConfig(tp_size=2, ep_size=2))` under torchrun:
+    transformers splits each routed group's stacked experts over 2 ranks (`base_model_ep_plan`) and its token
+    dispatch runs them; logits equal the unsplit model's, for a text MoE and a VL model (both groups split)."""
+    for where, (held, total, diff) in _on_two_ranks(HF_EP_SCRIPT, "hfep", tmp_path, setup[1]).items():
+        assert 2 * int(held) == int(total) and float(diff) < 1e-4, (where, held, total, diff)
+
+
 def _on_two_ranks(script: str, name: str, tmp_path, model) -> dict[tuple[int, str], list[str]]:
     """Run `script` under torchrun on 2 ranks over `model` and a VL checkpoint; (rank, checkpoint) -> the words
     each rank wrote to `{name}-{rank}-{checkpoint}`."""

@@ -74,11 +74,17 @@ class ExpertGroup(nn.Module):
 
     def sorted_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                        grouped: bool = False) -> torch.Tensor:  # fmt: skip
-        """The sum with tokens sorted by expert: one grouped matmul, or one `expert` call per expert hit."""
+        """The sum with tokens sorted by expert: one grouped matmul, or one `expert` call per expert hit. Routes to
+        an id >= num_experts are skipped: under transformers' expert parallelism a rank holds only some experts,
+        and the routes to the others arrive with that id and weight 0."""
         k = ids.shape[1]
-        flat = ids.reshape(-1)
+        flat, w = ids.reshape(-1), weights.reshape(-1)
+        pair_token = torch.arange(flat.numel(), device=x.device) // k
+        here = flat < self.num_experts
+        if not bool(here.all()):
+            flat, w, pair_token = flat[here], w[here], pair_token[here]
         order = flat.argsort(stable=True)
-        token = order // k
+        token = pair_token[order]
         counts = torch.bincount(flat, minlength=self.num_experts)
         xs = x[token]
         if grouped:
@@ -92,7 +98,7 @@ class ExpertGroup(nn.Module):
                 if c:
                     ys[start : start + c] = self.expert(e, xs[start : start + c]).to(ys.dtype)
                     start += c
-        ys = ys.to(x.dtype) * weights.reshape(-1)[order, None].to(x.dtype)
+        ys = ys.to(x.dtype) * w[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -100,10 +106,10 @@ class ExpertGroup(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, H] -> (output [N, H], router logits [N, E] fp32, chosen experts [N, k])."""
-        logits, weights, ids = self.gate(x)
-        return self.experts(x, ids, weights), logits, ids
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H] routed by `self.gate` to experts ids [N, k] with weights [N, k] -> output [N, H]. The block
+        routes, then calls this (the call transformers' expert parallelism takes over: `base_model_ep_plan`)."""
+        return self.experts(x, ids, weights)
 
 
 def _router(group: nn.Module) -> Router:
@@ -111,6 +117,13 @@ def _router(group: nn.Module) -> Router:
     while not hasattr(group, "gate") and hasattr(group, "base_layer"):
         group = group.base_layer
     return group.gate
+
+
+def _route_and_run(group: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The group's router, then the group (or its adapter wrapper) on the chosen experts: (output [N, H], router
+    logits [N, E] fp32, chosen experts [N, k])."""
+    logits, weights, ids = _router(group)(x)
+    return group(x, ids, weights), logits, ids
 
 
 class MoEBlock(nn.Module):
@@ -149,7 +162,7 @@ class MoEBlock(nn.Module):
         self.records = found
         if len(self.groups) == 1:
             (name, group), rows = next(iter(self.groups.items())), None
-            y, logits, ids = group(x)
+            y, logits, ids = _route_and_run(group, x)
             if found is not None:
                 found.append((name, logits, ids, rows, _router(group).orthogonality()))
             return (out + y).reshape(shape)
@@ -158,7 +171,7 @@ class MoEBlock(nn.Module):
         for name, group in self.groups.items():
             rows = torch.isin(modality, torch.tensor(self.group_modalities[name], device=x.device)).nonzero()[:, 0]
             if rows.numel():
-                y, logits, ids = group(x[rows])
+                y, logits, ids = _route_and_run(group, x[rows])
                 out = out.index_add(0, rows, y.to(out.dtype))  # (autocast may give the shared path another dtype)
                 if found is not None:
                     found.append((name, logits, ids, rows, _router(group).orthogonality()))
