@@ -126,6 +126,24 @@ def test_the_train_command_under_torchrun_writes_one_final_model(setup, tmp_path
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+def test_twenty_ddp_steps_with_the_moe_losses_on_equal_one_process(setup, tmp_path):
+    """20 optimizer steps, load balance 1.0 and z-loss on: 2 DDP ranks (one row each) log one process's losses
+    (both rows at once) within 1e-5, and end with the same correction bias on both ranks."""
+    root, model = setup
+
+    def cfg(out, batch):
+        c = _cfg(root, model, out, batch=batch, steps=20)
+        c["losses"].update(load_balance=1.0, z_loss=0.01)
+        return c
+
+    (one,) = _launch(root, cfg(tmp_path / "one", 2), tmp_path / "one", 1)
+    two = _launch(root, cfg(tmp_path / "two", 1), tmp_path / "two", 2)
+    assert len(two[0]["losses"]) == len(one["losses"]) == 20
+    for a, b in zip(two[0]["losses"], one["losses"], strict=True):
+        assert abs(a - b) < 1e-5 * b, (two[0]["losses"], one["losses"])
+    assert two[0]["bias"] == two[1]["bias"] and any(any(v) for v in two[0]["bias"].values())
+
+
 def test_deepspeed_zero_trains_like_one_process_and_writes_a_model_that_loads(setup, tmp_path, stage):
     """ZeRO-2 and ZeRO-3 (DeepSpeed's CPU accelerator over gloo, 2 ranks) against one process: the same losses with
     the load-balance and z-losses on (under ZeRO-3 they were dropped without a word), the same correction bias on
@@ -137,7 +155,7 @@ def test_deepspeed_zero_trains_like_one_process_and_writes_a_model_that_loads(se
     root, model = setup
 
     def cfg(out, batch, deepspeed=None):
-        c = _cfg(root, model, out, batch=batch, steps=4)
+        c = _cfg(root, model, out, batch=batch, steps=20)
         c["losses"].update(load_balance=1.0, z_loss=0.01)
         if deepspeed:
             c["train"]["deepspeed"] = {"zero_optimization": {"stage": stage}, "train_batch_size": "auto",
@@ -147,7 +165,7 @@ def test_deepspeed_zero_trains_like_one_process_and_writes_a_model_that_loads(se
 
     (one,) = _launch(root, cfg(tmp_path / "one", 2), tmp_path / "one", 1)
     zero = _launch(root, cfg(tmp_path / "zero", 1, deepspeed=True), tmp_path / "zero", 2)
-    assert len(zero[0]["losses"]) == len(one["losses"]) == 4
+    assert len(zero[0]["losses"]) == len(one["losses"]) == 20
     for a, b in zip(zero[0]["losses"], one["losses"], strict=True):
         assert abs(a - b) < 1e-5 * b, (zero[0]["losses"], one["losses"])
     assert zero[0]["bias"] == zero[1]["bias"] and any(any(v) for v in zero[0]["bias"].values())

@@ -71,10 +71,9 @@ def with_mtp(model: nn.Module, depths: int = 1) -> nn.Module:
     if wrong:  # e.g. a runtime-prepared (fused) model: its weights are no longer the plain modules'
         raise ValueError(f"with_mtp: the model's weights do not match a plain model's ({wrong[:3]}...)")
     old = dict(model.named_parameters())
-    for name, p in new.named_parameters():  # each MTP weight in the dtype its trunk twin has (norms often fp32)
-        if ".mtp_" in name:
-            twin = re.sub(r"model\.mtp_block\.\d+\.", "model.layers.0.", name)
-            norm = "norm" in name.rsplit(".", 2)[-2]
-            ref = old[twin if twin in old else "model.norm.weight" if norm else "model.embed_tokens.weight"]
-            p.data = p.data.to(ref.dtype)
+    for name, p in new.named_parameters():  # every weight in `model`'s dtype; each MTP weight in its twin's
+        twin = re.sub(r"model\.mtp_block\.\d+\.", "model.layers.0.", name)
+        norm = "norm" in name
+        ref = old.get(name, old[twin if twin in old else "model.norm.weight" if norm else "model.embed_tokens.weight"])
+        p.data = p.data.to(ref.dtype)
     return new.to(next(model.parameters()).device)
