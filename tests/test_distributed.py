@@ -125,7 +125,6 @@ def test_the_train_command_under_torchrun_writes_one_final_model(setup, tmp_path
     assert r.returncode != 0 and "unknown train keys ['fsdp_confg']" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("stage", [2, 3])
 def test_twenty_ddp_steps_with_the_moe_losses_on_equal_one_process(setup, tmp_path):
     """20 optimizer steps, load balance 1.0 and z-loss on: 2 DDP ranks (one row each) log one process's losses
     (both rows at once) within 1e-5, and end with the same correction bias on both ranks."""
@@ -144,6 +143,7 @@ def test_twenty_ddp_steps_with_the_moe_losses_on_equal_one_process(setup, tmp_pa
     assert two[0]["bias"] == two[1]["bias"] and any(any(v) for v in two[0]["bias"].values())
 
 
+@pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_like_one_process_and_writes_a_model_that_loads(setup, tmp_path, stage):
     """ZeRO-2 and ZeRO-3 (DeepSpeed's CPU accelerator over gloo, 2 ranks) against one process: the same losses with
     the load-balance and z-losses on (under ZeRO-3 they were dropped without a word), the same correction bias on
