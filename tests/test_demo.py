@@ -13,7 +13,7 @@ import ernie45
 from ernie45.demo import DEMO_DIR
 from ernie45.demo.data import DemoRows, configure
 from ernie45.demo.eval import score
-from ernie45.demo.scenes import COLOURS, bar_chart, moving_video, shape_scene
+from ernie45.demo.scenes import COLOURS, SHAPES, bar_chart, moving_video, shape_scene
 from ernie45.demo.tasks import TASKS
 from ernie45.demo.tokenizer import build_tokenizer
 
@@ -86,11 +86,11 @@ def test_chart_bars_and_scene_targets_follow_the_token_grid():
     targets = _column_targets(torch.tensor([[3, 5, 0, 0, 0]]), 5)[0].view(2, 5, 5)
     assert targets[0, :, 1].tolist() == [5] * 5 and targets[0, :, 2].tolist() == [0] * 5
     assert targets[1, 4].tolist() == [0, 1, -100, -100, -100]
-    images, counts, colour_of, shape_of, under = _scene_batch(random.Random(3), 8, 5)
+    images, objects, under = _scene_batch(random.Random(3), 8, 5)
     for b in range(8):  # every shape and colour of the scene lies under at least one token, and nothing else does
-        assert {int(s) for s in under[b, 0] if s} == {i + 1 for i, c in enumerate(colour_of[b]) if c}
-        assert {int(c) for c in under[b, 1] if c} == {j + 1 for j, s in enumerate(shape_of[b]) if s}
-        assert len(images) == 8 and 0 <= counts[b] <= 3
+        assert {int(s) for s in under[b, 0] if s} == {SHAPES.index(shape) + 1 for _, shape in objects[b]}
+        assert {int(c) for c in under[b, 1] if c} == {list(COLOURS).index(colour) + 1 for colour, _ in objects[b]}
+        assert len(images) == 8 and 1 <= len(objects[b]) <= 4
 
 
 @pytest.mark.parametrize("generator", ["first", "wide"])

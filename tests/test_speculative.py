@@ -87,8 +87,8 @@ def test_sampled_tokens_keep_the_target_distribution():
 
 
 def test_a_bad_speculative_config_is_refused_by_name():
-    with pytest.raises(ValueError, match="'mtp' is not built"):
-        SpeculativeConfig.parse({"method": "mtp"})
+    with pytest.raises(ValueError, match="'eagle'; choose from ngram, mtp, ernie_mtp"):
+        SpeculativeConfig.parse({"method": "eagle"})
     with pytest.raises(ValueError, match="unknown keys \\['lookahead'\\]"):
         SpeculativeConfig.parse({"lookahead": 3})
 
