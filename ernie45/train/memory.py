@@ -108,8 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--targets", default="attention,shared_experts",
-                    help="LoRA targets, comma-separated: attention, shared_experts, experts")
+    ap.add_argument(
+        "--targets",
+        default="attention,shared_experts",
+        help="LoRA targets, comma-separated: attention, shared_experts, experts",
+    )
     ap.add_argument("--full", type=int, metavar="GPUS", help="a full fine-tune sharded over GPUS instead of LoRA")
     args = ap.parse_args(argv)
     if args.full:

@@ -156,8 +156,10 @@ def apply_lora(model, lora: dict):
     if "experts" in targets and all(groups):
         modules += [r"q_gate_up\.\d+", r"q_down\.\d+"]
     elif "experts" in targets and any(groups):
-        raise ValueError("lora.targets: experts, but only some routed expert groups are quantized (int4 codes need "
-                         "widths that are multiples of 32); quantize at 8 bits or set model.quantize.experts: false")
+        raise ValueError(
+            "lora.targets: experts, but only some routed expert groups are quantized (int4 codes need "
+            "widths that are multiples of 32); quantize at 8 bits or set model.quantize.experts: false"
+        )
     elif "experts" in targets:
         params += ["gate_up_proj", "down_proj"]
     pattern = rf".*\.({'|'.join(modules)})" if modules else None  # a regex: PEFT matches it whole
