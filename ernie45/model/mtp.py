@@ -6,7 +6,10 @@ the final norm) and the embedding of the token at p, and predicts the token at p
 
     h' = block(linear_proj(cat[emb_norm(embed(t_p)), hidden_norm(h_{p-1})]))     logits = lm_head(norm(h'))
 
-at RoPE position p, attending over the earlier MTP positions. The block is a decoder layer of the trunk's kind
+at RoPE position p, attending over the earlier MTP positions. This follows the original training code
+(PaddleFormers' ERNIE model: the hidden state before the final norm goes in, the output goes through the final
+norm); vLLM's `ernie_mtp` feeds the normed hidden state and applies no final norm (no checkpoint here decides
+between them). The block is a decoder layer of the trunk's kind
 at index num_hidden_layers + depth (dense in every released config). It never changes the next-token logits:
 the engine uses it to draft a token that the trunk then verifies (`engine.speculative`).
 """
