@@ -48,8 +48,8 @@ class BatchEngine:
 
         Run the steps on the thread that loaded the model where you can (`ernie45 serve` does): OpenMP keeps one
         thread pool per thread that starts parallel work, and with two pools on a small machine libgomp stops
-        spinning between parallel regions, so every one of a decode step's ~100 regions pays a wake-up (0.3B
-        bf16 decode 36 -> 29 tok/s when the same loop ran on a second thread)."""
+        spinning between parallel regions, so every one of a decode step's ~100 regions pays a wake-up (a
+        fifth of the 0.3B's bf16 decode speed: docs/performance.md)."""
         self.llm, self.model, self.raise_errors = llm, llm.model, raise_errors
         limit = self.model.config.max_position_embeddings
         self.max_len = min(max_len or limit, limit)

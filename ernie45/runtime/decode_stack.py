@@ -1,8 +1,8 @@
 """A dense stack's CPU decode step as one C++ call (`kernels.dense_stack`), with its plan kept between steps.
 
 Called one layer half at a time, each call found Python's own code and data pushed out of the caches by the
-weights the call before had streamed: the 0.3B's bf16 decode spent ~5 ms of a ~37 ms step between calls. Deciding
-per step whether every layer can take the fused path (`decode_weights`) still cost ~1 ms of Python on 18 layers,
+weights the call before had streamed, and a decode step spent a good part of its time between calls. Deciding
+per step whether every layer can take the fused path (`decode_weights`) still cost milliseconds of Python,
 so the plan is kept and only checked: each module and tensor it uses must still sit where it was found (the
 containing dict and key), and the step's conditions (dtype, batch, mask kind, cache type, kernel switch) must match.
 """
@@ -66,7 +66,7 @@ def _packed(plan: list) -> kernels.Packed:
 
 def _kept(layers: nn.ModuleList) -> tuple | None:
     """The plan kept for `layers`: the last stack stepped is found without a mapping lookup (after the weights
-    streamed past, even `WeakKeyDictionary.get` took ~0.1 ms of a step)."""
+    streamed past, even a `WeakKeyDictionary.get` was a visible part of a step)."""
     last = _last[0]
     return last[1] if last is not None and last[0]() is layers else _plans.get(layers)
 

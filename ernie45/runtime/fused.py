@@ -141,8 +141,8 @@ class FusedAttention(Attention):
 
 
 def _one_query_attention(q, k, v, mask, scale: float) -> torch.Tensor:
-    """Decode attention in fp32 on CPU as two matmuls with the query heads grouped by their KV head: 1.3x (512
-    cached) to 2.5x (2k) faster than SDPA's flash kernel, which tiles for many queries."""
+    """Decode attention in fp32 on CPU as two matmuls with the query heads grouped by their KV head: faster than
+    SDPA's flash kernel, which tiles for many queries, and more so the longer the cache (docs/performance.md)."""
     b, h, _, d = q.shape
     kv = k.shape[1]
     scores = torch.matmul(q.reshape(b, kv, h // kv, d) * scale, k.transpose(-1, -2))  # [B, KV, H/KV, S]

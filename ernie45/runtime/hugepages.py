@@ -1,12 +1,12 @@
 """Weights on 2 MB pages (Linux): a CPU decode step streams every weight once, and on 4 KB pages it pays a TLB
 miss every 4 KB and the hardware prefetchers stop at each page boundary.
 
-Measured on the 2-core development machine, cycling through 720 MB of bf16 matrices (more than the cache holds):
-a sum reads 16.7 GB/s on 4 KB pages and 21 GB/s on 2 MB pages; the AVX512-BF16 decode kernel (`kernels`)
-18 vs 24 GB/s; torch's bf16 `F.linear` 13.4 vs 14.2. Most kernels set transparent huge pages to `madvise`, so
+Reading matrices larger than the cache is faster from 2 MB pages, for a plain sum, for the AVX512-BF16 decode
+kernel (`kernels`) and a little for torch's bf16 `F.linear` (docs/performance.md, "Measurements behind the
+code"). Most kernels set transparent huge pages to `madvise`, so
 torch's allocations stay on 4 KB pages unless asked: `collapse_process_memory` asks (MADV_HUGEPAGE) and moves
 what is already there onto 2 MB pages (MADV_COLLAPSE, Linux 6.1+). Elsewhere it does nothing. The move copies
-at about 0.4 GB/s here (2.4 GB in 5.9 s), so the engine runs it in a background thread: the first steps of a
+slowly (well under 1 GB/s), so the engine runs it in a background thread: the first steps of a
 large model may still read 4 KB pages; `wait()` blocks until the move is done (the benchmarks call it).
 A weight of a few MB gets its own mapping from the allocator, whose unaligned edges cannot be collapsed: `gather`
 copies a model's tensors into one aligned arena first (the engine does both).
@@ -92,8 +92,8 @@ def gather(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int:
     tensor object reads the new copy); returns the bytes moved (0 where huge pages are off).
 
     `collapse_process_memory` can only move whole 2 MB pages of a mapping, and the allocator gives each weight of
-    a few MB its own mapping at a random offset: measured on the 0.3B shapes, a third of a 6 MB down projection
-    stayed on 4 KB pages, and the layers' 72 matvecs read 19.7 GB/s; from the arena 25-26 GB/s. Tensors that
+    a few MB its own mapping at a random offset, so part of such a weight stays on 4 KB pages and the matvecs
+    read it slower than from the arena (docs/performance.md). Tensors that
     share a storage move together and keep sharing it. The arena's pages are asked for 2 MB before the copy
     touches them, so nothing has to be moved afterwards; resident memory grows by one tensor at a time (each old
     storage is freed when its last tensor has moved, unless a view not found here still holds it)."""

@@ -1,8 +1,9 @@
 """bf16 linears on CPU through oneDNN's prepacked weights.
 
-On CPUs without AMX, torch's bf16 `F.linear` reads weights at about half the memory bandwidth; the same
-matmul on a weight reordered once into oneDNN's blocked layout runs 1.4-1.7x faster for one row (decode) and
-for hundreds (prefill). Inference only: a packed weight is an opaque oneDNN tensor, kept out of the state dict.
+On CPUs without AMX, torch's bf16 `F.linear` reads weights well below the memory bandwidth; the same matmul on
+a weight reordered once into oneDNN's blocked layout is faster for one row (decode) and for hundreds (prefill):
+docs/performance.md, "Measurements behind the code". Inference only: a packed weight is an opaque oneDNN tensor,
+kept out of the state dict.
 """
 
 from __future__ import annotations

@@ -29,8 +29,7 @@ from . import kernels
 
 GROUP_SIZES = (32, 64, 128)
 # up to this many rows a CPU matmul takes the packed kernel, above it a bf16 matmul on the dequantised weight
-# (measured crossovers, 2 cores: int8 dequantises in ~2 ms per 8M weights, int4 in ~19 ms, so int4 experts
-# with 24-256 prefill rows each were 3-8x slower dequantised than on the kernel)
+# (measured crossovers: docs/performance.md, "Measurements behind the code")
 PACKED_ROWS = {8: 32, 4: 256}
 CPU_INT4_BLOCK = 64  # torch's CPU int4 tiles: 64 output rows, each byte one column of rows j and j + 32
 
@@ -101,7 +100,7 @@ class QuantLinear(nn.Module):
         self._chosen = True
         cpu = self.codes().device.type == "cpu" if self.dynamic is None else True
         self._tiles = None
-        if self.dynamic is not None:  # any row count: 512 prefill rows take 3.4 ms here vs 3.9 dequantised
+        if self.dynamic is not None:  # any row count: as fast as dequantising even at 512 prefill rows
             self._decode = self._many = self._rows = self._fbgemm
             return
         if self.bits == 8 and self.in_features % 16:
@@ -129,8 +128,8 @@ class QuantLinear(nn.Module):
         return out
 
     def prepare_fbgemm_int8(self) -> bool:
-        """Repack int8 codes for FBGEMM's int8 x int8 product (CPU, VNNI): for one row about 1.5x faster than
-        torch's int8 kernel and for 512 a little faster than the dequantised bf16 matmul, each row quantized to
+        """Repack int8 codes for FBGEMM's int8 x int8 product (CPU, VNNI): for one row faster than torch's int8
+        kernel and for 512 no slower than the dequantised bf16 matmul (docs/performance.md), each row quantized to
         8 bits per call (not weight-only any more: the engine's choice; `benchmarks/quant_quality.py --decode`
         reports what it costs). Reading the codes back (`codes()`) is slow: for saving, not for compute.
         Returns whether it did."""
@@ -259,7 +258,7 @@ class QuantLinear(nn.Module):
         return kernels.gemv_int4(x2, *self._tiles).to(x2.dtype)
 
     def _int8_cpu(self, x2: torch.Tensor) -> torch.Tensor:
-        """fp32 rows: the CPU int8 kernel is ~10x faster on bf16 rows (0.16 vs 1.8 ms, 1x1024x3072)."""
+        """fp32 rows go through the CPU int8 kernel as bf16 rows, where it is an order of magnitude faster."""
         if x2.dtype != torch.float32:
             return self._int8(x2)
         return torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales.to(torch.bfloat16)).float()
@@ -268,7 +267,7 @@ class QuantLinear(nn.Module):
         return torch._weight_int8pack_mm(x2, self.qweight, self.scales.to(x2.dtype))
 
     def _int4_cpu(self, x2: torch.Tensor) -> torch.Tensor:
-        """bf16 rows: 25x faster than fp32 ones for one row, 70x for 128 rows."""
+        """bf16 rows: torch's CPU int4 kernel is far faster on them than on fp32 rows (docs/performance.md)."""
         xb = x2.to(torch.bfloat16)
         return torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group, self.scales.to(torch.bfloat16)).to(
             x2.dtype
