@@ -172,6 +172,14 @@ def _region(t: torch.Tensor, slot) -> torch.Tensor:
     return {"gate": lambda: t[e, :width], "up": lambda: t[e, width:], "expert": lambda: t[e]}[part]()
 
 
+def cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model`'s weights in `dtype`, the router's kept in fp32 (docs/architecture.md, pitfall 3)."""
+    for name, p in model.named_parameters():
+        p.data = p.data.float() if name.endswith(FP32_PARAMS) else p.data.to(dtype)
+    model.config.dtype = dtype
+    return model
+
+
 def _rank(expert_shard: bool | tuple[int, int]) -> tuple[int, int]:
     if expert_shard is True:
         if not torch.distributed.is_initialized():
@@ -198,12 +206,11 @@ def _with_mtp(config: Ernie45Config, keys: list[str]) -> Ernie45ForConditionalGe
     if mtp and depths == set(range(len(depths))):
         config.num_nextn_predict_layers = len(depths)
         model = build_on_meta(config)
-        names = {n for n, _ in model.named_parameters() if ".mtp_" in n} | {n for n, _ in model.named_buffers()}
         wanted = {n for n, _ in model.named_parameters() if ".mtp_" in n}
-        if set(mtp) >= wanted and set(mtp) <= names:
+        if set(mtp) == wanted:
             return model
         log.info("the checkpoint's MTP weights (%d tensors) are in a layout ernie45 does not map (%s); kept aside "
-                 "in model.mtp_state_dict, no MTP drafting", len(mtp), sorted(set(mtp) - names)[:3])  # fmt: skip
+                 "in model.mtp_state_dict, no MTP drafting", len(mtp), sorted(set(mtp) ^ wanted)[:3])  # fmt: skip
     config.num_nextn_predict_layers = 0
     return build_on_meta(config)
 

@@ -15,6 +15,7 @@ import torch
 
 from ..checkpoint import load
 from ..checkpoint.chat_ready import make_chat_ready
+from ..checkpoint.load import cast
 from . import DEMO_DIR
 
 KEEP = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -23,11 +24,7 @@ KEEP = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "a
 
 def ship(src: str | Path, dst: Path = DEMO_DIR) -> Path:
     src = Path(src)
-    model = load(src).to(torch.bfloat16)
-    for name, p in model.named_parameters():  # the router stays fp32 (docs/architecture.md, pitfall 3)
-        if name.endswith(("gate.weight", "e_score_correction_bias")):
-            p.data = p.data.float()
-    model.config.dtype = torch.bfloat16
+    model = cast(load(src), torch.bfloat16)
     dst.mkdir(parents=True, exist_ok=True)
     for f in dst.glob("*"):
         if f.name != "README.md":

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..model.layers import attention_mask, rope_cos_sin
+from ..model.layers import attention_mask
 from ..model.mtp import MTPCache, mtp_forward
 from .requests import has_media
 from .sampling import filter_logits
@@ -196,12 +196,10 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
     following = torch.tensor([[*ids[0, 1 : len(history) + kept + 1].tolist(), tokens[-1]]], device=model.device)
     mtp_cache = req.mtp[0]
     past = mtp_cache.get_seq_length()
-    c = model.config
-    pos = torch.arange(base + 1, base + 1 + following.shape[1], device=model.device)[None]
-    rope = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.freq_allocation)
     n = following.shape[1]
+    pos = torch.arange(base + 1, base + 1 + n, device=model.device)[None]
     mask = attention_mask(None, n, past + n, model.device)
-    h = mtp_forward(trunk, hidden, trunk.embed_tokens(following), rope, mask, mtp_cache)
+    h = mtp_forward(trunk, hidden, trunk.embed_tokens(following), pos, mask, mtp_cache)
     guess = int(model.lm_head(trunk.norm(h[:, -1])).argmax(-1))
     req.mtp = (mtp_cache, [guess])
     return True

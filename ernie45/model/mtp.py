@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..config import Ernie45Config
-from .layers import RMSNorm
+from .layers import RMSNorm, rope_cos_sin
 
 
 def mtp_modules(config: Ernie45Config, decoder_layer: type[nn.Module]) -> dict[str, nn.ModuleList]:
@@ -36,10 +36,13 @@ def mtp_modules(config: Ernie45Config, decoder_layer: type[nn.Module]) -> dict[s
     }
 
 
-def mtp_forward(trunk, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, rope, mask, cache=None,
-                depth: int = 0) -> torch.Tensor:  # fmt: skip
-    """[B, S, H] trunk hidden states (before the final norm) and the embeddings of the tokens one later -> the MTP
-    block's output [B, S, H] (before the final norm). `trunk` is the `Ernie45Model` holding the MTP modules."""
+def mtp_forward(trunk, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor, mask,
+                cache=None, depth: int = 0) -> torch.Tensor:  # fmt: skip
+    """[B, S, H] trunk hidden states (before the final norm) and the embeddings of the tokens one later, at those
+    tokens' positions -> the MTP block's output [B, S, H] (before the final norm). `trunk` is the `Ernie45Model`
+    holding the MTP modules."""
+    c = trunk.config
+    rope = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.freq_allocation)
     x = torch.cat([trunk.mtp_emb_norm[depth](next_embeds), trunk.mtp_hidden_norm[depth](prev_hidden)], dim=-1)
     return trunk.mtp_block[depth](trunk.mtp_linear_proj[depth](x), rope, mask, cache)
 

@@ -240,7 +240,8 @@ class Ernie45Model(Ernie45PreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """modality: [B, S] ids (0 text, 1 image, 2 video, 3 audio); None derives them from input_ids.
         keep_trunk_hidden: also return the last layer's output before the final norm, with the RoPE tables and the
-        mask the layers used, as ``hidden_states = (h, rope, mask)`` (what multi-token prediction reads)."""
+        mask and positions the layers used, as ``hidden_states = (h, rope, mask, positions)`` (what multi-token
+        prediction reads)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         c = self.config
@@ -274,11 +275,9 @@ class Ernie45Model(Ernie45PreTrainedModel):
         predicts t_{i+2}. The last slot has no next token (a zero embedding); the row keeps its length, so the
         trunk's mask applies as it is (pairs that straddle a packed row's document boundary are left in: two
         tokens per boundary)."""
-        c = self.config
         nxt = torch.cat([self.embed_tokens(input_ids[:, 1:]), torch.zeros_like(trunk_hidden[:, :1])], dim=1)
         pos = torch.cat([position_ids[..., 1:], position_ids[..., -1:] + 1], dim=-1)
-        rope = rope_cos_sin(pos, c.head_dim, c.rope_theta, c.freq_allocation)
-        return self.norm(mtp_forward(self, trunk_hidden, nxt.to(trunk_hidden.dtype), rope, mask))
+        return self.norm(mtp_forward(self, trunk_hidden, nxt.to(trunk_hidden.dtype), pos, mask))
 
 
 def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor | FlashMask | None:

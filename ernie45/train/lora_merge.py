@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..checkpoint import load
+from ..checkpoint.load import cast
 
 EXPERT = re.compile(r"(?P<group>.+)\.q_(?P<which>gate_up|down)\.(?P<e>\d+)")
 
@@ -56,8 +57,4 @@ def merge_adapters(base: str | Path, adapters: str | Path, dtype: torch.dtype = 
         if target is None or target.shape != delta.shape:
             raise ValueError(f"{key}: the base has no weight of shape {list(delta.shape)} at {module}")
         target.data += delta
-    for name, p in model.named_parameters():
-        if not name.endswith(("gate.weight", "e_score_correction_bias")):  # the router stays fp32
-            p.data = p.data.to(dtype)
-    model.config.dtype = dtype
-    return model
+    return cast(model, dtype)

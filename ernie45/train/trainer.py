@@ -96,7 +96,7 @@ class Ernie45Trainer(Trainer):
         ref_logps = inputs.pop("ref_logps", None)
         valid = inputs.pop("token_mask", None)  # the padding stays out of the MoE statistics
         moe = self._is_moe(model)
-        out = model(**inputs, output_router_logits=moe, **({"output_mtp_logits": True} if self.weights.mtp else {}))
+        out = model(**inputs, output_router_logits=moe, output_mtp_logits=bool(self.weights.mtp))
         parts: dict[str, torch.Tensor] = {}
         # The Trainer leaves a loss undivided by the accumulation steps when it handed over `num_items_in_batch`
         # (the step's target count, summed over micro-batches and, by default, ranks): the LM loss is then that
