@@ -160,6 +160,14 @@ def test_smoke_recipe_trains(tmp_path):
     assert out[0].completion_tokens >= 1
 
 
+def test_a_misspelt_encoder_stage_key_is_refused_by_name(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ernie45", "train", "recipes/demo-omni-smoke.yaml",
+                        f"train.output_dir={tmp_path}", "data.demo.encoder_pretrain.step=5"],
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "data.demo.encoder_pretrain: ['step'] is not a key; known: steps, batch, lr" in r.stderr
+
+
 def test_shipped_demo_model_is_the_default():
     """`ernie45 generate` with no --model answers from the embedded model; `LLM()` loads it."""
     r = subprocess.run([sys.executable, "-m", "ernie45", "generate", "Who are you?", "--max-tokens", "40",

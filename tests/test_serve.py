@@ -91,6 +91,42 @@ def test_image_and_audio_parts(client, llm):
     assert got.usage.prompt_tokens == want.prompt_tokens > 30  # the media placeholders are in the prompt
 
 
+def test_image_detail_low_scales_down_and_an_unknown_part_field_is_refused(client, llm, server):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:100, 0:900]
+    big = Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8))  # small as a PNG
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    def ask(image_url):
+        parts = [{"type": "image_url", "image_url": image_url}, {"type": "text", "text": "What is this?"}]
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}],
+                                              max_tokens=4, temperature=0)  # fmt: skip
+
+    def engine(image):
+        parts = [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]
+        return llm.chat([{"role": "user", "content": parts}], SamplingParams(max_tokens=4, temperature=0))[0]
+
+    small = big.resize((512, 57))  # what OpenAI's "low" sends: the picture fitted into 512 x 512
+    low, high = ask({"url": url, "detail": "low"}), ask({"url": url, "detail": "high"})
+    assert low.usage.prompt_tokens == engine(small).prompt_tokens
+    assert high.usage.prompt_tokens == engine(big).prompt_tokens == ask({"url": url}).usage.prompt_tokens
+    assert low.usage.prompt_tokens < high.usage.prompt_tokens
+    for part, field in (
+        ({"type": "image_url", "image_url": {"url": url, "detial": "low"}}, "detial"),
+        ({"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}, "cache_control"),
+    ):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": [part]}], "max_tokens": 2}
+        r = httpx.post(server + "/v1/chat/completions", json=body)
+        assert r.status_code in (400, 422) and field in r.json()["error"]["message"], r.text
+
+
 def test_local_media_only_inside_the_allowed_dir(server, media_dir):
     def ask(url):
         parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]

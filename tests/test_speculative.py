@@ -91,6 +91,8 @@ def test_a_bad_speculative_config_is_refused_by_name():
         SpeculativeConfig.parse({"method": "eagle"})
     with pytest.raises(ValueError, match="unknown keys \\['lookahead'\\]"):
         SpeculativeConfig.parse({"lookahead": 3})
+    with pytest.raises(ValueError, match="prompt_lookup_max set the n-gram method; MTP does not read them"):
+        SpeculativeConfig.parse({"method": "mtp", "prompt_lookup_max": 3})
 
 
 def test_the_commands_take_speculation_and_answer_the_same():

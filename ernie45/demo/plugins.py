@@ -25,8 +25,14 @@ def _prepare(model, proc, spec: dict, seed: int) -> None:
     configure(proc, spec.get("image_side", 140), spec.get("video_side", 84))
     stage0 = spec.get("encoder_pretrain")
     if stage0:  # the media encoders learn from the pictures' and clips' facts before the trunk reads them
+        import inspect
+
         from .encoders import pretrain_encoders
 
+        known = [k for k in inspect.signature(pretrain_encoders).parameters if k not in ("model", "proc", "seed")]
+        if not isinstance(stage0, dict) or set(stage0) - set(known):
+            wrong = sorted(set(stage0) - set(known)) if isinstance(stage0, dict) else stage0
+            raise ValueError(f"recipe: data.demo.encoder_pretrain: {wrong!r} is not a key; known: {', '.join(known)}")
         pretrain_encoders(model, proc, seed=seed, **stage0)
 
 

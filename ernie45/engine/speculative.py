@@ -61,6 +61,9 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config: method {spec.get('method')!r}; choose from {', '.join(METHODS)}")
         if method == "mtp" and spec.get("num_speculative_tokens", 1) != 1:
             raise ValueError("speculative_config: MTP drafts one token per step (num_speculative_tokens 1)")
+        lookup = sorted(k for k in spec if k.startswith("prompt_lookup"))
+        if method == "mtp" and lookup:
+            raise ValueError(f"speculative_config: {', '.join(lookup)} set the n-gram method; MTP does not read them")
         config = cls(**{**spec, "method": method, **({"num_speculative_tokens": 1} if method == "mtp" else {})})
         if not 1 <= config.num_speculative_tokens <= 16:
             raise ValueError("speculative_config: num_speculative_tokens is 1-16")

@@ -221,10 +221,12 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
-            return _error(APIError(400, f"the body is not valid JSON ({first.get('msg', '')})"))
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        errors = e.errors()
+        if errors and errors[0].get("type") == "json_invalid":
+            return _error(APIError(400, f"the body is not valid JSON ({errors[0].get('msg', '')})"))
+        # a union (content: str | list of parts) fails in every branch; the deepest failure is the one meant
+        first = max(errors, key=lambda err: len(err.get("loc", ())), default={})
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and "[" not in str(x))
         msg = first.get("msg", "bad request")
         return _error(APIError(400, f"{where}: {msg}" if where else msg, param=where or None))
 

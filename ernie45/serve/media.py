@@ -21,6 +21,21 @@ from .protocol import APIError
 KINDS = {"image_url": ("image", "image_url"), "video_url": ("video", "video_url"), "input_audio": ("audio", None)}
 
 
+LOW_DETAIL_SIDE = 512
+
+
+def _low_detail(source: Any) -> Any:
+    """OpenAI's `detail: "low"`: the picture scaled down to fit 512 x 512 (never up), so it costs fewer tokens."""
+    from ..processing.media import load_image
+
+    img = load_image(source)
+    if max(img.size) <= LOW_DETAIL_SIDE:
+        return img
+    img = img.copy()
+    img.thumbnail((LOW_DETAIL_SIDE, LOW_DETAIL_SIDE))
+    return img
+
+
 class MediaPolicy:
     def __init__(self, allowed_dir: str | Path | None = None, allow_remote: bool = False,
                  max_remote_bytes: int = 32 << 20, timeout: float = 10.0,
@@ -57,8 +72,12 @@ class MediaPolicy:
         url = part[field]["url"]
         sound = {"use_audio": True} if kind == "video_url" and part[field].get("use_audio") else {}
         if urlparse(url).scheme.lower() in ("http", "https") and self.allow_remote:
-            return {"type": native, native: await self._fetch(url, kind), **sound}
-        return {"type": native, native: self._source(url, kind), **sound}
+            source = await self._fetch(url, kind)
+        else:
+            source = self._source(url, kind)
+        if kind == "image_url" and part[field].get("detail") == "low":
+            source = await asyncio.to_thread(_low_detail, source)
+        return {"type": native, native: source, **sound}
 
     def _source(self, url: str, param: str) -> str | bytes | Path:
         if url.startswith("data:"):

@@ -25,50 +25,57 @@ class APIError(Exception):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, logit_bias, ...) are accepted
+    model_config = ConfigDict(extra="allow")  # unknown fields are kept for the validators, which refuse them by name
 
 
-class ImageURL(_Body):
+class _Strict(BaseModel):
+    """A message part: a field this server does not read is refused (pydantic names it), never dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
     url: str
+    detail: Literal["auto", "low", "high"] = "auto"  # low: fit in 512 x 512 first (fewer tokens), as OpenAI's low
 
 
-class InputAudio(_Body):
+class InputAudio(_Strict):
     data: str
     format: Literal["wav", "mp3", "flac", "ogg", "webm", "m4a"] = "wav"
 
 
-class TextPart(_Body):
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ImagePart(_Body):
+class ImagePart(_Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class VideoURL(_Body):
+class VideoURL(_Strict):
     url: str
     use_audio: bool = False  # the video's sound track goes in too, interleaved with its frames (a model that hears)
 
 
-class VideoPart(_Body):
+class VideoPart(_Strict):
     type: Literal["video_url"]
     video_url: VideoURL
 
 
-class AudioPart(_Body):
+class AudioPart(_Strict):
     type: Literal["input_audio"]
     input_audio: InputAudio
 
 
-class FileData(_Body):
+class FileData(_Strict):
     file_data: str | None = None  # a data: URL (or bare base64) of the file's bytes
     filename: str | None = None
     file_id: str | None = None
 
 
-class FilePart(_Body):
+class FilePart(_Strict):
     type: Literal["file"]
     file: FileData
 
