@@ -117,6 +117,26 @@ def test_encoder_stage_lowers_its_losses(generator):
                           "loss"}  # fmt: skip
 
 
+def test_a_speech_only_encoder_stage_trains_only_the_audio_path():
+    import torch
+
+    from ernie45.demo import default_model_path
+    from ernie45.demo.encoders import pretrain_encoders
+    from ernie45.model import Ernie45ForConditionalGeneration
+
+    config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=1)
+    proc = configure(ernie45.load_processor(default_model_path()))
+    torch.manual_seed(0)
+    model = Ernie45ForConditionalGeneration(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = pretrain_encoders(model, proc, steps=3, batch=4, generator="wide", kinds=["speech"])
+    assert set(stats) == {"speech clips", "loss"}
+    moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"audio_tower", "audio_resampler"}, moved
+    with pytest.raises(ValueError, match="kinds \\['sound'\\]; name some of pictures, charts, videos, speech"):
+        pretrain_encoders(model, proc, steps=1, kinds=["sound"])
+
+
 def test_score_rules():
     assert score("colour", "The star is red.", "The star is red.") == 1.0
     assert score("colour", "The star is blue.", "The star is red.") == 0.0

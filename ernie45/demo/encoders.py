@@ -47,6 +47,7 @@ WORDS = (*NUMBER_WORDS, "what", "is", *SPOKEN_OPS, *AGENT_WORDS)  # every word t
 COLOUR_NAMES = tuple(COLOURS)
 LABELS = "ABCDE"
 GENERATORS = ("first", "wide")
+KINDS = ("pictures", "charts", "videos", "speech")
 
 
 class Probe(nn.Module):
@@ -118,19 +119,27 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int = 16, lr: float = 1e-3,
-                      seed: int = 0, log_every: int = 50, generator: str = "first") -> dict[str, float]:  # fmt: skip
+                      seed: int = 0, log_every: int = 50, generator: str = "first",
+                      kinds: list[str] | tuple[str, ...] = KINDS) -> dict[str, float]:  # fmt: skip
     """Train the vision and audio paths of `model` in place for `steps` steps on the `generator`'s media ("first":
-    the first generation's fixed layouts; "wide": the second's); returns the last step's accuracies and its
-    summed loss ("loss")."""
+    the first generation's fixed layouts; "wide": the second's), drawing only the `kinds` named (pictures, charts,
+    videos, speech; speech alone trains only the audio path, on a whole batch of clips a step); returns
+    the last step's accuracies and its summed loss ("loss")."""
     if generator not in GENERATORS:
         raise ValueError(f"encoder_pretrain: generator {generator!r} is not one of {', '.join(GENERATORS)}")
+    if not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"encoder_pretrain: kinds {kinds!r}; name some of {', '.join(KINDS)}")
     trunk, c = model.model, model.config
     torch.manual_seed(seed)
     rng = random.Random(seed * 7_919 + 17)
     first = generator == "first"
-    audio = hasattr(trunk, "audio_tower")
+    audio = hasattr(trunk, "audio_tower") and "speech" in kinds
+    vision = {"pictures", "charts", "videos"} & set(kinds)
+    if not vision and not audio:
+        raise ValueError("encoder_pretrain: kinds [speech], but this model has no audio encoder")
     heads = Heads(c.hidden_size, audio, LABELS if first else wide.LABELS)
-    encoder = [p for n, p in trunk.named_parameters() if n.split(".")[0] in ENCODER_MODULES]
+    encoder = [p for n, p in trunk.named_parameters()
+               if n.split(".")[0] in ENCODER_MODULES and (vision or n.startswith("audio_"))]  # fmt: skip
     opt = torch.optim.AdamW([*encoder, *heads.parameters()], lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + _cos(s / steps)))
     model.train()
@@ -139,11 +148,15 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     pictures, charts = (_first_pictures, _first_charts) if first else (_wide_pictures, _wide_charts)
     for step in range(steps):
         losses, stats = {}, {}
-        pictures(trunk, proc, heads, rng, batch, losses, stats)
-        charts(trunk, proc, heads, rng, batch // 2, losses, stats)
-        _videos(trunk, proc, heads, rng, batch // 2, moving_video if first else wide.video, losses, stats)
+        if "pictures" in kinds:
+            pictures(trunk, proc, heads, rng, batch, losses, stats)
+        if "charts" in kinds:
+            charts(trunk, proc, heads, rng, batch // 2, losses, stats)
+        if "videos" in kinds:
+            _videos(trunk, proc, heads, rng, batch // 2, moving_video if first else wide.video, losses, stats)
         if audio:
-            losses["speech"], stats["speech clips"] = _speech_loss(trunk, proc, heads, rng, batch // 2, not first)
+            clips = batch // 2 if vision else batch  # alone, the speech takes the whole batch
+            losses["speech"], stats["speech clips"] = _speech_loss(trunk, proc, heads, rng, clips, not first)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
