@@ -87,6 +87,26 @@ def test_mtp_drafting_gives_plain_decoding_s_greedy_answers_and_its_drafts_are_t
     assert all(len(o.token_ids) > 0 for o in spec.generate(PROMPTS, sampled))
 
 
+def test_an_mtp_layer_that_keeps_missing_drafts_less_often(no_mtp_dir):
+    """An untrained MTP layer guesses wrong: after two misses in a row the request decodes plainly for 2, 4, ...
+    steps, so 60 tokens cost far fewer than 60 drafts, and the answer is still plain decoding's."""
+    from ernie45.model.mtp import with_mtp
+
+    plain = LLM(str(no_mtp_dir))
+    torch.manual_seed(0)
+    guessing = with_mtp(ernie45.load(no_mtp_dir))
+    spec = LLM(guessing, processor=plain.processor, speculative_config={"method": "mtp"})
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    engine = BatchEngine(spec, max_batch=1, max_len=512, thread=False, speculative=spec.speculative)
+    enc = spec.processor.encode_chat([{"role": "user", "content": "Who are you?"}])
+    handle = engine.submit(enc, params)
+    while not handle.request.finished:
+        engine.step()
+    want = plain.chat([[{"role": "user", "content": "Who are you?"}]], params)[0].token_ids
+    assert handle.request.row.token_ids == want and len(want) == 60
+    assert engine.stats["accepted_tokens"] <= 2 and engine.stats["draft_tokens"] <= 12, engine.stats
+
+
 def test_mtp_without_a_layer_or_with_more_drafts_is_refused_by_name(no_mtp_dir):
     with pytest.raises(ValueError, match="MTP drafts one token per step"):
         SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": 3})

@@ -136,12 +136,12 @@ def speculate(engine: BatchEngine, req: Request, config: SpeculativeConfig) -> b
                req.params.max_tokens - len(req.row.token_ids) - 1)  # fmt: skip
     if room < 1:
         return False
-    if config.method == "mtp":
-        return _mtp_step(engine, req, start)
     backoff = req.speculation
     if backoff[0]:  # a verify forward costs more than a decode step: after misses, draft less often
         backoff[0] -= 1
         return False
+    if config.method == "mtp":
+        return _mtp_step(engine, req, start)
     history = [*req.encoded["input_ids"], *req.row.token_ids]
     draft = ngram_draft(history, room, config.prompt_lookup_min, config.prompt_lookup_max)
     if not draft:
@@ -175,7 +175,9 @@ def _commit(engine: BatchEngine, req: Request, start: int, draft: list[int], tok
 def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
     """Verify the MTP draft made last step (the first step has none: it recomputes the last `MTP_WINDOW` cached
     positions instead, for their hidden states), then run the MTP block over the newly confirmed positions and
-    keep its guess for the next step. `req.mtp` holds (the MTP block's cache, the draft)."""
+    keep its guess for the next step. `req.mtp` holds (the MTP block's cache, the draft). After two wrong drafts
+    in a row the request decodes plainly for 2, 4, ... 64 steps (its MTP cache dropped: those steps give no hidden
+    states), then starts again from the window."""
     model, slot, cache = engine.model, req.slot, engine.cache
     trunk = model.model
     if req.mtp is None:
@@ -194,6 +196,12 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
     _commit(engine, req, start, draft, tokens)
     if req.row.finish_reason is not None:
         return True
+    if draft:  # two misses in a row: skip 2, 4, ... up to 64 steps, then start again from the window
+        backoff = req.speculation
+        backoff[1] = 0 if kept else backoff[1] + 1
+        if backoff[1] >= 2:
+            backoff[0], req.mtp = min(2 ** (backoff[1] - 1), 64), None
+            return True
     # the MTP slots now confirmed: position q's hidden state with the token at q + 1
     hidden = out.hidden_states[0][:, : len(history) + kept + 1]
     following = torch.tensor([[*ids[0, 1 : len(history) + kept + 1].tolist(), tokens[-1]]], device=model.device)
