@@ -191,14 +191,24 @@ FSDP_SCRIPT = textwrap.dedent("""
     from ernie45.train.losses import BiasBalancer, cross_entropy, moe_losses, routers
 
     model_dir, out, shard = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-    model = ernie45.load(model_dir).float().train()
-    if shard:  # FSDP2: every decoder layer its own unit, then the root
+    whole = []  # at each layer's sharding: how many decoder layers hold whole (unsharded, real) weights
+    if shard:  # FSDP2 by the load itself: every decoder layer its own unit as soon as it is read, then the root
         import torch.distributed as dist
-        from torch.distributed.fsdp import fully_shard
+        import torch.distributed.fsdp as fsdp
+        from torch.distributed.tensor import DTensor
         dist.init_process_group("gloo")
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        load_module, built, real = sys.modules["ernie45.checkpoint.load"], [], fsdp.fully_shard
+        meta_build = load_module.build_on_meta
+        load_module.build_on_meta = lambda c: built.append(meta_build(c)) or built[-1]
+        def watched(module, *a, **k):
+            whole.append(sum(any(not isinstance(p, DTensor) and not p.is_meta for p in layer.parameters())
+                             for layer in built[-1].model.layers))
+            return real(module, *a, **k)
+        fsdp.fully_shard = watched
+        model = ernie45.load(model_dir, dtype=torch.float32, fsdp=True).train()
+    else:
+        model = ernie45.load(model_dir).float().train()
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(20, 200, (2, 24), generator=g)  # every rank the same batch: one process's numbers
     out_ = model(input_ids=ids, output_router_logits=True)
@@ -214,14 +224,17 @@ FSDP_SCRIPT = textwrap.dedent("""
                 else r.e_score_correction_bias).clone() for k, r in routers(model).items()}
     rank = int(os.environ.get("RANK", "0"))
     torch.save({"loss": loss.detach(), "parts": {k: v.detach() for k, v in parts.items()}, "grads": grads,
-                "bias": bias}, f"{out}/fsdp{int(shard)}-{rank}.pt")
+                "bias": bias, "whole": whole, "local": local, "layers": len(model.model.layers)},
+               f"{out}/fsdp{int(shard)}-{rank}.pt")
 """)
 
 
 def test_fsdp2_keeps_the_moe_losses_and_the_bias_update(setup, tmp_path):
     """Under FSDP2 (fully_shard per decoder layer) the router weights outside the forward are shards: the MoE
     losses come from the forward's records, the bias update adds each rank's part. Loss (with load balance,
-    z-loss and orthogonality at weight 1), gradients and the updated bias equal one unsharded process's."""
+    z-loss and orthogonality at weight 1), gradients and the updated bias equal one unsharded process's. The
+    sharded model comes from `ernie45.load(..., fsdp=True)`: each layer is sharded as soon as it is read, so no rank
+    ever holds more than one whole decoder layer, and each rank ends with half the weights."""
     root, model = setup
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT)
@@ -242,6 +255,9 @@ def test_fsdp2_keeps_the_moe_losses_and_the_bias_update(setup, tmp_path):
         for key, b in one["bias"].items():
             torch.testing.assert_close(got["bias"][key], b)
     assert any(b.abs().sum() > 0 for b in one["bias"].values())
+    for got in two:
+        assert got["whole"] == [1] * got["layers"] + [0], got["whole"]  # each layer alone, then the root
+        assert got["local"] <= 0.52 * one["local"], (got["local"], one["local"])
 
 
 def test_router_records_survive_hooks_that_rebuild_the_forwards_arguments(setup):
@@ -426,3 +442,7 @@ def test_a_split_load_reads_only_this_rank_s_experts_in_every_layout(setup, tmp_
         ernie45.load(vl, expert_shard=(2, 2))
     with pytest.raises(ValueError, match="no process group"):
         ernie45.load(vl, expert_shard=True)
+    with pytest.raises(ValueError, match="fsdp=True: no process group"):
+        ernie45.load(vl, fsdp=True)
+    with pytest.raises(ValueError, match="does not combine with on_layer"):
+        ernie45.load(vl, fsdp=True, expert_shard=(0, 2))

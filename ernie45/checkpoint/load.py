@@ -222,6 +222,7 @@ def load(
     allow_pickle: bool = False,
     on_layer=None,
     expert_shard: bool | tuple[int, int] = False,
+    fsdp: bool = False,
 ) -> Ernie45ForConditionalGeneration:
     """Load a checkpoint directory in any supported layout.
 
@@ -230,6 +231,9 @@ def load(
     model never exists in float: `runtime.prepare.QuantizingLoader`).
     expert_shard: expert parallelism (`runtime.expert_parallel`): this process holds and reads only its rank's share
     of every routed expert group: True takes (rank, ranks) from the torch.distributed process group.
+    fsdp: FSDP2 training over the torch.distributed process group: each decoder layer is sharded (torch's
+    `fully_shard`) as soon as its weights are read, the rest (embeddings, encoders, head) at the end as the root,
+    so a rank holds its shards and at most one whole decoder layer, never the whole model.
     Multi-token-prediction (``mtp_*``) weights load into the model's MTP modules (``model.mtp_*``), which the engine's
     speculative decoding drafts with; a layout they do not map onto is kept aside in ``model.mtp_state_dict``.
     """
@@ -250,6 +254,15 @@ def load(
         model.config.name_or_path = str(path)
         _generation_config(model, path)
         return model.eval()
+    if fsdp:
+        if on_layer is not None or expert_shard:
+            raise ValueError("fsdp: the load shards every layer itself; it does not combine with on_layer (a "
+                             "quantizing load) or expert_shard")  # fmt: skip
+        if not torch.distributed.is_initialized():
+            raise ValueError("fsdp=True: no process group (launch with torchrun and call init_process_group first)")
+        from torch.distributed.fsdp import fully_shard
+
+        on_layer = fully_shard
     files, kind = weight_files(path, allow_pickle)
     tensors = list(iter_tensors(files, kind))
     model = _with_mtp(config, [t[0] for t in tensors])
@@ -263,6 +276,8 @@ def load(
     for key, t_dtype, shape, read in tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=None):
         filler.put(key, t_dtype, shape, read)
     filler.finish()
+    if fsdp:
+        fully_shard(model)
     model.mtp_state_dict = filler.side
     stored = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point()
                    and not n.endswith(FP32_PARAMS)), torch.float32)  # fmt: skip
