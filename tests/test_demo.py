@@ -113,8 +113,38 @@ def test_encoder_stage_lowers_its_losses(generator):
                                   generator=generator)  # fmt: skip
         losses[steps] = stats["loss"]
     assert losses[60] < 0.85 * losses[1], losses
+    per_token = {"bar tokens"} if generator == "wide" else set()  # where each free-layout bar and name lies
     assert set(stats) == {"colour", "shape", "count", "bar value", "tallest", "shortest", "direction", "speech clips",
-                          "loss"}  # fmt: skip
+                          "loss", *per_token}  # fmt: skip
+
+
+def test_free_layout_chart_token_targets_follow_what_was_drawn():
+    """`wide.chart(layout=...)` says where it drew each bar and name: the bar's centre pixel has the bar's colour
+    (not the background), and the per-token targets put each bar's label and value under its centre and each
+    name in exactly one token."""
+    from ernie45.demo import wide
+    from ernie45.demo.encoders import _chart_token_targets
+
+    for i in range(40):
+        layout = {}
+        img, values = wide.chart(random.Random(i), layout=layout)
+        assert set(layout["bars"]) == set(values) == set(layout["names"])
+        px = np.asarray(img).astype(int)
+        corner = px[0, 0]
+        rows, cols = 6 + i % 5, 9 - i % 4
+        targets = _chart_token_targets(layout, values, (rows, cols)).view(3, rows, cols)
+        centres = {label: ((x0 + x1) / 2, (y0 + y1) / 2) for label, (x0, y0, x1, y1) in layout["bars"].items()}
+        cells = [(int(cy * rows), int(cx * cols)) for cx, cy in centres.values()]
+        for label, (cx, cy) in centres.items():
+            assert np.abs(px[int(cy * img.height), int(cx * img.width)] - corner).max() > 30, (i, label)
+            r, c = int(cy * rows), int(cx * cols)
+            k = 1 + wide.LABELS.index(label)
+            if cells.count((r, c)) == 1:  # (two narrow bars' centres in one token: the later one has it)
+                assert targets[0, r, c] == k and targets[1, r, c] == values[label], (i, label)
+            x, y = layout["names"][label]
+            named = [(int(ny * rows), int(nx * cols)) for nx, ny in layout["names"].values()]
+            if named.count((int(y * rows), int(x * cols))) == 1:
+                assert int((targets[2] == k).sum()) == 1 and targets[2, int(y * rows), int(x * cols)] == k
 
 
 def test_a_speech_only_encoder_stage_trains_only_the_audio_path():

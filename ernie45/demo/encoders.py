@@ -78,6 +78,8 @@ class Heads(nn.Module):
         self.column = nn.Linear(width, 10 + len(labels))  # a chart token: its column's bar value and label
         self.value_of = Probe(width, len(labels), 10)  # 0 = no such bar
         self.extreme = Probe(width, 2, len(labels))  # tallest, shortest
+        self.chart_token = nn.Linear(width, 2 * (1 + len(labels)) + 10)  # a free-layout chart token: the bar and
+        # the label name under it (0 = none) and that bar's value
         self.video = nn.Linear(width, len(MOTIONS) + len(COLOUR_NAMES) + len(SHAPES))
         self.words = nn.Linear(width, 1 + len(WORDS)) if audio else None  # 0 = CTC blank
 
@@ -123,7 +125,7 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
                       kinds: list[str] | tuple[str, ...] = KINDS) -> dict[str, float]:  # fmt: skip
     """Train the vision and audio paths of `model` in place for `steps` steps on the `generator`'s media ("first":
     the first generation's fixed layouts; "wide": the second's), drawing only the `kinds` named (pictures, charts,
-    videos, speech; speech alone trains only the audio path, on a whole batch of clips a step); returns
+    videos, speech: one kind alone takes the whole batch, and speech alone trains only the audio path); returns
     the last step's accuracies and its summed loss ("loss")."""
     if generator not in GENERATORS:
         raise ValueError(f"encoder_pretrain: generator {generator!r} is not one of {', '.join(GENERATORS)}")
@@ -146,17 +148,17 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     stats: dict[str, float] = {}
     start = time.perf_counter()
     pictures, charts = (_first_pictures, _first_charts) if first else (_wide_pictures, _wide_charts)
+    half = batch if len(set(kinds)) == 1 else batch // 2  # a kind trained alone takes the whole batch
     for step in range(steps):
         losses, stats = {}, {}
         if "pictures" in kinds:
             pictures(trunk, proc, heads, rng, batch, losses, stats)
         if "charts" in kinds:
-            charts(trunk, proc, heads, rng, batch // 2, losses, stats)
+            charts(trunk, proc, heads, rng, half, losses, stats)
         if "videos" in kinds:
-            _videos(trunk, proc, heads, rng, batch // 2, moving_video if first else wide.video, losses, stats)
+            _videos(trunk, proc, heads, rng, half, moving_video if first else wide.video, losses, stats)
         if audio:
-            clips = batch // 2 if vision else batch  # alone, the speech takes the whole batch
-            losses["speech"], stats["speech clips"] = _speech_loss(trunk, proc, heads, rng, clips, not first)
+            losses["speech"], stats["speech clips"] = _speech_loss(trunk, proc, heads, rng, half, not first)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -180,14 +182,16 @@ def _square_tokens(trunk, proc: Processor, images: list[Image.Image]) -> tuple[t
     return trunk.encode_vision(x["pixel_values"], x["image_grid_thw"]).view(len(images), grid * grid, -1), grid
 
 
-def _tokens(trunk, proc: Processor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pictures as the processor sizes them (their own aspect ratios), encoded and padded: [B, N, D] and
-    the mask of real tokens [B, N]."""
+def _tokens(trunk, proc: Processor, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The pictures as the processor sizes them (their own aspect ratios), encoded and padded: [B, N, D], the
+    mask of real tokens [B, N] and each picture's token grid (rows, columns; its tokens row by row)."""
     x = proc.image(images)
     feats = trunk.encode_vision(x["pixel_values"], x["image_grid_thw"])
     per = feats.split(trunk.resampler_model.tokens_per_item(x["image_grid_thw"]))
     mask = nn.utils.rnn.pad_sequence([torch.ones(len(f), dtype=torch.bool) for f in per], batch_first=True)
-    return nn.utils.rnn.pad_sequence(list(per), batch_first=True), mask
+    m = proc.image.merge_size
+    grids = [(int(h) // m, int(w) // m) for _, h, w in x["image_grid_thw"].tolist()]
+    return nn.utils.rnn.pad_sequence(list(per), batch_first=True), mask, grids
 
 
 def _shape_losses(heads: Heads, feats, mask, objects: list, losses: dict, stats: dict) -> None:
@@ -225,7 +229,7 @@ def _first_pictures(trunk, proc, heads: Heads, rng, n: int, losses: dict, stats:
 def _wide_pictures(trunk, proc, heads: Heads, rng, n: int, losses: dict, stats: dict) -> None:
     """The second generation's scenes, each at its own aspect ratio."""
     drawn = [wide.scene(rng) for _ in range(n)]
-    feats, mask = _tokens(trunk, proc, [img for img, _ in drawn])
+    feats, mask, _ = _tokens(trunk, proc, [img for img, _ in drawn])
     _shape_losses(heads, feats, mask, [objs for _, objs in drawn], losses, stats)
 
 
@@ -252,10 +256,51 @@ def _first_charts(trunk, proc, heads: Heads, rng, n: int, losses: dict, stats: d
 
 
 def _wide_charts(trunk, proc, heads: Heads, rng, n: int, losses: dict, stats: dict) -> None:
-    """The second generation's charts: 2-7 bars anywhere, vertical or horizontal, at their own aspect ratio."""
-    drawn = [wide.chart(rng) for _ in range(n)]
-    feats, mask = _tokens(trunk, proc, [img for img, _ in drawn])
+    """The second generation's charts: 2-7 bars anywhere, vertical or horizontal, at their own aspect ratio; and
+    per token, from where the chart drew each bar and name, the bar under it, that bar's value and the label name
+    in it, so the encoder learns where a chart's bars and names are, whatever its layout."""
+    layouts = [{} for _ in range(n)]
+    drawn = [wide.chart(rng, layout=layout) for layout in layouts]
+    feats, mask, grids = _tokens(trunk, proc, [img for img, _ in drawn])
     _chart_losses(heads, feats, mask, drawn, wide.LABELS, losses, stats)
+    targets = torch.full((n, 3, feats.shape[1]), -100, dtype=torch.long)
+    for b, ((_, values), layout, grid) in enumerate(zip(drawn, layouts, grids, strict=True)):
+        targets[b, :, : grid[0] * grid[1]] = _chart_token_targets(layout, values, grid)
+    sizes = [1 + len(wide.LABELS), 10, 1 + len(wide.LABELS)]
+    logits = heads.chart_token(feats).split(sizes, dim=-1)
+    losses["chart tokens"] = sum(F.cross_entropy(lg.transpose(1, 2), targets[:, k]) for k, lg in enumerate(logits))
+    on_bar = targets[:, 0] > 0
+    stats["bar tokens"] = _accuracy(logits[0][on_bar], targets[:, 0][on_bar])
+
+
+def _chart_token_targets(layout: dict, values: dict[str, int], grid: tuple[int, int]) -> torch.Tensor:
+    """[3, rows * cols]: per token (row by row) the bar covering most of it, or whose centre it holds (1 + its
+    label's index; 0 = none), that bar's value (0 = none), and the label name whose centre is in it (1 + index;
+    0 = none)."""
+    rows, cols = grid
+    y0 = torch.arange(rows, dtype=torch.float)[:, None] / rows
+    x0 = torch.arange(cols, dtype=torch.float)[None, :] / cols
+    best = torch.zeros(rows, cols)
+    out = torch.zeros(3, rows, cols, dtype=torch.long)
+    for label, (bx0, by0, bx1, by1) in layout["bars"].items():
+        across = (torch.clamp(x0 + 1 / cols, max=bx1) - torch.clamp(x0, min=bx0)).clamp(min=0)
+        down = (torch.clamp(y0 + 1 / rows, max=by1) - torch.clamp(y0, min=by0)).clamp(min=0)
+        overlap = across * down
+        more = overlap > best
+        best = torch.where(more, overlap, best)
+        out[0][more], out[1][more] = 1 + wide.LABELS.index(label), values[label]
+    for label, (bx0, by0, bx1, by1) in layout["bars"].items():  # a bar narrower than a token still owns its centre
+        r, c = _cell((bx0 + bx1) / 2, (by0 + by1) / 2, grid)
+        out[0, r, c], out[1, r, c] = 1 + wide.LABELS.index(label), values[label]
+    for label, (x, y) in layout["names"].items():
+        r, c = _cell(x, y, grid)
+        out[2, r, c] = 1 + wide.LABELS.index(label)
+    return out.flatten(1)
+
+
+def _cell(x: float, y: float, grid: tuple[int, int]) -> tuple[int, int]:
+    """The (row, column) of the token at (x, y), fractions of the picture."""
+    return min(max(int(y * grid[0]), 0), grid[0] - 1), min(max(int(x * grid[1]), 0), grid[1] - 1)
 
 
 def _videos(trunk, proc, heads: Heads, rng, n: int, draw, losses: dict, stats: dict) -> None:

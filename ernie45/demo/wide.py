@@ -132,9 +132,12 @@ def scene(rng: random.Random) -> tuple[Image.Image, list[tuple[str, str]]]:
     return look.finish(img, w, h, rng), objects
 
 
-def chart(rng: random.Random, labels: str = LABELS, fonts=(None, *TRAIN_FONTS)) -> tuple[Image.Image, dict[str, int]]:
+def chart(rng: random.Random, labels: str = LABELS, fonts=(None, *TRAIN_FONTS),
+          layout: dict | None = None) -> tuple[Image.Image, dict[str, int]]:  # fmt: skip
     """2-7 bars with distinct values 1-9. The value scale tops out at 9 or 10: an axis with ticks or a number on
-    each bar says which; a chart with neither tops out at 9, as the first generation's did."""
+    each bar says which; a chart with neither tops out at 9, as the first generation's did. `layout`, when given,
+    gets where each label's bar ("bars": (x0, y0, x1, y1)) and name ("names": (x, y), its centre) lie, as
+    fractions of the picture's width and height (the encoder stage's per-token targets)."""
     n = rng.randint(2, min(7, len(labels)))
     names = list(labels[:n]) if len(labels) <= 7 or rng.random() < 0.5 else sorted(rng.sample(labels, n))
     values = dict(zip(names, rng.sample(range(1, 10), n), strict=True))
@@ -178,6 +181,11 @@ def chart(rng: random.Random, labels: str = LABELS, fonts=(None, *TRAIN_FONTS)) 
         end = bottom - length * v / top if not horizontal else left + length * v / top
         box = [a, end, a + width, bottom] if not horizontal else [left, a, end, a + width]
         draw.rectangle(box, fill=colour)
+        if layout is not None:
+            x0, y0, x1, y1 = box
+            layout.setdefault("bars", {})[label] = (x0 / (w * s), y0 / (h * s), x1 / (w * s), y1 / (h * s))
+            name = (a + width / 2, bottom + 8 * s) if not horizontal else (left - 8 * s, a + width / 2)
+            layout.setdefault("names", {})[label] = (name[0] / (w * s), name[1] / (h * s))
         if not horizontal:
             draw.text((a + width / 2, bottom + 2 * s), label, fill=ink, font=f, anchor="mt")
             if numbers:
