@@ -118,6 +118,10 @@ def test_image_detail_low_scales_down_and_an_unknown_part_field_is_refused(clien
     assert low.usage.prompt_tokens == engine(small).prompt_tokens
     assert high.usage.prompt_tokens == engine(big).prompt_tokens == ask({"url": url}).usage.prompt_tokens
     assert low.usage.prompt_tokens < high.usage.prompt_tokens
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8gd29ybGQ=", "detail": "low"}}]
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": parts}]}
+    r = httpx.post(server + "/v1/chat/completions", json=body)
+    assert r.status_code == 422 and "not a readable image" in r.json()["error"]["message"], r.text
     for part, field in (
         ({"type": "image_url", "image_url": {"url": url, "detial": "low"}}, "detial"),
         ({"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}, "cache_control"),

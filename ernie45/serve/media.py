@@ -28,7 +28,10 @@ def _low_detail(source: Any) -> Any:
     """OpenAI's `detail: "low"`: the picture scaled down to fit 512 x 512 (never up), so it costs fewer tokens."""
     from ..processing.media import load_image
 
-    img = load_image(source)
+    try:
+        img = load_image(source, target_pixels=LOW_DETAIL_SIDE**2)
+    except ValueError as e:  # as the processor's own decoding reports it
+        raise APIError(422, str(e), param="image_url") from None
     if max(img.size) <= LOW_DETAIL_SIDE:
         return img
     img = img.copy()
