@@ -62,7 +62,7 @@ class Request:
     generator: torch.Generator | None = None
     constraint: Constraint | None = None  # structured outputs: the grammar's matcher for this answer
     speculation: list[int] = field(default_factory=lambda: [0, 0])  # [steps to skip drafting, misses in a row]
-    mtp: tuple | None = None  # MTP drafting: (the MTP block's cache, the draft for the next step)
+    mtp: tuple | None = None  # MTP drafting: (its cache, the next step's draft, the first position it lacks)
     unspeculated: str | None = None  # why this request decoded without drafts, where speculation is on
 
     @property

@@ -173,19 +173,17 @@ def _commit(engine: BatchEngine, req: Request, start: int, draft: list[int], tok
 
 
 def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
-    """Verify the MTP draft made last step (the first step has none: it recomputes the last `MTP_WINDOW` cached
-    positions instead, for their hidden states), then run the MTP block over the newly confirmed positions and
-    keep its guess for the next step. `req.mtp` holds (the MTP block's cache, the draft). After two wrong drafts
-    in a row the request decodes plainly for 2, 4, ... 64 steps (its MTP cache dropped: those steps give no hidden
-    states), then starts again from the window."""
+    """Verify the MTP draft made last step, then run the MTP block over the newly confirmed positions and keep
+    its guess for the next step. `req.mtp` holds (the MTP block's cache, the draft, the first position the MTP
+    cache lacks). Positions it lacks before this step's are recomputed by this step's forward, for their hidden
+    states: on the first step the last `MTP_WINDOW` cached positions, after plain steps those steps' tokens.
+    After two wrong drafts in a row the request decodes plainly for 2, 4, ... 64 steps."""
     model, slot, cache = engine.model, req.slot, engine.cache
     trunk = model.model
     if req.mtp is None:
-        back = min(MTP_WINDOW, start)
-        history = [*req.encoded["input_ids"], *req.row.token_ids][start - back : start]
-        req.mtp, draft, base = (MTPCache(), []), [], start - back
-    else:
-        history, draft, base = [], req.mtp[1], start
+        req.mtp = (MTPCache(), [], start - min(MTP_WINDOW, start))
+    mtp_cache, draft, base = req.mtp
+    history = [*req.encoded["input_ids"], *req.row.token_ids][base:start] if base < start else []
     ids = torch.tensor([[*history, req.last_token, *draft]], device=model.device)
     cache.lengths[slot] = base  # the recomputed positions get the same keys and values again
     mask = torch.ones(1, base + ids.shape[1], dtype=torch.long, device=model.device)
@@ -196,21 +194,20 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
     _commit(engine, req, start, draft, tokens)
     if req.row.finish_reason is not None:
         return True
-    if draft:  # two misses in a row: skip 2, 4, ... up to 64 steps, then start again from the window
+    if draft:  # two misses in a row: skip 2, 4, ... up to 64 steps; the MTP cache waits from `base` on
         backoff = req.speculation
         backoff[1] = 0 if kept else backoff[1] + 1
         if backoff[1] >= 2:
-            backoff[0], req.mtp = min(2 ** (backoff[1] - 1), 64), None
+            backoff[0], req.mtp = min(2 ** (backoff[1] - 1), 64), (mtp_cache, [], base)
             return True
     # the MTP slots now confirmed: position q's hidden state with the token at q + 1
     hidden = out.hidden_states[0][:, : len(history) + kept + 1]
     following = torch.tensor([[*ids[0, 1 : len(history) + kept + 1].tolist(), tokens[-1]]], device=model.device)
-    mtp_cache = req.mtp[0]
     past = mtp_cache.get_seq_length()
     n = following.shape[1]
     pos = torch.arange(base + 1, base + 1 + n, device=model.device)[None]
     mask = attention_mask(None, n, past + n, model.device)
     h = mtp_forward(trunk, hidden, trunk.embed_tokens(following), pos, mask, mtp_cache)
     guess = int(model.lm_head(trunk.norm(h[:, -1])).argmax(-1))
-    req.mtp = (mtp_cache, [guess])
+    req.mtp = (mtp_cache, [guess], start + 1 + kept)
     return True
