@@ -312,9 +312,9 @@ HF_EP_SCRIPT = textwrap.dedent("""
     import ernie45
     from ernie45.model import Ernie45ForConditionalGeneration
 
-    ids = torch.randint(20, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     for d in sys.argv[2:]:
         config = DistributedConfig(tp_size=2, ep_size=2)  # the ranks share one batch: attention split too
+        ids = torch.randint(20, 200, (2, 12), generator=torch.Generator().manual_seed(0))
         ep = Ernie45ForConditionalGeneration.from_pretrained(d, distributed_config=config, dtype=torch.float32)
         with torch.no_grad():
             got = ep(input_ids=ids).logits
@@ -327,11 +327,26 @@ HF_EP_SCRIPT = textwrap.dedent("""
 """)
 
 
+# ep_size > tp_size: the ranks are data-parallel (FSDP) and each holds its own batch, whose tokens go to the
+# experts of both ranks and come back (all-to-all)
+HF_EP_FSDP_SCRIPT = HF_EP_SCRIPT.replace(
+    "DistributedConfig(tp_size=2, ep_size=2)", "DistributedConfig(fsdp_size=2, tp_size=1, ep_size=2)"
+).replace("manual_seed(0)", "manual_seed(int(os.environ['RANK']))")
+
+
 def test_transformers_expert_parallel_config_matches_one_process(setup, tmp_path):
     """`from_pretrained(..., distributed_config=DistributedConfig(tp_size=2, ep_size=2))` under torchrun:
     transformers splits each routed group's stacked experts over 2 ranks (`base_model_ep_plan`) and its token
     dispatch runs them; logits equal the unsplit model's, for a text MoE and a VL model (both groups split)."""
     for where, (held, total, diff) in _on_two_ranks(HF_EP_SCRIPT, "hfep", tmp_path, setup[1]).items():
+        assert 2 * int(held) == int(total) and float(diff) < 1e-4, (where, held, total, diff)
+
+
+def test_expert_parallel_over_ranks_with_their_own_batches_matches_one_process(setup, tmp_path):
+    """`DistributedConfig(fsdp_size=2, tp_size=1, ep_size=2)`: ep_size > tp_size, so each rank holds its own batch
+    and half of every routed group's experts (FSDP shards the rest, the router with its group: the router gathers
+    its weight itself); each rank's logits equal one unsplit process's on that rank's batch."""
+    for where, (held, total, diff) in _on_two_ranks(HF_EP_FSDP_SCRIPT, "hfep", tmp_path, setup[1]).items():
         assert 2 * int(held) == int(total) and float(diff) < 1e-4, (where, held, total, diff)
 
 

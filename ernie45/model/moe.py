@@ -29,6 +29,12 @@ class RouterRecord(NamedTuple):
     orthogonal: torch.Tensor  # the router's orthogonality loss, from its weight as the forward saw it
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: a DTensor shard is gathered (transformers' FSDP with expert parallelism shards a group's router
+    with its experts, and the router runs before the group's own forward would gather it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 class Router(nn.Module):
     """fp32 softmax router with an aux-loss-free correction bias that only steers top-k selection."""
 
@@ -42,9 +48,9 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> (logits [N, E] fp32, weights [N, k] in x's dtype, expert ids [N, k])."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = F.linear(x.float(), _whole(self.weight).float())
             probs = logits.softmax(dim=-1)
-            ids = torch.topk(probs + self.e_score_correction_bias.float(), self.top_k, dim=-1).indices
+            ids = torch.topk(probs + _whole(self.e_score_correction_bias).float(), self.top_k, dim=-1).indices
             weights = probs.gather(-1, ids)
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
         return logits, weights.to(x.dtype), ids
@@ -52,7 +58,7 @@ class Router(nn.Module):
     def orthogonality(self) -> torch.Tensor:
         """||W_n W_n^T - I||_F^2 / E^2 with rows L2-normalised. Read inside the forward, where FSDP and ZeRO-3 have
         gathered the weight (outside it, it is a shard)."""
-        w = F.normalize(self.weight.float(), dim=-1, eps=1e-12)
+        w = F.normalize(_whole(self.weight).float(), dim=-1, eps=1e-12)
         e = w.shape[0]
         return (w @ w.T - torch.eye(e, device=w.device)).pow(2).sum() / e**2
 
