@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import MissingDataSource
 from .scenes import COLOURS, MOTIONS, SHAPES, draw_shape
+from .speech import ACCENTS, VARIANTS
 from .speech import speak as _speak
 
 LABELS = "ABCDEFG"
@@ -252,17 +253,16 @@ MORE_VARIANTS = [f"+{v}" for v in (
     "iven2", "iven3", "john", "Lee", "linda", "max", "Michael", "Mike", "norbert", "paul", "quincy", "rob", "robert",
     "steph", "steph2", "travis", "victor", "zac", "grandma", "grandpa", "m8", "shelby", "sandro", "anika",
 )]  # fmt: skip
+VOICES = (ACCENTS, VARIANTS + MORE_VARIANTS)
 
 
 def speak(text: str, rng: random.Random) -> np.ndarray:
     """Speech (`speech.speak`) in about 50 voices, sped up or slowed down by resampling (0.8-1.25x, the pitch
     moving with it), a quarter of it band-limited to 2.8-6 kHz, and half the time inside up to 0.6 s of quiet
     before it and 1.5 s after, as a voice message recorded by hand holds it. Trained on 12 voices at plain
-    rates, the audio encoder transcribed about a third of the held-out voices' clips; the first generation,
+    rates, the audio encoder transcribed about 40% of the held-out voices' clips whole; the first generation,
     trained on tight clips, misread a clip padded with 0.3 s of silence."""
-    from .speech import ACCENTS, VARIANTS
-
-    wave = _speak(text, rng, voices=(ACCENTS, VARIANTS + MORE_VARIANTS))
+    wave = _speak(text, rng, voices=VOICES)
     if rng.random() < 0.5:  # speed perturbation: play the samples back faster or slower
         factor = rng.uniform(0.8, 1.25)
         n = int(len(wave) / factor)
