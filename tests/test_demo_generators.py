@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import av
 import jsonschema
@@ -155,3 +156,32 @@ def test_scores_read_calls_and_verdicts_as_their_readers_do():
     assert score("moderation", json.dumps({"labels": ["keyword", "symbol"]}), verdict) == 1.0
     assert score("moderation", json.dumps({"labels": ["symbol"]}), verdict) == 0.0
     assert score("moderation", '{"labels": ["sym', verdict) == 0.0
+
+
+def test_the_numbers_drill_writes_what_was_said_or_shown_digit_for_digit():
+    from ernie45.demo.generator import TRAIN, Generator
+    from ernie45.demo.jobtasks import number_drill
+    from ernie45.demo.scenes import NUMBER_WORDS
+
+    said: list[str] = []
+
+    def speak(text: str, rng: random.Random) -> np.ndarray:
+        said.append(text)
+        return TRAIN.speak(text, rng)
+
+    heard = Generator(TRAIN.scene, TRAIN.chart, TRAIN.video, speak)
+    kinds = set()
+    for i in range(40):
+        skill, messages, answer = number_drill(random.Random(i), heard)
+        kinds.add(skill)
+        content = messages[-1]["content"]
+        if skill == "dictation":
+            words = [w for w in said[-1].split() if w in NUMBER_WORDS]
+            assert answer == "".join(str(NUMBER_WORDS.index(w)) for w in words) and 2 <= len(answer) <= 5
+            assert content[0]["type"] == "audio" and content[0]["audio"].size > 0
+        elif "tool returned" in content:
+            assert json.loads(content.split("returned ", 1)[1].rsplit(". What", 1)[0])["order_id"] == answer
+        else:
+            pairs, item = dict(re.findall(r"([A-F]) is (\d+)", content)), content.rstrip("?").split()[-1]
+            assert answer == f"The value for {item} is {pairs[item]}."
+    assert kinds == {"dictation", "copy number"}

@@ -109,6 +109,32 @@ def test_langchain_bind_tools_and_structured_output(server):
     assert isinstance(verdict, Verdict)
 
 
+def test_message_fields_are_read_or_refused_by_name(server):
+    """What clients send back from an answer passes (the SDK's message object, LangChain's ToolMessage with its
+    name); a field the prompt would not show is a 400 naming it, not a silent drop."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+    from openai import BadRequestError
+
+    client = OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    first = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
+                                           max_tokens=120)  # fmt: skip
+    message = first.choices[0].message  # passed back as the SDK's own object, with its empty fields
+    result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "shipped"}
+    again = client.chat.completions.create(model="tiny", messages=[*ASK, message, result], tools=TOOLS, max_tokens=4)
+    assert again.usage.prompt_tokens > first.usage.prompt_tokens
+    for bad, named in [({"role": "user", "content": "hi", "name": "bob"}, "name is not shown"),
+                       ({"role": "user", "content": "hi", "cache_control": {"type": "ephemeral"}}, "cache_control"),
+                       ({"role": "user", "content": "hi", "tool_call_id": "x"}, "tool_call_id belongs")]:  # fmt: skip
+        with pytest.raises(BadRequestError, match=named):
+            client.chat.completions.create(model="tiny", messages=[bad], max_tokens=2)
+    chat = ChatOpenAI(base_url=server + "/v1", api_key="unused", model="tiny", max_tokens=120, max_retries=0)
+    asked = HumanMessage("where is my order A17?")
+    call = chat.bind_tools([TOOLS[0]], tool_choice="required").invoke([asked])
+    answered = ToolMessage("shipped", tool_call_id=call.tool_calls[0]["id"], name="get_order_status")
+    assert isinstance(chat.bind_tools([TOOLS[0]]).invoke([asked, call, answered]).content, str)
+
+
 def test_llm_chat_returns_parsed_calls(llm):
     out = llm.chat(ASK, SamplingParams(max_tokens=120, temperature=0), tools=TOOLS, tool_choice="required")[0]
     assert out.finish_reason == "tool_calls" and out.tool_calls and out.outputs[0].tool_calls == out.tool_calls

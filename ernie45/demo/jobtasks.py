@@ -205,3 +205,28 @@ def agent_task(rng: random.Random, gen: Generator | None = None) -> tuple[str, l
 
 
 JOB_TASKS["agent"] = agent_task
+
+
+def number_drill(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
+    """A training-only drill on numbers kept in order, the step every job above hangs on: the agent writes a
+    spoken order number as digits ("four seven one one" -> "4711"), and the document and tool answers copy a
+    number from text. The second generation picked the right tool but wrote the spoken digits as a bag ("848" ->
+    "488") and slipped digits copying a tool's result."""
+    order = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(2, 5)))
+    spoken = " ".join(NUMBER_WORDS[int(c)] for c in order)
+    kind = rng.choice(["spoken", "spoken", "result", "table"])
+    if kind == "spoken":
+        said = rng.choice([f"order {spoken}", f"my order is {spoken}", spoken, f"the number is {spoken}"])
+        audio = {"type": "audio", "audio": (gen or TRAIN).speak(said, rng)}
+        ask = rng.choice(["Write the number in digits.", "Which order number was said?", "What number is said?"])
+        return "dictation", [{"role": "user", "content": [audio, {"type": "text", "text": ask}]}], order
+    if kind == "result":
+        name = rng.choice(list(RESULTS))
+        result, _ = RESULTS[name](rng, order)
+        text = f"The tool returned {json.dumps({'order_id': order, **result})}. What is the order number?"
+        return "copy number", [{"role": "user", "content": text}], order
+    items = sorted(rng.sample(ITEMS, rng.randint(2, 5)))
+    values = {k: rng.randint(1, 9999) for k in items}
+    item = rng.choice(items)
+    text = ", ".join(f"{k} is {v}" for k, v in values.items()) + f". What is the value for {item}?"
+    return "copy number", [{"role": "user", "content": text}], f"The value for {item} is {values[item]}."

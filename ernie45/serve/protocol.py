@@ -86,6 +86,25 @@ Part = Annotated[TextPart | ImagePart | VideoPart | AudioPart | FilePart, Field(
 class Message(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[Part] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _every_field_read(self):
+        """A message field the prompt would not show is refused by name. Fields a client echoes back empty from an
+        answer it received (`refusal: null`, `annotations: []`) ask nothing and pass."""
+        unknown = sorted(k for k, v in (self.model_extra or {}).items() if v not in (None, [], {}))
+        if unknown:
+            raise ValueError(f"this server does not read the message field(s) {', '.join(unknown)}; remove them")
+        if self.name is not None and self.role != "tool":  # a tool result's name repeats its call's, by id
+            raise ValueError(f"a {self.role} message's name is not shown to the model (the chat template has no "
+                             "place for it); remove it, or write who speaks into the content")  # fmt: skip
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls belong to an assistant message, not a {self.role} one")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError(f"tool_call_id belongs to a tool message, not a {self.role} one")
+        return self
 
 
 NO_EFFECT = {"user"}  # OpenAI fields that ask nothing of the model (an end-user id for abuse tracking)
@@ -230,7 +249,7 @@ class ChatRequest(_Sampling):
         return bool((self.chat_template_kwargs or {}).get("enable_thinking", False))
 
     def conversation(self) -> list[dict[str, Any]]:
-        return [m.model_dump(exclude_none=True) for m in self.messages]
+        return [m.model_dump(exclude_none=True, exclude=set(m.model_extra or ())) for m in self.messages]
 
 
 class CompletionRequest(_Sampling):
