@@ -229,6 +229,62 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     assert block.decode_block(h.clone().requires_grad_(True), norm) is None  # autograd must see the module's ops
 
 
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_a_short_continuation_takes_the_decode_calls_token_by_token(kind, dense):
+    """A speculative verify (the last token and its drafts after a cached prompt, one forward) runs through the
+    decode calls token by token: the logits of decoding those tokens one at a time, which greedy speculation
+    must reproduce, and close to the generic path's."""
+    from chat_fixtures import tiny_chat_config
+
+    from ernie45.engine.cache import StaticKVCache
+    from ernie45.model.trunk import Ernie45ForConditionalGeneration
+    from ernie45.runtime.packed import pack_bf16_linears
+    from ernie45.runtime.prepare import fuse_projections, use_fast_modules
+
+    torch.manual_seed(0)
+    layout = {"num_hidden_layers": 3, "moe_layer_start_index": 3} if dense else {"moe_layer_start_index": 1}
+    config = tiny_chat_config(300, hidden_size=64, intermediate_size=128, head_dim=32, **layout)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
+    fuse_projections(model)
+    if kind == "bf16":
+        assert pack_bf16_linears(model) > 0
+    use_fast_modules(model)
+    ids = torch.randint(3, 300, (1, 9))
+    calls, block = [], kernels.attention_block
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return block(*args, **kwargs)
+
+    def run(cache, one_by_one: bool) -> torch.Tensor:
+        model(input_ids=ids[:, :5], cache=cache, attention_mask=torch.ones(1, 5, dtype=torch.long))
+        if one_by_one:
+            steps = [model(input_ids=ids[:, t : t + 1], cache=cache, attention_mask=torch.ones(1, t + 1,
+                                                                                             dtype=torch.long))
+                     for t in range(5, 9)]  # fmt: skip
+            return torch.cat([s.logits[0, -1:] for s in steps])
+        out = model(input_ids=ids[:, 5:], cache=cache, attention_mask=torch.ones(1, 9, dtype=torch.long))
+        assert cache.get_seq_length(0) == 9
+        return out.logits[0]
+
+    with torch.inference_mode():
+        stepped = run(StaticKVCache.for_model(model, 1, 16), True)
+        kernels.attention_block = counted
+        try:
+            calls.clear()  # (the prompt's prefill makes no decode call)
+            together = run(StaticKVCache.for_model(model, 1, 16), False)
+        finally:
+            kernels.attention_block = block
+        generic = run(PlainCache(StaticKVCache.for_model(model, 1, 16)), False)
+    assert len(calls) == 4 * config.num_hidden_layers  # every token through every layer's decode call
+    # bf16: bit for bit; fp32's MLP over several rows rounds a sum in another order (~1e-7)
+    assert torch.equal(together, stepped) if kind == "bf16" else torch.allclose(together, stepped, atol=1e-5)
+    tol = 5e-2 if kind == "bf16" else 1e-4
+    assert torch.allclose(together.float(), generic.float(), atol=tol, rtol=tol)
+
+
 def test_the_dense_stack_keeps_its_plan_and_notices_a_swapped_layer():
     """The stack's plan is built once and reused; a linear replaced between steps is seen at the next step (the
     same logits as the eager layers with the same swap)."""

@@ -272,10 +272,71 @@ class FusedDecoderLayer(DecoderLayer):
         fused = mlp.decode_block(h, norm) if isinstance(mlp, FusedSwiGLU) else None
         return h + mlp(norm(h)) if fused is None else fused
 
+    def few_tokens(self, h: torch.Tensor, tokens: list, rope, mask, cache, modality=None) -> torch.Tensor:
+        """h after this layer for a short continuation of one row (`FusedDecoderStack`): the attention half token
+        by token through the decode call, the MLP half over the tokens as decode rows; the numbers decoding them
+        one at a time gives. A half whose call does not apply runs the plain code over all the tokens."""
+        attn, norm, rows = self.self_attn, self.input_layernorm, []
+        if isinstance(attn, FusedAttention):
+            for i, (rope_i, mask_i) in enumerate(tokens):
+                out = attn.decode_block(h[:, i : i + 1], norm, rope_i, mask_i, cache)
+                if out is None and i:  # what decides it does not depend on the token: a bug, not a fallback
+                    raise RuntimeError("the decode call took one token of a continuation and refused the next")
+                if out is None:
+                    break
+                rows.append(out)
+        h = torch.cat(rows, dim=1) if rows else h + attn(norm(h), rope, mask, cache)
+        mlp, norm, flat = self.mlp, self.post_attention_layernorm, h.reshape(-1, 1, h.shape[-1])
+        out = None
+        if isinstance(mlp, FusedMoEBlock):
+            out = mlp.decode_block(flat, norm, modality)
+        elif isinstance(mlp, FusedSwiGLU):
+            out = mlp.decode_block(flat, norm)
+        if out is not None:
+            return out.view_as(h)
+        return h + (mlp(norm(h), modality) if isinstance(mlp, MoEBlock) else mlp(norm(h)))
+
 
 class FusedDecoderStack(DecoderStack):
-    """The decoder layers; a dense stack's decode step in one kernel call where every layer takes it."""
+    """The decoder layers; a dense stack's decode step in one kernel call where every layer takes it, and a short
+    continuation of one row (a speculative verify: the last token and its drafts) through the decode calls token by
+    token, which on a small model costs about a decode step where the generic path cost ~1.5 of one."""
 
     def forward(self, h: torch.Tensor, rope, mask, cache=None, modality=None, router_out=None) -> torch.Tensor:
-        stack = None if router_out is not None else decode_stack.step(self, h, rope, mask, cache)
-        return super().forward(h, rope, mask, cache, modality, router_out) if stack is None else stack
+        if router_out is None:
+            stack = decode_stack.step(self, h, rope, mask, cache)
+            if stack is not None:
+                return stack
+            tokens = self._token_inputs(h, rope, mask, cache)
+            if tokens is not None:
+                for layer in self:
+                    if isinstance(layer, FusedDecoderLayer):
+                        h = layer.few_tokens(h, tokens, rope, mask, cache, modality)
+                    else:
+                        h = layer(h, rope, mask, cache, modality)
+                return h
+        return super().forward(h, rope, mask, cache, modality, router_out)
+
+    def _token_inputs(self, h: torch.Tensor, rope, mask, cache) -> list | None:
+        """Per token (its rope, its mask row: None where it sees every cached position) for a continuation of 2 to
+        MAX_ROWS tokens of one row after cached ones, outside autograd, with a causal bool mask; else None."""
+        b, n = h.shape[:2]
+        if b != 1 or not 1 < n <= kernels.MAX_ROWS or not isinstance(cache, FusedCache) or torch.is_grad_enabled():
+            return None
+        if torch.compiler.is_compiling() or not len(self):
+            return None
+        start = cache.get_seq_length(self[0].self_attn.layer_idx)
+        if not start:
+            return None  # a prompt: the prefill path
+        if mask is not None and not (
+            isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+            and mask.shape[-2:] == (n, start + n) and mask.shape[:2] == (1, 1)
+        ):  # fmt: skip
+            return None
+        tokens = []
+        for i in range(n):
+            row = None if mask is None else mask[:, :, i : i + 1, : start + i + 1]
+            if mask is not None and bool(mask[:, :, i, start + i + 1 :].any()):
+                return None  # a token that sees later ones: not a continuation
+            tokens.append(((rope[0][:, i : i + 1], rope[1][:, i : i + 1]), None if row is None or row.all() else row))
+        return tokens
