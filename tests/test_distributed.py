@@ -35,6 +35,9 @@ SCRIPT = textwrap.dedent("""
                 self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     trainer = build_trainer(cfg)
+    # what this rank holds once the model is built, before the Trainer starts (ZeRO-3: partitioned as it was read)
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in trainer.model.parameters())
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainer.model.parameters())
     grads = Grads()
     trainer.add_callback(grads)
     trainer.train()
@@ -47,7 +50,8 @@ SCRIPT = textwrap.dedent("""
 
     bias = {f"{k[0]}.{k[1]}": whole(r.e_score_correction_bias) for k, r in routers(trainer.model).items()}
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    torch.save({"grads": grads.grads, "bias": bias, "losses": losses}, f"{out}/rank{rank}.pt")
+    torch.save({"grads": grads.grads, "bias": bias, "losses": losses, "held": held, "total": total},
+               f"{out}/rank{rank}.pt")
 """)
 
 
@@ -169,6 +173,9 @@ def test_deepspeed_zero_trains_like_one_process_and_writes_a_model_that_loads(se
     for a, b in zip(zero[0]["losses"], one["losses"], strict=True):
         assert abs(a - b) < 1e-5 * b, (zero[0]["losses"], one["losses"])
     assert zero[0]["bias"] == zero[1]["bias"] and any(any(v) for v in zero[0]["bias"].values())
+    for rank in zero:  # ZeRO-3: the load partitioned each layer as it read it; no rank built a whole copy
+        assert rank["total"] == one["total"] == one["held"]
+        assert rank["held"] <= 0.55 * rank["total"] if stage == 3 else rank["held"] == rank["total"]
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(cfg(tmp_path / "cmd", 1, deepspeed=True)))

@@ -223,6 +223,7 @@ def load(
     on_layer=None,
     expert_shard: bool | tuple[int, int] = False,
     fsdp: bool = False,
+    zero3: dict | None = None,
 ) -> Ernie45ForConditionalGeneration:
     """Load a checkpoint directory in any supported layout.
 
@@ -234,6 +235,9 @@ def load(
     fsdp: FSDP2 training over the torch.distributed process group: each decoder layer is sharded (torch's
     `fully_shard`) as soon as its weights are read, the rest (embeddings, encoders, head) at the end as the root,
     so a rank holds its shards and at most one whole decoder layer, never the whole model.
+    zero3: a DeepSpeed config (as the Trainer resolved it) for ZeRO-3 training: each decoder layer is partitioned
+    over the ranks (`deepspeed.zero.Init` on the built layer) as soon as its weights are read, the rest at the end,
+    as transformers' own loading does under ZeRO-3 for its classes.
     Multi-token-prediction (``mtp_*``) weights load into the model's MTP modules (``model.mtp_*``), which the engine's
     speculative decoding drafts with; a layout they do not map onto is kept aside in ``model.mtp_state_dict``.
     """
@@ -254,15 +258,12 @@ def load(
         model.config.name_or_path = str(path)
         _generation_config(model, path)
         return model.eval()
-    if fsdp:
+    shard = _sharder(fsdp, zero3)
+    if shard is not None:
         if on_layer is not None or expert_shard:
-            raise ValueError("fsdp: the load shards every layer itself; it does not combine with on_layer (a "
-                             "quantizing load) or expert_shard")  # fmt: skip
-        if not torch.distributed.is_initialized():
-            raise ValueError("fsdp=True: no process group (launch with torchrun and call init_process_group first)")
-        from torch.distributed.fsdp import fully_shard
-
-        on_layer = fully_shard
+            raise ValueError(f"{'fsdp' if fsdp else 'zero3'}: the load shards every layer itself; it does not combine "
+                             "with on_layer (a quantizing load) or expert_shard")  # fmt: skip
+        on_layer = shard
     files, kind = weight_files(path, allow_pickle)
     tensors = list(iter_tensors(files, kind))
     model = _with_mtp(config, [t[0] for t in tensors])
@@ -276,8 +277,8 @@ def load(
     for key, t_dtype, shape, read in tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=None):
         filler.put(key, t_dtype, shape, read)
     filler.finish()
-    if fsdp:
-        fully_shard(model)
+    if shard is not None:
+        shard(model)  # the root: what no decoder layer holds
     model.mtp_state_dict = filler.side
     stored = next((p.dtype for n, p in model.named_parameters() if p.is_floating_point()
                    and not n.endswith(FP32_PARAMS)), torch.float32)  # fmt: skip
@@ -285,6 +286,29 @@ def load(
     model.config.name_or_path = str(path)
     _generation_config(model, path)
     return model.eval()
+
+
+def _sharder(fsdp: bool, zero3: dict | None):
+    """What shards a module over the process group as the load reads it: FSDP2's `fully_shard`, or ZeRO-3's
+    partitioning of an already built module; None for a whole model."""
+    if fsdp and zero3 is not None:
+        raise ValueError("fsdp and zero3: pick one way to shard the model")
+    if not fsdp and zero3 is None:
+        return None
+    if not torch.distributed.is_initialized():
+        raise ValueError(f"{'fsdp=True' if fsdp else 'zero3'}: no process group (launch with torchrun; the Trainer's "
+                         "arguments or init_process_group start it)")  # fmt: skip
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        return fully_shard
+    import deepspeed
+
+    def partition(module: nn.Module) -> nn.Module:  # (params already partitioned are skipped: the root comes last)
+        deepspeed.zero.Init(module=module, config_dict_or_path=zero3, mem_efficient_linear=False)
+        return module
+
+    return partition
 
 
 def _generation_config(model, path: Path) -> None:

@@ -48,11 +48,15 @@ class SlotKVCache:
         return _FreshView(self, slots, lengths)
 
 
-class _SlotView(KVCache):
-    """Batch-1 view of one slot for a prefill chunk."""
+class _SlotView(FusedCache):
+    """Batch-1 view of one slot for a prefill chunk or a speculative verify. A `FusedCache`: a chunk of one token,
+    or a short continuation (`runtime.fused.FusedDecoderStack`), takes the fused decode calls, which write into the
+    slot's buffers themselves (`reserve`)."""
 
     def __init__(self, cache: SlotKVCache, i: int) -> None:
         self.cache, self.i, self.start = cache, i, cache.lengths[i]
+        self.dtype = cache.dtype
+        self.reserved = [0] * cache.layers  # per layer: tokens the fused calls have written past `start`
 
     @property
     def rope_deltas(self):
@@ -74,6 +78,15 @@ class _SlotView(KVCache):
         if layer_idx == c.layers - 1:
             c.lengths[self.i] = end
         return c.k[layer_idx][self.i : self.i + 1, :, :end], c.v[layer_idx][self.i : self.i + 1, :, :end]
+
+    def reserve(self, layer_idx: int, n: int = 1) -> Slot:
+        c, at = self.cache, self.start + self.reserved[layer_idx]
+        if at + n > c.max_len:
+            raise ValueError(f"the KV cache slot holds {c.max_len} tokens; this step needs {at + n}")
+        self.reserved[layer_idx] += n
+        if layer_idx == c.layers - 1:
+            c.lengths[self.i] = at + n
+        return Slot(c.k[layer_idx][self.i : self.i + 1], c.v[layer_idx][self.i : self.i + 1], at)
 
 
 class _DecodeView(FusedCache):

@@ -69,9 +69,13 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def build_model(cfg: dict):
+def build_model(cfg: dict, zero3: dict | None = None):
+    """The model and processor a recipe names; zero3 (the Trainer's resolved DeepSpeed config): load partitioned."""
     q = _quantize_spec(cfg) if cfg["model"]["quantize"] else None
-    model, processor = _model_and_processor(cfg["model"], cfg["train"], q)
+    if zero3 is not None and (q is not None or not cfg["model"].get("path")):
+        raise ValueError("train.deepspeed ZeRO-3 loads a checkpoint partitioned layer by layer: give model.path (not "
+                         "a preset) and no model.quantize")  # fmt: skip
+    model, processor = _model_and_processor(cfg["model"], cfg["train"], q, zero3)
     for option, apply in TOKENIZER_OPTIONS.items():  # e.g. split_numbers (saved with the model)
         if cfg["model"].get(option):
             log.info("%s: %d tokenizer changes", option, apply(processor.tokenizer))
@@ -102,10 +106,11 @@ def _quantize_spec(cfg: dict) -> dict:
     return {"group_size": 32, "experts": True, **q}
 
 
-def _model_and_processor(m: dict, train: dict, q: dict | None = None):
+def _model_and_processor(m: dict, train: dict, q: dict | None = None, zero3: dict | None = None):
     if m.get("path"):
         each = None if q is None else partial(quantize_modules, **q, progress=False)
-        return load(m["path"], dtype=m.get("dtype"), on_layer=each), load_processor(m.get("tokenizer") or m["path"])
+        model = load(m["path"], dtype=m.get("dtype"), on_layer=each, zero3=zero3)
+        return model, load_processor(m.get("tokenizer") or m["path"])
     if not m.get("preset") or not m.get("tokenizer"):
         raise ValueError("model: give `path` (a checkpoint), or `preset` plus `tokenizer` (a directory, or `demo`)")
     torch.manual_seed(train["seed"])
@@ -232,8 +237,12 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     if cfg["train"]["fsdp"] and not torch.cuda.is_available():  # the Trainer would run plain DDP without a word
         raise ValueError("train.fsdp: transformers' Trainer shards with FSDP on GPUs only and falls back to DDP on "
                          "CPU; leave it out here (FSDP2 on CPU: apply torch's fully_shard yourself)")  # fmt: skip
-    model, proc = build_model(cfg)
     d, t = cfg["data"], cfg["train"]
+    args = _arguments(t)  # first: under ZeRO-3 the load partitions each layer with the config the Trainer resolved
+    ds = getattr(args, "hf_deepspeed_config", None)
+    model, proc = build_model(cfg, zero3=ds.config if ds is not None and ds.is_zero3() else None)
+    if t["ddp_find_unused_parameters"] is None and _sparse(model):
+        args.ddp_find_unused_parameters = True
     torch.set_flush_denormal(True)  # saturated softmax tails otherwise slow CPU steps several-fold
     source = next((name for name in SOURCES if d.get(name)), None)  # a registered source (e.g. the demo's)
     if source is not None:
@@ -272,17 +281,6 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     else:
         dataset = samples
         collator = lambda batch: collate_padded(batch, pad, positions)  # noqa: E731
-    args = TrainingArguments(
-        output_dir=t["output_dir"], max_steps=t["max_steps"], learning_rate=t["learning_rate"],
-        per_device_train_batch_size=t["batch_size"], gradient_accumulation_steps=t["grad_accum"],
-        warmup_steps=t["warmup_steps"], lr_scheduler_type=t["lr_scheduler"], weight_decay=t["weight_decay"],
-        seed=t["seed"], data_seed=t["seed"], save_steps=t["save_steps"], logging_steps=t["logging_steps"],
-        bf16=t["bf16"], max_grad_norm=t["max_grad_norm"], remove_unused_columns=False, report_to=[],
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        disable_tqdm=t["disable_tqdm"],
-        **{k: (_deepspeed(t[k]) if k == "deepspeed" else t[k]) for k in DISTRIBUTED if t[k] is not None},
-        **({"ddp_find_unused_parameters": True} if t["ddp_find_unused_parameters"] is None and _sparse(model) else {}),
-    )  # fmt: skip
     trainer = Ernie45Trainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
         weights=LossWeights(**cfg["losses"]), dpo=DPOSettings(**cfg["dpo"]) if cfg["dpo"] else None,
@@ -292,6 +290,19 @@ def build_trainer(cfg: dict) -> Ernie45Trainer:
     trainer.processor = proc
     trainer.ernie45_config = cfg
     return trainer
+
+
+def _arguments(t: dict) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=t["output_dir"], max_steps=t["max_steps"], learning_rate=t["learning_rate"],
+        per_device_train_batch_size=t["batch_size"], gradient_accumulation_steps=t["grad_accum"],
+        warmup_steps=t["warmup_steps"], lr_scheduler_type=t["lr_scheduler"], weight_decay=t["weight_decay"],
+        seed=t["seed"], data_seed=t["seed"], save_steps=t["save_steps"], logging_steps=t["logging_steps"],
+        bf16=t["bf16"], max_grad_norm=t["max_grad_norm"], remove_unused_columns=False, report_to=[],
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        disable_tqdm=t["disable_tqdm"],
+        **{k: (_deepspeed(t[k]) if k == "deepspeed" else t[k]) for k in DISTRIBUTED if t[k] is not None},
+    )  # fmt: skip
 
 
 def run(cfg: dict, resume: bool = False) -> Path:
