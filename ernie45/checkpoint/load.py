@@ -304,6 +304,8 @@ def _sharder(fsdp: bool, zero3: dict | None):
         return fully_shard
     import deepspeed
 
+    deepspeed.init_distributed()  # (over the torch process group: its config reads the world size from it)
+
     def partition(module: nn.Module) -> nn.Module:  # (params already partitioned are skipped: the root comes last)
         deepspeed.zero.Init(module=module, config_dict_or_path=zero3, mem_efficient_linear=False)
         return module

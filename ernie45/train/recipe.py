@@ -321,7 +321,12 @@ def run(cfg: dict, resume: bool = False) -> Path:
         print(f"ernie45 train: resuming from {newest}{note}", file=sys.stderr, flush=True)
         checkpoint = str(newest)
     trainer.train(resume_from_checkpoint=checkpoint)
-    final = out / "final"
+    return save_final(trainer)
+
+
+def save_final(trainer: Ernie45Trainer) -> Path:
+    """Write the trained model with its tokenizer to OUTPUT_DIR/final (one writer; sharded weights gathered)."""
+    final = Path(trainer.args.output_dir) / "final"
     model = trainer.model
     if hasattr(model, "merge_and_unload"):  # LoRA
         quantized = bool(trainer.ernie45_config["model"]["quantize"])  # (the merged recipe: every key is there)
