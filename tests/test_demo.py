@@ -201,10 +201,11 @@ def test_worked_sums_and_differences_add_up_column_by_column():
 
 def test_smoke_recipe_trains(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ernie45", "train", "recipes/demo-omni-smoke.yaml",
-                        f"train.output_dir={tmp_path}", "train.disable_tqdm=true"],
+                        f"train.output_dir={tmp_path}", "train.disable_tqdm=true", "train.max_steps=6",
+                        "train.save_steps=3"],
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "final" / "model.safetensors").is_file() and (tmp_path / "checkpoint-3").is_dir()
     llm = ernie45.LLM(tmp_path / "final")
     out = llm.chat([{"role": "user", "content": "Who are you?"}], ernie45.SamplingParams(max_tokens=4))
     assert out[0].completion_tokens >= 1
