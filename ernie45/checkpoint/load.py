@@ -258,12 +258,11 @@ def load(
         model.config.name_or_path = str(path)
         _generation_config(model, path)
         return model.eval()
+    if (fsdp or zero3 is not None) and (on_layer is not None or expert_shard):
+        raise ValueError(f"{'fsdp' if fsdp else 'zero3'}: the load shards every layer itself; it does not combine "
+                         "with on_layer (a quantizing load) or expert_shard")  # fmt: skip
     shard = _sharder(fsdp, zero3)
-    if shard is not None:
-        if on_layer is not None or expert_shard:
-            raise ValueError(f"{'fsdp' if fsdp else 'zero3'}: the load shards every layer itself; it does not combine "
-                             "with on_layer (a quantizing load) or expert_shard")  # fmt: skip
-        on_layer = shard
+    on_layer = shard or on_layer
     files, kind = weight_files(path, allow_pickle)
     tensors = list(iter_tensors(files, kind))
     model = _with_mtp(config, [t[0] for t in tensors])
