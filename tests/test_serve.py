@@ -330,10 +330,9 @@ def test_engine_reuses_a_cached_prompt_prefix(llm):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_the_serve_command_answers_and_stops_on_a_signal(sig, tmp_path):
+def test_the_serve_command_answers_and_stops_on_a_signal():
     """`ernie45 serve DIR`: the engine steps on the main thread, HTTP on another; a request is answered, and
-    Ctrl-C or SIGTERM ends the process (it must not hang)."""
+    Ctrl-C or SIGTERM ends the process (it must not hang). One server per signal, side by side."""
     import signal
     import socket
     import subprocess
@@ -342,34 +341,41 @@ def test_the_serve_command_answers_and_stops_on_a_signal(sig, tmp_path):
 
     from ernie45.demo import default_model_path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731  (a background suite ignores it)
-    proc = subprocess.Popen([sys.executable, "-m", "ernie45", "serve", str(default_model_path()), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore)  # fmt: skip
+    servers = {}
+    for sig in ("SIGINT", "SIGTERM"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "ernie45", "serve", str(default_model_path()), "--port", str(port)]
+        servers[sig] = (f"http://127.0.0.1:{port}", subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                                     stderr=subprocess.PIPE, text=True,
+                                                                     preexec_fn=restore))  # fmt: skip
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.3)
-        body = {"model": "demo-omni", "messages": [{"role": "user", "content": "What is 12 plus 7?"}], "max_tokens": 40}
-        reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
-        assert "19" in reply["choices"][0]["message"]["content"]
-        proc.send_signal(getattr(signal, sig))
-        out, err = proc.communicate(timeout=30)
-        assert proc.returncode in (0, 130), err
-        assert "runtime:" in err and "Traceback" not in err
+        for sig, (url, proc) in servers.items():
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, proc.communicate()
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.3)
+            body = {"model": "demo-omni", "messages": [{"role": "user", "content": "What is 12 plus 7?"}],
+                    "max_tokens": 40}  # fmt: skip
+            reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
+            assert "19" in reply["choices"][0]["message"]["content"]
+            proc.send_signal(getattr(signal, sig))
+        for sig, (_, proc) in servers.items():
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode in (0, 130), (sig, err)
+            assert "runtime:" in err and "Traceback" not in err, sig
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for _, proc in servers.values():
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_fresh_prompts_prefill_together_and_answer_as_alone(llm):
