@@ -68,6 +68,30 @@ def run(llm: LLM, prompts: list, k: int | str, tokens: int, to_end: bool = False
     return seconds, new, engine.stats["accepted_tokens"] / max(drafted, 1)
 
 
+def verify_cost(llm: LLM, prompt: int = 60, runs: int = 600) -> str:
+    """Median ms of one forward of T = 1, 2, 3 tokens after a `prompt`-token cache (T = 1: a decode step; T > 1: a
+    verify), the T values interleaved run by run."""
+    import statistics
+
+    import torch
+
+    from ernie45.engine.cache import StaticKVCache
+
+    model = llm.model
+    cache = StaticKVCache.for_model(model, 1, prompt + 8)
+    times: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    with torch.inference_mode():
+        model.model(input_ids=torch.randint(100, 1000, (1, prompt)), cache=cache)
+        for _ in range(runs):
+            for t in times:
+                ids, mask = torch.randint(100, 1000, (1, t)), torch.ones(1, prompt + t, dtype=torch.long)
+                cache.lengths = [prompt] * len(cache.lengths)
+                start = time.perf_counter()
+                model.model(input_ids=ids, cache=cache, attention_mask=mask)
+                times[t].append(time.perf_counter() - start)
+    return "  ".join(f"T = {t}: {statistics.median(v) * 1e3:.2f} ms" for t, v in times.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
@@ -83,6 +107,7 @@ def main() -> None:
     head = f"{'prompt':16} {'plain tok/s':>12} {'ngram tok/s':>12} {'ratio':>6} {'accepted':>9}"
     print(head + (f" {'mtp tok/s':>10} {'ratio':>6} {'accepted':>9}" if mtp else ""))
     cases = [(name, [p], False) for name, p in PROMPTS.items()] + [(n, ps, True) for n, ps in ANSWERS.items()]
+    print(f"one forward after a 60-token prompt (median of 600): {verify_cost(llm)}")
     methods = [0, args.k, "mtp"] if mtp else [0, args.k]
     for name, prompts, to_end in cases:
         for k in methods:

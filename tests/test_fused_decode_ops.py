@@ -434,3 +434,23 @@ def test_a_kernel_call_lets_other_python_threads_run():
     thread.join()
     assert call > 0.01, "the call is too short to tell"
     assert gap < call / 2, f"this thread stalled {gap * 1e3:.1f} ms; one call takes {call * 1e3:.1f} ms"
+
+
+def test_the_prefetch_distance_is_chosen_said_and_changes_no_number():
+    """The weight stream's prefetch distance is picked per CPU (vendor default, a timed check) and said in the
+    runtime report; any distance gives the same numbers, and a bad one is refused."""
+    ops = kernels.kernel()
+    chosen = kernels.PREFETCH["bytes"]
+    assert chosen in kernels.PREFETCH_CANDIDATES and "measured GB/s" in kernels.PREFETCH["why"]
+    w, x = torch.randn(300, 256).to(torch.bfloat16), torch.randn(3, 256).to(torch.bfloat16)
+    try:
+        outs = []
+        for pf in kernels.PREFETCH_CANDIDATES:
+            ops.set_prefetch(pf)
+            outs.append(ops.gemv_bf16(x, w, False))
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        assert torch.allclose(outs[0], x.float() @ w.float().T, rtol=1e-2, atol=1e-2)
+        with pytest.raises(RuntimeError, match="multiple of 64"):
+            ops.set_prefetch(100)
+    finally:
+        ops.set_prefetch(chosen)

@@ -84,7 +84,12 @@ def prepare(model: nn.Module, plan: Plan | None = None) -> Report:
     reason = kernels.unavailable() if cpu else f"a {model.device.type} device (the CPU kernels do not apply)"
     if reason is None and kernels.kernel() is None:
         reason = "the build failed (see the warning above)"
-    report.add("CPU kernels", "on (AVX512-BF16)" if reason is None else f"off: {reason}")
+    if reason is None:
+        pf = kernels.PREFETCH
+        ahead = f"{pf['bytes']} B ahead" if pf.get("bytes") else "none"
+        report.add("CPU kernels", f"on (AVX512-BF16; weight prefetch {ahead}: {pf.get('why', 'default')})")
+    else:
+        report.add("CPU kernels", f"off: {reason}")
     model.eval()
     layered = getattr(model, "quantized_while_loading", False)
     if plan.owned:

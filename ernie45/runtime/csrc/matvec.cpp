@@ -7,22 +7,37 @@
 #include <cstring>
 #include <type_traits>
 
-// Every weight row is streamed once, start to end, with a software prefetch PF bytes ahead (the hardware
-// prefetcher stops at each 4 KB page): on 2 cores 22-26 GB/s, against 16-18 for oneDNN's packed bf16 kernel
-// and for four rows read interleaved. Each input row (M <= 8) is dotted with the weight bytes while they sit in
+// Every weight row is streamed once, start to end. On the Intel part a software prefetch 2 KB ahead (its
+// hardware prefetcher stops at each 4 KB page) gave 22-26 GB/s on 2 cores, against 16-18 for oneDNN's packed bf16
+// kernel and for four rows read interleaved; on an AMD EPYC the same prefetch cost 9% of a decode step's matvecs
+// against none. So the distance is the process's (`set_prefetch`: bytes ahead, 0 none), which `kernels.py` picks
+// by timing the candidates on this CPU. Each input row (M <= 8) is dotted with the weight bytes while they sit in
 // L1: dot(acc, row, k) adds columns k..k+63 bytes' worth of every input row into acc[m]; y = finish(sum, n).
-constexpr int64_t PF = 2048;
+static int64_t prefetch_ahead = 2048;
+constexpr int64_t INT4_PF = 2048;  // the int4 tiles' distance (their loop decodes more per byte; not measured apart)
+
+int64_t set_prefetch(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0 && bytes <= (1 << 16) && bytes % 64 == 0, "prefetch distance: 0..65536, a multiple of 64");
+  const int64_t before = prefetch_ahead;
+  prefetch_ahead = bytes;
+  return before;
+}
 
 template <class Out, class Dot, class Finish>
 void stream_rows(int64_t M, int64_t N, int64_t row_bytes, const char* base, Out* Y, Dot dot, Finish finish) {
+  const int64_t pf = prefetch_ahead;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const char* row = base + n * row_bytes;
       __m512 acc[8];
       for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-      for (int64_t b = 0; b < row_bytes; b += 64) {
-        _mm_prefetch(row + b + PF, _MM_HINT_T0);
-        dot(acc, row + b, b);
+      if (pf) {
+        for (int64_t b = 0; b < row_bytes; b += 64) {
+          _mm_prefetch(row + b + pf, _MM_HINT_T0);
+          dot(acc, row + b, b);
+        }
+      } else {
+        for (int64_t b = 0; b < row_bytes; b += 64) dot(acc, row + b, b);
       }
       for (int64_t m = 0; m < M; ++m) Y[m * N + n] = Out(finish(_mm512_reduce_add_ps(acc[m]), n));
     }
@@ -128,8 +143,8 @@ static void int4_tile_rows(const Int4Rows& a, int64_t t, int64_t m0) {
         for (int i = 0; i < 4; ++i) dot[r][i] = _mm512_setzero_si512();
       for (int64_t k = b * 32; k < b * 32 + 32; k += 4) {
         const char* col = reinterpret_cast<const char*>(a.T + (t * K + k) * 32);
-        _mm_prefetch(col + PF, _MM_HINT_T0);
-        _mm_prefetch(col + PF + 64, _MM_HINT_T0);
+        _mm_prefetch(col + INT4_PF, _MM_HINT_T0);
+        _mm_prefetch(col + INT4_PF + 64, _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(col), c = _mm512_loadu_si512(col + 64);
         const __m512i vlo = _mm512_and_si512(v, low), clo = _mm512_and_si512(c, low);
         const __m512i vhi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);

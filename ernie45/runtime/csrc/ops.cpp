@@ -44,6 +44,7 @@ static torch::Tensor moe_block(torch::Tensor h, at::TensorList weights, at::IntA
 }
 
 TORCH_LIBRARY(ernie45, m) {
+  m.def("set_prefetch(int bytes) -> int", &set_prefetch);  // no tensor to dispatch on: one kernel for all
   m.def("gemv_bf16(Tensor x, Tensor w, bool bf16_out) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor tiles, Tensor scales_zeros, int group) -> Tensor");
