@@ -117,16 +117,11 @@ def test_rope_matches_the_complex_rotation_on_a_strided_view(dtype):
     assert not kernels.fused(torch.zeros(512, 1024))  # prefill-sized: torch's multi-threaded ops
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4"])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("dense", [False, True])
-def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
-    """A decode step's attention half and dense MLP half as one call each (`Attention.decode_block`,
-    `SwiGLU.decode_block`), and a dense stack's step as one call (`dense_stack`): the same logits as the
-    layer-by-layer eager step, through a padded batch's mask."""
+def _tiny_fast_model(kind: str, dense: bool):
+    """A tiny random model (3 dense layers, or a dense layer then MoE layers) as the engine runs it: projections
+    fused, bf16 linears packed or int4 codes, the fast modules swapped in."""
     from chat_fixtures import tiny_chat_config
 
-    from ernie45.engine.cache import StaticKVCache
     from ernie45.model.trunk import Ernie45ForConditionalGeneration
     from ernie45.runtime.packed import pack_bf16_linears
     from ernie45.runtime.prepare import fuse_projections, use_fast_modules
@@ -145,6 +140,19 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
             pytest.skip("no AVX512-VBMI / VNNI here: int4 layers run op by op on torch's kernel")
         quantize(model, bits=4)
     use_fast_modules(model)
+    return model, config
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dense", [False, True])
+def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
+    """A decode step's attention half and dense MLP half as one call each (`Attention.decode_block`,
+    `SwiGLU.decode_block`), and a dense stack's step as one call (`dense_stack`): the same logits as the
+    layer-by-layer eager step, through a padded batch's mask."""
+    from ernie45.engine.cache import StaticKVCache
+
+    model, config = _tiny_fast_model(kind, dense)
     ids = torch.randint(3, 300, (batch, 7))
     padding = torch.ones(batch, 9, dtype=torch.long)
     padding[-1, :2] = 0  # the last row left-padded (a no-op mask for one row)
@@ -235,22 +243,9 @@ def test_a_short_continuation_takes_the_decode_calls_token_by_token(kind, dense)
     """A speculative verify (the last token and its drafts after a cached prompt, one forward) runs through the
     decode calls token by token: the logits of decoding those tokens one at a time, which greedy speculation
     must reproduce, and close to the generic path's."""
-    from chat_fixtures import tiny_chat_config
-
     from ernie45.engine.cache import StaticKVCache
-    from ernie45.model.trunk import Ernie45ForConditionalGeneration
-    from ernie45.runtime.packed import pack_bf16_linears
-    from ernie45.runtime.prepare import fuse_projections, use_fast_modules
 
-    torch.manual_seed(0)
-    layout = {"num_hidden_layers": 3, "moe_layer_start_index": 3} if dense else {"moe_layer_start_index": 1}
-    config = tiny_chat_config(300, hidden_size=64, intermediate_size=128, head_dim=32, **layout)
-    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
-    model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
-    fuse_projections(model)
-    if kind == "bf16":
-        assert pack_bf16_linears(model) > 0
-    use_fast_modules(model)
+    model, config = _tiny_fast_model(kind, dense)
     ids = torch.randint(3, 300, (1, 9))
     calls, block = [], kernels.attention_block
 
