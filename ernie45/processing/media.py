@@ -13,6 +13,7 @@ import io
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -47,8 +48,19 @@ def check_cancelled() -> None:
         raise Cancelled("the request was cancelled while its media were being read")
 
 
+@dataclass(frozen=True)
+class Fit:
+    """An image to use scaled down to fit `side` x `side` (never up): OpenAI's `detail: "low"`. Decoded where the
+    processor decodes every image (a server's bounded, cancellable media pool), not where the request is read."""
+
+    source: MediaInput
+    side: int
+
+
 def describe(source: Any) -> str:
     """A short name for an input, for error messages."""
+    if isinstance(source, Fit):
+        return describe(source.source)
     if isinstance(source, (bytes, bytearray)):
         return f"<{len(source)} bytes>"
     if isinstance(source, str) and source.startswith("data:"):
@@ -83,6 +95,14 @@ def load_image(source: MediaInput, max_pixels: int = MAX_IMAGE_PIXELS,
     """An RGB PIL image from any supported input. Over `max_pixels` it is refused from its header, unread;
     target_pixels: a JPEG over 16x this decodes at a reduced scale (1/2, 1/4 or 1/8) that keeps at least 4x this
     many pixels, as it will be resized down to it anyway (a fraction of a full decode's memory and time)."""
+    if isinstance(source, Fit):
+        fit = source.side**2
+        img = load_image(source.source, max_pixels, min(target_pixels, fit) if target_pixels else fit)
+        if max(img.size) <= source.side:
+            return img
+        img = img.copy()
+        img.thumbnail((source.side, source.side))
+        return img
     if isinstance(source, Image.Image):
         return _check_size(source, source, max_pixels).convert("RGB")
     if isinstance(source, np.ndarray):

@@ -16,27 +16,13 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import httpx
 
+from ..processing.media import Fit
 from .protocol import APIError
 
 KINDS = {"image_url": ("image", "image_url"), "video_url": ("video", "video_url"), "input_audio": ("audio", None)}
 
 
-LOW_DETAIL_SIDE = 512
-
-
-def _low_detail(source: Any) -> Any:
-    """OpenAI's `detail: "low"`: the picture scaled down to fit 512 x 512 (never up), so it costs fewer tokens."""
-    from ..processing.media import load_image
-
-    try:
-        img = load_image(source, target_pixels=LOW_DETAIL_SIDE**2)
-    except ValueError as e:  # as the processor's own decoding reports it
-        raise APIError(422, str(e), param="image_url") from None
-    if max(img.size) <= LOW_DETAIL_SIDE:
-        return img
-    img = img.copy()
-    img.thumbnail((LOW_DETAIL_SIDE, LOW_DETAIL_SIDE))
-    return img
+LOW_DETAIL_SIDE = 512  # OpenAI's `detail: "low"`: the picture fitted into 512 x 512 first, so it costs fewer tokens
 
 
 class MediaPolicy:
@@ -79,7 +65,7 @@ class MediaPolicy:
         else:
             source = self._source(url, kind)
         if kind == "image_url" and part[field].get("detail") == "low":
-            source = await asyncio.to_thread(_low_detail, source)
+            source = Fit(source, LOW_DETAIL_SIDE)  # scaled where the processor decodes it (the media pool)
         return {"type": native, native: source, **sound}
 
     def _source(self, url: str, param: str) -> str | bytes | Path:
