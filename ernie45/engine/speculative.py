@@ -183,7 +183,8 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
     if req.mtp is None:
         req.mtp = (MTPCache(), [], start - min(MTP_WINDOW, start))
     mtp_cache, draft, base = req.mtp
-    history = [*req.encoded["input_ids"], *req.row.token_ids][base:start] if base < start else []
+    prompt = req.encoded["input_ids"]  # positions base..start of prompt + answer, without joining the two whole
+    history = [*prompt[base:start], *req.row.token_ids[max(base - len(prompt), 0) : max(start - len(prompt), 0)]]
     ids = torch.tensor([[*history, req.last_token, *draft]], device=model.device)
     cache.lengths[slot] = base  # the recomputed positions get the same keys and values again
     mask = torch.ones(1, base + ids.shape[1], dtype=torch.long, device=model.device)
