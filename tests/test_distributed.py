@@ -59,6 +59,20 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+# every launched script ends by leaving the process group: a gloo group torn down by the interpreter's exit instead
+# aborts now and then ("terminate called without an active exception", SIGABRT after all the work was done)
+LEAVE = textwrap.dedent("""
+    import torch.distributed as _dist
+    if _dist.is_available() and _dist.is_initialized():
+        _dist.barrier()
+        _dist.destroy_process_group()
+""")
+
+
+def _write(path, script: str) -> None:
+    path.write_text(script + LEAVE)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -71,7 +85,7 @@ def setup(tmp_path_factory):
         )
         + "\n"
     )
-    (root / "run.py").write_text(SCRIPT)
+    _write(root / "run.py", SCRIPT)
     return root, model
 
 
@@ -249,7 +263,7 @@ def test_fsdp2_keeps_the_moe_losses_and_the_bias_update(setup, tmp_path):
     ever holds more than one whole decoder layer, and each rank ends with half the weights."""
     root, model = setup
     script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_SCRIPT)
+    _write(script, FSDP_SCRIPT)
     base = [str(script), str(model), str(tmp_path)]
     for cmd in (
         [sys.executable, *base, "0"],
@@ -367,7 +381,7 @@ def _on_two_ranks(script: str, name: str, tmp_path, model) -> dict[tuple[int, st
     each rank wrote to `{name}-{rank}-{checkpoint}`."""
     vl = write_chat_checkpoint(tmp_path / "vl", vision=True)
     path = tmp_path / f"{name}.py"
-    path.write_text(script)
+    _write(path, script)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(path),
            str(tmp_path), str(model), str(vl)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

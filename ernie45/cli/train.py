@@ -60,8 +60,19 @@ def cmd_train(args: argparse.Namespace) -> None:
         final = run(cfg, resume=args.resume)
     except (DataError, ValueError) as e:
         raise UsageError(str(e)) from None
+    finally:
+        _leave_process_group()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per process
         print(f"trained model written to {final}")
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before the interpreter exits: a gloo group left to the exit's
+    teardown now and then aborts the process (SIGABRT) after the work is done, and torchrun reports a failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
