@@ -9,8 +9,10 @@ experts"), and on 4 KB pages) against transformers eager and llama.cpp, side by 
     python benchmarks/decode.py --batch 8 --prompt 2048 --new 64
 
 Random weights (speed does not depend on them). Prefill tok/s = prompt tokens / time to the first token;
-decode tok/s = batch x (new - 1) / (time for new tokens - time to the first token). The bound column is the
-memory-bandwidth limit: measured read bandwidth / weight bytes read per decode step. The llama.cpp rows (the
+decode tok/s at batch 1 = the tokens streamed after the first / the time from the first to the last (llama.cpp's
+rows time their single-token steps the same way), at batch > 1 = batch x (new - 1) / (time for new tokens - time
+to the first token). The bound column is the memory-bandwidth limit: measured read bandwidth / weight bytes read
+per decode step (at a long prompt the KV cache is read too: the bound ignores it). The llama.cpp rows (the
 same checkpoint as GGUF BF16, Q8_0, Q4_0, through llama-cpp-python) appear once `benchmarks/setup_llamacpp.sh`
 has installed it.
 """
@@ -29,27 +31,10 @@ from pathlib import Path
 
 import llamacpp
 import torch
+from machine import read_bandwidth
 
 from ernie45.runtime import decode_stack, hugepages, kernels
 from ernie45.runtime.fused import FastExpertGroup, FusedAttention, FusedMoEBlock, FusedSwiGLU
-
-
-def read_bandwidth(gib: float = 1.0, repeat: int = 5) -> tuple[float, float]:
-    """Bytes/s of a streaming read (a sum over a large fp32 tensor) on 4 KB pages and, where the kernel moves it,
-    on 2 MB pages (the bound uses the faster: what the machine can do)."""
-    x = torch.ones(int(gib * (1 << 30)) // 4)
-
-    def speed() -> float:
-        x.sum()
-        best = float("inf")
-        for _ in range(repeat):
-            t = time.perf_counter()
-            x.sum()
-            best = min(best, time.perf_counter() - t)
-        return x.numel() * 4 / best
-
-    small = speed()
-    return small, speed() if hugepages.collapse_process_memory() else small
 
 
 def make_checkpoint(shape: str, out: Path) -> Path:
@@ -102,8 +87,24 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
         if llm.decoder.failed:
             print(f"    compile failed, eager numbers: {llm.decoder.failed}", flush=True)
     first = timed(run(1))
-    whole = timed(run(new), repeat=1)
-    return batch * prompt / first, batch * (new - 1) / (whole - first), bytes_per_step(llm.model, batch)
+    if batch == 1:  # decode timed from the first token's arrival: at a long prompt, the difference of two prefills'
+        decode = streamed_decode(llm, ids[0], new)  # times (their noise) would swamp the decode's
+    else:
+        decode = batch * (new - 1) / (timed(run(new), repeat=1) - first)
+    return batch * prompt / first, decode, bytes_per_step(llm.model, batch)
+
+
+def streamed_decode(llm, ids: list[int], new: int) -> float:
+    """Decode tok/s of one streamed answer: tokens after the first delta / the time from it to the last."""
+    from ernie45.engine import SamplingParams
+
+    start, after = None, 0
+    for delta in llm.stream(ids, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)):
+        if start is None and delta.token_ids:
+            start = time.perf_counter()
+        elif start is not None:
+            after += len(delta.token_ids)
+    return after / (time.perf_counter() - start)
 
 
 @contextlib.contextmanager

@@ -64,7 +64,10 @@ def test_silu_mul_matches_silu_times_up_including_tails_and_extremes(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "dim"), [(1, 16, 2, 300, 128), (3, 6, 3, 17, 32)])
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "length", "dim"),
+    [(1, 16, 2, 300, 128), (3, 6, 3, 17, 32), (1, 20, 4, 16, 128), (2, 5, 5, 5, 64)],
+)  # query heads per KV head 8, 2, 5 (21B-A3B), 1; keys in whole blocks of 16, with a tail, or fewer than 16
 def test_decode_attention_matches_sdpa_on_cache_views_with_a_mask(dtype, batch, heads, kv_heads, length, dim):
     torch.manual_seed(0)
     buf_k, buf_v = (torch.randn(batch, kv_heads, length + 9, dim).to(dtype) for _ in range(2))

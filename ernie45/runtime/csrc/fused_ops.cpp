@@ -120,94 +120,150 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return y;
 }
 
+// Lane i of the result = the sum of a[i]'s 16 lanes: 16 horizontal sums in 45 shuffles and adds, where one
+// _mm512_reduce_add_ps per vector would take ~8 dependent steps each.
+static inline __m512 sum16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3] of x = a[2k], y = a[2k+1]
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k)  // per lane: the lane's sums of a[4k], ..., a[4k + 3]
+    c[k] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // Attention of one query per row over a KV cache: q [B, H, 1, D] contiguous; k, v [B, KV, L, D] views whose
 // last dim is contiguous (a cache buffer's first L positions); allowed [B, L] bool or empty (all allowed);
 // D % 16 == 0, D <= 256. Query head h reads KV head h / (H / KV). One task per (row, KV head): the KV head's keys
-// and values are read once for its H / KV query heads; scores, softmax and sums in fp32; out [B, H, 1, D] in T.
+// and values are read once for its G = H / KV query heads; scores, softmax and sums in fp32; out [B, H, 1, D] in T.
+// At depth this is compute, not bandwidth (the cache of a layer fits the L3): G is a template argument so that
+// the G running sums stay in registers (with G known only at run time they lived on the stack, and every
+// multiply-add waited for the one before through memory), the bf16 scores are taken 16 keys at a time (one
+// `sum16` for 16 dot products), and the values are summed tile by tile (TILE keys, whose rows stay in L1 while
+// every 16 columns are added) instead of in one pass over the whole cache per 16 columns.
+struct QueryTask {
+  int64_t L, D;
+  const int64_t *ks, *vs;
+  float scale;
+};
+
+template <class T, int G>
+static void attend_group(const QueryTask& a, const T* Q, const T* k, const T* v, const bool* allowed, T* O,
+                         float* s, float* acc_out) {
+  constexpr int64_t TILE = 64;
+  const int64_t L = a.L, D = a.D, C = D / 16;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (D % 32 == 0) {  // bf16 pairs straight into fp32 (exact products): half the instructions, no widening
+      for (; j + 16 <= L; j += 16)  // (masked keys too: their scores are overwritten below)
+        for (int h = 0; h < G; ++h) {
+          const uint16_t* qr = reinterpret_cast<const uint16_t*>(Q + h * D);
+          __m512bh qv[8];
+          for (int64_t c = 0; c < D / 32; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(qr + 32 * c);
+          __m512 dots[16];
+          for (int u = 0; u < 16; ++u) {
+            const uint16_t* kr = reinterpret_cast<const uint16_t*>(k + (j + u) * a.ks[2]);
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < D / 32; ++c)
+              acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kr + 32 * c));
+            dots[u] = acc;
+          }
+          _mm512_storeu_ps(s + h * L + j, _mm512_mul_ps(sum16(dots), _mm512_set1_ps(a.scale)));
+        }
+    }
+  }
+  if (j < L) {
+    __m512 q[G * 16];  // the scaled query heads, C <= 16 chunks each
+    for (int h = 0; h < G; ++h)
+      for (int64_t c = 0; c < C; ++c) q[h * C + c] = _mm512_mul_ps(load16(Q + h * D + 16 * c), _mm512_set1_ps(a.scale));
+    for (; j < L; ++j) {
+      if (allowed && !allowed[j]) continue;
+      __m512 kj[16];
+      for (int64_t c = 0; c < C; ++c) kj[c] = load16(k + j * a.ks[2] + 16 * c);
+      for (int h = 0; h < G; ++h) {
+        __m512 acc = _mm512_mul_ps(q[h * C], kj[0]);
+        for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(q[h * C + c], kj[c], acc);
+        s[h * L + j] = _mm512_reduce_add_ps(acc);
+      }
+    }
+  }
+  if (allowed)
+    for (int64_t jj = 0; jj < L; ++jj)
+      if (!allowed[jj])
+        for (int h = 0; h < G; ++h) s[h * L + jj] = -INFINITY;
+  float sums[G];
+  for (int h = 0; h < G; ++h) {
+    float* sh = s + h * L;
+    float mx = -INFINITY;
+    for (int64_t jj = 0; jj < L; ++jj) mx = std::max(mx, sh[jj]);
+    __m512 total = _mm512_setzero_ps();
+    int64_t jj = 0;
+    for (; jj + 16 <= L; jj += 16) {
+      const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(sh + jj), _mm512_set1_ps(mx)));
+      _mm512_storeu_ps(sh + jj, e);
+      total = _mm512_add_ps(total, e);
+    }
+    float sum = _mm512_reduce_add_ps(total);
+    if (jj < L) {
+      const __mmask16 tail = (__mmask16)((1u << (L - jj)) - 1);
+      const __m512 x = _mm512_maskz_loadu_ps(tail, sh + jj);
+      const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpos(_mm512_sub_ps(x, _mm512_set1_ps(mx))));
+      _mm512_mask_storeu_ps(sh + jj, tail, e);
+      sum += _mm512_reduce_add_ps(e);
+    }
+    sums[h] = sum;
+  }
+  // out[h] = sum_j p[h, j] v[j] / sums[h]: per 16 columns of v, all G heads at once, so each value is loaded
+  // (and widened) once for the group instead of once per head. Zero weights (masked positions, whose cache
+  // slots may hold anything) are skipped; a weight that underflowed to 0 adds an exact 0. Each head's sum runs
+  // over j in order, as one head at a time would.
+  std::fill(acc_out, acc_out + G * D, 0.f);
+  for (int64_t j0 = 0; j0 < L; j0 += TILE) {
+    const int64_t j1 = std::min(L, j0 + TILE);
+    for (int64_t c = 0; c < C; ++c) {
+      __m512 acc[G];
+      for (int h = 0; h < G; ++h) acc[h] = _mm512_load_ps(acc_out + h * D + 16 * c);
+      for (int64_t jj = j0; jj < j1; ++jj) {
+        if (allowed && !allowed[jj]) continue;
+        const __m512 vj = load16(v + jj * a.vs[2] + 16 * c);
+        for (int h = 0; h < G; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(s[h * L + jj]), vj, acc[h]);
+      }
+      for (int h = 0; h < G; ++h) _mm512_store_ps(acc_out + h * D + 16 * c, acc[h]);
+    }
+  }
+  float out[16];
+  for (int h = 0; h < G; ++h)
+    for (int64_t c = 0; c < C; ++c) {
+      T* o = O + h * D + 16 * c;
+      _mm512_storeu_ps(out, _mm512_div_ps(_mm512_load_ps(acc_out + h * D + 16 * c), _mm512_set1_ps(sums[h])));
+      for (int i = 0; i < 16; ++i) o[i] = T(out[i]);
+    }
+}
+
+template <class T, int... Gs>
+static auto group_kernels(std::integer_sequence<int, Gs...>) {
+  using Fn = void (*)(const QueryTask&, const T*, const T*, const T*, const bool*, T*, float*, float*);
+  return std::array<Fn, sizeof...(Gs)>{&attend_group<T, Gs + 1>...};
+}
+
 template <class T>
 void one_query_attention(const T* Q, const T* K, const T* V, const bool* A, T* O, int64_t B, int64_t H,
                          int64_t KV, int64_t L, int64_t D, const int64_t* ks, const int64_t* vs, float scale) {
-  const int64_t G = H / KV, C = D / 16;
+  const int64_t G = H / KV;
+  static const auto by_group = group_kernels<T>(std::make_integer_sequence<int, 16>());  // G = 1..16
+  const QueryTask task{L, D, ks, vs, scale};
   at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s(G * L);
-    float sums[16];
+    alignas(64) float acc_out[16 * 256];  // G <= 16 heads x D <= 256 columns
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, g = t % KV;
-      const T* k = K + b * ks[0] + g * ks[1];
-      const T* v = V + b * vs[0] + g * vs[1];
-      const bool* a = A ? A + b * L : nullptr;
-      __m512 q[16 * 16];  // G <= 16 heads x C <= 16 chunks
-      for (int64_t h = 0; h < G; ++h)
-        for (int64_t c = 0; c < C; ++c)
-          q[h * C + c] = _mm512_mul_ps(load16(Q + ((b * H + g * G + h) * D) + 16 * c), _mm512_set1_ps(scale));
-      for (int64_t j = 0; j < L; ++j) {
-        if (a && !a[j]) {
-          for (int64_t h = 0; h < G; ++h) s[h * L + j] = -INFINITY;
-          continue;
-        }
-        if constexpr (std::is_same_v<T, at::BFloat16>) {
-          if (D % 32 == 0) {  // bf16 pairs straight into fp32 (exact products): half the instructions, no widening
-            const uint16_t* kr = reinterpret_cast<const uint16_t*>(k + j * ks[2]);
-            __m512bh kb[8];
-            for (int64_t c = 0; c < D / 32; ++c) kb[c] = (__m512bh)_mm512_loadu_si512(kr + 32 * c);
-            for (int64_t h = 0; h < G; ++h) {
-              const uint16_t* qr = reinterpret_cast<const uint16_t*>(Q + (b * H + g * G + h) * D);
-              __m512 acc = _mm512_setzero_ps();
-              for (int64_t c = 0; c < D / 32; ++c)
-                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qr + 32 * c), kb[c]);
-              s[h * L + j] = _mm512_reduce_add_ps(acc) * scale;
-            }
-            continue;
-          }
-        }
-        __m512 kj[16];
-        for (int64_t c = 0; c < C; ++c) kj[c] = load16(k + j * ks[2] + 16 * c);
-        for (int64_t h = 0; h < G; ++h) {
-          __m512 acc = _mm512_mul_ps(q[h * C], kj[0]);
-          for (int64_t c = 1; c < C; ++c) acc = _mm512_fmadd_ps(q[h * C + c], kj[c], acc);
-          s[h * L + j] = _mm512_reduce_add_ps(acc);
-        }
-      }
-      for (int64_t h = 0; h < G; ++h) {
-        float* sh = s.data() + h * L;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < L; ++j) mx = std::max(mx, sh[j]);
-        __m512 total = _mm512_setzero_ps();
-        int64_t j = 0;
-        for (; j + 16 <= L; j += 16) {
-          const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(sh + j), _mm512_set1_ps(mx)));
-          _mm512_storeu_ps(sh + j, e);
-          total = _mm512_add_ps(total, e);
-        }
-        float sum = _mm512_reduce_add_ps(total);
-        if (j < L) {
-          const __mmask16 tail = (__mmask16)((1u << (L - j)) - 1);
-          const __m512 x = _mm512_maskz_loadu_ps(tail, sh + j);
-          const __m512 e = _mm512_maskz_mov_ps(tail, exp_nonpos(_mm512_sub_ps(x, _mm512_set1_ps(mx))));
-          _mm512_mask_storeu_ps(sh + j, tail, e);
-          sum += _mm512_reduce_add_ps(e);
-        }
-        sums[h] = sum;
-      }
-      // out[h] = sum_j p[h, j] v[j] / sums[h]: per 16 columns of v, all G heads at once, so each value is loaded
-      // (and widened) once for the group instead of once per head. Zero weights (masked positions, whose cache
-      // slots may hold anything) are skipped; a weight that underflowed to 0 adds an exact 0. Each head's sum runs
-      // over j in the same order as one head at a time would.
-      for (int64_t c = 0; c < C; ++c) {
-        __m512 acc[16];
-        for (int64_t h = 0; h < G; ++h) acc[h] = _mm512_setzero_ps();
-        for (int64_t jj = 0; jj < L; ++jj) {
-          if (a && !a[jj]) continue;
-          const __m512 vj = load16(v + jj * vs[2] + 16 * c);
-          for (int64_t h = 0; h < G; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(s[h * L + jj]), vj, acc[h]);
-        }
-        float out[16];
-        for (int64_t h = 0; h < G; ++h) {
-          T* o = O + (b * H + g * G + h) * D + 16 * c;
-          _mm512_storeu_ps(out, _mm512_div_ps(acc[h], _mm512_set1_ps(sums[h])));
-          for (int i = 0; i < 16; ++i) o[i] = T(out[i]);
-        }
-      }
+      by_group[G - 1](task, Q + (b * H + g * G) * D, K + b * ks[0] + g * ks[1], V + b * vs[0] + g * vs[1],
+                      A ? A + b * L : nullptr, O + (b * H + g * G) * D, s.data(), acc_out);
     }
   });
 }

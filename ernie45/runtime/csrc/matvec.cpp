@@ -3,9 +3,11 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 // Every weight row is streamed once, start to end. On the Intel part a software prefetch 2 KB ahead (its
 // hardware prefetcher stops at each 4 KB page) gave 22-26 GB/s on 2 cores, against 16-18 for oneDNN's packed bf16
