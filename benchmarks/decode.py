@@ -8,11 +8,12 @@ experts"), and on 4 KB pages) against transformers eager and llama.cpp, side by 
     python benchmarks/decode.py --shape 21b-4l  # the 21B-A3B shapes cut to 4 layers (about 5 GB in bf16)
     python benchmarks/decode.py --batch 8 --prompt 2048 --new 64
 
-Random weights (speed does not depend on them). Prefill tok/s = prompt tokens / time to the first token;
-decode tok/s at batch 1 = the tokens streamed after the first / the time from the first to the last (llama.cpp's
-rows time their single-token steps the same way), at batch > 1 = batch x (new - 1) / (time for new tokens - time
-to the first token). The bound column is the memory-bandwidth limit: measured read bandwidth / weight bytes read
-per decode step (at a long prompt the KV cache is read too: the bound ignores it). The llama.cpp rows (the
+Random weights (speed does not depend on them). At batch 1 both speeds come from one streamed answer: prefill
+tok/s = prompt tokens / time to the first token, decode tok/s = the tokens after the first / the time from the
+first to the last (llama.cpp's rows time their steps the same way; at a long prompt the difference of two
+prefills' times would swamp the decode's). At batch > 1, decode tok/s = batch x (new - 1) / (time for new tokens -
+time to the first token). The bound column is the memory-bandwidth limit: measured read bandwidth / weight bytes
+read per decode step (a long prompt's KV cache is read too: the bound leaves it out). The llama.cpp rows (the
 same checkpoint as GGUF BF16, Q8_0, Q4_0, through llama-cpp-python) appear once `benchmarks/setup_llamacpp.sh`
 has installed it.
 """
@@ -81,30 +82,33 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
         return lambda: llm.generate(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
     t = time.perf_counter()
-    run(2)()  # warm-up (and, compiled, the compile)
+    run(2)() if batch > 1 or compile else llm.generate(ids[0][:64], SamplingParams(max_tokens=2))  # warm-up
     if compile:
         print(f"    compile + first call: {time.perf_counter() - t:.0f} s", flush=True)
         if llm.decoder.failed:
             print(f"    compile failed, eager numbers: {llm.decoder.failed}", flush=True)
+    if batch == 1:  # one streamed answer: the prefill to its first token, the decode from then on (at a long
+        # prompt the difference of two prefills' times, their noise, would swamp the decode's)
+        first, decode = min(streamed(llm, ids[0], new) for _ in range(1 if prompt >= 4096 else 2))
+        return prompt / first, decode, bytes_per_step(llm.model, batch)
     first = timed(run(1))
-    if batch == 1:  # decode timed from the first token's arrival: at a long prompt, the difference of two prefills'
-        decode = streamed_decode(llm, ids[0], new)  # times (their noise) would swamp the decode's
-    else:
-        decode = batch * (new - 1) / (timed(run(new), repeat=1) - first)
-    return batch * prompt / first, decode, bytes_per_step(llm.model, batch)
+    whole = timed(run(new), repeat=1)
+    return batch * prompt / first, batch * (new - 1) / (whole - first), bytes_per_step(llm.model, batch)
 
 
-def streamed_decode(llm, ids: list[int], new: int) -> float:
-    """Decode tok/s of one streamed answer: tokens after the first delta / the time from it to the last."""
+def streamed(llm, ids: list[int], new: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tok/s after it) of one streamed greedy answer."""
     from ernie45.engine import SamplingParams
 
+    gc.collect()
+    t = time.perf_counter()
     start, after = None, 0
     for delta in llm.stream(ids, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)):
         if start is None and delta.token_ids:
             start = time.perf_counter()
         elif start is not None:
             after += len(delta.token_ids)
-    return after / (time.perf_counter() - start)
+    return start - t, after / (time.perf_counter() - start)
 
 
 @contextlib.contextmanager

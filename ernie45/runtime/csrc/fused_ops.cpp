@@ -144,8 +144,8 @@ static inline __m512 sum16(const __m512* a) {
 // At depth this is compute, not bandwidth (the cache of a layer fits the L3): G is a template argument so that
 // the G running sums stay in registers (with G known only at run time they lived on the stack, and every
 // multiply-add waited for the one before through memory), the bf16 scores are taken 16 keys at a time (one
-// `sum16` for 16 dot products), and the values are summed tile by tile (TILE keys, whose rows stay in L1 while
-// every 16 columns are added) instead of in one pass over the whole cache per 16 columns.
+// `sum16` for 16 dot products), bf16 values are summed two keys per dpbf16, and the values are summed tile by tile
+// (TILE keys, whose rows stay in L1 while every 16 columns are added) instead of one pass over the cache per 16.
 struct QueryTask {
   int64_t L, D;
   const int64_t *ks, *vs;
@@ -154,7 +154,7 @@ struct QueryTask {
 
 template <class T, int G>
 static void attend_group(const QueryTask& a, const T* Q, const T* k, const T* v, const bool* allowed, T* O,
-                         float* s, float* acc_out) {
+                         float* s, uint16_t* pb, float* acc_out) {
   constexpr int64_t TILE = 64;
   const int64_t L = a.L, D = a.D, C = D / 16;
   int64_t j = 0;
@@ -223,17 +223,61 @@ static void attend_group(const QueryTask& a, const T* Q, const T* k, const T* v,
   // slots may hold anything) are skipped; a weight that underflowed to 0 adds an exact 0. Each head's sum runs
   // over j in order, as one head at a time would.
   std::fill(acc_out, acc_out + G * D, 0.f);
-  for (int64_t j0 = 0; j0 < L; j0 += TILE) {
-    const int64_t j1 = std::min(L, j0 + TILE);
-    for (int64_t c = 0; c < C; ++c) {
-      __m512 acc[G];
-      for (int h = 0; h < G; ++h) acc[h] = _mm512_load_ps(acc_out + h * D + 16 * c);
-      for (int64_t jj = j0; jj < j1; ++jj) {
-        if (allowed && !allowed[jj]) continue;
-        const __m512 vj = load16(v + jj * a.vs[2] + 16 * c);
-        for (int h = 0; h < G; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(s[h * L + jj]), vj, acc[h]);
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // bf16 values: the weights rounded to bf16 (as torch's CPU flash attention feeds its bf16 P @ V), so one
+    // dpbf16 adds two keys' values to 16 columns: [v_j | v_j+1] interleaved by 16-bit lanes, times (p_j, p_j+1).
+    const int64_t W = L + 1;  // (a zero after the last key: an odd count's last pair)
+    for (int h = 0; h < G; ++h) {
+      const float* sh = s + h * L;
+      uint16_t* ph = pb + h * W;
+      int64_t jj = 0;
+      for (; jj + 16 <= L; jj += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ph + jj), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(sh + jj)));
+      for (; jj < L; ++jj) ph[jj] = c10::BFloat16(sh[jj]).x;
+      ph[L] = 0;
+    }
+    alignas(64) uint16_t order[32];
+    for (int i = 0; i < 16; ++i) order[2 * i] = i, order[2 * i + 1] = 32 + i;
+    const __m512i interleave = _mm512_load_si512(order);
+    const uint16_t* vb = reinterpret_cast<const uint16_t*>(v);
+    for (int64_t j0 = 0; j0 < L; j0 += TILE) {  // (TILE is even: pairs never straddle two tiles)
+      const int64_t j1 = std::min(L, j0 + TILE);
+      for (int64_t c = 0; c < C; ++c) {
+        __m512 acc[G];
+        for (int h = 0; h < G; ++h) acc[h] = _mm512_load_ps(acc_out + h * D + 16 * c);
+        for (int64_t jj = j0; jj < j1; jj += 2) {
+          // a masked key's slot may hold anything (NaN x 0 is NaN): its values are read as zeros
+          const bool first = !allowed || allowed[jj], second = jj + 1 < L && (!allowed || allowed[jj + 1]);
+          if (!first && !second) continue;
+          const __m256i x0 = first ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + jj * a.vs[2] + 16 * c))
+                                   : _mm256_setzero_si256();
+          const __m256i x1 = second
+              ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + (jj + 1) * a.vs[2] + 16 * c))
+              : _mm256_setzero_si256();
+          const __m512bh pair = (__m512bh)_mm512_permutex2var_epi16(_mm512_castsi256_si512(x0), interleave,
+                                                                    _mm512_castsi256_si512(x1));
+          for (int h = 0; h < G; ++h) {
+            int32_t w;
+            std::memcpy(&w, pb + h * W + jj, 4);
+            acc[h] = _mm512_dpbf16_ps(acc[h], pair, (__m512bh)_mm512_set1_epi32(w));
+          }
+        }
+        for (int h = 0; h < G; ++h) _mm512_store_ps(acc_out + h * D + 16 * c, acc[h]);
       }
-      for (int h = 0; h < G; ++h) _mm512_store_ps(acc_out + h * D + 16 * c, acc[h]);
+    }
+  } else {
+    for (int64_t j0 = 0; j0 < L; j0 += TILE) {
+      const int64_t j1 = std::min(L, j0 + TILE);
+      for (int64_t c = 0; c < C; ++c) {
+        __m512 acc[G];
+        for (int h = 0; h < G; ++h) acc[h] = _mm512_load_ps(acc_out + h * D + 16 * c);
+        for (int64_t jj = j0; jj < j1; ++jj) {
+          if (allowed && !allowed[jj]) continue;
+          const __m512 vj = load16(v + jj * a.vs[2] + 16 * c);
+          for (int h = 0; h < G; ++h) acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(s[h * L + jj]), vj, acc[h]);
+        }
+        for (int h = 0; h < G; ++h) _mm512_store_ps(acc_out + h * D + 16 * c, acc[h]);
+      }
     }
   }
   float out[16];
@@ -247,7 +291,7 @@ static void attend_group(const QueryTask& a, const T* Q, const T* k, const T* v,
 
 template <class T, int... Gs>
 static auto group_kernels(std::integer_sequence<int, Gs...>) {
-  using Fn = void (*)(const QueryTask&, const T*, const T*, const T*, const bool*, T*, float*, float*);
+  using Fn = void (*)(const QueryTask&, const T*, const T*, const T*, const bool*, T*, float*, uint16_t*, float*);
   return std::array<Fn, sizeof...(Gs)>{&attend_group<T, Gs + 1>...};
 }
 
@@ -259,11 +303,12 @@ void one_query_attention(const T* Q, const T* K, const T* V, const bool* A, T* O
   const QueryTask task{L, D, ks, vs, scale};
   at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s(G * L);
+    std::vector<uint16_t> pb(std::is_same_v<T, at::BFloat16> ? G * (L + 1) : 0);  // bf16 weights (values in bf16)
     alignas(64) float acc_out[16 * 256];  // G <= 16 heads x D <= 256 columns
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / KV, g = t % KV;
       by_group[G - 1](task, Q + (b * H + g * G) * D, K + b * ks[0] + g * ks[1], V + b * vs[0] + g * vs[1],
-                      A ? A + b * L : nullptr, O + (b * H + g * G) * D, s.data(), acc_out);
+                      A ? A + b * L : nullptr, O + (b * H + g * G) * D, s.data(), pb.data(), acc_out);
     }
   });
 }
