@@ -7,6 +7,7 @@ experts"), and on 4 KB pages) against transformers eager and llama.cpp, side by 
     python benchmarks/decode.py                 # ERNIE-4.5-0.3B shapes, batch 1, prompt 512, 128 new tokens
     python benchmarks/decode.py --shape 21b-4l  # the 21B-A3B shapes cut to 4 layers (about 5 GB in bf16)
     python benchmarks/decode.py --batch 8 --prompt 2048 --new 64
+    python benchmarks/decode.py --rounds 3 --only "ernie45 bf16,llama.cpp BF16"  # medians of interleaved runs
 
 Random weights (speed does not depend on them). At batch 1 both speeds come from one streamed answer: prefill
 tok/s = prompt tokens / time to the first token, decode tok/s = the tokens after the first / the time from the
@@ -24,6 +25,7 @@ import argparse
 import contextlib
 import gc
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import llamacpp
 import torch
-from machine import read_bandwidth
+from machine import cpu_name, read_bandwidth
 
 from ernie45.runtime import decode_stack, hugepages, kernels
 from ernie45.runtime.fused import FastExpertGroup, FusedAttention, FusedMoEBlock, FusedSwiGLU
@@ -211,7 +213,11 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default="", help="comma list of rows to run (e.g. 'ernie45 bf16,transformers bf16')")
+    p.add_argument("--rounds", type=int, default=1, help="run every row this many times, rows interleaved; the "
+                   "table gives each row's median and range (a host whose bandwidth drifts needs it)")  # fmt: skip
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
     torch.set_num_threads(args.threads)
     bw_small, bw = read_bandwidth()
     bw = max(bw, bw_small)
@@ -235,37 +241,50 @@ def main() -> None:
         print(f"no llama.cpp rows: {why_not}")
     if args.only:
         rows = [r for r in rows if r[0] in keep]
-    results, notes = {}, []
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in rows}
+    nbytes_of: dict[str, float | None] = {}
+    notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(args.shape, Path(tmp) / "ckpt")
-        for name, dtype, quant in rows:
-            if quant in llamacpp.FORMATS:
-                gguf = llamacpp.convert(path, Path(tmp), quant)
-                pre, dec, note = llamacpp.bench(gguf, args.batch, args.prompt, args.new, args.threads)
-                if note:
-                    notes.append(f"{name}: {note}")
-                results[name] = (pre, dec, gguf.stat().st_size * bytes_per_step_share(path, args.batch))
-            elif quant == "hf":
-                pre, dec = bench_transformers(path, dtype, args.batch, args.prompt, args.new)
-                results[name] = (pre, dec, None)
-            else:
-                compiled = name.endswith("compiled")
-                with variant(name):
-                    pre, dec, nbytes = bench_ernie45(path, dtype, quant, args.batch, args.prompt, args.new, compiled)
-                results[name] = (pre, dec, nbytes)
-            pre, dec, nbytes = results[name]
-            print(f"  {name}: prefill {pre:.1f} tok/s, decode {dec:.1f} tok/s", flush=True)
+        ggufs: dict[str, Path] = {}
+        for round_ in range(args.rounds):
+            for name, dtype, quant in rows:
+                if quant in llamacpp.FORMATS:
+                    gguf = ggufs[quant] = ggufs.get(quant) or llamacpp.convert(path, Path(tmp), quant)
+                    pre, dec, note = llamacpp.bench(gguf, args.batch, args.prompt, args.new, args.threads)
+                    if note and round_ == 0:
+                        notes.append(f"{name}: {note}")
+                    nbytes_of[name] = gguf.stat().st_size * bytes_per_step_share(path, args.batch)
+                elif quant == "hf":
+                    pre, dec = bench_transformers(path, dtype, args.batch, args.prompt, args.new)
+                    nbytes_of[name] = None
+                else:
+                    compiled = name.endswith("compiled")
+                    with variant(name):
+                        pre, dec, nbytes_of[name] = bench_ernie45(path, dtype, quant, args.batch, args.prompt,
+                                                                  args.new, compiled)  # fmt: skip
+                runs[name].append((pre, dec))
+                tag = f" (round {round_ + 1})" if args.rounds > 1 else ""
+                print(f"  {name}{tag}: prefill {pre:.1f} tok/s, decode {dec:.1f} tok/s", flush=True)
+    results = {name: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r), nbytes_of[name])
+               for name, r in runs.items()}  # fmt: skip
     base = results.get("transformers bf16", (None, None))[1]
-    print(f"\n{args.shape} shapes, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
+    print(f"\nCPU: {cpu_name()}")
+    print(f"{args.shape} shapes, batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, "
           f"{args.threads} threads; read bandwidth {bw_small / 1e9:.1f} GB/s on 4 KB pages, "
           f"{bw / 1e9:.1f} on 2 MB pages (the bound uses the faster)")  # fmt: skip
-    head = ("engine", "prefill tok/s", "decode tok/s", "vs hf bf16", "bound tok/s", "% bound")
-    print(f"{head[0]:22} {head[1]:>13} {head[2]:>12} {head[3]:>10} {head[4]:>11} {head[5]:>7}")
+    if args.rounds > 1:
+        print(f"median of {args.rounds} rounds, rows interleaved; decode range min-max")
+    head = ("engine", "prefill tok/s", "decode tok/s", "vs hf bf16", "bound tok/s", "% bound", "decode range")
+    print(f"{head[0]:22} {head[1]:>13} {head[2]:>12} {head[3]:>10} {head[4]:>11} {head[5]:>7}"
+          + (f" {head[6]:>13}" if args.rounds > 1 else ""))  # fmt: skip
     for name, (pre, dec, nbytes) in results.items():
         bound = bw / nbytes * args.batch if nbytes else None
         ratio = f"{dec / base:.2f}x" if base else "-"
         pct = f"{dec / bound:.0%}" if bound else "-"
-        print(f"{name:22} {pre:13.1f} {dec:12.1f} {ratio:>10} {bound or 0:11.1f} {pct:>7}")
+        decs = [d for _, d in runs[name]]
+        spread = f" {min(decs):6.1f}-{max(decs):<6.1f}" if args.rounds > 1 else ""
+        print(f"{name:22} {pre:13.1f} {dec:12.1f} {ratio:>10} {bound or 0:11.1f} {pct:>7}{spread}")
     for note in notes:
         print(f"  {note}")
 
