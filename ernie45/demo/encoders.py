@@ -269,8 +269,10 @@ def _wide_charts(trunk, proc, heads: Heads, rng, n: int, losses: dict, stats: di
     sizes = [1 + len(wide.LABELS), 10, 1 + len(wide.LABELS)]
     logits = heads.chart_token(feats).split(sizes, dim=-1)
     losses["chart tokens"] = sum(F.cross_entropy(lg.transpose(1, 2), targets[:, k]) for k, lg in enumerate(logits))
-    on_bar = targets[:, 0] > 0
-    stats["bar tokens"] = _accuracy(logits[0][on_bar], targets[:, 0][on_bar])
+    on_bar, on_name = targets[:, 0] > 0, targets[:, 2] > 0
+    stats["bar tokens"] = _accuracy(logits[0][on_bar], targets[:, 0][on_bar])  # which bar (A-G) lies under it
+    stats["bar token values"] = _accuracy(logits[1][on_bar], targets[:, 1][on_bar])  # that bar's value
+    stats["name tokens"] = _accuracy(logits[2][on_name], targets[:, 2][on_name])  # the letter drawn in it
 
 
 def _chart_token_targets(layout: dict, values: dict[str, int], grid: tuple[int, int]) -> torch.Tensor:

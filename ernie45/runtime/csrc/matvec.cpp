@@ -15,8 +15,7 @@
 // against none. So the distance is the process's (`set_prefetch`: bytes ahead, 0 none), which `kernels.py` picks
 // by timing the candidates on this CPU. Each input row (M <= 8) is dotted with the weight bytes while they sit in
 // L1: dot(acc, row, k) adds columns k..k+63 bytes' worth of every input row into acc[m]; y = finish(sum, n).
-static int64_t prefetch_ahead = 2048;
-constexpr int64_t INT4_PF = 2048;  // the int4 tiles' distance (their loop decodes more per byte; not measured apart)
+static int64_t prefetch_ahead = 2048;  // (the int4 tiles' stream takes the same distance)
 
 int64_t set_prefetch(int64_t bytes) {
   TORCH_CHECK(bytes >= 0 && bytes <= (1 << 16) && bytes % 64 == 0, "prefetch distance: 0..65536, a multiple of 64");
@@ -131,7 +130,7 @@ static void int4_tile_rows(const Int4Rows& a, int64_t t, int64_t m0) {
   }
   const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-  const int64_t K = a.K, N = a.N, B = a.B, G = a.G, per = a.group / 32;
+  const int64_t K = a.K, N = a.N, B = a.B, G = a.G, per = a.group / 32, pf = prefetch_ahead;
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
@@ -145,8 +144,10 @@ static void int4_tile_rows(const Int4Rows& a, int64_t t, int64_t m0) {
         for (int i = 0; i < 4; ++i) dot[r][i] = _mm512_setzero_si512();
       for (int64_t k = b * 32; k < b * 32 + 32; k += 4) {
         const char* col = reinterpret_cast<const char*>(a.T + (t * K + k) * 32);
-        _mm_prefetch(col + INT4_PF, _MM_HINT_T0);
-        _mm_prefetch(col + INT4_PF + 64, _MM_HINT_T0);
+        if (pf) {
+          _mm_prefetch(col + pf, _MM_HINT_T0);
+          _mm_prefetch(col + pf + 64, _MM_HINT_T0);
+        }
         const __m512i v = _mm512_loadu_si512(col), c = _mm512_loadu_si512(col + 64);
         const __m512i vlo = _mm512_and_si512(v, low), clo = _mm512_and_si512(c, low);
         const __m512i vhi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
