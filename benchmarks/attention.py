@@ -23,6 +23,8 @@ from ernie45.runtime import kernels
 
 
 def best(fn, repeat: int) -> float:
+    """The fastest of `repeat` calls after three warm ones. (Not decode.py's `timed`: its gc.collect before each
+    call evicts the cache a 25-us call would otherwise find warm, and made 512 cached tokens time 10x slower.)"""
     for _ in range(3):
         fn()
     times = []

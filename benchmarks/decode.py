@@ -84,7 +84,10 @@ def bench_ernie45(path: Path, dtype, quant: str | None, batch: int, prompt: int,
         return lambda: llm.generate(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
     t = time.perf_counter()
-    run(2)() if batch > 1 or compile else llm.generate(ids[0][:64], SamplingParams(max_tokens=2))  # warm-up
+    if batch > 1 or compile:
+        run(2)()  # warm-up (and, compiled, the compile)
+    else:  # warm-up on a short prompt: the timed answer below has the long one
+        llm.generate(ids[0][:64], SamplingParams(max_tokens=2))
     if compile:
         print(f"    compile + first call: {time.perf_counter() - t:.0f} s", flush=True)
         if llm.decoder.failed:
@@ -254,7 +257,8 @@ def main() -> None:
                     pre, dec, note = llamacpp.bench(gguf, args.batch, args.prompt, args.new, args.threads)
                     if note and round_ == 0:
                         notes.append(f"{name}: {note}")
-                    nbytes_of[name] = gguf.stat().st_size * bytes_per_step_share(path, args.batch)
+                    if name not in nbytes_of:  # (the file's share a step reads: the same every round)
+                        nbytes_of[name] = gguf.stat().st_size * bytes_per_step_share(path, args.batch)
                 elif quant == "hf":
                     pre, dec = bench_transformers(path, dtype, args.batch, args.prompt, args.new)
                     nbytes_of[name] = None
