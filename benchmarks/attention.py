@@ -45,6 +45,15 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.heads % args.kv_heads or not 1 <= args.heads // args.kv_heads <= 16 or args.dim % 16 or args.dim > 256:
+        p.error("the kernel takes 1-16 query heads per KV head (--heads a multiple of --kv-heads) and --dim a "
+                "multiple of 16 up to 256")  # fmt: skip
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        p.error(f"--lengths: whole numbers separated by commas, e.g. 512,4096 (got {args.lengths!r})")
+    if min(lengths) < 1:
+        p.error("--lengths: each at least 1")
     torch.set_num_threads(args.threads)
     why = kernels.unavailable()
     if why:
@@ -56,7 +65,7 @@ def main() -> None:
     print(f"heads {args.heads} / {args.kv_heads} KV, dim {args.dim}, {args.dtype}, one query, batch 1")
     head = ("cached", "kernel ms", "GB/s", "% bw", "sdpa ms", "kernel vs sdpa", "max |diff|")
     print(f"{head[0]:>7} {head[1]:>10} {head[2]:>7} {head[3]:>6} {head[4]:>8} {head[5]:>15} {head[6]:>11}")
-    for length in (int(x) for x in args.lengths.split(",")):
+    for length in lengths:
         q = torch.randn(1, args.heads, 1, args.dim, generator=g).to(dtype)
         k, v = (torch.randn(1, args.kv_heads, length, args.dim, generator=g).to(dtype) for _ in range(2))
         scale = 1 / math.sqrt(args.dim)

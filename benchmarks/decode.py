@@ -221,6 +221,8 @@ def main() -> None:
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds: at least 1")
+    if args.new < 2:
+        p.error("--new: at least 2 (decode speed is timed from the first token to the last)")
     torch.set_num_threads(args.threads)
     bw_small, bw = read_bandwidth()
     bw = max(bw, bw_small)
