@@ -49,19 +49,6 @@ def test_collapse_moves_a_large_tensor_onto_huge_pages(monkeypatch):
     assert int(y.sum()) == 64 << 20
 
 
-def _huge_kb_at(address: int) -> int:
-    """AnonHugePages of the mapping that holds `address` (0 where none does)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            lo, hi = (int(v, 16) for v in head.split("-"))
-            inside = lo <= address < hi
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    return 0
-
-
 def test_gather_puts_a_modules_tensors_in_one_huge_page_arena_and_keeps_their_sharing(monkeypatch):
     torch.manual_seed(0)
     lin, head = torch.nn.Linear(1024, 1536, bias=False), torch.nn.Linear(1024, 1536, bias=False)
@@ -84,6 +71,13 @@ def test_gather_puts_a_modules_tensors_in_one_huge_page_arena_and_keeps_their_sh
     assert isinstance(lin.weight, torch.nn.Parameter)
     setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if setting.is_file() and "[never]" not in setting.read_text():
-        assert _huge_kb_at(lin.weight.data_ptr()) >= 2048  # the arena was asked for 2 MB pages before the copy
+        arena = hugepages.mapping_at(lin.weight.data_ptr())
+        assert "hg" in str(arena["VmFlags"]).split()  # the arena was asked for 2 MB pages before the copy
+        probe = torch.empty(8 << 20, dtype=torch.uint8)  # can this kernel give 2 MB pages at all right now?
+        lo = -(-probe.data_ptr() // hugepages.HUGE) * hugepages.HUGE
+        hugepages._madvise()(lo, 4 << 20, hugepages.MADV_HUGEPAGE)
+        probe.fill_(1)
+        if hugepages.mapping_at(lo).get("AnonHugePages", 0) >= 2048:  # it can: so must the arena have them
+            assert arena["AnonHugePages"] >= 2048
     x = torch.randn(3, 1024)
     assert torch.equal(lin(x), torch.nn.functional.linear(x, want["w"]))  # the module computes from the arena

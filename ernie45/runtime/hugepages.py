@@ -42,8 +42,17 @@ def _madvise():
 
 
 def enabled() -> bool:
-    """On unless `ERNIE45_HUGEPAGES=0` (for A/B measurements) or not on Linux."""
-    return os.environ.get("ERNIE45_HUGEPAGES", "1") != "0" and _madvise() is not None
+    """On unless `ERNIE45_HUGEPAGES=0` (for A/B measurements), not on Linux, or huge pages switched off."""
+    return os.environ.get("ERNIE45_HUGEPAGES", "1") != "0" and _madvise() is not None and not _thp_off()
+
+
+@lru_cache(maxsize=1)
+def _thp_off() -> bool:
+    setting = "/sys/kernel/mm/transparent_hugepage/enabled"
+    off = os.path.exists(setting) and "[never]" in open(setting).read()
+    if off:
+        log.info("Transparent huge pages are switched off on this machine: weights stay on 4 KB pages")
+    return off
 
 
 def anonymous_regions(min_bytes: int) -> list[tuple[int, int]]:
@@ -126,7 +135,38 @@ def gather(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int:
                 size = t.element_size()
                 t.set_(storage, (offset + t.storage_offset() * size) // size, t.size(), t.stride())
             offset += sizes[ptr]
+    lo, length = arena.data_ptr() + start, (arena.numel() - start) // HUGE * HUGE
+    if mapping_at(lo).get("AnonHugePages", 0) < 2048:  # the kernel had no free 2 MB page at fault time
+        _madvise()(lo, length, MADV_COLLAPSE)  # (compacts memory to make some; fails quietly on old kernels)
+        if mapping_at(lo).get("AnonHugePages", 0) < 2048:
+            log.warning(
+                "The kernel gave no 2 MB pages for %.0f MB of weights (memory too fragmented, or THP defrag off): "
+                "they stay on 4 KB pages and decode reads them more slowly. `echo 1 > "
+                "/proc/sys/vm/compact_memory` as root frees some; ERNIE45_HUGEPAGES=0 skips this step.",
+                total / 1e6,
+            )
     return total
+
+
+def mapping_at(address: int) -> dict[str, int | str]:
+    """The /proc/self/smaps entry of the mapping holding `address`: its kB counters (`AnonHugePages`, `Rss`, ...)
+    and `VmFlags` ("hg" where MADV_HUGEPAGE was asked); empty where no mapping holds it or not on Linux."""
+    path, out, inside = "/proc/self/smaps", {}, False
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and ":" not in head:
+                if inside:
+                    break
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                out["VmFlags"] = line.split(":", 1)[1].strip()
+            elif inside and line.rstrip().endswith(" kB"):
+                out[head.rstrip(":")] = int(line.split()[1])
+    return out
 
 
 def wait() -> None:
