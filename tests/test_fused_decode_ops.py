@@ -122,7 +122,7 @@ def test_rope_matches_the_complex_rotation_on_a_strided_view(dtype):
 
 def _tiny_fast_model(kind: str, dense: bool):
     """A tiny random model (3 dense layers, or a dense layer then MoE layers) as the engine runs it: projections
-    fused, bf16 linears packed or int4 codes, the fast modules swapped in."""
+    fused, bf16 linears packed or int4 / int8 codes, the fast modules swapped in."""
     from chat_fixtures import tiny_chat_config
 
     from ernie45.model.trunk import Ernie45ForConditionalGeneration
@@ -138,15 +138,15 @@ def _tiny_fast_model(kind: str, dense: bool):
     fuse_projections(model)
     if kind == "bf16":
         assert pack_bf16_linears(model) > 0
-    if kind == "int4":
-        if not kernels.ready("int4"):
-            pytest.skip("no AVX512-VBMI / VNNI here: int4 layers run op by op on torch's kernel")
-        quantize(model, bits=4)
+    if kind in ("int4", "int8"):
+        if not kernels.ready(kind):
+            pytest.skip(f"no AVX512-VBMI / VNNI here: {kind} layers run op by op on torch's kernels")
+        quantize(model, bits=int(kind[3:]))
     use_fast_modules(model)
     return model, config
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4", "int8"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dense", [False, True])
 def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
@@ -194,7 +194,7 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int4"])
+@pytest.mark.parametrize("kind", ["bf16", "int4", "int8"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("vision", [False, True])
 def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
@@ -209,12 +209,14 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     from ernie45.runtime.prepare import fuse_projections, use_fast_modules
     from ernie45.runtime.quant import quantize
 
-    if kind == "int4" and not kernels.ready("int4"):
-        pytest.skip("no AVX512-VBMI / VNNI here: int4 experts run on torch's kernel")
+    if kind != "bf16" and not kernels.ready(kind):
+        pytest.skip(f"no AVX512-VBMI / VNNI here: {kind} experts run on torch's kernels")
     torch.manual_seed(0)
-    groups = [dict(name="text", num_experts=6, intermediate_size=32, modalities=[0, 3] if vision else [0, 1, 2, 3])]
+    wide = 2 if kind == "int8" else 1  # (the int8 kernel reads widths of 64 columns)
+    text_modalities = [0, 3] if vision else [0, 1, 2, 3]
+    groups = [dict(name="text", num_experts=6, intermediate_size=32 * wide, modalities=text_modalities)]
     if vision:
-        groups.append(dict(name="vision", num_experts=4, intermediate_size=64, modalities=[1, 2]))
+        groups.append(dict(name="vision", num_experts=4, intermediate_size=64 * wide, modalities=[1, 2]))
     config = tiny_chat_config(300, hidden_size=64, head_dim=32, moe_layer_start_index=1, expert_groups=groups, moe_k=3)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
@@ -222,7 +224,7 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     if kind == "bf16":
         assert pack_bf16_linears(model) > 0
     else:
-        quantize(model, bits=4)
+        quantize(model, bits=int(kind[3:]))
     use_fast_modules(model)
     block, norm = next((m.mlp, m.post_attention_layernorm) for m in model.model.layers if isinstance(m.mlp, MoEBlock))
     for group in block.groups.values():  # the correction bias steers selection away from the top probabilities

@@ -219,7 +219,7 @@ def test_bf16_decode_kernel_matches_a_matmul(rows, own_kernels):
     assert torch.allclose(kernels.gemv(x, w), want, atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_and_int4_decode_kernels_are_on_by_default_and_int8_is_not(monkeypatch):
+def test_bf16_int8_and_int4_decode_kernels_are_on_by_default(monkeypatch):
     from ernie45.runtime import kernels
     from ernie45.runtime.packed import PackedLinear
 
@@ -228,8 +228,9 @@ def test_bf16_and_int4_decode_kernels_are_on_by_default_and_int8_is_not(monkeypa
     try:
         if kernels.kernel() is None:
             pytest.skip("no AVX512-BF16 CPU or no C++ compiler here: torch's kernels run")
-        assert kernels.ready() and not kernels.ready("int8")
+        assert kernels.ready()
         assert kernels.ready("int4") == ({"avx512vbmi", "avx512_vnni"} <= kernels._cpu_flags())
+        assert kernels.ready("int8") == ("avx512_vnni" in kernels._cpu_flags())
         lin = torch.nn.Linear(64, 40, dtype=torch.bfloat16)
         packed = PackedLinear(lin)
         assert packed.plain is not None and "AVX512-BF16" in repr(packed)
@@ -240,7 +241,7 @@ def test_bf16_and_int4_decode_kernels_are_on_by_default_and_int8_is_not(monkeypa
         assert not kernels.ready() and not kernels.ready("int4") and "oneDNN" in repr(PackedLinear(lin))
         monkeypatch.setenv("ERNIE45_CPU_KERNELS", "bf16")
         kernels.kernel.cache_clear()
-        assert kernels.ready() and not kernels.ready("int4")
+        assert kernels.ready() and not kernels.ready("int4") and not kernels.ready("int8")
     finally:
         kernels.kernel.cache_clear()
 
@@ -256,16 +257,17 @@ def test_quantized_decode_kernels_match_the_dequantised_weight(bits, group, rows
     q = QuantLinear.from_float(torch.randn(192, 256), None, bits, group)
     x = torch.randn(rows, 256)
     exact = x @ q.dequantized_t(torch.float32)
-    if bits == 4 and not kernels.ready("int4"):
-        pytest.skip("no AVX512-VBMI / VNNI here: int4 decode runs on torch's kernel")
-    if bits == 4:  # the int4 kernel rounds x to int8 per 32 columns (scale max|x| / 127) for the codes' part;
-        amax = x.view(rows, -1, 32).abs().amax(-1, keepdim=True)  # each group's zero meets the exact sum of x
-        xq = (torch.round(x.view(rows, -1, 32) * (127 / amax)) * (amax / 127)).view(rows, -1)
+    if not kernels.ready(f"int{bits}"):
+        pytest.skip("no AVX512-VBMI / VNNI here: quantized decode runs on torch's or FBGEMM's kernels")
+    # both kernels round x to int8 per 32 columns (scale max|x| / 127) for the codes' part; int4's group zeros
+    # meet the exact sum of x
+    amax = x.view(rows, -1, 32).abs().amax(-1, keepdim=True)
+    xq = (torch.round(x.view(rows, -1, 32) * (127 / amax)) * (amax / 127)).view(rows, -1)
+    want = xq @ q.dequantized_t(torch.float32)
+    if bits == 4:
         zeros = q.scales.float()[..., 1]  # [K / group, N]
-        want = xq @ q.dequantized_t(torch.float32) + (x - xq).view(rows, -1, group).sum(-1) @ zeros
-        assert 1e-3 < (want - exact).norm() / exact.norm() < 0.02  # what rounding x costs: small, not nothing
-    else:
-        want = exact
+        want += (x - xq).view(rows, -1, group).sum(-1) @ zeros
+    assert 1e-3 < (want - exact).norm() / exact.norm() < 0.02  # what rounding x costs: small, not nothing
     assert torch.allclose(q(x), want, atol=1e-4, rtol=1e-4)
 
 
@@ -279,18 +281,25 @@ def test_a_batch_row_gets_the_numbers_it_gets_alone(own_kernels):
         pytest.skip("no AVX512-BF16 / VBMI / VNNI CPU or no C++ compiler here")
     torch.manual_seed(0)
     q = QuantLinear.from_float(torch.randn(128, 256), None, 4, 64)
+    q8 = QuantLinear.from_float(torch.randn(96, 256, dtype=torch.bfloat16), None, 8)  # (bf16 scales)
     w = torch.randn(96, 256, dtype=torch.bfloat16)
     x = torch.randn(8, 256)
     for m in (2, 3, 5, 7, 8):
         alone = torch.cat([q(x[i : i + 1]) for i in range(m)])
         assert torch.equal(q(x[:m]), alone)
+        xb = x.bfloat16()
+        assert torch.equal(q8(xb[:m]), torch.cat([q8(xb[i : i + 1]) for i in range(m)]))
         alone = torch.cat([kernels.gemv(x[i : i + 1], w) for i in range(m)])
         assert torch.equal(kernels.gemv(x[:m], w), alone)
 
 
 @pytest.mark.skipif(not __import__("ernie45.runtime.quant", fromlist=["x"]).fbgemm_int8_available(),
                     reason="FBGEMM's int8 product needs VNNI")  # fmt: skip
-def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
+def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes(monkeypatch):
+    """Where ernie45's own int8 kernel does not run (no AVX512-BF16 here, or switched off as below) FBGEMM does."""
+    from ernie45.runtime import kernels
+
+    monkeypatch.setenv("ERNIE45_CPU_KERNELS", "bf16")
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 96, bias=True)
     q = QuantLinear.from_float(lin.weight.data, lin.bias.data, 8)
@@ -306,6 +315,10 @@ def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes():
     want = QuantLinear(codes, q.scales, lin.bias.data, bits=8)(many)
     assert (q(many) - want).norm() / want.norm() < 0.01
     assert torch.equal(q.portable()[0], codes)
+    monkeypatch.delenv("ERNIE45_CPU_KERNELS")
+    own = QuantLinear.from_float(lin.weight.data, lin.bias.data, 8)
+    if kernels.ready("int8"):  # ernie45's kernel decodes from the codes as they are: FBGEMM gets none
+        assert not own.prepare_fbgemm_int8() and torch.equal(own.qweight, codes)
 
 
 def _dense_bf16_checkpoint(path):

@@ -79,12 +79,13 @@ def stackable(*linears: nn.Module) -> bool:
 
 def decode_weight(linear: nn.Module, dtype: torch.dtype) -> kernels.Weight | None:
     """How a fused decode call reads this linear (no bias): an `nn.Linear` of `dtype` or a bf16 `PackedLinear`'s
-    plain weight as (w, empty, 0), an int4 quantized linear's tiles as (tiles, scales, group); else None."""
+    plain weight as (w, empty, 0), a quantized linear's int4 tiles as (tiles, scales, group) or int8 codes as
+    (codes, scales, 0); else None."""
     if getattr(linear, "bias", None) is not None:
         return None
-    tiles = getattr(linear, "int4_tiles", None)  # runtime.quant.QuantLinear (it imports this module)
-    if tiles is not None:
-        return tiles()
+    quantized = getattr(linear, "kernel_weight", None)  # runtime.quant.QuantLinear (it imports this module)
+    if quantized is not None:
+        return quantized()
     w = linear.weight if type(linear) is nn.Linear else getattr(linear, "plain", None)
     ok = w is not None and w.dtype == dtype and w.is_contiguous()
     return (w, _NO_SCALES, 0) if ok else None

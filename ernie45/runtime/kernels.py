@@ -9,11 +9,11 @@ caches. So they run fused, in one call each, and a layer half or a whole dense s
 fused call does the eager code's roundings, so the numbers are the same. What each step measured is in
 docs/performance.md.
 
-int4 is bound by arithmetic on 2 cores: the kernel rounds x to int8 per 32 columns (as llama.cpp's Q4_0 x Q8_0
-does; ~0.6% relative error on a random product) and multiplies codes by x with VNNI. It needs AVX512-VBMI and
-VNNI besides BF16.
+int4 and int8 would be bound by arithmetic on 2 cores in fp32: both kernels round x to int8 per 32 columns (as
+llama.cpp's Q4_0 / Q8_0 x Q8_0 do; ~0.6% relative error on a random product) and multiply codes by x with VNNI.
+int4 needs AVX512-VBMI and VNNI besides BF16, int8 VNNI (elsewhere int8 decodes on FBGEMM, `runtime.quant`).
 
-Switches: `ERNIE45_CPU_KERNELS` unset gives the default kernels (bf16, int4); "bf16" the bf16 one only; "1"
+Switches: `ERNIE45_CPU_KERNELS` unset gives the default kernels (bf16, int8, int4); "bf16" the bf16 one only; "1"
 all; "0" none. Without AVX512-BF16 or a compiler, `kernel()` is None and callers keep torch's ops
 (`unavailable()` says why; `runtime.prepare`'s report shows it).
 """
@@ -129,7 +129,8 @@ def _choose_prefetch(ops) -> dict:
 
 
 def _mode() -> str:
-    """`ERNIE45_CPU_KERNELS`: unset the default kernels (bf16, int4), "bf16" the bf16 one only, "1" all, "0" none."""
+    """`ERNIE45_CPU_KERNELS`: unset the default kernels (bf16, int8, int4), "bf16" the bf16 one only, "1" all, "0"
+    none."""
     return os.environ.get("ERNIE45_CPU_KERNELS", "default")
 
 
@@ -154,12 +155,12 @@ def ready(kind: str = "bf16") -> bool:
     traces: it keeps torch's own ops)."""
     mode = _mode()
     on = mode == "1" or mode == kind or (mode == "default" and kind in _DEFAULT_KINDS)
-    if kind == "int4":
-        on = on and {"avx512vbmi", "avx512_vnni"} <= _cpu_flags()
+    on = on and _NEEDS.get(kind, frozenset()) <= _cpu_flags()
     return on and not torch.compiler.is_compiling() and kernel() is not None
 
 
-_DEFAULT_KINDS = ("bf16", "int4")
+_DEFAULT_KINDS = ("bf16", "int8", "int4")
+_NEEDS = {"int4": frozenset({"avx512vbmi", "avx512_vnni"}), "int8": frozenset({"avx512_vnni"})}  # besides BF16
 
 
 def fused(*tensors: torch.Tensor) -> bool:
@@ -350,8 +351,9 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor, bf16_out: bool = False) -> torc
 
 
 def gemv_int8(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x2 [M, K] @ (qweight int8 [N, K] * scales [N])^T in fp32."""
-    return kernel().gemv_int8(x2.float().contiguous(), qweight, scales.float())
+    """x2 [M, K] @ (qweight int8 [N, K] * scales [N] (fp32 or bf16))^T in fp32, x2 rounded to int8 per 32 columns
+    inside (as for int4)."""
+    return kernel().gemv_int8(x2.float().contiguous(), qweight, scales)
 
 
 def gemv_int4(x2: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int) -> torch.Tensor:

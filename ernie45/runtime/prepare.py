@@ -111,7 +111,8 @@ def prepare(model: nn.Module, plan: Plan | None = None) -> Report:
         report.add("bf16 packing", f"{n} linears" if n else "none (no bf16 CPU linears, or oneDNN lacks the ops)")
     if (plan.owned or plan.quantization) and not plan.compile and cpu:
         n = prepare_fbgemm_int8(model)
-        report.add("int8 on FBGEMM", f"{n} linears" if n else "none (no int8 linears, or no VNNI)")
+        why = "ernie45's int8 kernel decodes them" if kernels.ready("int8") else "no int8 linears, or no VNNI"
+        report.add("int8 on FBGEMM", f"{n} linears" if n else f"none ({why})")
     if cpu:
         moved = hugepages.gather(model)
         hugepages.collapse_process_memory(background=True)

@@ -5,12 +5,12 @@ LM head) for a `QuantLinear`, and each routed expert group's stacked weights for
 matrices. Activations stay in the model's float dtype (but see int8 decode below); only the weights shrink
 (int8: 1 byte, int4: half a byte per weight, plus one scale (and zero) per channel or group).
 
-CPU kernels: int8 weights the engine has prepared (`prepare_fbgemm_int8`: CPUs with VNNI) go through FBGEMM's
-int8 x int8 product for any number of rows, each row quantized to 8 bits on each call, as llama.cpp's Q8_0
-does. Otherwise, for decode (a few rows), ernie45's own (`kernels`: int4 by default where the CPU has
-VNNI and VBMI, x rounded to int8 per 32 columns as for FBGEMM's int8; int8 when switched on), else
-`torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu`; for prefill a bf16 matmul on the weight
-dequantised for that call.
+CPU kernels: for decode (a few rows) ernie45's own (`kernels`: int8 and int4 where the CPU has AVX512-BF16 and
+VNNI (int4 also VBMI), x rounded to int8 per 32 columns as llama.cpp's Q8_0 rounds it); for prefill a bf16
+matmul on the weight dequantised for that call. Where the own int8 kernel does not run, int8 weights the engine
+has prepared (`prepare_fbgemm_int8`: CPUs with VNNI) go through FBGEMM's int8 x int8 product for any number of
+rows, each row quantized to 8 bits per call; else `torch._weight_int8pack_mm` and
+`torch._weight_int4pack_mm_for_cpu`.
 CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised weights are kept nowhere.
 """
 
@@ -116,11 +116,16 @@ class QuantLinear(nn.Module):
         many = cpu and ((self.bits == 8 and self.dtype == torch.float32) or self._unpackable())
         self._many = self._dequantised if many else self._rows
         self._decode = self._rows
-        if cpu and self.bits == 8 and self.in_features % 64 == 0 and kernels.ready("int8"):
+        if cpu and self._own_int8():
+            self._tiles = (self.qweight, self.scales, 0)
             self._decode = self._int8_kernel
         elif cpu and self.bits == 4 and self._unpackable() and kernels.ready("int4"):
             self._tiles = (self.qweight, self.scales, self.group)
             self._decode = self._int4_kernel
+
+    def _own_int8(self) -> bool:
+        """Whether ernie45's int8 decode kernel takes this linear's rows (its codes in place, a width it reads)."""
+        return self.bits == 8 and self.qweight is not None and self.in_features % 64 == 0 and kernels.ready("int8")
 
     def _apply(self, fn, recurse: bool = True):
         out = super()._apply(fn, recurse)
@@ -133,8 +138,8 @@ class QuantLinear(nn.Module):
         8 bits per call (not weight-only any more: the engine's choice; `benchmarks/quant_quality.py --decode`
         reports what it costs). Reading the codes back (`codes()`) is slow: for saving, not for compute.
         Returns whether it did."""
-        if self.bits != 8 or self.dynamic is not None or self.qweight.device.type != "cpu":
-            return False
+        if self.bits != 8 or self.dynamic is not None or self.qweight.device.type != "cpu" or self._own_int8():
+            return False  # (ernie45's own int8 kernel decodes faster than FBGEMM, from the codes as they are)
         zeros = torch.zeros(self.out_features, dtype=torch.long)
         try:  # torch's quantized tensors are deprecated: when they go, int8 keeps torch's own kernels
             with warnings.catch_warnings():
@@ -211,9 +216,9 @@ class QuantLinear(nn.Module):
         codes = torch.cat([tiles & 15, tiles >> 4], dim=-1)  # [N/64, K, 64]
         return codes.permute(1, 0, 2).reshape(k, n)
 
-    def int4_tiles(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """(tiles, scales, group) where ernie45's int4 decode kernel reads this linear (chosen with the module's
-        routes), else None."""
+    def kernel_weight(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """How ernie45's fused decode calls read this linear: int4 (tiles, scales, group) or int8 (codes, scales, 0)
+        where its int4 or int8 kernel takes it (chosen with the module's routes), else None."""
         if not self._chosen:
             self._choose()
         return self._tiles
@@ -319,13 +324,14 @@ class QuantExpertGroup(ExpertGroup):
         return self.q_down[e](F.silu(gate) * up)
 
     def decode_experts(self, x: torch.Tensor) -> kernels.Experts | None:
-        """The experts' int4 tiles where the int4 kernel reads every one of them here and now, else None."""
-        if not kernels.ready("int4") or kernels.needs_grad(x):
+        """The experts' int4 tiles or int8 codes where ernie45's kernel reads every one of them here and now, else
+        None."""
+        if not (kernels.ready("int4") or kernels.ready("int8")) or kernels.needs_grad(x):
             return None
         if getattr(self, "_decode_experts", False) is False:  # made once: 2 x 64 lookups per layer and step
             mats = [*self.q_gate_up, *self.q_down]
             # (matrices wrapped with LoRA adapters run through their modules, adapters included)
-            tiles = [m.int4_tiles() if isinstance(m, QuantLinear) else None for m in mats]
+            tiles = [m.kernel_weight() if isinstance(m, QuantLinear) else None for m in mats]
             groups = {t[2] for t in tiles if t is not None}
             self._decode_experts = None
             if None not in tiles and len(groups) == 1:

@@ -4,8 +4,8 @@
 // RMSNorm through its residual add, composed of the ops above in the eager code's order and roundings (so the
 // same numbers). One call instead of ~20 torch ops and ~6 module calls from Python per half.
 
-// A linear as the decode calls read it: bf16 (or fp32) weights w [N, K] with `scales` empty, or int4 tiles w with
-// their (scale, zero) pairs `scales` in groups of `group` columns.
+// A linear as the decode calls read it: bf16 (or fp32) weights w [N, K] with `scales` empty, int8 codes w [N, K]
+// with one scale per row, or int4 tiles w with their (scale, zero) pairs `scales` in groups of `group` columns.
 struct Linear {
   torch::Tensor w, scales;
   int64_t group;
@@ -102,8 +102,11 @@ struct Step {
   torch::Tensor allowed, write_at;
 };
 
-// x2 [M, K] @ W^T in x2's dtype: the int4 kernel for int4 tiles, the bf16 matvec for bf16, torch's linear otherwise.
+// x2 [M, K] @ W^T in x2's dtype: the int8 kernel for int8 codes, the int4 kernel for int4 tiles, the bf16 matvec
+// for bf16, torch's linear otherwise.
 static torch::Tensor matvec(torch::Tensor x2, const Linear& l) {
+  if (l.w.scalar_type() == torch::kChar)
+    return gemv_int8(x2.to(torch::kFloat).contiguous(), l.w, l.scales).to(x2.scalar_type());
   if (l.scales.numel())
     return gemv_int4(x2.to(torch::kFloat).contiguous(), l.w, l.scales, l.group).to(x2.scalar_type());
   if (x2.scalar_type() == torch::kBFloat16 && l.w.scalar_type() == torch::kBFloat16 && x2.size(1) % 32 == 0)
