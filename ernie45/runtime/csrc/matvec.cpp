@@ -48,14 +48,49 @@ void stream_rows(int64_t M, int64_t N, int64_t row_bytes, const char* base, Out*
 
 // y[m, n] = sum_k x[m, k] * w[n, k] on raw pointers (no tensor made or checked: the dense stack's inner loop);
 // x [M, K] and w [N, K] bf16 row-major, K % 32 == 0, M <= 8; y [M, N] in Out.
+template <int M, class Out>
+static void bf16_stream(const char* X, int64_t K, const char* W, int64_t N, Out* y) {
+  const int64_t pf = prefetch_ahead, row_bytes = K * 2;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const char* row = W + n * row_bytes;
+      __m512 acc[M][2];
+      for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+      int64_t b = 0;
+      for (; b + 128 <= row_bytes; b += 128) {
+        if (pf) {
+          _mm_prefetch(row + b + pf, _MM_HINT_T0);
+          _mm_prefetch(row + b + pf + 64, _MM_HINT_T0);
+        }
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + b), w1 = (__m512bh)_mm512_loadu_si512(row + b + 64);
+        for (int m = 0; m < M; ++m) {
+          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(X + m * row_bytes + b));
+          acc[m][1] = _mm512_dpbf16_ps(acc[m][1], w1, (__m512bh)_mm512_loadu_si512(X + m * row_bytes + b + 64));
+        }
+      }
+      if (b < row_bytes) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(row + b);
+        for (int m = 0; m < M; ++m)
+          acc[m][0] = _mm512_dpbf16_ps(acc[m][0], w0, (__m512bh)_mm512_loadu_si512(X + m * row_bytes + b));
+      }
+      for (int m = 0; m < M; ++m) y[m * N + n] = Out(_mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])));
+    }
+  });
+}
+
 template <class Out>
 void gemv_bf16_raw(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N, Out* y) {
-  const char* X = reinterpret_cast<const char*>(x);
-  stream_rows(M, N, K * 2, reinterpret_cast<const char*>(w), y, [&](__m512* acc, const char* wp, int64_t b) {
-    const __m512bh wv = (__m512bh)_mm512_loadu_si512(wp);
-    for (int64_t m = 0; m < M; ++m)
-      acc[m] = _mm512_dpbf16_ps(acc[m], wv, (__m512bh)_mm512_loadu_si512(X + m * K * 2 + b));
-  }, [](float sum, int64_t) { return sum; });
+  const char *X = reinterpret_cast<const char*>(x), *W = reinterpret_cast<const char*>(w);
+  switch (M) {
+    case 1: bf16_stream<1>(X, K, W, N, y); break;
+    case 2: bf16_stream<2>(X, K, W, N, y); break;
+    case 3: bf16_stream<3>(X, K, W, N, y); break;
+    case 4: bf16_stream<4>(X, K, W, N, y); break;
+    case 5: bf16_stream<5>(X, K, W, N, y); break;
+    case 6: bf16_stream<6>(X, K, W, N, y); break;
+    case 7: bf16_stream<7>(X, K, W, N, y); break;
+    default: bf16_stream<8>(X, K, W, N, y); break;
+  }
 }
 
 // The same on tensors: y fp32, or bf16 (rounded once, as torch's bf16 linear returns it) with bf16_out.
