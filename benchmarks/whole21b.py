@@ -1,0 +1,232 @@
+"""The whole ERNIE-4.5-21B-A3B (random weights at the real shapes) on this machine: ernie45 int4, loaded straight
+from a bf16 checkpoint (each layer quantized as it is read), against llama.cpp Q4_0 of the same weights.
+
+    python benchmarks/whole21b.py --dir /data/ernie45-21b   # ~67 GB free disk at the peak, 24 GB RAM is enough
+
+Stages, each skipped where its output is already there (so a stopped run resumes): the bf16 checkpoint in the
+official layout, written tensor by tensor (44 GB; never whole in memory); llama.cpp's converter to Q8_0 (23 GB);
+ernie45 timed in a child process (load, time to the first token of a 512-token prompt, decode tok/s over 128
+tokens, peak RSS); then, because the disk holds the bf16 file and two GGUFs only with ~80 GB, the bf16 checkpoint
+is deleted (`--keep-bf16` keeps it) and llama.cpp requantizes Q8_0 to Q4_0 (its quantizer, as from BF16) and is
+timed the same way. The rows run one after the other, not interleaved: read them with the bandwidth line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import llamacpp
+import torch
+from machine import cpu_name, read_bandwidth
+
+SHARD_BYTES = 2 << 30
+
+
+def official_tensors() -> tuple[object, list[tuple[str, tuple[int, ...], torch.dtype]]]:
+    """The official config of ERNIE-4.5-21B-A3B and its checkpoint's tensors (name, shape, dtype), as transformers
+    saves them (one tensor per expert and projection), read from a copy with tiny distinct widths that transformers
+    writes, its widths then mapped back to the real ones (so no 44 GB model is ever built)."""
+    import tempfile
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ernie45 import presets
+    from ernie45.official_config import to_official
+
+    def official(**over):
+        d = to_official(presets.get("ernie-4.5-21b-a3b", **over))
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+
+    group = presets.PRESETS["ernie-4.5-21b-a3b"]["expert_groups"][0]
+    # hidden 40 -> 2560, dense FFN 56 -> 12288, expert 24 -> 1536, shared experts 48 -> 3072, q 160 -> 2560, kv 32
+    # -> 512 (20 and 4 heads of 8 -> of 128); expert counts and the vocabulary stay as they are
+    real = {40: 2560, 56: 12288, 24: 1536, 48: 3072, 160: 2560, 32: 512}
+    tiny = official(hidden_size=40, intermediate_size=56, head_dim=8, expert_groups=[dict(group, intermediate_size=24)])
+    with tempfile.TemporaryDirectory() as tmp:
+        AutoModelForCausalLM.from_config(tiny, dtype=torch.bfloat16).save_pretrained(tmp)
+        tensors = []
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            with safe_open(f, "pt") as st:
+                for k in st.keys():
+                    t = st.get_slice(k)
+                    dtype = {"BF16": torch.bfloat16, "F32": torch.float32}[t.get_dtype()]
+                    tensors.append((k, tuple(real.get(d, d) for d in t.get_shape()), dtype))
+    return official(), tensors
+
+
+def write_checkpoint(out: Path) -> None:
+    """Random bf16 weights at ERNIE-4.5-21B-A3B's shapes, official names, shard by shard (norms 1, biases 0)."""
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from chat_fixtures import write_spm_tokenizer
+
+    cfg, tensors = official_tensors()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg.save_pretrained(tmp)
+    write_spm_tokenizer(tmp)
+    gen = torch.Generator().manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    index: dict[str, str] = {}
+    size, n, start = 0, 0, time.perf_counter()
+    total = sum(torch.Size(shape).numel() * 2 for _, shape, _ in tensors)
+
+    def flush() -> None:
+        nonlocal shard, size, n
+        name = f"model-{n:05d}.safetensors"
+        save_file(shard, tmp / name, metadata={"format": "pt"})
+        index.update(dict.fromkeys(shard, name))
+        done = sum(torch.Size(shape).numel() * 2 for k, shape, _ in tensors if k in index)
+        print(f"  {name}: {done / 1e9:.1f} / {total / 1e9:.1f} GB ({time.perf_counter() - start:.0f} s)", flush=True)
+        shard, size, n = {}, 0, n + 1
+
+    for name, shape, dtype in tensors:
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=dtype)
+        elif "bias" in name:
+            t = torch.zeros(shape, dtype=dtype)
+        else:
+            t = torch.empty(shape, dtype=dtype).normal_(0, 0.02, generator=gen)
+        shard[name] = t
+        size += t.numel() * t.element_size()
+        if size >= SHARD_BYTES:
+            flush()
+    if shard:
+        flush()
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": index}))  # fmt: skip
+    tmp.rename(out)
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # (kB on Linux)
+
+
+def run_ernie45(path: Path, prompt: int, new: int) -> dict:
+    from decode import streamed
+
+    from ernie45.engine import LLM, SamplingParams
+    from ernie45.runtime import hugepages
+
+    t = time.perf_counter()
+    llm = LLM(path, dtype=torch.float32, quantization="int4")
+    hugepages.wait()
+    load = time.perf_counter() - t
+    ids = torch.randint(100, 1000, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    llm.generate(ids[:16], SamplingParams(max_tokens=2))
+    first, decode = streamed(llm, ids, new)
+    return {"load s": load, "first token s": first, "decode tok/s": decode, "peak RSS GB": _peak_rss_gb()}
+
+
+def run_llamacpp(gguf: Path, prompt: int, new: int, threads: int) -> dict:
+    """As `llamacpp._bench` times it (one prompt in one batch, then greedy single-token steps), with the load."""
+    import llama_cpp
+    import numpy as np
+
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(str(gguf), n_ctx=prompt + new + 8, n_batch=min(prompt, 2048), n_ubatch=min(prompt, 512),
+                          n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+    load = time.perf_counter() - t
+    ids = torch.randint(100, 1000, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+    llm.eval(ids[:8])  # warm-up
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    first = time.perf_counter() - t
+    token = 100
+    t = time.perf_counter()
+    for _ in range(new - 1):
+        llm.eval([token])
+        token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())  # greedy
+    decode = (new - 1) / (time.perf_counter() - t)
+    return {"load s": load, "first token s": first, "decode tok/s": decode, "peak RSS GB": _peak_rss_gb()}
+
+
+def child(stage: str, path: Path, args: argparse.Namespace) -> dict:
+    """One engine in its own process (its peak RSS is its own)."""
+    sizes = ["--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads)]
+    r = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), *sizes, "--child", stage, str(path)],
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"{stage} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, required=True, help="workspace for the checkpoint and the GGUFs")
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep-bf16", action="store_true", help="keep the bf16 checkpoint (needs ~80 GB of disk)")
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        stage, rest = args.child[0], args.child[1:]
+        torch.set_num_threads(args.threads)
+        if stage == "ernie45":
+            out = run_ernie45(Path(rest[0]), args.prompt, args.new)
+        else:
+            out = run_llamacpp(Path(rest[0]), args.prompt, args.new, args.threads)
+        print(json.dumps(out))
+        return
+    why = llamacpp.available()
+    if why:
+        p.error(f"the llama.cpp rows cannot run: {why}")
+    args.dir.mkdir(parents=True, exist_ok=True)
+    ckpt, q8, q4 = args.dir / "bf16", args.dir / "model-Q8_0.gguf", args.dir / "model-Q4_0.gguf"
+    results: dict[str, dict] = {}
+    saved = args.dir / "results.json"
+    if saved.exists():
+        results = json.loads(saved.read_text())
+    if not q4.exists():
+        if not ckpt.exists():
+            print("writing the bf16 checkpoint (44 GB) ...", flush=True)
+            write_checkpoint(ckpt)
+        if not q8.exists():
+            print("llama.cpp's converter: Q8_0 ...", flush=True)
+            t = time.perf_counter()
+            llamacpp.convert(ckpt, args.dir, "Q8_0")
+            print(f"  {time.perf_counter() - t:.0f} s", flush=True)
+        if "ernie45 int4" not in results:
+            print("ernie45 int4 ...", flush=True)
+            results["ernie45 int4"] = child("ernie45", ckpt, args)
+            saved.write_text(json.dumps(results))
+            print(f"  {results['ernie45 int4']}", flush=True)
+        if not args.keep_bf16:
+            shutil.rmtree(ckpt)
+        print("llama.cpp's quantizer: Q8_0 -> Q4_0 ...", flush=True)
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, args.threads, True
+        if llama_cpp.llama_model_quantize(str(q8).encode(), str(q4).encode(), params) != 0:
+            raise SystemExit("llama.cpp could not quantize to Q4_0")
+    if "llama.cpp Q4_0" not in results:
+        print("llama.cpp Q4_0 ...", flush=True)
+        results["llama.cpp Q4_0"] = child("llama.cpp", q4, args)
+        saved.write_text(json.dumps(results))
+    bw_small, bw = read_bandwidth()
+    print(f"\nCPU: {cpu_name()}; read bandwidth {max(bw, bw_small) / 1e9:.1f} GB/s")
+    print(
+        f"ERNIE-4.5-21B-A3B shapes (random weights), batch 1, prompt {args.prompt}, {args.new} new tokens, "
+        f"{args.threads} threads; ernie45 int4 loaded from the bf16 checkpoint, llama.cpp Q4_0 from its GGUF"
+    )
+    cols = ("load s", "first token s", "decode tok/s", "peak RSS GB")
+    print(f"{'engine':16}" + "".join(f"{c:>15}" for c in cols))
+    for name, r in results.items():
+        print(f"{name:16}" + "".join(f"{r[c]:15.1f}" for c in cols))
+
+
+if __name__ == "__main__":
+    main()
