@@ -108,8 +108,13 @@ def write_checkpoint(out: Path) -> None:
     tmp.rename(out)
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # (kB on Linux)
+def _memory() -> dict[str, float]:
+    """Peak RSS (file pages a load touched count too), and now: RSS and its anonymous part (what the process
+    itself holds; a memory-mapped model's file pages are the rest), in GB."""
+    status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines() if ":" in ln)
+    kb = {k: int(status[k].split()[0]) for k in ("VmRSS", "RssAnon") if k in status}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # (kB on Linux)
+    return {"peak RSS GB": peak / 1e6, "RSS GB": kb.get("VmRSS", 0) / 1e6, "anon RSS GB": kb.get("RssAnon", 0) / 1e6}
 
 
 def run_ernie45(path: Path, prompt: int, new: int) -> dict:
@@ -119,13 +124,13 @@ def run_ernie45(path: Path, prompt: int, new: int) -> dict:
     from ernie45.runtime import hugepages
 
     t = time.perf_counter()
-    llm = LLM(path, dtype=torch.float32, quantization="int4")
+    llm = LLM(path, dtype=torch.bfloat16, quantization="int4")
     hugepages.wait()
     load = time.perf_counter() - t
     ids = torch.randint(100, 1000, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     llm.generate(ids[:16], SamplingParams(max_tokens=2))
     first, decode = streamed(llm, ids, new)
-    return {"load s": load, "first token s": first, "decode tok/s": decode, "peak RSS GB": _peak_rss_gb()}
+    return {"load s": load, "first token s": first, "decode tok/s": decode, **_memory()}
 
 
 def run_llamacpp(gguf: Path, prompt: int, new: int, threads: int) -> dict:
@@ -149,7 +154,7 @@ def run_llamacpp(gguf: Path, prompt: int, new: int, threads: int) -> dict:
         llm.eval([token])
         token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())  # greedy
     decode = (new - 1) / (time.perf_counter() - t)
-    return {"load s": load, "first token s": first, "decode tok/s": decode, "peak RSS GB": _peak_rss_gb()}
+    return {"load s": load, "first token s": first, "decode tok/s": decode, **_memory()}
 
 
 def child(stage: str, path: Path, args: argparse.Namespace) -> dict:
@@ -158,7 +163,8 @@ def child(stage: str, path: Path, args: argparse.Namespace) -> dict:
     r = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), *sizes, "--child", stage, str(path)],
                        capture_output=True, text=True)  # fmt: skip
     if r.returncode != 0:
-        raise RuntimeError(f"{stage} failed:\n{r.stderr[-3000:]}")
+        killed = " (killed: out of memory?)" if r.returncode == -9 else ""
+        raise RuntimeError(f"{stage} failed with exit status {r.returncode}{killed}:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -222,10 +228,10 @@ def main() -> None:
         f"ERNIE-4.5-21B-A3B shapes (random weights), batch 1, prompt {args.prompt}, {args.new} new tokens, "
         f"{args.threads} threads; ernie45 int4 loaded from the bf16 checkpoint, llama.cpp Q4_0 from its GGUF"
     )
-    cols = ("load s", "first token s", "decode tok/s", "peak RSS GB")
+    cols = ("load s", "first token s", "decode tok/s", "peak RSS GB", "RSS GB", "anon RSS GB")
     print(f"{'engine':16}" + "".join(f"{c:>15}" for c in cols))
     for name, r in results.items():
-        print(f"{name:16}" + "".join(f"{r[c]:15.1f}" for c in cols))
+        print(f"{name:16}" + "".join(f"{r.get(c, float('nan')):15.1f}" for c in cols))
 
 
 if __name__ == "__main__":

@@ -81,3 +81,27 @@ def test_gather_puts_a_modules_tensors_in_one_huge_page_arena_and_keeps_their_sh
             assert arena["AnonHugePages"] >= 2048
     x = torch.randn(3, 1024)
     assert torch.equal(lin(x), torch.nn.functional.linear(x, want["w"]))  # the module computes from the arena
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.skipif(hugepages._malloc_trim() is None, reason="glibc's malloc_trim is not here")
+def test_gather_hands_the_old_copies_back_so_resident_memory_does_not_double():
+    """Weights of a few MB each live in glibc's heap, which kept their freed old copies: a 21B model's int4
+    weights (14 GB) then needed 28 GB while they moved into the arena, and the load was killed."""
+    torch.empty(16 << 20, dtype=torch.uint8).fill_(1)  # (freeing a 16 MB block sends 4 MB ones to the heap)
+    model = torch.nn.ModuleList(torch.nn.Linear(1024, 1024, bias=False) for _ in range(96))  # 96 x 4 MB
+    for lin in model:  # a small tensor after each weight, left in place (as an int4 linear's scales): freed
+        lin.register_buffer("scale", lin.weight[:, :200].clone())  # old copies cannot fall off the heap's top
+    gc.collect()
+    hugepages.wait()
+    hugepages.trim()
+    before = _rss_mb()
+    moved = hugepages.gather(model)
+    assert moved >= 96 * 4 << 20
+    assert _rss_mb() - before < 64  # the 384 MB moved, the old copies returned (not +384 MB)

@@ -27,6 +27,7 @@ import torch
 
 log = logging.getLogger("ernie45")
 HUGE = 2 << 20
+_TRIM_EVERY = 256 << 20  # bytes `gather` moves between handing the old copies back
 MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
 _moving: list[threading.Thread] = []
 
@@ -39,6 +40,25 @@ def _madvise():
     fn = libc.madvise
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return fn
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def trim() -> None:
+    """Hand the heap's freed pages back to the OS. glibc keeps freed blocks of a few MB in its heap (its mmap
+    threshold grows with each large free), so a model whose weights were copied or quantized piece by piece held
+    the old copies in its resident memory too: 2x the weights of a 21B model, more than the machine had."""
+    fn = _malloc_trim()
+    if fn is not None:
+        fn(0)
 
 
 def enabled() -> bool:
@@ -126,7 +146,7 @@ def gather(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int:
     arena = torch.empty(total + HUGE, dtype=torch.uint8)
     start = (-arena.data_ptr()) % HUGE
     _madvise()(arena.data_ptr() + start, (arena.numel() - start) // HUGE * HUGE, MADV_HUGEPAGE)
-    storage, offset = arena.untyped_storage(), start
+    storage, offset, unreturned = arena.untyped_storage(), start, 0
     with torch.no_grad():
         for ptr, ts in found.items():
             old = ts[0].untyped_storage()
@@ -135,6 +155,12 @@ def gather(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int:
                 size = t.element_size()
                 t.set_(storage, (offset + t.storage_offset() * size) // size, t.size(), t.stride())
             offset += sizes[ptr]
+            unreturned += sizes[ptr]
+            if unreturned > _TRIM_EVERY:  # the old copies back to the OS as we go: resident memory stays at the
+                del old  # weights plus this much
+                trim()
+                unreturned = 0
+    trim()
     lo, length = arena.data_ptr() + start, (arena.numel() - start) // HUGE * HUGE
     if mapping_at(lo).get("AnonHugePages", 0) < 2048:  # the kernel had no free 2 MB page at fault time
         _madvise()(lo, length, MADV_COLLAPSE)  # (compacts memory to make some; fails quietly on old kernels)

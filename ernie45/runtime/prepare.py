@@ -114,6 +114,7 @@ def prepare(model: nn.Module, plan: Plan | None = None) -> Report:
         why = "ernie45's int8 kernel decodes them" if kernels.ready("int8") else "no int8 linears, or no VNNI"
         report.add("int8 on FBGEMM", f"{n} linears" if n else f"none ({why})")
     if cpu:
+        hugepages.trim()  # what loading, fusing and quantizing freed
         moved = hugepages.gather(model)
         hugepages.collapse_process_memory(background=True)
         report.add("2 MB pages", f"{moved / 2**20:.0f} MiB" if moved else "off (ERNIE45_HUGEPAGES=0, or not Linux)")
@@ -138,6 +139,7 @@ class QuantizingLoader:
     def __call__(self, layer: nn.Module) -> None:
         _fuse(layer)
         quantize_modules(layer, **self.bits, progress=False)
+        hugepages.trim()  # the layer's float weights back to the OS, not kept in the heap for later layers
         self.layers += 1
 
 
