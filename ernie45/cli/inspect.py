@@ -157,6 +157,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from ..checkpoint import load
     from ..checkpoint.chat_ready import make_chat_ready
     from ..checkpoint.quantized import save_quantized
+    from ..runtime import hugepages
     from ..runtime.quant import quantize, quantize_modules
 
     src, out = Path(args.dir), Path(args.out)
@@ -166,7 +167,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise UsageError(f"{out} exists and is not empty; choose a new directory")
     stored = load(src, device="meta").config.dtype  # the source's float dtype: the float parts keep it
     stored = stored if isinstance(stored, torch.dtype) else torch.bfloat16
-    each = partial(quantize_modules, bits=args.bits, group_size=args.group_size, progress=False)
+    quantize_layer = partial(quantize_modules, bits=args.bits, group_size=args.group_size, progress=False)
+
+    def each(layer: torch.nn.Module) -> None:
+        quantize_layer(layer)
+        hugepages.trim()  # the layer's float weights back to the OS (glibc would keep them: a 21B model's 44 GB)
+
     model = load(src, dtype=torch.float32, on_layer=each)
     quantize(model, bits=args.bits, group_size=args.group_size, lm_head=not args.float_lm_head)
     save_quantized(model, out, float_dtype=stored)
