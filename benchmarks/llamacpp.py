@@ -64,14 +64,15 @@ def bench(gguf: Path, batch: int, prompt: int, new: int, threads: int) -> tuple[
 
 
 def _bench(gguf: Path, batch: int, prompt: int, new: int, threads: int, extra_bufts: bool) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s): the prompt evaluated in one batch, then `new - 1` single-token steps.
+    """(prefill tok/s, decode tok/s) of the GGUF opened as `open_model` opens it (`timed` says how)."""
+    return timed(open_model(gguf, prompt, new, threads, extra_bufts), batch, prompt, new)
 
-    llama-cpp-python's high-level API runs one sequence, so batch > 1 is `batch` sequences one after another
-    (what a user of that API gets).
-    """
+
+def open_model(gguf: Path, prompt: int, new: int, threads: int, extra_bufts: bool = True):
+    """The GGUF as a llama-cpp-python `Llama` with room for `prompt + new` tokens, with or without llama.cpp's
+    extra (repacked) weight buffers."""
     import llama_cpp
     import llama_cpp.llama
-    import numpy as np
 
     defaults = llama_cpp.llama_model_default_params
 
@@ -81,8 +82,19 @@ def _bench(gguf: Path, batch: int, prompt: int, new: int, threads: int, extra_bu
         return p
 
     llama_cpp.llama.llama_cpp.llama_model_default_params = params  # the high-level API does not expose it
-    llm = llama_cpp.Llama(str(gguf), n_ctx=prompt + new + 8, n_batch=min(prompt, 2048), n_ubatch=min(prompt, 512),
-                          n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+    return llama_cpp.Llama(str(gguf), n_ctx=prompt + new + 8, n_batch=min(prompt, 2048),
+                           n_ubatch=min(prompt, 512), n_threads=threads, n_threads_batch=threads,
+                           verbose=False)  # fmt: skip
+
+
+def timed(llm, batch: int, prompt: int, new: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s): the prompt evaluated in one batch, then `new - 1` single-token steps.
+
+    llama-cpp-python's high-level API runs one sequence, so batch > 1 is `batch` sequences one after another
+    (what a user of that API gets).
+    """
+    import numpy as np
+
     ids = list(range(100, 100 + prompt))
     pre = dec = 0.0
     llm.eval(ids[:8])  # warm-up

@@ -78,15 +78,15 @@ def write_checkpoint(out: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     shard: dict[str, torch.Tensor] = {}
     index: dict[str, str] = {}
-    size, n, start = 0, 0, time.perf_counter()
-    total = sum(torch.Size(shape).numel() * 2 for _, shape, _ in tensors)
+    size, done, n, start = 0, 0, 0, time.perf_counter()
+    total = sum(torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in tensors)
 
     def flush() -> None:
-        nonlocal shard, size, n
+        nonlocal shard, size, done, n
         name = f"model-{n:05d}.safetensors"
         save_file(shard, tmp / name, metadata={"format": "pt"})
         index.update(dict.fromkeys(shard, name))
-        done = sum(torch.Size(shape).numel() * 2 for k, shape, _ in tensors if k in index)
+        done += size
         print(f"  {name}: {done / 1e9:.1f} / {total / 1e9:.1f} GB ({time.perf_counter() - start:.0f} s)", flush=True)
         shard, size, n = {}, 0, n + 1
 
@@ -134,27 +134,12 @@ def run_ernie45(path: Path, prompt: int, new: int) -> dict:
 
 
 def run_llamacpp(gguf: Path, prompt: int, new: int, threads: int) -> dict:
-    """As `llamacpp._bench` times it (one prompt in one batch, then greedy single-token steps), with the load."""
-    import llama_cpp
-    import numpy as np
-
+    """As the decode benchmark's llama.cpp rows time it (`llamacpp.timed`), with the load."""
     t = time.perf_counter()
-    llm = llama_cpp.Llama(str(gguf), n_ctx=prompt + new + 8, n_batch=min(prompt, 2048), n_ubatch=min(prompt, 512),
-                          n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+    llm = llamacpp.open_model(gguf, prompt, new, threads)
     load = time.perf_counter() - t
-    ids = torch.randint(100, 1000, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
-    llm.eval(ids[:8])  # warm-up
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids)
-    first = time.perf_counter() - t
-    token = 100
-    t = time.perf_counter()
-    for _ in range(new - 1):
-        llm.eval([token])
-        token = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).argmax())  # greedy
-    decode = (new - 1) / (time.perf_counter() - t)
-    return {"load s": load, "first token s": first, "decode tok/s": decode, **_memory()}
+    pre, decode = llamacpp.timed(llm, 1, prompt, new)
+    return {"load s": load, "first token s": prompt / pre, "decode tok/s": decode, **_memory()}
 
 
 def child(stage: str, path: Path, args: argparse.Namespace) -> dict:

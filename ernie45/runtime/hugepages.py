@@ -33,23 +33,25 @@ _moving: list[threading.Thread] = []
 
 
 @lru_cache(maxsize=1)
-def _madvise():
+def _libc():
+    """The C library (None where not on Linux): madvise for the pages, malloc_trim (glibc) for the heap."""
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+@lru_cache(maxsize=1)
+def _madvise():
+    libc = _libc()
+    if libc is None:
+        return None
     fn = libc.madvise
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return fn
 
 
-@lru_cache(maxsize=1)
 def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # glibc only
-    except (OSError, AttributeError):
-        return None
+    return getattr(_libc(), "malloc_trim", None)  # (glibc only)
 
 
 def trim() -> None:
@@ -156,8 +158,8 @@ def gather(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int:
                 t.set_(storage, (offset + t.storage_offset() * size) // size, t.size(), t.stride())
             offset += sizes[ptr]
             unreturned += sizes[ptr]
-            if unreturned > _TRIM_EVERY:  # the old copies back to the OS as we go: resident memory stays at the
-                del old  # weights plus this much
+            if unreturned > _TRIM_EVERY:  # the old copies back to the OS as we go, so resident memory stays at
+                del old  # the weights plus _TRIM_EVERY
                 trim()
                 unreturned = 0
     trim()

@@ -15,7 +15,7 @@
 // kernel and for four rows read interleaved; on an AMD EPYC the same prefetch cost 9% of a decode step's matvecs
 // against none. So the distance is the process's (`set_prefetch`: bytes ahead, 0 none), which `kernels.py` picks
 // by timing the candidates on this CPU. Each input row (M <= 8) is dotted with the weight bytes while they sit in
-// L1: dot(acc, row, k) adds columns k..k+63 bytes' worth of every input row into acc[m]; y = finish(sum, n).
+// L1, with M a template constant (`with_rows`) so that the running sums stay in registers.
 static int64_t prefetch_ahead = 2048;  // (the int4 tiles' stream takes the same distance)
 
 int64_t set_prefetch(int64_t bytes) {
@@ -25,25 +25,19 @@ int64_t set_prefetch(int64_t bytes) {
   return before;
 }
 
-template <class Out, class Dot, class Finish>
-void stream_rows(int64_t M, int64_t N, int64_t row_bytes, const char* base, Out* Y, Dot dot, Finish finish) {
-  const int64_t pf = prefetch_ahead;
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const char* row = base + n * row_bytes;
-      __m512 acc[8];
-      for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-      if (pf) {
-        for (int64_t b = 0; b < row_bytes; b += 64) {
-          _mm_prefetch(row + b + pf, _MM_HINT_T0);
-          dot(acc, row + b, b);
-        }
-      } else {
-        for (int64_t b = 0; b < row_bytes; b += 64) dot(acc, row + b, b);
-      }
-      for (int64_t m = 0; m < M; ++m) Y[m * N + n] = Out(finish(_mm512_reduce_add_ps(acc[m]), n));
-    }
-  });
+// f(std::integral_constant<int, M>{}) for the row count M (1..8) at hand.
+template <class F>
+static void with_rows(int64_t M, F f) {
+  switch (M) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 // y[m, n] = sum_k x[m, k] * w[n, k] on raw pointers (no tensor made or checked: the dense stack's inner loop);
@@ -81,16 +75,7 @@ static void bf16_stream(const char* X, int64_t K, const char* W, int64_t N, Out*
 template <class Out>
 void gemv_bf16_raw(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N, Out* y) {
   const char *X = reinterpret_cast<const char*>(x), *W = reinterpret_cast<const char*>(w);
-  switch (M) {
-    case 1: bf16_stream<1>(X, K, W, N, y); break;
-    case 2: bf16_stream<2>(X, K, W, N, y); break;
-    case 3: bf16_stream<3>(X, K, W, N, y); break;
-    case 4: bf16_stream<4>(X, K, W, N, y); break;
-    case 5: bf16_stream<5>(X, K, W, N, y); break;
-    case 6: bf16_stream<6>(X, K, W, N, y); break;
-    case 7: bf16_stream<7>(X, K, W, N, y); break;
-    default: bf16_stream<8>(X, K, W, N, y); break;
-  }
+  with_rows(M, [&](auto rows) { bf16_stream<decltype(rows)::value>(X, K, W, N, y); });
 }
 
 // The same on tensors: y fp32, or bf16 (rounded once, as torch's bf16 linear returns it) with bf16_out.
@@ -110,7 +95,8 @@ torch::Tensor gemv_bf16(torch::Tensor x, torch::Tensor w, bool bf16_out) {
 }
 
 // x rounded to int8 per 32 columns, as llama.cpp's Q8_0 rounds it: q = round(x * 127 / max|x|), scale xs =
-// max|x| / 127 per block; qsum the block's sum of q. Both quantized kernels multiply codes by q with VNNI.
+// max|x| / 127 per block; QSUM (where given) the block's sum of q. Both quantized kernels multiply codes by q with
+// VNNI.
 static void round_rows(const float* X, int64_t M, int64_t K, int8_t* Q, float* XS, int32_t* QSUM) {
   const int64_t B = K / 32;
   for (int64_t m = 0; m < M; ++m)
@@ -126,7 +112,7 @@ static void round_rows(const float* X, int64_t M, int64_t K, int8_t* Q, float* X
         qsum += v;
       }
       XS[m * B + b] = amax / 127.f;
-      QSUM[m * B + b] = qsum;
+      if (QSUM) QSUM[m * B + b] = qsum;
     }
 }
 
@@ -135,7 +121,8 @@ struct Int8Rows {  // one gemv_int8 call's operands (see below)
   const int8_t* Q;      // |q| [M, K] (read as unsigned bytes)
   const __mmask64* SG;  // q < 0 [M, K / 64]
   const float* XS16;    // [M, K / 64, 16]: lanes 0-7 the first 32 columns' x scale, lanes 8-15 the next's
-  const float* S;       // [N] the rows' scales
+  const float* S;       // [N] the rows' scales in fp32, or
+  const uint16_t* S16;  // in bf16
   float* Y;
   int64_t K, N, C, pf;
 };
@@ -158,7 +145,14 @@ static inline void int8_row(const Int8Rows& a, int64_t n) {
                                       acc[m][c & 1]);
     }
   }
-  for (int m = 0; m < M; ++m) a.Y[m * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) * a.S[n];
+  float scale;
+  if (a.S) {
+    scale = a.S[n];
+  } else {
+    const uint32_t bits = static_cast<uint32_t>(a.S16[n]) << 16;  // bf16 is fp32's upper half
+    std::memcpy(&scale, &bits, 4);
+  }
+  for (int m = 0; m < M; ++m) a.Y[m * a.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) * scale;
 }
 
 template <int M>
@@ -182,10 +176,9 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
   TORCH_CHECK(M <= 8, "at most 8 rows");
   auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
   auto xs = torch::empty({M, B}, x.options()), xs16 = torch::empty({M, C, 16}, x.options());
-  auto qsum = torch::empty({M, B}, x.options().dtype(torch::kInt));
   int8_t* Q = q.data_ptr<int8_t>();
   float *XS = xs.data_ptr<float>(), *XS16 = xs16.data_ptr<float>();
-  round_rows(x.data_ptr<float>(), M, K, Q, XS, qsum.data_ptr<int32_t>());
+  round_rows(x.data_ptr<float>(), M, K, Q, XS, nullptr);
   std::vector<__mmask64> signs(M * C);  // q < 0 per column, 64 columns a mask
   __mmask64* SG = signs.data();
   for (int64_t m = 0; m < M; ++m)
@@ -197,24 +190,12 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
       const __m512 lo = _mm512_set1_ps(XS[m * B + 2 * c]), hi = _mm512_set1_ps(XS[m * B + 2 * c + 1]);
       _mm512_storeu_ps(XS16 + (m * C + c) * 16, _mm512_mask_blend_ps(0xFF00, lo, hi));  // lanes 8-15: block 2
     }
-  std::vector<float> bf16_scales(scale.scalar_type() == torch::kBFloat16 ? N : 0);
-  for (int64_t n = 0; n < static_cast<int64_t>(bf16_scales.size()); ++n) {
-    const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(scale.data_ptr())[n]) << 16;
-    std::memcpy(&bf16_scales[n], &bits, 4);
-  }
   auto y = torch::empty({M, N}, x.options());
-  const Int8Rows a{w.data_ptr<int8_t>(), Q, SG, XS16, bf16_scales.empty() ? scale.data_ptr<float>() : bf16_scales.data(),
+  const bool bf16 = scale.scalar_type() == torch::kBFloat16;
+  const Int8Rows a{w.data_ptr<int8_t>(), Q, SG, XS16, bf16 ? nullptr : scale.data_ptr<float>(),
+                   bf16 ? reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()) : nullptr,
                    y.data_ptr<float>(), K, N, C, prefetch_ahead};
-  switch (M) {  // the rows of x as a constant: their sums stay in registers
-    case 1: int8_stream<1>(a); break;
-    case 2: int8_stream<2>(a); break;
-    case 3: int8_stream<3>(a); break;
-    case 4: int8_stream<4>(a); break;
-    case 5: int8_stream<5>(a); break;
-    case 6: int8_stream<6>(a); break;
-    case 7: int8_stream<7>(a); break;
-    default: int8_stream<8>(a); break;
-  }
+  with_rows(M, [&](auto rows) { int8_stream<decltype(rows)::value>(a); });
   return y;
 }
 
