@@ -7,35 +7,62 @@ stored as int8 per row and widened on load, as llama.cpp quantizes its token tab
 (norms, encoders) keep the source checkpoint's dtype. A head tied to the embedding is not stored: loading
 quantizes it from the embedding again (int8 per channel is deterministic, so the codes are the same).
 
-Loading builds the model on the meta device, puts a `QuantLinear` where the file holds codes, and fills
-the remaining (float) parameters from the file: the float weights of quantized layers never exist.
+Files are written in shards of ~2 GB with the official index (`model.safetensors.index.json`) once the weights
+pass that size. Loading builds the model on the meta device, puts a `QuantLinear` where the file holds codes, and
+fills the remaining (float) parameters, reading each tensor from its shard only when it is placed: the float
+weights of quantized layers never exist, and the file is never held whole.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..model.trunk import Ernie45PreTrainedModel
+from ..runtime import hugepages
 from ..runtime.quant import QuantLinear, install_experts, quantize_int8
-from .files import CheckpointError
+from .files import CheckpointError, SafetensorsFile, weight_files, written_atomically
 
 KEY = "ernie45_quantization"
 ROUTER = ("gate.weight", "e_score_correction_bias")  # fp32 always
 EMBED = "model.embed_tokens.weight"
 
 
-def save_quantized(model: nn.Module, out: str | Path, float_dtype: torch.dtype | None = None) -> Path:
-    """Write a model quantized by `ernie45.runtime.quant.quantize` (config.json + model.safetensors); float
-    parameters in `float_dtype` (default: as they are)."""
+SHARD_BYTES = 2 * 2**30  # the official checkpoints' shards are a few GB each too
+
+
+def save_quantized(model: nn.Module, out: str | Path, float_dtype: torch.dtype | None = None,
+                   shard_bytes: int = SHARD_BYTES) -> Path:  # fmt: skip
+    """Write a model quantized by `ernie45.runtime.quant.quantize` (config.json + its weights); float parameters in
+    `float_dtype` (default: as they are). Tensors are made portable one module at a time and written in shards of
+    about `shard_bytes` (`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`; one file,
+    `model.safetensors`, when they fit one), so saving a 21B model holds one shard's copies at most."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    quantized = set()
     tied_head = model.config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), QuantLinear)
+    spec = dict(getattr(model.config, KEY))
+    spec.update(int4_codes="packed", tied_head_from_embedding=bool(tied_head), embedding="int8")
+    with written_atomically(out) as tmp:
+        shards = _ShardWriter(tmp, shard_bytes)
+        for name, tensor in _portable_tensors(model, float_dtype, tied_head):
+            shards.add(name, tensor)
+        shards.close()
+        setattr(model.config, KEY, spec)
+        if float_dtype is not None:
+            model.config.dtype = float_dtype
+        model.config.save_pretrained(tmp)
+    return out
+
+
+def _portable_tensors(model: nn.Module, float_dtype: torch.dtype | None, tied_head: bool):
+    """(name, CPU tensor) for everything the file holds, made one at a time: each quantized linear's codes (int4
+    packed two to a byte) and scales, the token table in int8 per row, the float parameters."""
+    quantized = set()
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             quantized.add(name)
@@ -43,30 +70,60 @@ def save_quantized(model: nn.Module, out: str | Path, float_dtype: torch.dtype |
                 continue  # made again from the embedding on load
             codes, scales = module.portable()
             if module.bits == 4:
-                codes = _pack(codes)
-                scales = scales.to(torch.bfloat16)
-            tensors[f"{name}.codes"] = codes.contiguous().cpu()
-            tensors[f"{name}.scales"] = scales.contiguous().cpu()
+                codes, scales = _pack(codes), scales.to(torch.bfloat16)
+            yield f"{name}.codes", codes.contiguous().cpu()
+            yield f"{name}.scales", scales.contiguous().cpu()
             if module.bias is not None:
-                tensors[f"{name}.bias"] = module.bias.data.contiguous().cpu()
+                yield f"{name}.bias", module.bias.data.contiguous().cpu()
     for name, p in model.named_parameters():
         if name == EMBED:
-            tensors[f"{EMBED}.codes"], tensors[f"{EMBED}.scales"] = (
-                t.contiguous().cpu() for t in quantize_int8(p.data)
-            )
+            codes, scales = quantize_int8(p.data)
+            yield f"{EMBED}.codes", codes.contiguous().cpu()
+            yield f"{EMBED}.scales", scales.contiguous().cpu()
         elif name.rpartition(".")[0] not in quantized:
             t = p.data
             if float_dtype is not None and t.is_floating_point() and not name.endswith(ROUTER):
                 t = t.to(float_dtype)
-            tensors[name] = t.contiguous().cpu()
-    spec = dict(getattr(model.config, KEY))
-    spec.update(int4_codes="packed", tied_head_from_embedding=bool(tied_head), embedding="int8")
-    setattr(model.config, KEY, spec)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    if float_dtype is not None:
-        model.config.dtype = float_dtype
-    model.config.save_pretrained(out)
-    return out
+            yield name, t.contiguous().cpu()
+
+
+class _ShardWriter:
+    """Tensors gathered until a shard is full, then written; named and indexed at the end (the count is known then)."""
+
+    def __init__(self, out: Path, shard_bytes: int) -> None:
+        self.out, self.limit = out, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.files: list[list[str]] = []  # the keys of each written shard
+        self.size = self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.limit:
+            self._flush()
+        self.pending[name] = tensor
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        save_file(self.pending, self.out / f"part-{len(self.files)}", metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.pending, self.size = {}, 0
+        hugepages.trim()  # the shard's portable copies back to the OS
+
+    def close(self) -> None:
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            (self.out / "part-0").rename(self.out / "model.safetensors")
+            return
+        weight_map = {}
+        for i, keys in enumerate(self.files):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.out / f"part-{i}").rename(self.out / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _pack(codes: torch.Tensor) -> torch.Tensor:
@@ -84,8 +141,8 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
     spec = getattr(model.config, KEY)
     bits, group = spec["bits"], spec["group_size"]
     packed = spec.get("int4_codes") == "packed"
-    sd = load_file(path / "model.safetensors", device=str(device or "cpu"))
-    float_dtype = dtype or next((t.dtype for k, t in sd.items() if t.dtype.is_floating_point
+    sd = _Tensors(path, device)
+    float_dtype = dtype or next((t for k, t in sd.dtypes() if t.is_floating_point
                                  and not k.endswith((*ROUTER, ".scales"))), torch.float32)  # fmt: skip
 
     if f"{EMBED}.codes" in sd:  # int8 per row, widened to the float dtype
@@ -149,6 +206,40 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
         model.lm_head.weight = model.model.embed_tokens.weight
     model.config.dtype = float_dtype
     return model
+
+
+class _Tensors:
+    """A quantized checkpoint's tensors, each read from its file only when taken (`pop`): loading holds the model
+    and one tensor in flight, never the whole file (a 21B int4 file is ~12 GB)."""
+
+    def __init__(self, path: Path, device) -> None:
+        files, _ = weight_files(path, allow_pickle=False)
+        self.where = {key: st for st in map(SafetensorsFile, files) for key in st.keys()}
+        self.ready: dict[str, torch.Tensor] = {}
+        self.device = device
+
+    def dtypes(self) -> Iterator[tuple[str, torch.dtype]]:
+        yield from ((k, st.dtype_shape(k)[0]) for k, st in self.where.items())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.ready or key in self.where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self.ready, *self.where])
+
+    def __len__(self) -> int:
+        return len(self.ready) + len(self.where)
+
+    def __setitem__(self, key: str, tensor: torch.Tensor) -> None:
+        self.ready[key] = tensor
+
+    def pop(self, key: str, default: torch.Tensor | None = None) -> torch.Tensor | None:
+        if key in self.ready:
+            return self.ready.pop(key)
+        if key not in self.where:
+            return default
+        t = self.where.pop(key).read(key)
+        return t if self.device is None or str(self.device) == "cpu" else t.to(self.device)
 
 
 def _from_pretrained(path, dtype: torch.dtype | None, device):
