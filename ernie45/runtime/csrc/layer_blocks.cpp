@@ -287,6 +287,116 @@ static torch::Tensor expert_rows(torch::Tensor xs, const torch::Tensor& w1, cons
   return gemv_bf16_to<at::BFloat16>(act, w2);
 }
 
+// ---- One row (B = 1, every decode step of one request) on raw pointers: the ops above on per-thread buffers, in
+// the same order and roundings, with only the router's linear, softmax and top-k left to ATen (~10 ops where the
+// tensor route makes ~100: its argsort, index_select, index_add and each expert's conversions, each ~10 us on
+// caches the streamed expert weights have just flushed).
+
+template <class T> static T* rows_of(std::vector<float>& buf, int64_t n) {  // n values of T in a float buffer
+  buf.resize((n * sizeof(T) + sizeof(float) - 1) / sizeof(float));
+  return reinterpret_cast<T*>(buf.data());
+}
+
+static int64_t out_width(const Linear& l) {  // int4 tiles carry N in their (scale, zero) pairs [K/G, N, 2]
+  return l.w.scalar_type() == torch::kByte ? l.scales.size(1) : l.w.size(0);
+}
+
+// y [M, N] = x [M, K] @ W^T, both T, as `matvec` computes it: the quantized kernels on x in fp32 rounded back to T,
+// the bf16 matvec for bf16, torch's linear otherwise.
+template <class T>
+static void matvec_rows(const T* x, int64_t M, int64_t K, const Linear& l, T* y) {
+  static thread_local std::vector<float> fx, fy;
+  const int64_t N = out_width(l);
+  const bool int8 = l.w.scalar_type() == torch::kChar, quant = int8 || l.scales.numel();
+  if (quant) {
+    const float* xf = reinterpret_cast<const float*>(x);
+    if (!std::is_same<T, float>::value) {
+      fx.resize(M * K);
+      for (int64_t i = 0; i < M * K; ++i) fx[i] = f32(x[i]);
+      xf = fx.data();
+    }
+    float* yf = std::is_same<T, float>::value ? reinterpret_cast<float*>(y) : (fy.resize(M * N), fy.data());
+    if (int8)
+      gemv_int8_raw(xf, M, K, l.w.data_ptr<int8_t>(), l.scales.scalar_type() == torch::kFloat ? l.scales.data_ptr<float>()
+                    : nullptr, l.scales.scalar_type() == torch::kBFloat16
+                    ? reinterpret_cast<const uint16_t*>(l.scales.data_ptr<at::BFloat16>()) : nullptr, N, yf);
+    else
+      gemv_int4_raw(xf, M, K, l.w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(l.scales.data_ptr<at::BFloat16>()),
+                    N, l.group, yf);
+    if (!std::is_same<T, float>::value)
+      for (int64_t i = 0; i < M * N; ++i) y[i] = T(yf[i]);
+    return;
+  }
+  if constexpr (std::is_same<T, at::BFloat16>::value) {
+    if (l.w.scalar_type() == torch::kBFloat16 && K % 32 == 0) return gemv_bf16_raw(x, M, K, l.w.template data_ptr<T>(), N, y);
+  }
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  auto xt = torch::from_blob(const_cast<T*>(x), {M, K}, torch::TensorOptions().dtype(dtype));
+  torch::from_blob(y, {M, N}, torch::TensorOptions().dtype(dtype)).copy_(at::linear(xt, l.w));
+}
+
+// A SwiGLU on one row: down(silu(gate) * up) with the fused gate|up linear, as `matvec` + `silu_mul` compute it.
+template <class T>
+static void swiglu_row(const T* x, int64_t K, const Linear& gate_up, const Linear& down, T* y) {
+  static thread_local std::vector<float> gu, act;
+  const int64_t F = out_width(gate_up) / 2;
+  T* g = rows_of<T>(gu, 2 * F);
+  T* a = rows_of<T>(act, F);
+  matvec_rows(x, 1, K, gate_up, g);
+  silu_mul_rows(g, a, 1, F);
+  matvec_rows(a, 1, F, down, y);
+}
+
+template <class T>
+static torch::Tensor moe_row(torch::Tensor h, const MoeWeights& m, at::TensorList w1, at::TensorList s1,
+                             at::TensorList w2, at::TensorList s2, bool stacked) {
+  static thread_local std::vector<float> xb, sb, yb, gb, ab, accb;
+  const int64_t E = h.size(2);
+  const T* hp = h.template data_ptr<T>();
+  T* x = rows_of<T>(xb, E);
+  rmsnorm_rows(hp, m.norm.template data_ptr<T>(), x, 1, E, static_cast<float>(m.eps));
+  T* shared = rows_of<T>(sb, E);
+  const bool has_shared = m.shared_gate_up.w.numel() > 0;
+  if (has_shared) swiglu_row(x, E, m.shared_gate_up, m.shared_down, shared);
+  const torch::Tensor xt = torch::from_blob(x, {1, E}, h.options());
+  const torch::Tensor probs = at::linear(xt.to(torch::kFloat), m.router).softmax(-1);
+  const torch::Tensor ids = std::get<1>(at::topk(probs + m.bias, m.top_k, -1));
+  torch::Tensor weights = probs.gather(-1, ids);
+  weights = (weights / weights.sum(-1, true).clamp_min(m.norm_min)).to(h.scalar_type()).contiguous();
+  const int64_t k = m.top_k;
+  std::vector<std::pair<int64_t, T>> picked(k);  // (expert, weight), by expert: the tensor route's sorted order
+  for (int64_t j = 0; j < k; ++j) picked[j] = {ids.data_ptr<int64_t>()[j], weights.data_ptr<T>()[j]};
+  std::stable_sort(picked.begin(), picked.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  T* y = rows_of<T>(yb, E);
+  T* acc = rows_of<T>(accb, E);
+  for (int64_t j = 0; j < E; ++j) acc[j] = T(0.f);
+  const torch::Tensor none;
+  for (const auto& [e, w] : picked) {
+    const torch::Tensor g1 = stacked ? w1[0].select(0, e) : w1[e];
+    const torch::Tensor g2 = stacked ? w2[0].select(0, e) : w2[e];
+    if (s1.empty() && std::is_same<T, at::BFloat16>::value) {  // bf16 experts: gate|up in fp32, the product once to bf16
+      const int64_t F = g1.size(0) / 2;
+      gb.resize(2 * F);
+      ab.resize(F);
+      using bf = at::BFloat16;
+      gemv_bf16_raw(reinterpret_cast<const bf*>(x), 1, E, g1.data_ptr<bf>(), 2 * F, gb.data());
+      silu_mul_rows(gb.data(), ab.data(), 1, F);
+      bf* a = rows_of<bf>(gb, F);  // (gate|up is spent)
+      for (int64_t i = 0; i < F; ++i) a[i] = bf(ab[i]);
+      gemv_bf16_raw(a, 1, F, g2.data_ptr<bf>(), E, reinterpret_cast<bf*>(y));
+    } else {
+      swiglu_row(x, E, Linear{g1, s1.empty() ? none : s1[e], m.expert_group},
+                 Linear{g2, s2.empty() ? none : s2[e], m.expert_group}, y);
+    }
+    const float wf = f32(w);
+    for (int64_t j = 0; j < E; ++j) acc[j] = T(f32(acc[j]) + f32(T(f32(y[j]) * wf)));
+  }
+  auto out = torch::empty_like(h);
+  T* op = out.template data_ptr<T>();
+  for (int64_t j = 0; j < E; ++j) op[j] = T(f32(hp[j]) + f32(T((has_shared ? f32(shared[j]) : 0.f) + f32(acc[j]))));
+  return out;
+}
+
 // h [B, 1, E]; expert e is (w1[e], s1[e]) -> (w2[e], s2[e]), s1 and s2 empty lists for bf16 weights. bf16
 // experts may instead come stacked: w1 = [gate_up [X, 2I, E]], w2 = [down [X, E, I]] (one list element each, so
 // the call does not convert 2 x 64 list elements every layer and step).
@@ -298,12 +408,16 @@ static torch::Tensor moe_half(torch::Tensor h, const MoeWeights& m, at::TensorLi
   TORCH_CHECK(stacked ? (s1.empty() && s2.empty() && w2[0].dim() == 3 && w2[0].size(0) == X && w1[0].is_contiguous()
                          && w2[0].is_contiguous())
                       : (s1.empty() ? s2.empty() : (s1.size() == w1.size() && s2.size() == w1.size())));
+  if (B == 1 && h.is_contiguous() && m.norm.scalar_type() == h.scalar_type() &&
+      (h.scalar_type() == torch::kBFloat16 || h.scalar_type() == torch::kFloat))
+    return h.scalar_type() == torch::kBFloat16 ? moe_row<at::BFloat16>(h, m, w1, s1, w2, s2, stacked)
+                                               : moe_row<float>(h, m, w1, s1, w2, s2, stacked);
   auto x = rmsnorm(h, m.norm, m.eps).view({B, E});
   auto out = m.shared_gate_up.w.numel() ? matvec(silu_mul(matvec(x, m.shared_gate_up)), m.shared_down)
                                         : torch::zeros_like(x);
   auto probs = at::linear(x.to(torch::kFloat), m.router).softmax(-1);
   auto ids = std::get<1>(at::topk(probs + m.bias, m.top_k, -1));
-  auto weights = probs.gather(-1, ids);
+  torch::Tensor weights = probs.gather(-1, ids);
   weights = (weights / weights.sum(-1, true).clamp_min(m.norm_min)).to(x.scalar_type());
   auto flat = ids.reshape(-1);
   auto order = at::argsort(flat, true, 0, false);

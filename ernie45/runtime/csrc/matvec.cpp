@@ -167,20 +167,34 @@ static void int8_stream(const Int8Rows& a) {
 // codes by it: vpdpbusd wants one unsigned operand, so |q| is the unsigned one and each code takes q's sign
 // (one masked subtract), as llama.cpp's Q8_0 dot does; 64 columns are one load, one dpbusd, one convert and
 // one FMA by the two blocks' scales per row, against 64 widenings and FMAs in fp32.
-torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kChar);
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat || scale.scalar_type() == torch::kBFloat16);
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && scale.is_contiguous());
-  TORCH_CHECK(x.size(1) == w.size(1) && x.size(1) % 64 == 0 && scale.numel() == w.size(0));
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), B = K / 32, C = K / 64;
-  TORCH_CHECK(M <= 8, "at most 8 rows");
-  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
-  auto xs = torch::empty({M, B}, x.options()), xs16 = torch::empty({M, C, 16}, x.options());
-  int8_t* Q = q.data_ptr<int8_t>();
-  float *XS = xs.data_ptr<float>(), *XS16 = xs16.data_ptr<float>();
-  round_rows(x.data_ptr<float>(), M, K, Q, XS, nullptr);
-  std::vector<__mmask64> signs(M * C);  // q < 0 per column, 64 columns a mask
-  __mmask64* SG = signs.data();
+// The rounded x of one quantized matvec, reused from call to call (the decode calls come from one thread, one
+// at a time): no allocation in the step's inner loop.
+struct Rounded {
+  std::vector<int8_t> q;
+  std::vector<float> xs, x2;
+  std::vector<int32_t> qsum;
+  std::vector<__mmask64> signs;
+};
+static Rounded& rounded(int64_t M, int64_t K) {
+  static thread_local Rounded r;
+  r.q.resize(M * K);
+  r.xs.resize(M * K / 32);
+  r.x2.resize(M * K / 2);  // int8: XS16 [M, K/64, 16]; int4: XC [M, K/group, 2] (no larger)
+  r.qsum.resize(M * K / 32);
+  r.signs.resize(M * K / 64);
+  return r;
+}
+
+// The kernel on raw pointers: x [M, K] fp32 (M <= 8, K % 64 == 0), codes w [N, K], scales s (fp32) or s16 (bf16,
+// the other null); y [M, N] fp32.
+void gemv_int8_raw(const float* X, int64_t M, int64_t K, const int8_t* W, const float* S, const uint16_t* S16,
+                   int64_t N, float* Y) {
+  const int64_t B = K / 32, C = K / 64;
+  Rounded& r = rounded(M, K);
+  int8_t* Q = r.q.data();
+  float *XS = r.xs.data(), *XS16 = r.x2.data();
+  round_rows(X, M, K, Q, XS, nullptr);
+  __mmask64* SG = r.signs.data();  // q < 0 per column, 64 columns a mask
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < C; ++c) {
       int8_t* at = Q + m * K + c * 64;
@@ -190,12 +204,22 @@ torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
       const __m512 lo = _mm512_set1_ps(XS[m * B + 2 * c]), hi = _mm512_set1_ps(XS[m * B + 2 * c + 1]);
       _mm512_storeu_ps(XS16 + (m * C + c) * 16, _mm512_mask_blend_ps(0xFF00, lo, hi));  // lanes 8-15: block 2
     }
-  auto y = torch::empty({M, N}, x.options());
-  const bool bf16 = scale.scalar_type() == torch::kBFloat16;
-  const Int8Rows a{w.data_ptr<int8_t>(), Q, SG, XS16, bf16 ? nullptr : scale.data_ptr<float>(),
-                   bf16 ? reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()) : nullptr,
-                   y.data_ptr<float>(), K, N, C, prefetch_ahead};
+  const Int8Rows a{W, Q, SG, XS16, S, S16, Y, K, N, C, prefetch_ahead};
   with_rows(M, [&](auto rows) { int8_stream<decltype(rows)::value>(a); });
+}
+
+torch::Tensor gemv_int8(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kChar);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat || scale.scalar_type() == torch::kBFloat16);
+  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && scale.is_contiguous());
+  TORCH_CHECK(x.size(1) == w.size(1) && x.size(1) % 64 == 0 && scale.numel() == w.size(0));
+  TORCH_CHECK(x.size(0) <= 8, "at most 8 rows");
+  auto y = torch::empty({x.size(0), w.size(0)}, x.options());
+  const bool bf16 = scale.scalar_type() == torch::kBFloat16;
+  gemv_int8_raw(x.data_ptr<float>(), x.size(0), x.size(1), w.data_ptr<int8_t>(),
+                bf16 ? nullptr : scale.data_ptr<float>(),
+                bf16 ? reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()) : nullptr, w.size(0),
+                y.data_ptr<float>());
   return y;
 }
 
@@ -292,20 +316,16 @@ static void int4_tile_rows(const Int4Rows& a, int64_t t, int64_t m0) {
     for (int i = 0; i < 4; ++i) _mm512_storeu_ps(a.Y + (m0 + r) * N + t * 64 + 16 * i, acc[r][i]);
 }
 
-torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, int64_t group) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && sz.scalar_type() == torch::kBFloat16);
-  TORCH_CHECK(x.is_contiguous() && sz.is_contiguous());
-  const int64_t M = x.size(0), K = x.size(1), N = sz.size(1), B = K / 32, G = K / group;
-  TORCH_CHECK(N % 64 == 0 && group % 32 == 0 && K % group == 0 && tiles.numel() == N * K / 2 && sz.size(0) == G);
+// The kernel on raw pointers: x [M, K] fp32, tiles and (scale, zero) pairs as above, y [M, N] fp32.
+void gemv_int4_raw(const float* X, int64_t M, int64_t K, const uint8_t* T, const uint16_t* SZ, int64_t N,
+                   int64_t group, float* Y) {
+  const int64_t B = K / 32, G = K / group;
   // x per 32 columns: int8 values q, their scale xs (`round_rows`); per group: c = sum_b xs_b * sum(q_b), sum(x)
-  auto q = torch::empty({M, K}, x.options().dtype(torch::kChar));
-  auto xs = torch::empty({M, B}, x.options()), xc = torch::empty({M, G, 2}, x.options());
-  auto qsum = torch::empty({M, B}, x.options().dtype(torch::kInt));
-  const float* X = x.data_ptr<float>();
-  int8_t* Q = q.data_ptr<int8_t>();
-  float *XS = xs.data_ptr<float>(), *XC = xc.data_ptr<float>();
-  const int32_t* QS = qsum.data_ptr<int32_t>();
-  round_rows(X, M, K, Q, XS, qsum.data_ptr<int32_t>());
+  Rounded& r = rounded(M, K);
+  int8_t* Q = r.q.data();
+  float *XS = r.xs.data(), *XC = r.x2.data();
+  const int32_t* QS = r.qsum.data();
+  round_rows(X, M, K, Q, XS, r.qsum.data());
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
       float c = 0.f, total = 0.f;
@@ -316,9 +336,7 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, 
       XC[(m * G + g) * 2] = c;
       XC[(m * G + g) * 2 + 1] = total;
     }
-  auto y = torch::empty({M, N}, x.options());
-  const Int4Rows a{tiles.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>()), Q,
-                   XS, XC, y.data_ptr<float>(), K, N, B, G, group};
+  const Int4Rows a{T, SZ, Q, XS, XC, Y, K, N, B, G, group};
   at::parallel_for(0, N / 64, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {  // rows four at a time: each tile column's codes decoded once for them
       int64_t m = 0;
@@ -327,6 +345,15 @@ torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, 
       if (m < M) int4_tile_rows<1>(a, t, m);
     }
   });
-  return y;
 }
 
+torch::Tensor gemv_int4(torch::Tensor x, torch::Tensor tiles, torch::Tensor sz, int64_t group) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && sz.scalar_type() == torch::kBFloat16);
+  TORCH_CHECK(x.is_contiguous() && sz.is_contiguous());
+  const int64_t M = x.size(0), K = x.size(1), N = sz.size(1), G = K / group;
+  TORCH_CHECK(N % 64 == 0 && group % 32 == 0 && K % group == 0 && tiles.numel() == N * K / 2 && sz.size(0) == G);
+  auto y = torch::empty({M, N}, x.options());
+  gemv_int4_raw(x.data_ptr<float>(), M, K, tiles.data_ptr<uint8_t>(),
+                reinterpret_cast<const uint16_t*>(sz.data_ptr<at::BFloat16>()), N, group, y.data_ptr<float>());
+  return y;
+}
