@@ -133,7 +133,8 @@ def _tiny_fast_model(kind: str, dense: bool):
     torch.manual_seed(0)
     layout = {"num_hidden_layers": 3, "moe_layer_start_index": 3} if dense else {"moe_layer_start_index": 1}
     config = tiny_chat_config(300, hidden_size=64, intermediate_size=128, head_dim=32, **layout)
-    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    kind, _, activations = kind.partition("-")  # int4-bf16: int4 weights, bf16 activations (a quantized 21B)
+    dtype = torch.bfloat16 if "bf16" in (kind, activations) else torch.float32
     model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
     fuse_projections(model)
     if kind == "bf16":
@@ -146,7 +147,7 @@ def _tiny_fast_model(kind: str, dense: bool):
     return model, config
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4", "int8"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4", "int8", "int4-bf16", "int8-bf16"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dense", [False, True])
 def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
@@ -194,7 +195,7 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int4", "int8"])
+@pytest.mark.parametrize("kind", ["bf16", "int4", "int8", "int4-bf16"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("vision", [False, True])
 def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
@@ -209,6 +210,7 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     from ernie45.runtime.prepare import fuse_projections, use_fast_modules
     from ernie45.runtime.quant import quantize
 
+    kind, _, activations = kind.partition("-")  # int4-bf16: int4 experts, bf16 activations (a quantized 21B)
     if kind != "bf16" and not kernels.ready(kind):
         pytest.skip(f"no AVX512-VBMI / VNNI here: {kind} experts run on torch's kernels")
     torch.manual_seed(0)
@@ -218,7 +220,7 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     if vision:
         groups.append(dict(name="vision", num_experts=4, intermediate_size=64 * wide, modalities=[1, 2]))
     config = tiny_chat_config(300, hidden_size=64, head_dim=32, moe_layer_start_index=1, expert_groups=groups, moe_k=3)
-    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    dtype = torch.bfloat16 if "bf16" in (kind, activations) else torch.float32
     model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
     fuse_projections(model)
     if kind == "bf16":

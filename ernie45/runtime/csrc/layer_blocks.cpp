@@ -126,6 +126,51 @@ static const int64_t* rows_at(const torch::Tensor& at, int64_t B, int64_t limit)
   return p;
 }
 
+template <class T> static T* rows_of(std::vector<float>& buf, int64_t n) {  // n values of T in a float buffer
+  buf.resize((n * sizeof(T) + sizeof(float) - 1) / sizeof(float));
+  return reinterpret_cast<T*>(buf.data());
+}
+
+static bool int4_tiles(const Linear& l) { return l.w.scalar_type() != torch::kChar && l.scales.numel() > 0; }
+static int64_t out_width(const Linear& l) {  // int4 tiles carry N in their (scale, zero) pairs [K/G, N, 2]
+  return int4_tiles(l) ? l.scales.size(1) : l.w.size(0);
+}
+static int64_t in_width(const Linear& l) { return int4_tiles(l) ? l.w.numel() * 2 / out_width(l) : l.w.size(1); }
+
+// y [M, N] = x [M, K] @ W^T, both T, as `matvec` computes it: the quantized kernels on x in fp32 rounded back to T,
+// the bf16 matvec for bf16, torch's linear otherwise.
+template <class T>
+static void matvec_rows(const T* x, int64_t M, int64_t K, const Linear& l, T* y) {
+  static thread_local std::vector<float> fx, fy;
+  const int64_t N = out_width(l);
+  const bool int8 = l.w.scalar_type() == torch::kChar, quant = int8 || l.scales.numel();
+  if (quant) {
+    const float* xf = reinterpret_cast<const float*>(x);
+    if (!std::is_same<T, float>::value) {
+      fx.resize(M * K);
+      for (int64_t i = 0; i < M * K; ++i) fx[i] = f32(x[i]);
+      xf = fx.data();
+    }
+    float* yf = std::is_same<T, float>::value ? reinterpret_cast<float*>(y) : (fy.resize(M * N), fy.data());
+    if (int8)
+      gemv_int8_raw(xf, M, K, l.w.data_ptr<int8_t>(), l.scales.scalar_type() == torch::kFloat ? l.scales.data_ptr<float>()
+                    : nullptr, l.scales.scalar_type() == torch::kBFloat16
+                    ? reinterpret_cast<const uint16_t*>(l.scales.data_ptr<at::BFloat16>()) : nullptr, N, yf);
+    else
+      gemv_int4_raw(xf, M, K, l.w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(l.scales.data_ptr<at::BFloat16>()),
+                    N, l.group, yf);
+    if (!std::is_same<T, float>::value)
+      for (int64_t i = 0; i < M * N; ++i) y[i] = T(yf[i]);
+    return;
+  }
+  if constexpr (std::is_same<T, at::BFloat16>::value) {
+    if (l.w.scalar_type() == torch::kBFloat16 && K % 32 == 0) return gemv_bf16_raw(x, M, K, l.w.template data_ptr<T>(), N, y);
+  }
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
+  auto xt = torch::from_blob(const_cast<T*>(x), {M, K}, torch::TensorOptions().dtype(dtype));
+  torch::from_blob(y, {M, N}, torch::TensorOptions().dtype(dtype)).copy_(at::linear(xt, l.w));
+}
+
 // h [B, 1, E] -> h + o(attention(rope(qkv(rmsnorm(h))))), writing this position's K and V into the cache buffers
 // kbuf, vbuf [B, KV, max_len, D] where `step` says and attending over positions 0..start.
 static torch::Tensor attention_half(torch::Tensor h, const AttentionWeights& a, const torch::Tensor& kbuf,
@@ -164,89 +209,139 @@ struct DenseLayer {
   torch::Tensor kbuf, vbuf;
 };
 
-// Whether the stack can run on raw pointers (`bf16_stack`): bf16 activations and plain bf16 weights (no int4
-// tiles) whose input widths take the bf16 matvec, contiguous norms, cache buffers whose last dim is contiguous.
-static bool plain_bf16(const torch::Tensor& h, const std::vector<DenseLayer>& layers) {
-  auto bf16 = [](const torch::Tensor& x) { return x.scalar_type() == torch::kBFloat16 && x.is_contiguous(); };
-  auto plain = [&](const Linear& l) { return !l.scales.numel() && bf16(l.w) && l.w.size(1) % 32 == 0; };
-  auto cache = [](const torch::Tensor& c) { return c.scalar_type() == torch::kBFloat16 && c.stride(3) == 1; };
-  if (!bf16(h) || h.size(2) % 32) return false;
-  for (const auto& l : layers) {
-    const AttentionWeights& a = l.attention;
-    const MlpWeights& m = l.mlp;
-    if (!bf16(a.norm) || !bf16(m.norm) || !plain(a.qkv) || !plain(a.o) || !plain(m.gate_up) || !plain(m.down))
-      return false;
-    if (!cache(l.kbuf) || !cache(l.vbuf)) return false;
-  }
-  return true;
+// ---- The halves on raw pointers (bf16 activations): the same kernels in the same order and with the same
+// roundings as the tensor code above (so the same numbers), but no ATen op between them. Inside a step every ATen op
+// (a view, a narrow, an empty, a dtype conversion) ran on code and data the streamed weights had pushed out of the
+// caches, ~30 such ops a layer. `ws` is scratch of `attention_scratch` / `mlp_scratch` values.
+using bf = at::BFloat16;
+
+static int64_t attention_scratch(const AttentionWeights& a, int64_t B, int64_t E) {
+  return B * (E + 2 * out_width(a.qkv) + in_width(a.o) + E);
+}
+static int64_t mlp_scratch(const MlpWeights& m, int64_t B, int64_t E) {
+  return B * (E + out_width(m.gate_up) + out_width(m.gate_up) / 2 + E);
 }
 
-// The dense stack on raw pointers for bf16 weights: the same kernels, in the same order and with the same roundings
-// as the tensor code above (so the same numbers), but no ATen op between them. Inside a step every ATen op (a view,
-// a narrow, an empty) ran on code and data the streamed weights had pushed out of the caches, ~30 such ops a layer.
-static torch::Tensor bf16_stack(torch::Tensor h, const std::vector<DenseLayer>& layers, const Step& s,
-                                const bool* allowed, const int64_t* at) {
-  using bf = at::BFloat16;
-  const int64_t B = h.size(0), E = h.size(2), KV = layers[0].kbuf.size(1), D = layers[0].kbuf.size(3);
-  const int64_t start = s.start;
-  int64_t qkv_w = 0, o_w = 0, gu_w = 0;
-  for (const auto& l : layers) {
-    qkv_w = std::max(qkv_w, l.attention.qkv.w.size(0));
-    o_w = std::max(o_w, l.attention.o.w.size(1));
-    gu_w = std::max(gu_w, l.mlp.gate_up.w.size(0));
-  }
-  auto out = h.clone();  // the running h; the caller's tensor is left as it was
-  auto ws = torch::empty({B * (E + qkv_w + qkv_w + o_w + E + gu_w + gu_w / 2)}, h.options());
-  bf* x = ws.data_ptr<bf>();  // rmsnorm(h)
+// hp [B, E] += o(attention(rope(qkv(rmsnorm(hp))))), K and V written into the cache buffers as `attention_half`.
+static void attention_rows(bf* hp, const AttentionWeights& a, const torch::Tensor& kbuf, const torch::Tensor& vbuf,
+                           const Step& s, const bool* allowed, const int64_t* at, int64_t B, int64_t E, bf* ws) {
+  const int64_t KV = kbuf.size(1), D = kbuf.size(3), start = s.start, NW = out_width(a.qkv);
+  const int64_t N = NW / D, H = N - 2 * KV;
+  TORCH_CHECK(NW % D == 0 && H > 0 && H % KV == 0 && H / KV <= 16 && start < kbuf.size(2));
+  TORCH_CHECK(out_width(a.o) == E && in_width(a.o) == H * D && in_width(a.qkv) == E);
+  bf* x = ws;           // rmsnorm(h)
   bf* qkv = x + B * E;
-  bf* qk = qkv + B * qkv_w;   // roped q and k heads
-  bf* att = qk + B * qkv_w;   // attention out
-  bf* y = att + B * o_w;      // o or down out
-  bf* gu = y + B * E;
-  bf* act = gu + B * gu_w;
-  bf* hp = out.data_ptr<bf>();
-  TORCH_CHECK(D % 16 == 0 && D <= 256 && s.cos.numel() == B * D / 2 && s.sin.numel() == B * D / 2);
-  for (const auto& l : layers) {
-    const AttentionWeights& a = l.attention;
-    const MlpWeights& m = l.mlp;
-    const int64_t N = a.qkv.w.size(0) / D, H = N - 2 * KV;
-    TORCH_CHECK(a.qkv.w.size(0) % D == 0 && H > 0 && H % KV == 0 && H / KV <= 16);
-    TORCH_CHECK(l.kbuf.size(1) == KV && l.kbuf.size(3) == D && start < l.kbuf.size(2));
-    TORCH_CHECK(a.o.w.size(0) == E && a.o.w.size(1) == H * D && m.down.w.size(0) == E);
-    TORCH_CHECK(m.gate_up.w.size(0) == 2 * m.down.w.size(1));
-    rmsnorm_rows(hp, a.norm.data_ptr<bf>(), x, B, E, static_cast<float>(a.eps));
-    gemv_bf16_raw(x, B, E, a.qkv.w.data_ptr<bf>(), N * D, qkv);
-    const int64_t xs[3] = {N * D, D, N * D};
-    rope_rows(qkv, xs, s.cos.data_ptr<float>(), s.sin.data_ptr<float>(), qk, B, H + KV, 1, D);
-    bf* kb = l.kbuf.data_ptr<bf>();
-    bf* vb = l.vbuf.data_ptr<bf>();
-    const int64_t ks[3] = {l.kbuf.stride(0), l.kbuf.stride(1), l.kbuf.stride(2)};
-    const int64_t vs[3] = {l.vbuf.stride(0), l.vbuf.stride(1), l.vbuf.stride(2)};
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t p = write_pos(at, b, start);
-      for (int64_t g = 0; g < KV; ++g) {
-        std::memcpy(kb + b * ks[0] + g * ks[1] + p * ks[2], qk + (b * (H + KV) + H + g) * D, D * sizeof(bf));
-        std::memcpy(vb + b * vs[0] + g * vs[1] + p * vs[2], qkv + b * N * D + (H + KV + g) * D, D * sizeof(bf));
-      }
+  bf* qk = qkv + B * NW;  // roped q and k heads
+  bf* att = qk + B * NW;  // attention out
+  bf* y = att + B * H * D;
+  rmsnorm_rows(hp, a.norm.data_ptr<bf>(), x, B, E, static_cast<float>(a.eps));
+  matvec_rows(x, B, E, a.qkv, qkv);
+  const int64_t xs[3] = {N * D, D, N * D};
+  rope_rows(qkv, xs, s.cos.data_ptr<float>(), s.sin.data_ptr<float>(), qk, B, H + KV, 1, D);
+  bf* kb = kbuf.data_ptr<bf>();
+  bf* vb = vbuf.data_ptr<bf>();
+  const int64_t ks[3] = {kbuf.stride(0), kbuf.stride(1), kbuf.stride(2)};
+  const int64_t vs[3] = {vbuf.stride(0), vbuf.stride(1), vbuf.stride(2)};
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t p = write_pos(at, b, start);
+    for (int64_t g = 0; g < KV; ++g) {
+      std::memcpy(kb + b * ks[0] + g * ks[1] + p * ks[2], qk + (b * (H + KV) + H + g) * D, D * sizeof(bf));
+      std::memcpy(vb + b * vs[0] + g * vs[1] + p * vs[2], qkv + b * N * D + (H + KV + g) * D, D * sizeof(bf));
     }
-    for (int64_t b = 1; b < B; ++b)  // q heads of row b to [b, H, D] (row 0's already are): attention's layout
-      std::memmove(qk + b * H * D, qk + b * (H + KV) * D, H * D * sizeof(bf));
-    one_query_attention<bf>(qk, kb, vb, allowed, att, B, H, KV, start + 1, D, ks, vs, static_cast<float>(a.scale));
-    gemv_bf16_raw(att, B, H * D, a.o.w.data_ptr<bf>(), E, y);
-    for (int64_t j = 0; j < B * E; ++j) hp[j] = bf(f32(hp[j]) + f32(y[j]));
-    const int64_t F = m.down.w.size(1);
-    rmsnorm_rows(hp, m.norm.data_ptr<bf>(), x, B, E, static_cast<float>(m.eps));
-    gemv_bf16_raw(x, B, E, m.gate_up.w.data_ptr<bf>(), 2 * F, gu);
-    silu_mul_rows(gu, act, B, F);
-    gemv_bf16_raw(act, B, F, m.down.w.data_ptr<bf>(), E, y);
-    for (int64_t j = 0; j < B * E; ++j) hp[j] = bf(f32(hp[j]) + f32(y[j]));
   }
+  for (int64_t b = 1; b < B; ++b)  // q heads of row b to [b, H, D] (row 0's already are): attention's layout
+    std::memmove(qk + b * H * D, qk + b * (H + KV) * D, H * D * sizeof(bf));
+  one_query_attention<bf>(qk, kb, vb, allowed, att, B, H, KV, start + 1, D, ks, vs, static_cast<float>(a.scale));
+  matvec_rows(att, B, H * D, a.o, y);
+  for (int64_t j = 0; j < B * E; ++j) hp[j] = bf(f32(hp[j]) + f32(y[j]));
+}
+
+// hp [B, E] += down(silu(gate) * up) of rmsnorm(hp), as `mlp_half`.
+static void mlp_rows(bf* hp, const MlpWeights& m, int64_t B, int64_t E, bf* ws) {
+  const int64_t F = out_width(m.gate_up) / 2;
+  TORCH_CHECK(in_width(m.gate_up) == E && out_width(m.down) == E && in_width(m.down) == F);
+  bf* x = ws;
+  bf* gu = x + B * E;
+  bf* act = gu + B * 2 * F;
+  bf* y = act + B * F;
+  rmsnorm_rows(hp, m.norm.data_ptr<bf>(), x, B, E, static_cast<float>(m.eps));
+  matvec_rows(x, B, E, m.gate_up, gu);
+  silu_mul_rows(gu, act, B, F);
+  matvec_rows(act, B, F, m.down, y);
+  for (int64_t j = 0; j < B * E; ++j) hp[j] = bf(f32(hp[j]) + f32(y[j]));
+}
+
+// Whether these halves can run on raw pointers: bf16 activations (at most 8 rows of one position), contiguous bf16
+// norms, weights the decode kernels take as they are (bf16 with input widths of whole 32-column blocks, int8 codes
+// of whole 64-column blocks, int4 tiles), bf16 cache buffers whose last dim is contiguous, a RoPE table and mask
+// as the step ops read them.
+static bool raw_ready(const torch::Tensor& h, const Step& s, const AttentionWeights* a, const MlpWeights* m,
+                      const torch::Tensor* kbuf, const torch::Tensor* vbuf) {
+  auto bf16 = [](const torch::Tensor& x) { return x.scalar_type() == torch::kBFloat16 && x.is_contiguous(); };
+  auto takes = [&](const Linear& l) {
+    if (!l.w.is_contiguous()) return false;
+    if (l.w.scalar_type() == torch::kChar) return l.w.size(1) % 64 == 0 && l.scales.is_contiguous();
+    if (int4_tiles(l)) return l.scales.scalar_type() == torch::kBFloat16 && l.scales.is_contiguous();
+    return l.w.scalar_type() == torch::kBFloat16 && l.w.size(1) % 32 == 0;
+  };
+  auto cache = [](const torch::Tensor& c) { return c.scalar_type() == torch::kBFloat16 && c.stride(3) == 1; };
+  if (!bf16(h) || h.size(1) != 1 || h.size(0) > 8 || h.size(2) % 32) return false;
+  if (a) {
+    const int64_t B = h.size(0);
+    const bool mask_ok = s.allowed.numel() == 0 || (s.allowed.is_contiguous() && s.allowed.numel() == B * (s.start + 1));
+    if (!mask_ok || !s.cos.is_contiguous() || !s.sin.is_contiguous() || s.cos.scalar_type() != torch::kFloat) return false;
+    if (!bf16(a->norm) || !takes(a->qkv) || !takes(a->o) || !cache(*kbuf) || !cache(*vbuf)) return false;
+    if (kbuf->size(3) % 16 || kbuf->size(3) > 256 || s.cos.numel() != B * kbuf->size(3) / 2) return false;
+  }
+  return !m || (bf16(m->norm) && takes(m->gate_up) && takes(m->down));
+}
+
+static const bool* allowed_of(const Step& s) { return s.allowed.numel() ? s.allowed.data_ptr<bool>() : nullptr; }
+
+static bf* scratch_of(int64_t n) {  // the raw halves' scratch, kept from step to step
+  static thread_local std::vector<float> buf;
+  return rows_of<bf>(buf, n);
+}
+
+// A dense stack on raw pointers: each layer's attention rows, then its MLP rows.
+static torch::Tensor raw_stack(torch::Tensor h, const std::vector<DenseLayer>& layers, const Step& s) {
+  const int64_t B = h.size(0), E = h.size(2);
+  int64_t scratch = 0;
+  for (const auto& l : layers)
+    scratch = std::max({scratch, attention_scratch(l.attention, B, E), mlp_scratch(l.mlp, B, E)});
+  bf* ws = scratch_of(scratch);
+  auto out = h.clone();  // the running h; the caller's tensor is left as it was
+  const int64_t* at = rows_at(s.write_at, B, layers[0].kbuf.size(2));
+  for (const auto& l : layers) {
+    attention_rows(out.data_ptr<bf>(), l.attention, l.kbuf, l.vbuf, s, allowed_of(s), at, B, E, ws);
+    mlp_rows(out.data_ptr<bf>(), l.mlp, B, E, ws);
+  }
+  return out;
+}
+
+// One layer's halves as the layer calls run them: on raw pointers where `raw_ready`, else on tensors.
+static torch::Tensor attention_step(torch::Tensor h, const AttentionWeights& a, const torch::Tensor& kbuf,
+                                    const torch::Tensor& vbuf, const Step& s) {
+  if (!raw_ready(h, s, &a, nullptr, &kbuf, &vbuf)) return attention_half(h, a, kbuf, vbuf, s);
+  const int64_t B = h.size(0), E = h.size(2);
+  bf* ws = scratch_of(attention_scratch(a, B, E));
+  auto out = h.clone();
+  attention_rows(out.data_ptr<bf>(), a, kbuf, vbuf, s, allowed_of(s), rows_at(s.write_at, B, kbuf.size(2)), B, E, ws);
+  return out;
+}
+
+static torch::Tensor mlp_step(torch::Tensor h, const MlpWeights& m) {
+  if (!raw_ready(h, Step{}, nullptr, &m, nullptr, nullptr)) return mlp_half(h, m);
+  const int64_t B = h.size(0), E = h.size(2);
+  bf* ws = scratch_of(mlp_scratch(m, B, E));
+  auto out = h.clone();
+  mlp_rows(out.data_ptr<bf>(), m, B, E, ws);
   return out;
 }
 
 // A dense decoder stack's decode step in one call: each layer's attention half, then its MLP half, exactly as the
 // two halves above (the same numbers), with no Python between layers. Per layer: AttentionWeights then MlpWeights
-// packed one after the other; caches = k0, v0, k1, v1, ... With plain bf16 weights it runs as `bf16_stack`.
+// packed one after the other; caches = k0, v0, k1, v1, ... With bf16 activations it runs as `raw_stack`.
 static torch::Tensor dense_stack(torch::Tensor h, Packed p, at::TensorList caches, const Step& s) {
   std::vector<DenseLayer> layers;
   while (p.more()) {
@@ -260,15 +355,12 @@ static torch::Tensor dense_stack(torch::Tensor h, Packed p, at::TensorList cache
   }
   p.done();
   TORCH_CHECK(!layers.empty() && caches.size() == 2 * layers.size(), "dense_stack: a K and a V buffer per layer");
-  const auto& allowed = s.allowed;
-  const bool mask_ok = allowed.numel() == 0 || (allowed.is_contiguous() && allowed.numel() == h.size(0) * (s.start + 1));
-  if (plain_bf16(h, layers) && s.cos.is_contiguous() && s.sin.is_contiguous() &&
-      s.cos.scalar_type() == torch::kFloat && h.size(1) == 1 && mask_ok)
-    return bf16_stack(h, layers, s, allowed.numel() ? allowed.data_ptr<bool>() : nullptr,
-                      rows_at(s.write_at, h.size(0), layers[0].kbuf.size(2)));
+  bool raw = true;
+  for (const auto& l : layers) raw = raw && raw_ready(h, s, &l.attention, &l.mlp, &l.kbuf, &l.vbuf);
+  if (raw) return raw_stack(h, layers, s);
   for (const auto& l : layers) {
-    h = attention_half(h, l.attention, l.kbuf, l.vbuf, s);
-    h = mlp_half(h, l.mlp);
+    h = attention_step(h, l.attention, l.kbuf, l.vbuf, s);
+    h = mlp_step(h, l.mlp);
   }
   return h;
 }
@@ -291,49 +383,6 @@ static torch::Tensor expert_rows(torch::Tensor xs, const torch::Tensor& w1, cons
 // the same order and roundings, with only the router's linear, softmax and top-k left to ATen (~10 ops where the
 // tensor route makes ~100: its argsort, index_select, index_add and each expert's conversions, each ~10 us on
 // caches the streamed expert weights have just flushed).
-
-template <class T> static T* rows_of(std::vector<float>& buf, int64_t n) {  // n values of T in a float buffer
-  buf.resize((n * sizeof(T) + sizeof(float) - 1) / sizeof(float));
-  return reinterpret_cast<T*>(buf.data());
-}
-
-static int64_t out_width(const Linear& l) {  // int4 tiles carry N in their (scale, zero) pairs [K/G, N, 2]
-  return l.w.scalar_type() == torch::kByte ? l.scales.size(1) : l.w.size(0);
-}
-
-// y [M, N] = x [M, K] @ W^T, both T, as `matvec` computes it: the quantized kernels on x in fp32 rounded back to T,
-// the bf16 matvec for bf16, torch's linear otherwise.
-template <class T>
-static void matvec_rows(const T* x, int64_t M, int64_t K, const Linear& l, T* y) {
-  static thread_local std::vector<float> fx, fy;
-  const int64_t N = out_width(l);
-  const bool int8 = l.w.scalar_type() == torch::kChar, quant = int8 || l.scales.numel();
-  if (quant) {
-    const float* xf = reinterpret_cast<const float*>(x);
-    if (!std::is_same<T, float>::value) {
-      fx.resize(M * K);
-      for (int64_t i = 0; i < M * K; ++i) fx[i] = f32(x[i]);
-      xf = fx.data();
-    }
-    float* yf = std::is_same<T, float>::value ? reinterpret_cast<float*>(y) : (fy.resize(M * N), fy.data());
-    if (int8)
-      gemv_int8_raw(xf, M, K, l.w.data_ptr<int8_t>(), l.scales.scalar_type() == torch::kFloat ? l.scales.data_ptr<float>()
-                    : nullptr, l.scales.scalar_type() == torch::kBFloat16
-                    ? reinterpret_cast<const uint16_t*>(l.scales.data_ptr<at::BFloat16>()) : nullptr, N, yf);
-    else
-      gemv_int4_raw(xf, M, K, l.w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(l.scales.data_ptr<at::BFloat16>()),
-                    N, l.group, yf);
-    if (!std::is_same<T, float>::value)
-      for (int64_t i = 0; i < M * N; ++i) y[i] = T(yf[i]);
-    return;
-  }
-  if constexpr (std::is_same<T, at::BFloat16>::value) {
-    if (l.w.scalar_type() == torch::kBFloat16 && K % 32 == 0) return gemv_bf16_raw(x, M, K, l.w.template data_ptr<T>(), N, y);
-  }
-  const auto dtype = c10::CppTypeToScalarType<T>::value;
-  auto xt = torch::from_blob(const_cast<T*>(x), {M, K}, torch::TensorOptions().dtype(dtype));
-  torch::from_blob(y, {M, N}, torch::TensorOptions().dtype(dtype)).copy_(at::linear(xt, l.w));
-}
 
 // A SwiGLU on one row: down(silu(gate) * up) with the fused gate|up linear, as `matvec` + `silu_mul` compute it.
 template <class T>

@@ -16,7 +16,7 @@ static torch::Tensor attention_block(torch::Tensor h, at::TensorList weights, at
   Packed p{weights, ints, floats};
   const auto a = AttentionWeights::read(p);
   p.done();
-  return attention_half(h, a, kbuf, vbuf, step_of(cos, sin, start, allowed, write_at));
+  return attention_step(h, a, kbuf, vbuf, step_of(cos, sin, start, allowed, write_at));
 }
 
 static torch::Tensor mlp_block(torch::Tensor h, at::TensorList weights, at::IntArrayRef ints,
@@ -24,7 +24,7 @@ static torch::Tensor mlp_block(torch::Tensor h, at::TensorList weights, at::IntA
   Packed p{weights, ints, floats};
   const auto m = MlpWeights::read(p);
   p.done();
-  return mlp_half(h, m);
+  return mlp_step(h, m);
 }
 
 static torch::Tensor decode_dense_stack(torch::Tensor h, at::TensorList weights, at::IntArrayRef ints,
