@@ -4,11 +4,13 @@ from a bf16 checkpoint (each layer quantized as it is read), against llama.cpp Q
     python benchmarks/whole21b.py --dir /data/ernie45-21b   # ~67 GB free disk at the peak, 24 GB RAM is enough
 
 Stages, each skipped where its output is already there (so a stopped run resumes): the bf16 checkpoint in the
-official layout, written tensor by tensor (44 GB; never whole in memory); llama.cpp's converter to Q8_0 (23 GB);
-ernie45 timed in a child process (load, time to the first token of a 512-token prompt, decode tok/s over 128
-tokens, peak RSS); then, because the disk holds the bf16 file and two GGUFs only with ~80 GB, the bf16 checkpoint
-is deleted (`--keep-bf16` keeps it) and llama.cpp requantizes Q8_0 to Q4_0 (its quantizer, as from BF16) and is
-timed the same way. The rows run one after the other, not interleaved: read them with the bandwidth line.
+official layout, written tensor by tensor (44 GB; never whole in memory); ernie45 timed in a child process for each
+int4 group size of `--groups` (load, time to the first token of a 512-token prompt, decode tok/s over 128 tokens,
+peak RSS); a second start: `ernie45 quantize` to a file (timed, its peak RSS), ernie45 started from that file, the
+file deleted; llama.cpp's converter to Q8_0 (23 GB); then, because the disk holds the bf16 file and two GGUFs only
+with ~80 GB, the bf16 checkpoint is deleted (`--keep-bf16` keeps it) and llama.cpp requantizes Q8_0 to Q4_0 (its
+quantizer, as from BF16) and is timed the same way. The rows run one after the other, not interleaved: read them
+with the bandwidth line.
 """
 
 from __future__ import annotations
@@ -117,14 +119,16 @@ def _memory() -> dict[str, float]:
     return {"peak RSS GB": peak / 1e6, "RSS GB": kb.get("VmRSS", 0) / 1e6, "anon RSS GB": kb.get("RssAnon", 0) / 1e6}
 
 
-def run_ernie45(path: Path, prompt: int, new: int) -> dict:
+def run_ernie45(path: Path, prompt: int, new: int, spec: str) -> dict:
+    """`spec`: int4 or int4-g64 quantizing the bf16 checkpoint as it loads; "file" for a checkpoint that
+    `ernie45 quantize` wrote (a second start)."""
     from decode import streamed
 
     from ernie45.engine import LLM, SamplingParams
     from ernie45.runtime import hugepages
 
     t = time.perf_counter()
-    llm = LLM(path, dtype=torch.bfloat16, quantization="int4")
+    llm = LLM(path, dtype=torch.bfloat16, quantization=None if spec == "file" else spec)
     hugepages.wait()
     load = time.perf_counter() - t
     ids = torch.randint(100, 1000, (prompt,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -142,10 +146,10 @@ def run_llamacpp(gguf: Path, prompt: int, new: int, threads: int) -> dict:
     return {"load s": load, "first token s": prompt / pre, "decode tok/s": decode, **_memory()}
 
 
-def child(stage: str, path: Path, args: argparse.Namespace) -> dict:
+def child(stage: str, path: Path, args: argparse.Namespace, *extra: str) -> dict:
     """One engine in its own process (its peak RSS is its own)."""
     sizes = ["--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads)]
-    r = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), *sizes, "--child", stage, str(path)],
+    r = subprocess.run([sys.executable, __file__, "--dir", str(args.dir), *sizes, "--child", stage, str(path), *extra],
                        capture_output=True, text=True)  # fmt: skip
     if r.returncode != 0:
         killed = " (killed: out of memory?)" if r.returncode == -9 else ""
@@ -159,6 +163,13 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--groups",
+        type=lambda v: [int(g) for g in v.split(",")],
+        default=[32, 64],
+        help="int4 group sizes of the ernie45 rows (64: 4.5 bits a weight, as Q4_0); the last also "
+        "quantized to a file by `ernie45 quantize` and started from it",
+    )
     p.add_argument("--keep-bf16", action="store_true", help="keep the bf16 checkpoint (needs ~80 GB of disk)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -166,7 +177,7 @@ def main() -> None:
         stage, rest = args.child[0], args.child[1:]
         torch.set_num_threads(args.threads)
         if stage == "ernie45":
-            out = run_ernie45(Path(rest[0]), args.prompt, args.new)
+            out = run_ernie45(Path(rest[0]), args.prompt, args.new, rest[1])
         else:
             out = run_llamacpp(Path(rest[0]), args.prompt, args.new, args.threads)
         print(json.dumps(out))
@@ -184,16 +195,35 @@ def main() -> None:
         if not ckpt.exists():
             print("writing the bf16 checkpoint (44 GB) ...", flush=True)
             write_checkpoint(ckpt)
+        for group in args.groups:
+            spec = "int4" if group == 32 else f"int4-g{group}"
+            if f"ernie45 {spec}" not in results:
+                print(f"ernie45 {spec} ...", flush=True)
+                results[f"ernie45 {spec}"] = child("ernie45", ckpt, args, spec)
+                saved.write_text(json.dumps(results))
+                print(f"  {results[f'ernie45 {spec}']}", flush=True)
+        group = args.groups[-1]
+        name = f"ernie45 int4-g{group} file"
+        if name not in results:  # a second start: `ernie45 quantize` once, then the model from its file
+            out = args.dir / f"int4-g{group}"
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"ernie45 quantize --bits 4 --group-size {group} ...", flush=True)
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "ernie45", "quantize", str(ckpt), str(out), "--bits", "4",
+                            "--group-size", str(group)], check=True)  # fmt: skip
+            took, peak = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+            size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
+            print(f"  {took:.0f} s, peak RSS {peak:.1f} GB, {size:.1f} GB written", flush=True)
+            results[name] = {"quantize s": took, "quantize peak RSS GB": peak, "file GB": size,
+                             **child("ernie45", out, args, "file")}  # fmt: skip
+            saved.write_text(json.dumps(results))
+            print(f"  {results[name]}", flush=True)
+            shutil.rmtree(out)  # (the disk must hold the bf16 checkpoint and the Q8_0 GGUF next)
         if not q8.exists():
             print("llama.cpp's converter: Q8_0 ...", flush=True)
             t = time.perf_counter()
             llamacpp.convert(ckpt, args.dir, "Q8_0")
             print(f"  {time.perf_counter() - t:.0f} s", flush=True)
-        if "ernie45 int4" not in results:
-            print("ernie45 int4 ...", flush=True)
-            results["ernie45 int4"] = child("ernie45", ckpt, args)
-            saved.write_text(json.dumps(results))
-            print(f"  {results['ernie45 int4']}", flush=True)
         if not args.keep_bf16:
             shutil.rmtree(ckpt)
         print("llama.cpp's quantizer: Q8_0 -> Q4_0 ...", flush=True)
@@ -214,9 +244,15 @@ def main() -> None:
         f"{args.threads} threads; ernie45 int4 loaded from the bf16 checkpoint, llama.cpp Q4_0 from its GGUF"
     )
     cols = ("load s", "first token s", "decode tok/s", "peak RSS GB", "RSS GB", "anon RSS GB")
-    print(f"{'engine':16}" + "".join(f"{c:>15}" for c in cols))
+    print(f"{'engine':26}" + "".join(f"{c:>15}" for c in cols))
     for name, r in results.items():
-        print(f"{name:16}" + "".join(f"{r.get(c, float('nan')):15.1f}" for c in cols))
+        print(f"{name:26}" + "".join(f"{r.get(c, float('nan')):15.1f}" for c in cols))
+    for name, r in results.items():
+        if "quantize s" in r:
+            print(
+                f"{name}: `ernie45 quantize` {r['quantize s']:.0f} s, peak RSS {r['quantize peak RSS GB']:.1f} GB, "
+                f"{r['file GB']:.1f} GB written"
+            )
 
 
 if __name__ == "__main__":
