@@ -168,7 +168,7 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
         return QuantLinear(codes, scales.float(), sd.pop(f"{name}.bias", None), bits=width, group=group,
                            dtype=float_dtype)  # fmt: skip
 
-    for name in sorted({k[: -len(".codes")] for k in sd if k.endswith(".codes")}):
+    for i, name in enumerate(sorted({k[: -len(".codes")] for k in sd if k.endswith(".codes")})):
         parent_name, _, leaf = name.rpartition(".")
         if parent_name.endswith((".q_gate_up", ".q_down")):
             continue  # expert stacks: built per group below
@@ -177,12 +177,17 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
         except AttributeError:
             raise CheckpointError(f"quantized checkpoint {path} holds {name}, which the model does not have") from None
         model.get_submodule(parent_name)._modules[leaf] = quant(name, tuple(linear.weight.shape))
+        if i % 64 == 63:
+            hugepages.trim()
     for name, module in list(model.named_modules()):
         if f"{name}.q_gate_up.0.codes" in sd:
             experts = range(module.num_experts)
             up, down = tuple(module.gate_up_proj.shape[1:]), tuple(module.down_proj.shape[1:])
             install_experts(model, name, [quant(f"{name}.q_gate_up.{e}", up) for e in experts],
                             [quant(f"{name}.q_down.{e}", down) for e in experts])  # fmt: skip
+            # each code was read, unpacked and widened on its way into the kernels' layout: hand those buffers
+            # back to the OS (glibc keeps them, and a 21B model's layers then left ~10 GB of them: OOM at 24 GB)
+            hugepages.trim()
     missing = []
     for name, p in list(model.named_parameters()):
         if not p.is_meta:
