@@ -181,6 +181,7 @@ def test_a_quantized_checkpoint_is_written_in_shards_and_read_back_tensor_by_ten
     """Past `shard_bytes` the file is split with the official index; every shard is read back, lazily, to the same
     model (a 21B int4 file is ~12 GB: neither its save nor its load may hold it whole)."""
     import json
+    import os
 
     from ernie45.checkpoint import load
     from ernie45.checkpoint.files import CheckpointError, SafetensorsFile
@@ -204,6 +205,9 @@ def test_a_quantized_checkpoint_is_written_in_shards_and_read_back_tensor_by_ten
     assert index["metadata"]["total_size"] == sum(e[3] - e[2] for e in whole.entries.values())
     assert sorted(index["weight_map"]) == sorted(whole.keys())
     assert not list(many.glob(".writing-*")) and not list(many.glob("part-*"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.stat().st_mode & 0o777 for f in shards} == {0o666 & ~umask}  # as any file (safetensors writes 0600)
     for path in (one, many):
         assert torch.allclose(load(path)(input_ids=ids).logits, want, atol=1e-5)
     (many / shards[1].name).unlink()  # a shard gone: said by name, not a half-built model

@@ -16,6 +16,7 @@ weights of quantized layers never exist, and the file is never held whole.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +88,12 @@ def _portable_tensors(model: nn.Module, float_dtype: torch.dtype | None, tied_he
             yield name, t.contiguous().cpu()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class _ShardWriter:
     """Tensors gathered until a shard is full, then written; named and indexed at the end (the count is known then)."""
 
@@ -105,7 +112,9 @@ class _ShardWriter:
         self.total += nbytes
 
     def _flush(self) -> None:
-        save_file(self.pending, self.out / f"part-{len(self.files)}", metadata={"format": "pt"})
+        path = self.out / f"part-{len(self.files)}"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        path.chmod(0o666 & ~_umask())  # safetensors writes 0600: a model served by another account could not read it
         self.files.append(list(self.pending))
         self.pending, self.size = {}, 0
         hugepages.trim()  # the shard's portable copies back to the OS
