@@ -152,6 +152,8 @@ static void matvec_rows(const T* x, int64_t M, int64_t K, const Linear& l, T* y)
       xf = fx.data();
     }
     float* yf = std::is_same<T, float>::value ? reinterpret_cast<float*>(y) : (fy.resize(M * N), fy.data());
+    TORCH_CHECK(!int8 || l.scales.scalar_type() == torch::kFloat || l.scales.scalar_type() == torch::kBFloat16,
+                "int8 codes need fp32 or bf16 scales");
     if (int8)
       gemv_int8_raw(xf, M, K, l.w.data_ptr<int8_t>(), l.scales.scalar_type() == torch::kFloat ? l.scales.data_ptr<float>()
                     : nullptr, l.scales.scalar_type() == torch::kBFloat16
