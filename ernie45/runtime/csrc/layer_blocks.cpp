@@ -427,6 +427,7 @@ static torch::Tensor moe_row(torch::Tensor h, const MoeWeights& m, at::TensorLis
     const torch::Tensor g2 = stacked ? w2[0].select(0, e) : w2[e];
     if (s1.empty() && std::is_same<T, at::BFloat16>::value) {  // bf16 experts: gate|up in fp32, the product once to bf16
       const int64_t F = g1.size(0) / 2;
+      TORCH_CHECK(E % 32 == 0 && F % 32 == 0, "bf16 experts: the matvec reads widths of whole 32-column blocks");
       gb.resize(2 * F);
       ab.resize(F);
       using bf = at::BFloat16;
