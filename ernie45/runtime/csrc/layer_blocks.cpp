@@ -144,6 +144,7 @@ static void matvec_rows(const T* x, int64_t M, int64_t K, const Linear& l, T* y)
   static thread_local std::vector<float> fx, fy;
   const int64_t N = out_width(l);
   const bool int8 = l.w.scalar_type() == torch::kChar, quant = int8 || l.scales.numel();
+  TORCH_CHECK(M <= 8 || (quant && !int8), "the int8 and bf16 matvecs take at most 8 rows");  // (as their tensor forms)
   if (quant) {
     const float* xf = reinterpret_cast<const float*>(x);
     if (!std::is_same<T, float>::value) {
