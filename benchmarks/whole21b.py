@@ -173,6 +173,10 @@ def main() -> None:
     p.add_argument("--keep-bf16", action="store_true", help="keep the bf16 checkpoint (needs ~80 GB of disk)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
+    from ernie45.runtime.quant import GROUP_SIZES
+
+    if not set(args.groups) <= set(GROUP_SIZES):  # refused before the 44 GB checkpoint is written, not after
+        p.error(f"--groups {','.join(map(str, args.groups))}: int4 group sizes are {', '.join(map(str, GROUP_SIZES))}")
     if args.child:
         stage, rest = args.child[0], args.child[1:]
         torch.set_num_threads(args.threads)
