@@ -163,8 +163,38 @@ def test_a_speech_only_encoder_stage_trains_only_the_audio_path():
     assert set(stats) == {"speech clips", "loss"}
     moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"audio_tower", "audio_resampler"}, moved
-    with pytest.raises(ValueError, match="kinds \\['sound'\\]; name some of pictures, charts, videos, speech"):
+    with pytest.raises(ValueError, match="kinds \\['sound'\\]; name some of pictures, charts, videos, speech, glyphs"):
         pretrain_encoders(model, proc, steps=1, kinds=["sound"])
+
+
+def test_a_glyph_page_says_where_each_glyph_is_and_a_glyph_stage_trains_only_the_vision_path():
+    import random
+
+    import numpy as np
+    import torch
+
+    from ernie45.demo import default_model_path, wide
+    from ernie45.demo.encoders import pretrain_encoders
+    from ernie45.model import Ernie45ForConditionalGeneration
+
+    for seed in range(6):
+        img, where = wide.glyph_page(random.Random(seed))
+        w, h = img.size
+        grey = np.asarray(img.convert("L"), dtype=np.float32)
+        background = float(np.median(grey))
+        assert len(where) >= 4 and set(where.values()) <= set(wide.GLYPHS)
+        for (x, y), glyph in where.items():  # ink near every centre the page names, as it names it
+            near = grey[max(0, int(y * h) - 3) : int(y * h) + 4, max(0, int(x * w) - 3) : int(x * w) + 4]
+            assert np.abs(near - background).max() > 60, (seed, glyph, x, y)
+    config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=1)
+    proc = configure(ernie45.load_processor(default_model_path()))
+    torch.manual_seed(0)
+    model = Ernie45ForConditionalGeneration(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = pretrain_encoders(model, proc, steps=2, batch=4, generator="wide", kinds=["glyphs"])
+    assert set(stats) == {"glyphs", "loss"}
+    moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"vision_tower", "resampler_model"}, moved
 
 
 def test_score_rules():

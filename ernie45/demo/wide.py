@@ -205,6 +205,40 @@ def chart(rng: random.Random, labels: str = LABELS, fonts=(None, *TRAIN_FONTS),
     return img, values
 
 
+GLYPHS = LABELS + "Q0123456789"  # what charts and report pages write: bar names, quarters, values, ticks
+
+
+def glyph_page(rng: random.Random, fonts=(None, *TRAIN_FONTS)) -> tuple[Image.Image, dict[tuple[float, float], str]]:
+    """Letters and digits as the charts write them (9-13 px, their fonts, ink on a chart's background), one in most
+    cells of a ~18 px grid, and where each one's centre lies (fractions of the width and height). The encoder
+    stage's glyph drill: a chart holds 2-7 names, too few a picture to teach a ViT their shapes in this budget;
+    a page of them teaches ~10x more glyphs a step."""
+    w, h = rng.randint(96, 180), rng.randint(64, 140)
+    s = rng.choice([1, 2])
+    light = rng.random() < 0.85
+    bg = (255, 255, 255) if light and rng.random() < 0.6 else tuple(
+        rng.randint(225, 255) if light else rng.randint(0, 40) for _ in range(3))  # fmt: skip
+    ink = (0, 0, 0) if light else (230, 230, 230)
+    img = Image.new("RGB", (w * s, h * s), bg)
+    draw = ImageDraw.Draw(img)
+    cols, rows = max(1, w // 18), max(1, h // 18)
+    where: dict[tuple[float, float], str] = {}
+    for i in range(cols):
+        for j in range(rows):
+            if rng.random() < 0.2:
+                continue
+            g = rng.choice(GLYPHS)
+            x, y = (i + rng.uniform(0.3, 0.7)) * w / cols, (j + rng.uniform(0.3, 0.7)) * h / rows
+            draw.text((x * s, y * s), g, fill=ink, font=font(rng.choice(fonts), rng.randint(9, 13) * s), anchor="mm")
+            where[(x / w, y / h)] = g
+    img = img.resize((w, h), Image.LANCZOS) if s > 1 else img
+    if rng.random() < 0.3:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=rng.randint(40, 90))
+        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return img, where
+
+
 def video(rng: random.Random) -> tuple[np.ndarray, str, str, str]:
     """[T, H, W, 3] frames (T 4-16) of one shape moving 2-8 px a frame from wherever its path fits, or growing or
     shrinking; returns (frames, motion, colour, shape)."""
