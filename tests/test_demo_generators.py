@@ -79,6 +79,22 @@ def test_held_out_clips_come_as_files_and_charts_never_ask_an_unreadable_value(t
     assert plain and asked  # both kinds were drawn
 
 
+def test_held_out_clip_files_go_with_the_process_that_wrote_them(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import random; from ernie45.demo import heldout\n"
+        "paths = [heldout.video(random.Random(s))[0] for s in range(12)]\n"
+        "print('\\n'.join(p for p in paths if isinstance(p, str)))"
+    )
+    env = {**__import__("os").environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    files = out.stdout.split()
+    assert len(files) >= 4 and len({f.rsplit("/", 1)[0] for f in files}) == 1  # one folder for all of them
+    assert list(tmp_path.iterdir()) == []  # and it went when the process did
+
+
 def test_conversations_chain_unrelated_questions_each_with_its_own_media():
     rng = random.Random(3)
     seen = set()

@@ -12,8 +12,11 @@ numbers) it is not asked.
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import math
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -186,10 +189,25 @@ def clip(rng: random.Random) -> tuple[np.ndarray, str, str, str]:
     return np.stack(out), motion, colour, shape
 
 
+_clips: list[Path] = []  # this process's folder for the clip files, removed when it exits
+
+
+def _clip_path(kind: str) -> Path:
+    """A new file name for a clip, in one temporary folder per process that goes when the process does (a folder
+    per clip, never removed, had left thousands of them in /tmp after a few evaluations)."""
+    if not _clips:
+        _clips.append(Path(tempfile.mkdtemp(prefix="ernie45-heldout-")))
+        atexit.register(shutil.rmtree, _clips[0], True)
+    return _clips[0] / f"clip-{next(_numbers)}.{kind}"
+
+
+_numbers = itertools.count()
+
+
 def _as_file(frames: np.ndarray, kind: str):
     if kind == "frames":
         return frames
-    path = Path(tempfile.mkdtemp(prefix="ernie45-heldout-")) / f"clip.{kind}"
+    path = _clip_path(kind)
     if kind == "gif":
         pics = [Image.fromarray(f) for f in frames]
         pics[0].save(path, save_all=True, append_images=pics[1:], duration=125, loop=0)
