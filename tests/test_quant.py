@@ -426,3 +426,15 @@ def test_the_memory_estimate_counts_the_bytes_a_quantized_base_holds(tmp_path, b
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     codes, floats = weight_bytes(model.config, bits, 32)
     assert abs(codes + floats - held) / held < 0.01, (codes + floats, held)
+
+
+def test_int4_tiles_are_made_byte_for_byte_as_torchs_converter_makes_them():
+    """The loader's byte-arithmetic packing must give exactly the tiles torch's CPU int4 kernel reads."""
+    from ernie45.runtime.quant import cpu_int4_tiles
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((64, 64), (128, 96), (192, 1536), (320, 2560)):
+        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+        want = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        assert torch.equal(cpu_int4_tiles(codes), want), (n, k)
+        assert torch.equal(QuantLinear(codes, torch.rand(k // 32, n, 2), None, bits=4).qweight, want)
