@@ -215,6 +215,46 @@ def test_a_quantized_checkpoint_is_written_in_shards_and_read_back_tensor_by_ten
         load(many)
 
 
+def test_int4_files_hold_the_kernels_tiles_and_older_packed_files_still_load(tmp_path):
+    """A CPU load takes an int4 file's tiles as they are (no repacking: the second start of a 21B model spent most
+    of its time there); a file written before tiles (every code two to a byte) loads to the same model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ernie45.checkpoint import load
+    from ernie45.checkpoint.files import SafetensorsFile
+    from ernie45.checkpoint.quantized import _pack, save_quantized
+    from ernie45.runtime.quant import codes_of_cpu_int4_tiles, quantize
+
+    model = quantize(load(_moe_checkpoint(tmp_path / "src"), dtype=torch.float32), bits=4, group_size=32)
+    out = save_quantized(model, tmp_path / "q")
+    f = SafetensorsFile(out / "model.safetensors")
+    codes = {k: f.dtype_shape(k)[1] for k in f.keys() if k.endswith(".codes") and f.dtype_shape(k)[0] == torch.uint8}
+    tiled = [k for k, shape in codes.items() if len(shape) == 3]
+    assert tiled and len(tiled) < len(codes)  # widths of 64 rows and more as tiles, the others packed
+    back = load(out)
+    for key in tiled:
+        name = key[: -len(".codes")]
+        assert torch.equal(f.read(key).flatten(), model.get_submodule(name).qweight.flatten())
+        assert torch.equal(back.get_submodule(name).qweight, model.get_submodule(name).qweight)
+    ids = torch.tensor([[400, 294, 261, 358, 341, 313]])
+    want = back(input_ids=ids).logits
+    old = tmp_path / "old"
+    old.mkdir()
+    tensors = {k: f.read(k) for k in f.keys()}
+    for key in tiled:
+        tensors[key] = _pack(codes_of_cpu_int4_tiles(tensors[key])).contiguous()
+    save_file(tensors, old / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    config["ernie45_quantization"]["int4_codes"] = "packed"
+    (old / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (out / name).exists():
+            (old / name).write_bytes((out / name).read_bytes())
+    assert torch.equal(load(old)(input_ids=ids).logits, want)
+
+
 def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):
     from ernie45.runtime.packed import PackedLinear
 

@@ -1,8 +1,11 @@
 """Weight-only quantized checkpoints (`ernie45 quantize`): the ernie45 layout, with each quantized matrix
 stored as device-independent codes plus scales, and `config.json` saying how (`ernie45_quantization`).
 
-int4 codes are stored two to a byte (`"int4_codes": "packed"`) with bf16 scales and zeros (what the kernels
-read), so an int4 file holds ~0.56 bytes a weight. The token embedding (a third of a small model's bytes) is
+int4 codes are stored with bf16 scales and zeros (what the kernels read), ~0.56 bytes a weight: a linear whose
+output width is a multiple of 64 as torch's CPU int4 tiles ([N/64, K, 32] uint8: each byte holds column k of rows
+j and j + 32 of a 64-row block), which a CPU load takes as they are, the others two to a byte along the input
+(`"int4_codes": "tiles64"`; files of `"packed"` hold only the latter and load too). Repacking codes into tiles
+was most of a second start's time (87 s of the 21B's). The token embedding (a third of a small model's bytes) is
 stored as int8 per row and widened on load, as llama.cpp quantizes its token table; the other float parts
 (norms, encoders) keep the source checkpoint's dtype. A head tied to the embedding is not stored: loading
 quantizes it from the embedding again (int8 per channel is deterministic, so the codes are the same).
@@ -26,7 +29,7 @@ from torch import nn
 
 from ..model.trunk import Ernie45PreTrainedModel
 from ..runtime import hugepages
-from ..runtime.quant import QuantLinear, install_experts, quantize_int8
+from ..runtime.quant import CPU_INT4_BLOCK, QuantLinear, install_experts, quantize_int8
 from .files import CheckpointError, SafetensorsFile, weight_files, written_atomically
 
 KEY = "ernie45_quantization"
@@ -47,7 +50,7 @@ def save_quantized(model: nn.Module, out: str | Path, float_dtype: torch.dtype |
     out.mkdir(parents=True, exist_ok=True)
     tied_head = model.config.tie_word_embeddings and isinstance(getattr(model, "lm_head", None), QuantLinear)
     spec = dict(getattr(model.config, KEY))
-    spec.update(int4_codes="packed", tied_head_from_embedding=bool(tied_head), embedding="int8")
+    spec.update(int4_codes="tiles64", tied_head_from_embedding=bool(tied_head), embedding="int8")
     with written_atomically(out) as tmp:
         shards = _ShardWriter(tmp, shard_bytes)
         for name, tensor in _portable_tensors(model, float_dtype, tied_head):
@@ -62,16 +65,20 @@ def save_quantized(model: nn.Module, out: str | Path, float_dtype: torch.dtype |
 
 def _portable_tensors(model: nn.Module, float_dtype: torch.dtype | None, tied_head: bool):
     """(name, CPU tensor) for everything the file holds, made one at a time: each quantized linear's codes (int4
-    packed two to a byte) and scales, the token table in int8 per row, the float parameters."""
+    as tiles or packed two to a byte) and scales, the token table in int8 per row, the float parameters."""
     quantized = set()
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             quantized.add(name)
             if tied_head and name == "lm_head":
                 continue  # made again from the embedding on load
-            codes, scales = module.portable()
-            if module.bits == 4:
-                codes, scales = _pack(codes), scales.to(torch.bfloat16)
+            tiles = module.cpu_tiles() if module.bits == 4 else None
+            if tiles is not None:  # the kernel's own bytes: the load takes them as they are
+                codes, scales = tiles, module.scales.to(torch.bfloat16)
+            else:
+                codes, scales = module.portable()
+                if module.bits == 4:
+                    codes, scales = _pack(codes), scales.to(torch.bfloat16)
             yield f"{name}.codes", codes.contiguous().cpu()
             yield f"{name}.scales", scales.contiguous().cpu()
             if module.bias is not None:
@@ -149,7 +156,7 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
     """Fill `model` (built on meta from a quantized checkpoint's config) from `path`."""
     spec = getattr(model.config, KEY)
     bits, group = spec["bits"], spec["group_size"]
-    packed = spec.get("int4_codes") == "packed"
+    packed = spec.get("int4_codes") in ("packed", "tiles64")  # (tiles are told apart by their shape)
     sd = _Tensors(path, device)
     float_dtype = dtype or next((t for k, t in sd.dtypes() if t.is_floating_point
                                  and not k.endswith((*ROUTER, ".scales"))), torch.float32)  # fmt: skip
@@ -166,15 +173,17 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
         codes, scales = sd.pop(f"{name}.codes"), sd.pop(f"{name}.scales")
         width = 8 if codes.dtype == torch.int8 else bits  # int8 codes are signed, int4 ones 0..15 (the head: int8)
         n, k = shape
-        want = ((n, k // 2) if packed else (n, k), (k // group, n, 2)) if width == 4 else ((n, k), (n,))
-        if (tuple(codes.shape), tuple(scales.shape)) != want or (width == 4 and k % group):
+        tiles = width == 4 and codes.dim() == 3
+        int4 = (n // CPU_INT4_BLOCK, k, CPU_INT4_BLOCK // 2) if tiles else (n, k // 2) if packed else (n, k)
+        want = (int4, (k // group, n, 2)) if width == 4 else ((n, k), (n,))
+        if (tuple(codes.shape), tuple(scales.shape)) != want or (width == 4 and k % group) or (tiles and n % 64):
             raise CheckpointError(
                 f"quantized checkpoint {path}: {name} has codes {tuple(codes.shape)} and scales "
                 f"{tuple(scales.shape)}; a {n}x{k} int{width} linear needs {want[0]} and {want[1]}"
             )
-        if width == 4 and packed:
+        if width == 4 and packed and not tiles:
             codes = _unpack(codes)
-        return QuantLinear(codes, scales.float(), sd.pop(f"{name}.bias", None), bits=width, group=group,
+        return QuantLinear(codes, scales, sd.pop(f"{name}.bias", None), bits=width, group=group,
                            dtype=float_dtype)  # fmt: skip
 
     for i, name in enumerate(sorted({k[: -len(".codes")] for k in sd if k.endswith(".codes")})):

@@ -35,12 +35,18 @@ CPU_INT4_BLOCK = 64  # torch's CPU int4 tiles: 64 output rows, each byte one col
 
 
 def cpu_int4_tiles(codes: torch.Tensor) -> torch.Tensor:
-    """Codes 0..15 [N, K] (N a multiple of 64) -> torch's CPU int4 tiles, the bytes `_convert_weight_to_int4pack_for_cpu`
-    makes, as [N, K/2] uint8, in byte arithmetic: that converter first widens every code to int32, four times the
-    memory traffic, which was most of the time a quantized 21B file took to load."""
+    """Codes 0..15 [N, K] (N a multiple of 64) -> torch's CPU int4 tiles, the bytes that
+    `_convert_weight_to_int4pack_for_cpu` makes, as [N, K/2] uint8, in byte arithmetic: that converter first widens
+    every code to int32, four times the memory traffic."""
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n // CPU_INT4_BLOCK, 2, CPU_INT4_BLOCK // 2, k)  # rows j and j + 32 of a tile
     return (c[:, 0] | (c[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
+
+
+def codes_of_cpu_int4_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """The inverse of `cpu_int4_tiles`: tiles [N/64, K, 32] uint8 -> codes 0..15 [N, K] uint8."""
+    blocks, k, _ = tiles.shape
+    return torch.cat([tiles & 15, tiles >> 4], dim=-1).transpose(1, 2).reshape(blocks * CPU_INT4_BLOCK, k)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,22 +85,32 @@ class QuantLinear(nn.Module):
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, bits: int,
                  group: int = 32, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
-        """codes: int8 [N, K] (bits 8) or 0..15 integers [N, K] (bits 4); scales: [N] or [K/group, N, 2]."""
+        """codes: int8 [N, K] (bits 8), or 0..15 integers [N, K] or torch's CPU tiles of them [N/64, K, 32] uint8
+        (bits 4: `cpu_int4_tiles`, as a quantized file stores them); scales: [N] or [K/group, N, 2]."""
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         if bits == 4 and group not in GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {group}")
         self.bits, self.group, self.dtype = bits, group, dtype
-        self.out_features, self.in_features = codes.shape
+        tiles = bits == 4 and codes.dim() == 3
+        if tiles and (codes.dtype != torch.uint8 or codes.shape[2] != CPU_INT4_BLOCK // 2):
+            raise ValueError(f"int4 tiles must be uint8 [N/64, K, 32], got {codes.dtype} {list(codes.shape)}")
+        n, k = (codes.shape[0] * CPU_INT4_BLOCK, codes.shape[1]) if tiles else codes.shape
+        self.out_features, self.in_features = n, k
         if bits == 8:
             # an owned copy: a view into a memory-mapped file can sit at an address the bf16 kernel cannot load
             self.register_buffer("qweight", codes.to(torch.int8, copy=True).contiguous())
             self.register_buffer("scales", scales.to(dtype))
         else:
-            if codes.device.type == "cpu" and self.out_features % CPU_INT4_BLOCK == 0:
+            cpu = codes.device.type == "cpu"
+            if tiles and not cpu:
+                codes, tiles = codes_of_cpu_int4_tiles(codes), False
+            if tiles:  # already the kernel's bytes: taken as they are
+                packed = codes.contiguous().view(self.out_features, self.in_features // 2)
+            elif cpu and self.out_features % CPU_INT4_BLOCK == 0:
                 packed = cpu_int4_tiles(codes)
-            elif codes.device.type == "cpu":
+            elif cpu:
                 packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
             else:
                 codes = codes.to(torch.int32)
@@ -208,7 +224,7 @@ class QuantLinear(nn.Module):
             return self.codes(), self.scales.float()
         sz = self.scales.float()
         if self._unpackable():
-            return self._cpu_int4_codes().T.contiguous(), sz
+            return codes_of_cpu_int4_tiles(self.cpu_tiles()), sz
         eye = torch.eye(self.in_features, dtype=self.dtype, device=self.qweight.device)
         w = self.forward_nobias(eye).float().T  # [N, K]
         scale = sz[..., 0].T.repeat_interleave(self.group, dim=1)  # [N, K]
@@ -226,6 +242,13 @@ class QuantLinear(nn.Module):
         tiles = self.qweight.view(n // CPU_INT4_BLOCK, k, half)
         codes = torch.cat([tiles & 15, tiles >> 4], dim=-1)  # [N/64, K, 64]
         return codes.permute(1, 0, 2).reshape(k, n)
+
+    def cpu_tiles(self) -> torch.Tensor | None:
+        """int4 in torch's CPU tile layout: the tiles as [N/64, K, 32] uint8 (a view, no copy; what a quantized
+        file stores, so loading it takes them as they are), else None."""
+        if not self._unpackable():
+            return None
+        return self.qweight.view(self.out_features // CPU_INT4_BLOCK, self.in_features, CPU_INT4_BLOCK // 2)
 
     def kernel_weight(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """How ernie45's fused decode calls read this linear: int4 (tiles, scales, group) or int8 (codes, scales, 0)
