@@ -478,3 +478,17 @@ def test_int4_tiles_are_made_byte_for_byte_as_torchs_converter_makes_them():
         want = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         assert torch.equal(cpu_int4_tiles(codes), want), (n, k)
         assert torch.equal(QuantLinear(codes, torch.rand(k // 32, n, 2), None, bits=4).qweight, want)
+
+
+def test_a_tied_head_loads_from_the_embeddings_stored_codes_as_it_was_quantized(tmp_path):
+    """The file stores the token table as int8 per row and no head; the tied head (int8 per channel of the same
+    matrix, taken from the table's stored codes) comes back with the codes and scales it had."""
+    import ernie45
+    from ernie45.checkpoint.quantized import save_quantized
+    from ernie45.runtime.quant import quantize
+
+    model = quantize(ernie45.load(_dense_bf16_checkpoint(tmp_path / "src")), bits=4, lm_head=True)
+    assert isinstance(model.lm_head, QuantLinear) and model.config.tie_word_embeddings
+    back = ernie45.load(save_quantized(model, tmp_path / "q"))
+    assert torch.equal(back.lm_head.codes(), model.lm_head.codes())
+    assert torch.equal(back.lm_head.scales, model.lm_head.scales)
