@@ -147,7 +147,9 @@ def test_free_layout_chart_token_targets_follow_what_was_drawn():
                 assert int((targets[2] == k).sum()) == 1 and targets[2, int(y * rows), int(x * cols)] == k
 
 
-def test_a_speech_only_encoder_stage_trains_only_the_audio_path():
+def _encoder_stage(kinds: list[str], steps: int):
+    """A few encoder-stage steps of `kinds` on a fresh 2-layer demo model: (model, processor, the stage's stats, the
+    top-level modules whose parameters moved)."""
     import torch
 
     from ernie45.demo import default_model_path
@@ -159,9 +161,17 @@ def test_a_speech_only_encoder_stage_trains_only_the_audio_path():
     torch.manual_seed(0)
     model = Ernie45ForConditionalGeneration(config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stats = pretrain_encoders(model, proc, steps=3, batch=4, generator="wide", kinds=["speech"])
-    assert set(stats) == {"speech clips", "loss"}
+    stats = pretrain_encoders(model, proc, steps=steps, batch=4, generator="wide", kinds=kinds)
     moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    return model, proc, stats, moved
+
+
+def test_a_speech_only_encoder_stage_trains_only_the_audio_path():
+
+    from ernie45.demo.encoders import pretrain_encoders
+
+    model, proc, stats, moved = _encoder_stage(["speech"], steps=3)
+    assert set(stats) == {"speech clips", "loss"}
     assert moved == {"audio_tower", "audio_resampler"}, moved
     with pytest.raises(ValueError, match="kinds \\['sound'\\]; name some of pictures, charts, videos, speech, glyphs"):
         pretrain_encoders(model, proc, steps=1, kinds=["sound"])
@@ -171,11 +181,8 @@ def test_a_glyph_page_says_where_each_glyph_is_and_a_glyph_stage_trains_only_the
     import random
 
     import numpy as np
-    import torch
 
-    from ernie45.demo import default_model_path, wide
-    from ernie45.demo.encoders import pretrain_encoders
-    from ernie45.model import Ernie45ForConditionalGeneration
+    from ernie45.demo import wide
 
     for seed in range(6):
         img, where = wide.glyph_page(random.Random(seed))
@@ -186,14 +193,8 @@ def test_a_glyph_page_says_where_each_glyph_is_and_a_glyph_stage_trains_only_the
         for (x, y), glyph in where.items():  # ink near every centre the page names, as it names it
             near = grey[max(0, int(y * h) - 3) : int(y * h) + 4, max(0, int(x * w) - 3) : int(x * w) + 4]
             assert np.abs(near - background).max() > 60, (seed, glyph, x, y)
-    config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=1)
-    proc = configure(ernie45.load_processor(default_model_path()))
-    torch.manual_seed(0)
-    model = Ernie45ForConditionalGeneration(config)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stats = pretrain_encoders(model, proc, steps=2, batch=4, generator="wide", kinds=["glyphs"])
+    _, _, stats, moved = _encoder_stage(["glyphs"], steps=2)
     assert set(stats) == {"glyphs", "loss"}
-    moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"vision_tower", "resampler_model"}, moved
 
 

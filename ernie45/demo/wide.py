@@ -133,6 +133,16 @@ def scene(rng: random.Random) -> tuple[Image.Image, list[tuple[str, str]]]:
     return look.finish(img, w, h, rng), objects
 
 
+def _printed(img: Image.Image, w: int, h: int, s: int, rng: random.Random) -> Image.Image:
+    """A chart or page drawn at s x its size, shrunk to w x h (anti-aliased text and edges), JPEG'd 3 times in 10."""
+    img = img.resize((w, h), Image.LANCZOS) if s > 1 else img
+    if rng.random() < 0.3:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=rng.randint(40, 90))
+        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return img
+
+
 def chart(rng: random.Random, labels: str = LABELS, fonts=(None, *TRAIN_FONTS),
           layout: dict | None = None) -> tuple[Image.Image, dict[str, int]]:  # fmt: skip
     """2-7 bars with distinct values 1-9. The value scale tops out at 9 or 10: an axis with ticks or a number on
@@ -197,11 +207,7 @@ def chart(rng: random.Random, labels: str = LABELS, fonts=(None, *TRAIN_FONTS),
                 draw.text((end + 2 * s, a + width / 2), str(v), fill=ink, font=f, anchor="lm")
     if axis or rng.random() < 0.5:
         draw.line([left, bottom, right, bottom] if not horizontal else [left, upper, left, bottom], fill=ink, width=s)
-    img = img.resize((w, h), Image.LANCZOS) if s > 1 else img
-    if rng.random() < 0.3:
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=rng.randint(40, 90))
-        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    img = _printed(img, w, h, s, rng)
     return img, values
 
 
@@ -231,11 +237,7 @@ def glyph_page(rng: random.Random, fonts=(None, *TRAIN_FONTS)) -> tuple[Image.Im
             x, y = (i + rng.uniform(0.3, 0.7)) * w / cols, (j + rng.uniform(0.3, 0.7)) * h / rows
             draw.text((x * s, y * s), g, fill=ink, font=font(rng.choice(fonts), rng.randint(9, 13) * s), anchor="mm")
             where[(x / w, y / h)] = g
-    img = img.resize((w, h), Image.LANCZOS) if s > 1 else img
-    if rng.random() < 0.3:
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=rng.randint(40, 90))
-        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    img = _printed(img, w, h, s, rng)
     return img, where
 
 
