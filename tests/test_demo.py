@@ -167,7 +167,6 @@ def _encoder_stage(kinds: list[str], steps: int):
 
 
 def test_a_speech_only_encoder_stage_trains_only_the_audio_path():
-
     from ernie45.demo.encoders import pretrain_encoders
 
     model, proc, stats, moved = _encoder_stage(["speech"], steps=3)
