@@ -5,11 +5,11 @@ int4 codes are stored with bf16 scales and zeros (what the kernels read), ~0.56 
 output width is a multiple of 64 as torch's CPU int4 tiles ([N/64, K, 32] uint8: each byte holds column k of rows
 j and j + 32 of a 64-row block), which a CPU load takes as they are, the others two to a byte along the input
 (`"int4_codes": "tiles64"`; files of `"packed"` hold only the latter and load too). Repacking codes into tiles
-was most of a second start's time (87 s of the 21B's). The token embedding (a third of a small model's bytes) is
+was most of a second start's time (docs/performance.md, "Second start from the tiles"). The token embedding (a third of a small model's bytes) is
 stored as int8 per row and widened on load, as llama.cpp quantizes its token table; the other float parts
 (norms, encoders) keep the source checkpoint's dtype. A head tied to the embedding is not stored: its int8 per channel
 is the embedding's int8 per row, the same codes and scales, which loading takes for both (quantizing the widened
-table again took 8 of the 11 s a 4-layer 21B file took to load).
+table again was most of a load's time).
 
 Files are written in shards of ~2 GB with the official index (`model.safetensors.index.json`) once the weights
 pass that size. Loading builds the model on the meta device, puts a `QuantLinear` where the file holds codes, and

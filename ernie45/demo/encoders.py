@@ -16,8 +16,8 @@ that are thrown away afterwards:
   token (the resampler's frame pairs), not only across them;
 - speech: the words, by CTC over the audio tokens;
 - glyphs (asked for by name): pages full of the letters and digits charts write, per token the glyph whose
-  centre it holds. A chart's few names taught a ViT their shapes far too slowly (12% of name tokens after 400
-  steps of a sparse drill); a page of them teaches ~10x more glyphs a step.
+  centre it holds. A chart's few names taught a ViT their shapes far too slowly (the model card's drills); a page
+  of them teaches ~10x more glyphs a step.
 
 `generator="wide"` draws the same facts from the second generation's pictures, charts, clips and voices
 (`wide`): pictures keep their own aspect ratio (so the token grid varies and the per-token targets, which need
