@@ -5,11 +5,11 @@ int4 codes are stored with bf16 scales and zeros (what the kernels read), ~0.56 
 output width is a multiple of 64 as torch's CPU int4 tiles ([N/64, K, 32] uint8: each byte holds column k of rows
 j and j + 32 of a 64-row block), which a CPU load takes as they are, the others two to a byte along the input
 (`"int4_codes": "tiles64"`; files of `"packed"` hold only the latter and load too). Repacking codes into tiles
-was most of a second start's time (docs/performance.md, "Second start from the tiles"). The token embedding (a third of a small model's bytes) is
-stored as int8 per row and widened on load, as llama.cpp quantizes its token table; the other float parts
-(norms, encoders) keep the source checkpoint's dtype. A head tied to the embedding is not stored: its int8 per channel
-is the embedding's int8 per row, the same codes and scales, which loading takes for both (quantizing the widened
-table again was most of a load's time).
+was most of a second start's time (docs/performance.md, "Second start from the tiles"). The token embedding (a
+third of a small model's bytes) is stored as int8 per row and widened on load, as llama.cpp quantizes its token
+table; the other float parts (norms, encoders) keep the source checkpoint's dtype. A head tied to the embedding is
+not stored: its int8 per channel is the embedding's int8 per row, the same codes and scales, which loading takes
+for both (quantizing the widened table again was most of a load's time).
 
 Files are written in shards of ~2 GB with the official index (`model.safetensors.index.json`) once the weights
 pass that size. Loading builds the model on the meta device, puts a `QuantLinear` where the file holds codes, and
@@ -180,7 +180,8 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
         tiles = width == 4 and codes.dim() == 3
         int4 = (n // CPU_INT4_BLOCK, k, CPU_INT4_BLOCK // 2) if tiles else (n, k // 2) if packed else (n, k)
         want = (int4, (k // group, n, 2)) if width == 4 else ((n, k), (n,))
-        if (tuple(codes.shape), tuple(scales.shape)) != want or (width == 4 and k % group) or (tiles and n % 64):
+        odd = (width == 4 and k % group) or (tiles and n % CPU_INT4_BLOCK)
+        if (tuple(codes.shape), tuple(scales.shape)) != want or odd:
             raise CheckpointError(
                 f"quantized checkpoint {path}: {name} has codes {tuple(codes.shape)} and scales "
                 f"{tuple(scales.shape)}; a {n}x{k} int{width} linear needs {want[0]} and {want[1]}"
