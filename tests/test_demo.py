@@ -249,6 +249,29 @@ def test_a_misspelt_encoder_stage_key_is_refused_by_name(tmp_path):
     assert "data.demo.encoder_pretrain: ['step'] is not a key; known: steps, batch, lr" in r.stderr
 
 
+def test_an_encoder_stage_of_phases_runs_each_in_order_and_refuses_a_wrong_form():
+    import torch
+
+    from ernie45.demo import default_model_path
+    from ernie45.demo.plugins import _prepare
+    from ernie45.model import Ernie45ForConditionalGeneration
+
+    config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=1)
+    proc = ernie45.load_processor(default_model_path())
+    torch.manual_seed(0)
+    model = Ernie45ForConditionalGeneration(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    phases = [{"steps": 1, "batch": 2, "generator": "wide", "kinds": ["glyphs"]},
+              {"steps": 1, "batch": 2, "generator": "wide", "kinds": ["speech"]}]  # fmt: skip
+    _prepare(model, proc, {"image_side": 112, "encoder_pretrain": phases}, seed=0)
+    moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"vision_tower", "resampler_model", "audio_tower", "audio_resampler"}, moved
+    with pytest.raises(ValueError, match="a mapping \\(one phase\\) or a list of them"):
+        _prepare(model, proc, {"encoder_pretrain": ["glyphs"]}, seed=0)
+    with pytest.raises(ValueError, match="\\['step'\\] is not a key"):
+        _prepare(model, proc, {"encoder_pretrain": [{"steps": 1}, {"step": 1}]}, seed=0)
+
+
 def test_shipped_demo_model_is_the_default():
     """`ernie45 generate` with no --model answers from the embedded model; `LLM()` loads it."""
     r = subprocess.run([sys.executable, "-m", "ernie45", "generate", "Who are you?", "--max-tokens", "40",

@@ -29,11 +29,17 @@ def _prepare(model, proc, spec: dict, seed: int) -> None:
 
         from .encoders import pretrain_encoders
 
+        phases = [stage0] if isinstance(stage0, dict) else stage0
+        if not isinstance(phases, list) or not all(isinstance(p, dict) for p in phases):
+            raise ValueError("recipe: data.demo.encoder_pretrain is a mapping (one phase) or a list of them (phases "
+                             f"run in order), not {stage0!r}")  # fmt: skip
         known = [k for k in inspect.signature(pretrain_encoders).parameters if k not in ("model", "proc", "seed")]
-        if not isinstance(stage0, dict) or set(stage0) - set(known):
-            wrong = sorted(set(stage0) - set(known)) if isinstance(stage0, dict) else stage0
-            raise ValueError(f"recipe: data.demo.encoder_pretrain: {wrong!r} is not a key; known: {', '.join(known)}")
-        pretrain_encoders(model, proc, seed=seed, **stage0)
+        for phase in phases:
+            if wrong := sorted(set(phase) - set(known)):
+                raise ValueError(f"recipe: data.demo.encoder_pretrain: {wrong!r} is not a key; known: "
+                                 f"{', '.join(known)}")  # fmt: skip
+        for i, phase in enumerate(phases):  # (each phase its own data: the first keeps the recipe's seed)
+            pretrain_encoders(model, proc, seed=seed + 1_000 * i, **phase)
 
 
 def _build_tokenizer(out: Path) -> Path:
