@@ -38,7 +38,9 @@ def _prepare(model, proc, spec: dict, seed: int) -> None:
             if wrong := sorted(set(phase) - set(known)):
                 raise ValueError(f"recipe: data.demo.encoder_pretrain: {wrong!r} is not a key; known: "
                                  f"{', '.join(known)}")  # fmt: skip
-        for i, phase in enumerate(phases):  # (each phase its own data: the first keeps the recipe's seed)
+        # each phase draws its own data (the first keeps the recipe's seed) and trains its own new probe heads:
+        # only what the encoders learned carries from one phase to the next
+        for i, phase in enumerate(phases):
             pretrain_encoders(model, proc, seed=seed + 1_000 * i, **phase)
 
 
