@@ -477,7 +477,13 @@ def test_int4_tiles_are_made_byte_for_byte_as_torchs_converter_makes_them():
         codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
         want = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         assert torch.equal(cpu_int4_tiles(codes), want), (n, k)
-        assert torch.equal(QuantLinear(codes, torch.rand(k // 32, n, 2), None, bits=4).qweight, want)
+        q = QuantLinear(codes, torch.rand(k // 32, n, 2), None, bits=4)
+        assert torch.equal(q.qweight, want)
+        tiled = QuantLinear(q.cpu_tiles().clone(), q.scales, None, bits=4)  # from a file's tiles
+        assert torch.equal(tiled.qweight, want)
+        # no view: a view's base would keep the old bytes alive after `hugepages.gather` moves the weight (a
+        # loaded 21B model took twice its memory)
+        assert q.qweight._base is None and tiled.qweight._base is None
 
 
 def test_a_tied_head_loads_from_the_embeddings_stored_codes_as_it_was_quantized(tmp_path):

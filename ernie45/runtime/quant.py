@@ -40,7 +40,14 @@ def cpu_int4_tiles(codes: torch.Tensor) -> torch.Tensor:
     every code to int32, four times the memory traffic."""
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n // CPU_INT4_BLOCK, 2, CPU_INT4_BLOCK // 2, k)  # rows j and j + 32 of a tile
-    return (c[:, 0] | (c[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
+    return _unviewed((c[:, 0] | (c[:, 1] << 4)).transpose(1, 2).contiguous(), (n, k // 2))
+
+
+def _unviewed(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Contiguous `t`'s bytes as a tensor of `shape` that is no view: a view keeps its base tensor alive, and with it
+    the old storage after `hugepages.gather` has moved the view into its arena (`set_`), which doubled the memory
+    of a loaded 21B model."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), shape)
 
 
 def codes_of_cpu_int4_tiles(tiles: torch.Tensor) -> torch.Tensor:
@@ -107,7 +114,7 @@ class QuantLinear(nn.Module):
             if tiles and not cpu:
                 codes, tiles = codes_of_cpu_int4_tiles(codes), False
             if tiles:  # already the kernel's bytes: taken as they are
-                packed = codes.contiguous().view(self.out_features, self.in_features // 2)
+                packed = _unviewed(codes.contiguous(), (self.out_features, self.in_features // 2))
             elif cpu and self.out_features % CPU_INT4_BLOCK == 0:
                 packed = cpu_int4_tiles(codes)
             elif cpu:
