@@ -50,10 +50,15 @@ def _unviewed(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), shape)
 
 
+def _tile_codes(tiles: torch.Tensor) -> torch.Tensor:
+    """Tiles [N/64, K, 32] uint8 -> each 64-row block's codes 0..15, [N/64, K, 64] (rows j, then j + 32)."""
+    return torch.cat([tiles & 15, tiles >> 4], dim=-1)
+
+
 def codes_of_cpu_int4_tiles(tiles: torch.Tensor) -> torch.Tensor:
     """The inverse of `cpu_int4_tiles`: tiles [N/64, K, 32] uint8 -> codes 0..15 [N, K] uint8."""
     blocks, k, _ = tiles.shape
-    return torch.cat([tiles & 15, tiles >> 4], dim=-1).transpose(1, 2).reshape(blocks * CPU_INT4_BLOCK, k)
+    return _tile_codes(tiles).transpose(1, 2).reshape(blocks * CPU_INT4_BLOCK, k)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,10 +250,7 @@ class QuantLinear(nn.Module):
 
     def _cpu_int4_codes(self) -> torch.Tensor:
         """The int4 codes 0..15 as uint8 [K, N] (W^T's layout), unpacked from the CPU kernel's tiles."""
-        n, k, half = self.out_features, self.in_features, CPU_INT4_BLOCK // 2
-        tiles = self.qweight.view(n // CPU_INT4_BLOCK, k, half)
-        codes = torch.cat([tiles & 15, tiles >> 4], dim=-1)  # [N/64, K, 64]
-        return codes.permute(1, 0, 2).reshape(k, n)
+        return _tile_codes(self.cpu_tiles()).permute(1, 0, 2).reshape(self.in_features, self.out_features)
 
     def cpu_tiles(self) -> torch.Tensor | None:
         """int4 in torch's CPU tile layout: the tiles as [N/64, K, 32] uint8 (a view, no copy; what a quantized
