@@ -13,6 +13,7 @@ numbers) it is not asked.
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import math
 import random
@@ -189,25 +190,22 @@ def clip(rng: random.Random) -> tuple[np.ndarray, str, str, str]:
     return np.stack(out), motion, colour, shape
 
 
-_clips: list[Path] = []  # this process's folder for the clip files, removed when it exits
+@functools.cache
+def _clip_dir() -> Path:
+    """This process's folder for the clip files, removed when the process exits (a folder per clip, never removed,
+    had left thousands of them in /tmp after a few evaluations)."""
+    path = Path(tempfile.mkdtemp(prefix="ernie45-heldout-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
-def _clip_path(kind: str) -> Path:
-    """A new file name for a clip, in one temporary folder per process that goes when the process does (a folder
-    per clip, never removed, had left thousands of them in /tmp after a few evaluations)."""
-    if not _clips:
-        _clips.append(Path(tempfile.mkdtemp(prefix="ernie45-heldout-")))
-        atexit.register(shutil.rmtree, _clips[0], True)
-    return _clips[0] / f"clip-{next(_numbers)}.{kind}"
-
-
-_numbers = itertools.count()
+_numbers = itertools.count()  # the clip files' names in that folder
 
 
 def _as_file(frames: np.ndarray, kind: str):
     if kind == "frames":
         return frames
-    path = _clip_path(kind)
+    path = _clip_dir() / f"clip-{next(_numbers)}.{kind}"
     if kind == "gif":
         pics = [Image.fromarray(f) for f in frames]
         pics[0].save(path, save_all=True, append_images=pics[1:], duration=125, loop=0)
