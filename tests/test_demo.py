@@ -147,13 +147,12 @@ def test_free_layout_chart_token_targets_follow_what_was_drawn():
                 assert int((targets[2] == k).sum()) == 1 and targets[2, int(y * rows), int(x * cols)] == k
 
 
-def _encoder_stage(kinds: list[str], steps: int):
-    """A few encoder-stage steps of `kinds` on a fresh 2-layer demo model: (model, processor, the stage's stats, the
-    top-level modules whose parameters moved)."""
+def _moved_by(train) -> tuple[object, set[str]]:
+    """`train(model, processor)` on a fresh 2-layer demo model: (what it returned, the top-level modules whose
+    parameters moved)."""
     import torch
 
     from ernie45.demo import default_model_path
-    from ernie45.demo.encoders import pretrain_encoders
     from ernie45.model import Ernie45ForConditionalGeneration
 
     config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=1)
@@ -161,8 +160,19 @@ def _encoder_stage(kinds: list[str], steps: int):
     torch.manual_seed(0)
     model = Ernie45ForConditionalGeneration(config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    stats = pretrain_encoders(model, proc, steps=steps, batch=4, generator="wide", kinds=kinds)
-    moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    out = train(model, proc)
+    return out, {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
+def _encoder_stage(kinds: list[str], steps: int):
+    """A few encoder-stage steps of `kinds` on a fresh 2-layer demo model: (model, processor, the stage's stats, the
+    top-level modules whose parameters moved)."""
+    from ernie45.demo.encoders import pretrain_encoders
+
+    def train(model, proc):
+        return model, proc, pretrain_encoders(model, proc, steps=steps, batch=4, generator="wide", kinds=kinds)
+
+    (model, proc, stats), moved = _moved_by(train)
     return model, proc, stats, moved
 
 
@@ -250,21 +260,16 @@ def test_a_misspelt_encoder_stage_key_is_refused_by_name(tmp_path):
 
 
 def test_an_encoder_stage_of_phases_runs_each_in_order_and_refuses_a_wrong_form():
-    import torch
-
-    from ernie45.demo import default_model_path
     from ernie45.demo.plugins import _prepare
-    from ernie45.model import Ernie45ForConditionalGeneration
 
-    config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=1)
-    proc = ernie45.load_processor(default_model_path())
-    torch.manual_seed(0)
-    model = Ernie45ForConditionalGeneration(config)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     phases = [{"steps": 1, "batch": 2, "generator": "wide", "kinds": ["glyphs"]},
               {"steps": 1, "batch": 2, "generator": "wide", "kinds": ["speech"]}]  # fmt: skip
-    _prepare(model, proc, {"image_side": 112, "encoder_pretrain": phases}, seed=0)
-    moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+    def train(model, proc):
+        _prepare(model, proc, {"image_side": 112, "encoder_pretrain": phases}, seed=0)
+        return model, proc
+
+    (model, proc), moved = _moved_by(train)
     assert moved == {"vision_tower", "resampler_model", "audio_tower", "audio_resampler"}, moved
     with pytest.raises(ValueError, match="a mapping \\(one phase\\) or a list of them"):
         _prepare(model, proc, {"encoder_pretrain": ["glyphs"]}, seed=0)
