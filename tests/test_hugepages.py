@@ -105,3 +105,35 @@ def test_gather_hands_the_old_copies_back_so_resident_memory_does_not_double():
     moved = hugepages.gather(model)
     assert moved >= 96 * 4 << 20
     assert _rss_mb() - before < 64  # the 384 MB moved, the old copies returned (not +384 MB)
+
+
+def _file_pmd_kb(t: torch.Tensor) -> int:
+    return int(hugepages.mapping_at(t.data_ptr()).get("FilePmdMapped", 0))
+
+
+def test_a_mapped_file_lands_on_2mb_pages_even_when_another_reader_cached_it_in_small_pieces(tmp_path, caplog):
+    """A file written 2 MB at a time maps onto 2 MB pages; the same bytes written 8 KB at a time sit in the page
+    cache as 4 KB pages, which `map_file` notices, drops and reads again, saying so: the mapping ends on 2 MB
+    pages too, and its bytes are the file's."""
+    data = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    big, small = tmp_path / "big.bin", tmp_path / "small.bin"
+    raw = data.numpy().tobytes()
+    with open(big, "wb") as f:
+        for i in range(0, len(raw), 2 << 20):
+            f.write(raw[i : i + (2 << 20)])
+    mapped = hugepages.map_file(big)
+    assert torch.equal(mapped, data)
+    if not hugepages.enabled() or _file_pmd_kb(mapped) < 32 << 10:
+        pytest.skip("this kernel or file system maps no file pages 2 MB at a time (ext4 before Linux 6.16)")
+    with open(small, "wb") as f:
+        for i in range(0, len(raw), 8192):
+            f.write(raw[i : i + 8192])
+    with caplog.at_level("INFO", logger="ernie45"):
+        again = hugepages.map_file(small)
+    assert "cached in small pieces" in caplog.text
+    assert torch.equal(again, data)
+    assert _file_pmd_kb(again) >= 48 << 10
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ernie45"):
+        third = hugepages.map_file(small)  # now cached 2 MB at a time: nothing to do
+    assert "cached in small pieces" not in caplog.text and torch.equal(third, data)

@@ -240,6 +240,7 @@ def test_int4_files_hold_the_kernels_tiles_and_older_packed_files_still_load(tmp
         assert torch.equal(back.get_submodule(name).qweight, model.get_submodule(name).qweight)
     ids = torch.tensor([[400, 294, 261, 358, 341, 313]])
     want = back(input_ids=ids).logits
+    assert torch.equal(load(out, mmap=False)(input_ids=ids).logits, want)
     old = tmp_path / "old"
     old.mkdir()
     tensors = {k: f.read(k) for k in f.keys()}
@@ -253,6 +254,38 @@ def test_int4_files_hold_the_kernels_tiles_and_older_packed_files_still_load(tmp
         if (out / name).exists():
             (old / name).write_bytes((out / name).read_bytes())
     assert torch.equal(load(old)(input_ids=ids).logits, want)
+
+
+def test_a_cpu_load_uses_the_int4_tiles_where_they_lie_in_the_mapped_file(tmp_path):
+    """The tiles and scales are the file's pages (a second start of a 21B model reads them from the page cache, and
+    they take no memory of the process's own); gathering onto 2 MB pages leaves them there, a write to them stays
+    in the process, and `mmap=False` reads them in instead."""
+    import hashlib
+
+    from ernie45.checkpoint import load
+    from ernie45.checkpoint.quantized import save_quantized
+    from ernie45.runtime import hugepages
+    from ernie45.runtime.quant import QuantLinear, quantize
+
+    model = quantize(load(_moe_checkpoint(tmp_path / "src"), dtype=torch.float32), bits=4, group_size=32)
+    out = save_quantized(model, tmp_path / "q") / "model.safetensors"
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    mapped, read = load(out.parent), load(out.parent, mmap=False)
+    tiled = [n for n, m in mapped.named_modules() if isinstance(m, QuantLinear) and m.cpu_tiles() is not None]
+    assert tiled
+    for name in tiled:
+        m = mapped.get_submodule(name)
+        assert hugepages.is_mapped_file(m.qweight) and hugepages.is_mapped_file(m.scales)
+        assert not hugepages.is_mapped_file(read.get_submodule(name).qweight)
+    assert not hugepages.is_mapped_file(mapped.model.embed_tokens.weight)  # (widened from int8: the process's own)
+    ids = torch.tensor([[400, 294, 261, 358, 341, 313]])
+    assert torch.equal(mapped(input_ids=ids).logits, read(input_ids=ids).logits)
+    where = {name: mapped.get_submodule(name).qweight.data_ptr() for name in tiled}
+    hugepages.gather(mapped, min_bytes=0)
+    assert {name: mapped.get_submodule(name).qweight.data_ptr() for name in tiled} == where
+    mapped.get_submodule(tiled[0]).qweight.zero_()
+    assert not torch.equal(mapped(input_ids=ids).logits, read(input_ids=ids).logits)
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == digest  # (copy on write: the file is untouched)
 
 
 def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):

@@ -2,7 +2,8 @@
 
 The reader parses the safetensors header itself and ``readinto``s each tensor's bytes into the memory
 that will hold it (a parameter, or its slice of a stacked expert tensor), so loading never keeps a
-second copy of the weights: no mmap of the whole file, no intermediate state dict.
+second copy of the weights: no intermediate state dict. A file whose tensors are used as stored (a quantized
+checkpoint's int4 tiles) is mapped instead, and `view` gives its tensors over the mapping.
 """
 
 from __future__ import annotations
@@ -100,6 +101,16 @@ class SafetensorsFile:
                         raise CheckpointError(f"{self.path}: file ended while reading {key}")
                     got += n
         return out
+
+    def view(self, key: str, data: torch.Tensor) -> torch.Tensor | None:
+        """The tensor `key` over `data`, this whole file's bytes mapped (`runtime.hugepages.map_file`): no copy, and
+        no view either (a view's base would keep its bytes from being moved or freed alone). None where the tensor
+        does not start at a multiple of its item size (a writer that did not align it: read it instead)."""
+        dtype, shape, begin, _ = self.entries[key]
+        start = self.base + begin
+        if start % dtype.itemsize:
+            return None
+        return torch.empty(0, dtype=dtype).set_(data.untyped_storage(), start // dtype.itemsize, shape)
 
 
 @contextmanager

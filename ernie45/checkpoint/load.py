@@ -224,6 +224,7 @@ def load(
     expert_shard: bool | tuple[int, int] = False,
     fsdp: bool = False,
     zero3: dict | None = None,
+    mmap: bool = True,
 ) -> Ernie45ForConditionalGeneration:
     """Load a checkpoint directory in any supported layout.
 
@@ -238,6 +239,8 @@ def load(
     zero3: a DeepSpeed config (as the Trainer resolved it) for ZeRO-3 training: each decoder layer is partitioned
     over the ranks (`deepspeed.zero.Init` on the built layer) as soon as its weights are read, the rest at the end,
     as transformers' own loading does under ZeRO-3 for its classes.
+    mmap: a quantized checkpoint loaded on the CPU maps its files and uses the int4 weights where they lie (a second
+    start reads them from the page cache, and they take no memory of the process's own); False reads them in.
     Multi-token-prediction (``mtp_*``) weights load into the model's MTP modules (``model.mtp_*``), which the engine's
     speculative decoding drafts with; a layout they do not map onto is kept aside in ``model.mtp_state_dict``.
     """
@@ -254,7 +257,7 @@ def load(
         from .quantized import load_quantized
 
         model = build_on_meta(config)
-        load_quantized(path, model, dtype, device)
+        load_quantized(path, model, dtype, device, mapped=mmap)
         model.config.name_or_path = str(path)
         _generation_config(model, path)
         return model.eval()

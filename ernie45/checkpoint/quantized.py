@@ -14,7 +14,9 @@ for both (quantizing the widened table again was most of a load's time).
 Files are written in shards of ~2 GB with the official index (`model.safetensors.index.json`) once the weights
 pass that size. Loading builds the model on the meta device, puts a `QuantLinear` where the file holds codes, and
 fills the remaining (float) parameters, reading each tensor from its shard only when it is placed: the float
-weights of quantized layers never exist, and the file is never held whole.
+weights of quantized layers never exist, and the file is never held whole. On the CPU the shards are mapped
+instead (`hugepages.map_file`) and the int4 tiles and their scales are used where they lie in the mapping: the
+weights take no memory of the process's own, and a second start finds them in the page cache.
 """
 
 from __future__ import annotations
@@ -153,12 +155,13 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
-def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, device) -> nn.Module:
-    """Fill `model` (built on meta from a quantized checkpoint's config) from `path`."""
+def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, device, mapped: bool = True) -> nn.Module:
+    """Fill `model` (built on meta from a quantized checkpoint's config) from `path`; mapped: on the CPU, use the
+    int4 tiles and scales where they lie in the mapped files (False: read them into the process's memory)."""
     spec = getattr(model.config, KEY)
     bits, group = spec["bits"], spec["group_size"]
     packed = spec.get("int4_codes") in ("packed", "tiles64")  # (tiles are told apart by their shape)
-    sd = _Tensors(path, device)
+    sd = _Tensors(path, device, mapped=mapped)
     float_dtype = dtype or next((t for k, t in sd.dtypes() if t.is_floating_point
                                  and not k.endswith((*ROUTER, ".scales"))), torch.float32)  # fmt: skip
 
@@ -240,13 +243,16 @@ def load_quantized(path: Path, model: nn.Module, dtype: torch.dtype | None, devi
 
 class _Tensors:
     """A quantized checkpoint's tensors, each read from its file only when taken (`pop`): loading holds the model
-    and one tensor in flight, never the whole file (a 21B int4 file is ~12 GB)."""
+    and one tensor in flight, never the whole file (a 21B int4 file is ~12 GB). With `mapped`, the files are mapped
+    (`hugepages.map_file`): the uint8 tiles and the int4 scales are used where they lie, the rest copied out."""
 
-    def __init__(self, path: Path, device) -> None:
+    def __init__(self, path: Path, device, mapped: bool = False) -> None:
         files, _ = weight_files(path, allow_pickle=False)
         self.where = {key: st for st in map(SafetensorsFile, files) for key in st.keys()}
         self.ready: dict[str, torch.Tensor] = {}
         self.device = device
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        self.maps: dict[Path, torch.Tensor] | None = {} if mapped and on_cpu else None
 
     def dtypes(self) -> Iterator[tuple[str, torch.dtype]]:
         yield from ((k, st.dtype_shape(k)[0]) for k, st in self.where.items())
@@ -268,8 +274,24 @@ class _Tensors:
             return self.ready.pop(key)
         if key not in self.where:
             return default
-        t = self.where.pop(key).read(key)
+        st = self.where.pop(key)
+        if self.maps is not None:
+            if st.path not in self.maps:
+                self.maps[st.path] = hugepages.map_file(st.path)
+            t = st.view(key, self.maps[st.path])
+            if t is not None:  # the rest copied out of the mapping, not read: a read caches the file in small pieces
+                return t if self._used_as_stored(key, st) else t.clone()
+        t = st.read(key)
         return t if self.device is None or str(self.device) == "cpu" else t.to(self.device)
+
+    @staticmethod
+    def _used_as_stored(key: str, st: SafetensorsFile) -> bool:
+        """int4 tiles (uint8, 3-d) and their bf16 scales and zeros (3-d): what the CPU kernels read as the file
+        holds them (int8 codes and float weights are copied or widened on their way in: reading them is as cheap)."""
+        dtype, shape = st.dtype_shape(key)
+        return len(shape) == 3 and (
+            (key.endswith(".codes") and dtype == torch.uint8) or (key.endswith(".scales") and dtype == torch.bfloat16)
+        )
 
 
 def _from_pretrained(path, dtype: torch.dtype | None, device):

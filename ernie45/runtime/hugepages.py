@@ -10,6 +10,11 @@ slowly (well under 1 GB/s), so the engine runs it in a background thread: the fi
 large model may still read 4 KB pages; `wait()` blocks until the move is done (the benchmarks call it).
 A weight of a few MB gets its own mapping from the allocator, whose unaligned edges cannot be collapsed: `gather`
 copies a model's tensors into one aligned arena first (the engine does both).
+
+A quantized checkpoint's int4 tiles are already in the kernels' layout: `map_file` maps the file itself (no copy,
+no anonymous memory; a second start finds it in the page cache) at a 2 MB-aligned address, and where the file
+system keeps large folios (ext4 from Linux 6.16, xfs) the kernel maps its cached pages 2 MB at a time too.
+`gather` leaves such tensors where they are.
 """
 
 from __future__ import annotations
@@ -17,19 +22,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import sys
 import threading
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger("ernie45")
 HUGE = 2 << 20
 _TRIM_EVERY = 256 << 20  # bytes `gather` moves between handing the old copies back
-MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25
+MADV_WILLNEED, MADV_HUGEPAGE, MADV_COLLAPSE = 3, 14, 25
 _moving: list[threading.Thread] = []
+_files: dict[int, int] = {}  # start -> end of each file mapped by `map_file` and still mapped
 
 
 @lru_cache(maxsize=1)
@@ -48,6 +56,19 @@ def _madvise():
     fn = libc.madvise
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return fn
+
+
+@lru_cache(maxsize=1)
+def _mmap():
+    """libc's mmap and munmap (None where not on Linux)."""
+    libc = _libc()
+    if libc is None:
+        return None
+    fn, unmap = libc.mmap, libc.munmap
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_long], ctypes.c_void_p  # fmt: skip
+    unmap.argtypes, unmap.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
+    return fn, unmap
 
 
 def _malloc_trim():
@@ -137,8 +158,8 @@ def gather(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int:
         for t in [*m._parameters.values(), *m._buffers.values(), *attributes]:
             if t is None or id(t) in seen or t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized:
                 continue  # (oneDNN's packed weights and quantized tensors have no plain storage to move)
-            if t.untyped_storage().nbytes() < min_bytes:
-                continue
+            if t.untyped_storage().nbytes() < min_bytes or is_mapped_file(t):
+                continue  # (a mapped file's pages stay where they are: copying them would double the memory)
             seen.add(id(t))
             found.setdefault(t.untyped_storage().data_ptr(), []).append(t)
     if not found:
@@ -174,6 +195,96 @@ def gather(module: torch.nn.Module, min_bytes: int = 1 << 20) -> int:
                 total / 1e6,
             )
     return total
+
+
+class _Mapped:
+    """Owns one mapping made by `map_file`: unmapped when the last tensor over it is gone."""
+
+    def __init__(self, address: int, size: int) -> None:
+        self.address, self.size = address, size
+        _files[address] = address + size
+
+    def __del__(self) -> None:
+        _files.pop(self.address, None)
+        _mmap()[1](self.address, self.size)
+
+
+def map_file(path: str | Path, willneed: bool = True) -> torch.Tensor:
+    """`path`'s bytes as a uint8 tensor over the file's pages in the page cache: copy on write (a write stays in
+    this process and never reaches the file), 2 MB aligned and asked for 2 MB pages (see the module's docstring).
+    willneed: start reading the whole file in the background now (a first decode step would otherwise fault it
+    in 4 KB reads). Tensors made over it keep the mapping alive; `is_mapped_file` tells them apart.
+
+    A file that another reader brought into the page cache in small pieces (a `cp`, a checksum, a plain read)
+    stays in small pieces, which map 4 KB at a time: the int4 decode of a 21B model ran ~30% slower so
+    (docs/performance.md). Where an eighth of the cached file is so, its cached pages are dropped and read again
+    (one read from disk; pages other processes map stay), and the log says so."""
+    size = os.path.getsize(path)
+    calls = _mmap()
+    with open(path, "rb") as f:
+        if calls is None or size == 0:  # (not Linux: Python's own mapping, wherever it falls)
+            return torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+        start, length = _map_aligned(f.fileno(), size, path)
+        if enabled() and _cached_in_small_pieces(start, size):
+            log.info("%s was cached in small pieces, which map on 4 KB pages: reading it again from disk", path)
+            calls[1](start, length)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            start, length = _map_aligned(f.fileno(), size, path)
+            _madvise()(start, size, MADV_HUGEPAGE)
+    if willneed:
+        _madvise()(start, size, MADV_WILLNEED)  # (queues the reads and returns)
+    buffer = (ctypes.c_uint8 * size).from_address(start)
+    buffer.owner = _Mapped(start, length)  # lives as long as the buffer, which lives as long as the tensors
+    return torch.frombuffer(buffer, dtype=torch.uint8)
+
+
+def _map_aligned(fd: int, size: int, path) -> tuple[int, int]:
+    """Map `fd` (copy on write) at a 2 MB boundary: (address, mapped length)."""
+    mmap_, munmap = _mmap()
+    # reserve size + 2 MB of address space, then map the file over its first 2 MB boundary
+    prot_none, anonymous_private, noreserve = 0, 0x22, 0x4000
+    reserved = mmap_(None, size + HUGE, prot_none, anonymous_private | noreserve, -1, 0)
+    if reserved in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), f"could not reserve {size + HUGE} bytes of address space for {path}")
+    start = -(-reserved // HUGE) * HUGE
+    read_write, private_fixed = 3, 0x12
+    if mmap_(start, size, read_write, private_fixed, fd, 0) != start:
+        munmap(reserved, size + HUGE)
+        raise OSError(ctypes.get_errno(), f"could not map {path}")
+    if start > reserved:  # hand back the reservation's unused head and tail
+        munmap(reserved, start - reserved)
+    end, reserved_end = start + -(-size // 4096) * 4096, reserved + size + HUGE
+    if reserved_end > end:
+        munmap(end, reserved_end - end)
+    return start, end - start
+
+
+def _cached_in_small_pieces(start: int, size: int) -> bool:
+    """Whether an eighth or more of the mapped file's wholly cached 2 MB pieces are cached as smaller pages, when a
+    quarter of the file or more is cached at all: each such piece is touched once (a cached 2 MB page then maps
+    whole, a small one 64 KB), and the mapping's 2 MB-mapped bytes are compared with the pieces touched."""
+    _madvise()(start, size, MADV_HUGEPAGE)
+    mincore = _libc().mincore
+    mincore.argtypes, mincore.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+    pieces = size // HUGE
+    if pieces == 0:
+        return False
+    pages = (ctypes.c_uint8 * (pieces * HUGE // 4096))()
+    if mincore(start, pieces * HUGE, pages) != 0:
+        return False
+    cached = (torch.frombuffer(pages, dtype=torch.uint8).view(pieces, HUGE // 4096) & 1).all(dim=1)
+    whole = cached.nonzero().flatten().tolist()
+    if len(whole) < pieces / 4:
+        return False
+    view = (ctypes.c_uint8 * size).from_address(start)
+    sum(view[i * HUGE] for i in whole)  # (the faults map what is cached; nothing is read from disk)
+    return mapping_at(start).get("FilePmdMapped", 0) * 1024 < len(whole) * HUGE * 7 // 8
+
+
+def is_mapped_file(t: torch.Tensor) -> bool:
+    """Whether `t`'s storage lies in a file mapped by `map_file`."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(lo <= ptr < hi for lo, hi in _files.items())
 
 
 def mapping_at(address: int) -> dict[str, int | str]:
