@@ -277,6 +277,25 @@ def test_an_encoder_stage_of_phases_runs_each_in_order_and_refuses_a_wrong_form(
         _prepare(model, proc, {"encoder_pretrain": [{"steps": 1}, {"step": 1}]}, seed=0)
 
 
+def test_an_encoder_stage_weights_each_kinds_losses_by_its_factor_and_refuses_a_kind_it_does_not_draw():
+    """The same first step (same model, same data) with the glyph pages' losses weighted 0, 1 and 3: the summed loss
+    moves by the glyph part times the factor, the speech part stays."""
+    from ernie45.demo.encoders import pretrain_encoders
+
+    def loss(weights):
+        def train(model, proc):
+            return pretrain_encoders(model, proc, steps=1, batch=2, generator="wide", kinds=["glyphs", "speech"],
+                                     weights=weights)["loss"]  # fmt: skip
+
+        return _moved_by(train)[0]
+
+    none, one, three = loss({"glyphs": 0}), loss(None), loss({"glyphs": 3.0})
+    assert 0 < none < one < three
+    assert three - none == pytest.approx(3 * (one - none), rel=1e-4)
+    with pytest.raises(ValueError, match="weights \\{'charts': 2\\}; give a factor >= 0 to some of the kinds"):
+        loss({"charts": 2})
+
+
 def test_shipped_demo_model_is_the_default():
     """`ernie45 generate` with no --model answers from the embedded model; `LLM()` loads it."""
     r = subprocess.run([sys.executable, "-m", "ernie45", "generate", "Who are you?", "--max-tokens", "40",

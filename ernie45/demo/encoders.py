@@ -31,6 +31,7 @@ import logging
 import math
 import random
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -127,15 +128,20 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
 
 def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int = 16, lr: float = 1e-3,
                       seed: int = 0, log_every: int = 50, generator: str = "first",
-                      kinds: list[str] | tuple[str, ...] = DEFAULT_KINDS) -> dict[str, float]:  # fmt: skip
+                      kinds: list[str] | tuple[str, ...] = DEFAULT_KINDS,
+                      weights: dict[str, float] | None = None) -> dict[str, float]:  # fmt: skip
     """Train the vision and audio paths of `model` in place for `steps` steps on the `generator`'s media ("first":
     the first generation's fixed layouts; "wide": the second's), drawing only the `kinds` named (pictures, charts,
-    videos, speech, glyphs: one kind alone takes the whole batch, and speech alone trains only the audio path); returns
-    the last step's accuracies and its summed loss ("loss")."""
+    videos, speech, glyphs: one kind alone takes the whole batch, and speech alone trains only the audio path);
+    weights: a factor on each named kind's losses (1 for the others: a kind that learns slowly beside the rest can
+    be weighted up). Returns the last step's accuracies and its summed loss ("loss")."""
     if generator not in GENERATORS:
         raise ValueError(f"encoder_pretrain: generator {generator!r} is not one of {', '.join(GENERATORS)}")
     if not kinds or set(kinds) - set(KINDS):
         raise ValueError(f"encoder_pretrain: kinds {kinds!r}; name some of {', '.join(KINDS)}")
+    weights = dict(weights or {})
+    if set(weights) - set(kinds) or not all(isinstance(w, (int, float)) and w >= 0 for w in weights.values()):
+        raise ValueError(f"encoder_pretrain: weights {weights!r}; give a factor >= 0 to some of the kinds {kinds!r}")
     trunk, c = model.model, model.config
     torch.manual_seed(seed)
     rng = random.Random(seed * 7_919 + 17)
@@ -154,18 +160,21 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     start = time.perf_counter()
     pictures, charts = (_first_pictures, _first_charts) if first else (_wide_pictures, _wide_charts)
     half = batch if len(set(kinds)) == 1 else batch // 2  # a kind trained alone takes the whole batch
+    draws = {
+        "pictures": (pictures, batch),
+        "charts": (charts, half),
+        "videos": (partial(_videos, draw=moving_video if first else wide.video), half),
+        "glyphs": (_glyphs, half),
+        "speech": (partial(_speech, wide_voices=not first), half),
+    }  # (in the order the data is drawn)
+    drawn = [(kind, *draw) for kind, draw in draws.items() if kind in kinds and (kind != "speech" or audio)]
     for step in range(steps):
         losses, stats = {}, {}
-        if "pictures" in kinds:
-            pictures(trunk, proc, heads, rng, batch, losses, stats)
-        if "charts" in kinds:
-            charts(trunk, proc, heads, rng, half, losses, stats)
-        if "videos" in kinds:
-            _videos(trunk, proc, heads, rng, half, moving_video if first else wide.video, losses, stats)
-        if "glyphs" in kinds:
-            _glyphs(trunk, proc, heads, rng, half, losses, stats)
-        if audio:
-            losses["speech"], stats["speech clips"] = _speech_loss(trunk, proc, heads, rng, half, not first)
+        for kind, draw, n in drawn:
+            before = set(losses)
+            draw(trunk, proc, heads, rng, n, losses=losses, stats=stats)
+            for k in set(losses) - before:
+                losses[k] = losses[k] * weights.get(kind, 1.0)
         loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -346,8 +355,8 @@ def _cos(x: float) -> float:
     return math.cos(math.pi * min(x, 1.0))
 
 
-def _speech_loss(trunk, proc: Processor, heads: Heads, rng: random.Random, n: int,
-                 wide_voices: bool = False) -> tuple[torch.Tensor, float]:  # fmt: skip
+def _speech(trunk, proc: Processor, heads: Heads, rng: random.Random, n: int, losses: dict, stats: dict,
+            wide_voices: bool = False) -> None:  # fmt: skip
     """CTC over the audio tokens of `n` fresh clips (spoken digits and spoken questions; with `wide_voices`, the
     second generation's voices and also the agent's voice messages)."""
     texts = []
@@ -370,10 +379,11 @@ def _speech_loss(trunk, proc: Processor, heads: Heads, rng: random.Random, n: in
     logp = heads.words(feats).log_softmax(-1)
     padded = nn.utils.rnn.pad_sequence(list(logp.split(lengths.tolist())))  # [T, N, C]
     targets = [torch.tensor([1 + WORDS.index(w) for w in t.split()]) for t in texts]
-    loss = F.ctc_loss(padded, torch.cat(targets), lengths, torch.tensor([len(t) for t in targets]), zero_infinity=True)
+    losses["speech"] = F.ctc_loss(padded, torch.cat(targets), lengths, torch.tensor([len(t) for t in targets]),
+                                  zero_infinity=True)  # fmt: skip
     right = 0
     for i, t in enumerate(targets):  # greedy CTC decode: collapse repeats, drop blanks
         best = padded[: lengths[i], i].argmax(-1).tolist()
         words = [w for k, w in enumerate(best) if w and (k == 0 or best[k - 1] != w)]
         right += words == t.tolist()
-    return loss, right / n
+    stats["speech clips"] = right / n
