@@ -95,7 +95,7 @@ def test_chart_bars_and_scene_targets_follow_the_token_grid():
 
 @pytest.mark.parametrize("generator", ["first", "wide"])
 def test_encoder_stage_lowers_its_losses(generator):
-    """Stage 0 of the recipe on a small model: its summed loss falls well below the untrained one's in 60 steps,
+    """Stage 0 of the recipe on a small model: its summed loss falls well below the untrained one's in 30 steps,
     on the first generation's media and on the second's (pictures at their own aspect ratio, 2-7 bar charts, the
     agent's voice messages)."""
     import torch
@@ -107,12 +107,12 @@ def test_encoder_stage_lowers_its_losses(generator):
     config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=1)
     proc = configure(ernie45.load_processor(default_model_path()))
     losses = {}
-    for steps in (1, 60):
+    for steps in (1, 30):  # (at 30 steps the ratio was 0.55 on the first generation's media, 0.46 on the second's)
         torch.manual_seed(0)
         stats = pretrain_encoders(Ernie45ForConditionalGeneration(config), proc, steps=steps, batch=8, lr=2e-3,
                                   generator=generator)  # fmt: skip
         losses[steps] = stats["loss"]
-    assert losses[60] < 0.85 * losses[1], losses
+    assert losses[30] < 0.85 * losses[1], losses
     per_token = {"bar tokens", "bar token values", "name tokens"} if generator == "wide" else set()  # free layout
     assert set(stats) == {"colour", "shape", "count", "bar value", "tallest", "shortest", "direction", "speech clips",
                           "loss", *per_token}  # fmt: skip
