@@ -137,3 +137,21 @@ def test_a_mapped_file_lands_on_2mb_pages_even_when_another_reader_cached_it_in_
     with caplog.at_level("INFO", logger="ernie45"):
         third = hugepages.map_file(small)  # now cached 2 MB at a time: nothing to do
     assert "cached in small pieces" not in caplog.text and torch.equal(third, data)
+
+
+def test_a_file_kept_in_memory_in_small_pages_is_mapped_as_it_is_and_said_so(caplog):
+    """A file on tmpfs (its pages are the file: nothing to drop and read again) maps as it is, and the log says its
+    weights stay on 4 KB pages."""
+    shm, setting = Path("/dev/shm"), Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+    if not hugepages.enabled() or not shm.is_dir() or not setting.is_file() or "[never]" not in setting.read_text():
+        pytest.skip("needs /dev/shm on 4 KB pages (shmem huge pages off)")
+    data = torch.randint(0, 256, (16 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    path = shm / f"ernie45-test-{id(data)}.bin"
+    try:
+        path.write_bytes(data.numpy().tobytes())
+        with caplog.at_level("INFO", logger="ernie45"):
+            mapped = hugepages.map_file(path)
+        assert torch.equal(mapped, data)
+        assert "the page cache does not drop" in caplog.text and "reading it again" not in caplog.text
+    finally:
+        path.unlink(missing_ok=True)

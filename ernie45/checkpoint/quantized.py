@@ -287,7 +287,7 @@ class _Tensors:
     @staticmethod
     def _used_as_stored(key: str, st: SafetensorsFile) -> bool:
         """int4 tiles (uint8, 3-d) and their bf16 scales and zeros (3-d): what the CPU kernels read as the file
-        holds them (int8 codes and float weights are copied or widened on their way in: reading them is as cheap)."""
+        holds them (int8 codes and float weights are copied or widened on their way in anyway)."""
         dtype, shape = st.dtype_shape(key)
         return len(shape) == 3 and (
             (key.endswith(".codes") and dtype == torch.uint8) or (key.endswith(".scales") and dtype == torch.bfloat16)

@@ -206,7 +206,9 @@ class _Mapped:
 
     def __del__(self) -> None:
         _files.pop(self.address, None)
-        _mmap()[1](self.address, self.size)
+        calls = _mmap()
+        if calls is not None:  # (None only while the interpreter shuts down)
+            calls[1](self.address, self.size)
 
 
 def map_file(path: str | Path, willneed: bool = True) -> torch.Tensor:
@@ -226,11 +228,16 @@ def map_file(path: str | Path, willneed: bool = True) -> torch.Tensor:
             return torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
         start, length = _map_aligned(f.fileno(), size, path)
         if enabled() and _cached_in_small_pieces(start, size):
-            log.info("%s was cached in small pieces, which map on 4 KB pages: reading it again from disk", path)
             calls[1](start, length)
+            os.fsync(f.fileno())  # (pages not yet written back are not dropped)
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             start, length = _map_aligned(f.fileno(), size, path)
             _madvise()(start, size, MADV_HUGEPAGE)
+            if _cached(start, size).float().mean() < 0.25:
+                log.info("%s was cached in small pieces, which map on 4 KB pages: reading it again from disk", path)
+            else:  # (a file system that keeps its files in memory: nothing was dropped)
+                log.info("%s is kept in pieces smaller than 2 MB that the page cache does not drop: its weights map "
+                         "on 4 KB pages, which decode reads more slowly", path)  # fmt: skip
     if willneed:
         _madvise()(start, size, MADV_WILLNEED)  # (queues the reads and returns)
     buffer = (ctypes.c_uint8 * size).from_address(start)
@@ -259,22 +266,25 @@ def _map_aligned(fd: int, size: int, path) -> tuple[int, int]:
     return start, end - start
 
 
+def _cached(start: int, size: int) -> torch.Tensor:
+    """Per whole 2 MB piece of the mapping at `start`: whether all its pages are in the page cache (`mincore`)."""
+    mincore = _libc().mincore
+    mincore.argtypes, mincore.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+    pieces = size // HUGE
+    pages = (ctypes.c_uint8 * max(1, pieces * HUGE // 4096))()
+    if pieces == 0 or mincore(start, pieces * HUGE, pages) != 0:
+        return torch.zeros(pieces, dtype=torch.bool)
+    return (torch.frombuffer(pages, dtype=torch.uint8).view(pieces, HUGE // 4096) & 1).all(dim=1)
+
+
 def _cached_in_small_pieces(start: int, size: int) -> bool:
     """Whether an eighth or more of the mapped file's wholly cached 2 MB pieces are cached as smaller pages, when a
     quarter of the file or more is cached at all: each such piece is touched once (a cached 2 MB page then maps
     whole, a small one 64 KB), and the mapping's 2 MB-mapped bytes are compared with the pieces touched."""
     _madvise()(start, size, MADV_HUGEPAGE)
-    mincore = _libc().mincore
-    mincore.argtypes, mincore.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
-    pieces = size // HUGE
-    if pieces == 0:
-        return False
-    pages = (ctypes.c_uint8 * (pieces * HUGE // 4096))()
-    if mincore(start, pieces * HUGE, pages) != 0:
-        return False
-    cached = (torch.frombuffer(pages, dtype=torch.uint8).view(pieces, HUGE // 4096) & 1).all(dim=1)
+    cached = _cached(start, size)
     whole = cached.nonzero().flatten().tolist()
-    if len(whole) < pieces / 4:
+    if not whole or len(whole) < len(cached) / 4:
         return False
     view = (ctypes.c_uint8 * size).from_address(start)
     sum(view[i * HUGE] for i in whole)  # (the faults map what is cached; nothing is read from disk)
