@@ -259,8 +259,9 @@ def test_fsdp2_keeps_the_moe_losses_and_the_bias_update(setup, tmp_path):
     """Under FSDP2 (fully_shard per decoder layer) the router weights outside the forward are shards: the MoE
     losses come from the forward's records, the bias update adds each rank's part. Loss (with load balance,
     z-loss and orthogonality at weight 1), gradients and the updated bias equal one unsharded process's. The
-    sharded model comes from `ernie45.load(..., fsdp=True)`: each layer is sharded as soon as it is read, so no rank
-    ever holds more than one whole decoder layer, and each rank ends with half the weights."""
+    sharded model comes from `ernie45.load(..., fsdp=True)`: every layer is sharded on the meta device before any
+    weight is read and each rank fills only its rows, so no rank ever holds a whole decoder layer, and each rank
+    ends with half the weights."""
     root, model = setup
     script = tmp_path / "fsdp.py"
     _write(script, FSDP_SCRIPT)
@@ -282,7 +283,7 @@ def test_fsdp2_keeps_the_moe_losses_and_the_bias_update(setup, tmp_path):
             torch.testing.assert_close(got["bias"][key], b)
     assert any(b.abs().sum() > 0 for b in one["bias"].values())
     for got in two:
-        assert got["whole"] == [1] * got["layers"] + [0], got["whole"]  # each layer alone, then the root
+        assert got["whole"] == [0] * (got["layers"] + 1), got["whole"]  # every layer, then the root: none whole
         assert got["local"] <= 0.52 * one["local"], (got["local"], one["local"])
 
 

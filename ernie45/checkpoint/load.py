@@ -31,6 +31,15 @@ class _Filler:
     def __init__(self, model: nn.Module, rules: tuple[Rule, ...], dtype, device, on_layer=None) -> None:
         self.model, self.rules, self.dtype, self.device = model, rules, dtype, torch.device(device or "cpu")
         self.meta = dict(model.named_parameters())
+        # FSDP2 parameters sharded before the load (`_shard_before_reading`): this rank's rows, and the first one's
+        # index in the whole parameter; `meta` holds the whole shape
+        self.shards: dict[str, tuple[torch.Tensor, int]] = {}
+        for name, p in list(self.meta.items()):
+            if hasattr(p, "to_local"):
+                local = p.to_local()
+                rank, ranks = p.device_mesh.get_local_rank(), p.device_mesh.size()
+                self.shards[name] = (local, rank * -(-p.shape[0] // ranks))
+                self.meta[name] = torch.empty(p.shape, dtype=p.dtype, device="meta")
         self.held = {f"{n}.{attr}": (m.first, m.held, m.num_experts) for n, m in model.named_modules()
                      if isinstance(m, LocalExperts) for attr in ("gate_up_proj", "down_proj")}  # fmt: skip
         self.on_layer = on_layer  # called with each decoder layer as soon as all its weights are in
@@ -103,6 +112,8 @@ class _Filler:
         got = tuple(reversed(shape)) if transpose else tuple(shape)
         if got != tuple(region_shape):
             return self.errors.append(f"{key}: shape {list(shape)}, expected {list(region_shape)} (for {name})")
+        if name in self.shards:
+            return self._fill_shard(name, slot, tensor, read, transpose, region_shape)
         target_dtype = torch.float32 if name.endswith(FP32_PARAMS) else (self.dtype or dtype or tensor.dtype)
         whole_direct = slot is None and tensor is None and not transpose
         if name not in self.storage:
@@ -120,6 +131,23 @@ class _Filler:
             region.copy_(src.T if transpose else src)
         self.filled[name] += region.numel()
         self._count(name, region.numel())
+
+    def _fill_shard(self, name, slot, tensor, read, transpose, region_shape) -> None:
+        """This rank's rows of the region: an expert outside them is not read at all; a whole tensor is read and
+        only its rows kept (one tensor in flight, never a whole layer)."""
+        local, first = self.shards[name]
+        rows = slice(0, self.meta[name].shape[0]) if slot is None else slice(slot[1], slot[1] + 1)
+        lo, hi = max(rows.start, first), min(rows.stop, first + local.shape[0])
+        if lo < hi:
+            src = tensor if tensor is not None else read()
+            src = src.T if transpose else src
+            with torch.no_grad():
+                if slot is None:
+                    local[lo - first : hi - first].copy_(src[lo:hi])
+                else:
+                    _region(local, (slot[0], slot[1] - first, slot[2])).copy_(src)
+        self.filled[name] = self.filled.get(name, 0) + _numel(region_shape)
+        self._count(name, _numel(region_shape))
 
     def _count(self, name: str, n: int) -> None:
         """A layer whose weights are all in is handed to `on_layer` now (so a quantizing load never holds more
@@ -147,7 +175,7 @@ class _Filler:
             more = f"\n  ... and {len(self.errors) - 12} more" if len(self.errors) > 12 else ""
             raise CheckpointError(f"checkpoint does not fit the model ({len(self.errors)} problems):\n  {shown}{more}")
         self._install(list(self.storage))
-        if tied:
+        if tied and "lm_head.weight" not in self.shards:
             self.model.lm_head.weight = self.model.model.embed_tokens.weight
 
     def _install(self, names: list[str]) -> None:
@@ -156,6 +184,28 @@ class _Filler:
             module_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(module_name)
             module._parameters[attr] = nn.Parameter(self.storage.pop(name), requires_grad=self.meta[name].requires_grad)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _shard_before_reading(model: nn.Module, dtype: torch.dtype) -> None:
+    """FSDP2 over the process group before a weight is read: every decoder layer its own unit, then the root, all
+    on the meta device; then each rank's shards get their memory (`to_empty`), which the load fills."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if name.endswith(FP32_PARAMS) else dtype)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.to_empty(device="cpu")
 
 
 def _layer_prefix(name: str) -> str | None:
@@ -234,8 +284,9 @@ def load(
     expert_shard: expert parallelism (`runtime.expert_parallel`): this process holds and reads only its rank's share
     of every routed expert group: True takes (rank, ranks) from the torch.distributed process group.
     fsdp: FSDP2 training over the torch.distributed process group: each decoder layer is sharded (torch's
-    `fully_shard`) as soon as its weights are read, the rest (embeddings, encoders, head) at the end as the root,
-    so a rank holds its shards and at most one whole decoder layer, never the whole model.
+    `fully_shard`), and the rest (embeddings, encoders, head) as the root, on the meta device before any weight is
+    read; each rank then fills only its own rows (experts outside them are not read), so a rank holds its shards
+    and one checkpoint tensor in flight, never a whole layer.
     zero3: a DeepSpeed config (as the Trainer resolved it) for ZeRO-3 training: each decoder layer is partitioned
     over the ranks (`deepspeed.zero.Init` on the built layer) as soon as its weights are read, the rest at the end,
     as transformers' own loading does under ZeRO-3 for its classes.
@@ -265,10 +316,15 @@ def load(
         raise ValueError(f"{'fsdp' if fsdp else 'zero3'}: the load shards every layer itself; it does not combine "
                          "with on_layer (a quantizing load) or expert_shard")  # fmt: skip
     shard = _sharder(fsdp, zero3)
-    on_layer = shard or on_layer
     files, kind = weight_files(path, allow_pickle)
     tensors = list(iter_tensors(files, kind))
     model = _with_mtp(config, [t[0] for t in tensors])
+    if fsdp:  # sharded before reading: each rank fills only its own rows
+        stored = next((t[1] for t in tensors if t[1].is_floating_point and not t[0].endswith(FP32_PARAMS)),
+                      torch.float32)  # fmt: skip
+        _shard_before_reading(model, dtype or stored)
+        shard = None
+    on_layer = shard or on_layer
     if expert_shard:
         if on_layer is not None:
             raise ValueError("expert_shard: a quantizing (layer by layer) load keeps whole expert groups; load "
