@@ -146,8 +146,8 @@ class _Filler:
                     local[lo - first : hi - first].copy_(src[lo:hi])
                 else:
                     _region(local, (slot[0], slot[1] - first, slot[2])).copy_(src)
-        self.filled[name] = self.filled.get(name, 0) + _numel(region_shape)
-        self._count(name, _numel(region_shape))
+        self.filled[name] = self.filled.get(name, 0) + region_shape.numel()
+        self._count(name, region_shape.numel())
 
     def _count(self, name: str, n: int) -> None:
         """A layer whose weights are all in is handed to `on_layer` now (so a quantizing load never holds more
@@ -184,13 +184,6 @@ class _Filler:
             module_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(module_name)
             module._parameters[attr] = nn.Parameter(self.storage.pop(name), requires_grad=self.meta[name].requires_grad)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _shard_before_reading(model: nn.Module, dtype: torch.dtype) -> None:

@@ -60,15 +60,16 @@ def _madvise():
 
 @lru_cache(maxsize=1)
 def _mmap():
-    """libc's mmap and munmap (None where not on Linux)."""
+    """libc's mmap, munmap and mincore (None where not on Linux)."""
     libc = _libc()
     if libc is None:
         return None
-    fn, unmap = libc.mmap, libc.munmap
+    fn, unmap, mincore = libc.mmap, libc.munmap, libc.mincore
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                ctypes.c_long], ctypes.c_void_p  # fmt: skip
     unmap.argtypes, unmap.restype = [ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
-    return fn, unmap
+    mincore.argtypes, mincore.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+    return fn, unmap, mincore
 
 
 def _malloc_trim():
@@ -247,7 +248,7 @@ def map_file(path: str | Path, willneed: bool = True) -> torch.Tensor:
 
 def _map_aligned(fd: int, size: int, path) -> tuple[int, int]:
     """Map `fd` (copy on write) at a 2 MB boundary: (address, mapped length)."""
-    mmap_, munmap = _mmap()
+    mmap_, munmap, _ = _mmap()
     # reserve size + 2 MB of address space, then map the file over its first 2 MB boundary
     prot_none, anonymous_private, noreserve = 0, 0x22, 0x4000
     reserved = mmap_(None, size + HUGE, prot_none, anonymous_private | noreserve, -1, 0)
@@ -268,8 +269,7 @@ def _map_aligned(fd: int, size: int, path) -> tuple[int, int]:
 
 def _cached(start: int, size: int) -> torch.Tensor:
     """Per whole 2 MB piece of the mapping at `start`: whether all its pages are in the page cache (`mincore`)."""
-    mincore = _libc().mincore
-    mincore.argtypes, mincore.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p], ctypes.c_int
+    mincore = _mmap()[2]
     pieces = size // HUGE
     pages = (ctypes.c_uint8 * max(1, pieces * HUGE // 4096))()
     if pieces == 0 or mincore(start, pieces * HUGE, pages) != 0:
