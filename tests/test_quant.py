@@ -286,6 +286,9 @@ def test_a_cpu_load_uses_the_int4_tiles_where_they_lie_in_the_mapped_file(tmp_pa
     mapped.get_submodule(tiled[0]).qweight.zero_()
     assert not torch.equal(mapped(input_ids=ids).logits, read(input_ids=ids).logits)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == digest  # (copy on write: the file is untouched)
+    assert all(hugepages.is_mapped_file(load(out.parent, mmap=True).get_submodule(n).qweight) for n in tiled)
+    with pytest.raises(ValueError, match="mmap=True: only a quantized checkpoint .* is not quantized"):
+        load(tmp_path / "src", mmap=True)  # (a float checkpoint: nothing would be mapped)
 
 
 def test_bf16_model_on_cpu_runs_packed_linears_with_the_same_answers(tmp_path):

@@ -267,7 +267,7 @@ def load(
     expert_shard: bool | tuple[int, int] = False,
     fsdp: bool = False,
     zero3: dict | None = None,
-    mmap: bool = True,
+    mmap: bool | None = None,
 ) -> Ernie45ForConditionalGeneration:
     """Load a checkpoint directory in any supported layout.
 
@@ -284,7 +284,8 @@ def load(
     over the ranks (`deepspeed.zero.Init` on the built layer) as soon as its weights are read, the rest at the end,
     as transformers' own loading does under ZeRO-3 for its classes.
     mmap: a quantized checkpoint loaded on the CPU maps its files and uses the int4 weights where they lie (a second
-    start reads them from the page cache, and they take no memory of the process's own); False reads them in.
+    start reads them from the page cache, and they take no memory of the process's own); False reads them in; True
+    asks for the mapping and is refused where nothing would be mapped (a float checkpoint, another device).
     Multi-token-prediction (``mtp_*``) weights load into the model's MTP modules (``model.mtp_*``), which the engine's
     speculative decoding drafts with; a layout they do not map onto is kept aside in ``model.mtp_state_dict``.
     """
@@ -297,11 +298,16 @@ def load(
     config, model_type = read_config(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
-    if getattr(config, "ernie45_quantization", None):  # written by `ernie45 quantize`
+    quantized = bool(getattr(config, "ernie45_quantization", None))  # written by `ernie45 quantize`
+    if mmap and not (quantized and (device is None or torch.device(device).type == "cpu")):
+        raise ValueError("mmap=True: only a quantized checkpoint (`ernie45 quantize`) loaded on the CPU is mapped; "
+                         f"{path} is {'quantized' if quantized else 'not quantized'} and the device is "
+                         f"{device or 'cpu'} (leave mmap out, or False)")  # fmt: skip
+    if quantized:
         from .quantized import load_quantized
 
         model = build_on_meta(config)
-        load_quantized(path, model, dtype, device, mapped=mmap)
+        load_quantized(path, model, dtype, device, mapped=mmap is not False)
         model.config.name_or_path = str(path)
         _generation_config(model, path)
         return model.eval()
