@@ -217,6 +217,13 @@ FSDP_SCRIPT = textwrap.dedent("""
     from ernie45.train.losses import BiasBalancer, cross_entropy, moe_losses, routers
 
     model_dir, out, shard = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    files, read = sys.modules["ernie45.checkpoint.files"], [0]  # elements read from the checkpoint
+    real_read = files.SafetensorsFile.read
+    def counted(self, key, out=None, rows=None):
+        t = real_read(self, key, out, rows)
+        read[0] += t.numel()
+        return t
+    files.SafetensorsFile.read = counted
     whole = []  # at each layer's sharding: how many decoder layers hold whole (unsharded, real) weights
     if shard:  # FSDP2 by the load itself: every decoder layer its own unit as soon as it is read, then the root
         import torch.distributed as dist
@@ -250,7 +257,7 @@ FSDP_SCRIPT = textwrap.dedent("""
                 else r.e_score_correction_bias).clone() for k, r in routers(model).items()}
     rank = int(os.environ.get("RANK", "0"))
     torch.save({"loss": loss.detach(), "parts": {k: v.detach() for k, v in parts.items()}, "grads": grads,
-                "bias": bias, "whole": whole, "local": local, "layers": len(model.model.layers)},
+                "bias": bias, "whole": whole, "local": local, "read": read[0], "layers": len(model.model.layers)},
                f"{out}/fsdp{int(shard)}-{rank}.pt")
 """)
 
@@ -260,8 +267,8 @@ def test_fsdp2_keeps_the_moe_losses_and_the_bias_update(setup, tmp_path):
     losses come from the forward's records, the bias update adds each rank's part. Loss (with load balance,
     z-loss and orthogonality at weight 1), gradients and the updated bias equal one unsharded process's. The
     sharded model comes from `ernie45.load(..., fsdp=True)`: every layer is sharded on the meta device before any
-    weight is read and each rank fills only its rows, so no rank ever holds a whole decoder layer, and each rank
-    ends with half the weights."""
+    weight is read and each rank reads and fills only its rows, so no rank ever holds a whole decoder layer, and each
+    rank reads about half the checkpoint and ends with half the weights."""
     root, model = setup
     script = tmp_path / "fsdp.py"
     _write(script, FSDP_SCRIPT)
@@ -285,6 +292,7 @@ def test_fsdp2_keeps_the_moe_losses_and_the_bias_update(setup, tmp_path):
     for got in two:
         assert got["whole"] == [0] * (got["layers"] + 1), got["whole"]  # every layer, then the root: none whole
         assert got["local"] <= 0.52 * one["local"], (got["local"], one["local"])
+        assert got["read"] <= 0.52 * one["read"], (got["read"], one["read"])  # nor reads another rank's rows
 
 
 def test_router_records_survive_hooks_that_rebuild_the_forwards_arguments(setup):

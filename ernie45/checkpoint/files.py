@@ -84,9 +84,18 @@ class SafetensorsFile:
         dtype, shape, _, _ = self.entries[key]
         return dtype, shape
 
-    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor `key`; read directly into `out` (a contiguous CPU tensor of its dtype and shape) if given."""
+    def read(self, key: str, out: torch.Tensor | None = None, rows: slice | None = None) -> torch.Tensor:
+        """The tensor `key`, or only its rows `rows` (a step-1 slice of the first dimension: one contiguous byte
+        range, the rest of the file untouched); read directly into `out` (a contiguous CPU tensor of its dtype and
+        that shape) if given."""
         dtype, shape, begin, end = self.entries[key]
+        if rows is not None:
+            lo, hi, step = rows.indices(shape[0] if shape else 0)
+            if step != 1 or not shape:
+                raise ValueError(f"{key}: rows must be a step-1 slice of the first dimension")
+            row_bytes = _numel(shape[1:]) * dtype.itemsize
+            hi = max(hi, lo)
+            begin, end, shape = begin + lo * row_bytes, begin + hi * row_bytes, (hi - lo, *shape[1:])
         if out is None:
             out = torch.empty(shape, dtype=dtype)
         assert out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == shape
@@ -171,14 +180,20 @@ def weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
 
 
 def iter_tensors(files: list[Path], kind: str) -> Iterator[tuple[str, torch.dtype, tuple[int, ...], object]]:
-    """(key, dtype, shape, reader) for every tensor; ``reader(out=None)`` returns the tensor."""
+    """(key, dtype, shape, reader) for every tensor; ``reader(out=None, rows=None)`` returns the tensor (or only
+    the rows of its first dimension that the slice `rows` names)."""
     for file in files:
         if kind == "safetensors":
             st = SafetensorsFile(file)
             for key in st.keys():
                 dtype, shape = st.dtype_shape(key)
-                yield key, dtype, shape, (lambda out=None, st=st, key=key: st.read(key, out))
+                yield key, dtype, shape, (lambda out=None, rows=None, st=st, key=key: st.read(key, out, rows))
         else:
             state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
             for key, t in state.items():
-                yield key, t.dtype, tuple(t.shape), (lambda out=None, t=t: t if out is None else out.copy_(t))
+                yield key, t.dtype, tuple(t.shape), (lambda out=None, rows=None, t=t: _rows_of(t, rows, out))
+
+
+def _rows_of(t: torch.Tensor, rows: slice | None, out: torch.Tensor | None) -> torch.Tensor:
+    t = t if rows is None else t[rows]
+    return t if out is None else out.copy_(t)

@@ -133,17 +133,22 @@ class _Filler:
         self._count(name, region.numel())
 
     def _fill_shard(self, name, slot, tensor, read, transpose, region_shape) -> None:
-        """This rank's rows of the region: an expert outside them is not read at all; a whole tensor is read and
-        only its rows kept (one tensor in flight, never a whole layer)."""
+        """This rank's rows of the region: an expert outside them is not read at all; of a whole tensor only the
+        rows this rank keeps are read (their bytes lie together in the file; a transposed one is read whole and
+        sliced), so no rank reads what it does not hold."""
         local, first = self.shards[name]
         rows = slice(0, self.meta[name].shape[0]) if slot is None else slice(slot[1], slot[1] + 1)
         lo, hi = max(rows.start, first), min(rows.stop, first + local.shape[0])
         if lo < hi:
-            src = tensor if tensor is not None else read()
-            src = src.T if transpose else src
+            if slot is None and tensor is None and not transpose:
+                src, lo, hi = read(rows=slice(lo, hi)), lo - first, hi - first
+            else:
+                src = tensor if tensor is not None else read()
+                src = (src.T if transpose else src)[lo:hi] if slot is None else src
+                lo, hi = lo - first, hi - first
             with torch.no_grad():
                 if slot is None:
-                    local[lo - first : hi - first].copy_(src[lo:hi])
+                    local[lo:hi].copy_(src)
                 else:
                     _region(local, (slot[0], slot[1] - first, slot[2])).copy_(src)
         self.filled[name] = self.filled.get(name, 0) + region_shape.numel()
