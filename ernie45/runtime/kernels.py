@@ -13,9 +13,15 @@ int4 and int8 would be bound by arithmetic on 2 cores in fp32: both kernels roun
 llama.cpp's Q4_0 / Q8_0 x Q8_0 do; ~0.6% relative error on a random product) and multiply codes by x with VNNI.
 int4 needs AVX512-VBMI and VNNI besides BF16, int8 VNNI (elsewhere int8 decodes on FBGEMM, `runtime.quant`).
 
+The machines this runs on are not all one CPU. Where there is no AVX512-BF16 but AVX2, FMA and F16C (an AMD EPYC
+of the Zen 3 generation, older Intel parts), the same source is built for AVX2 (`ISA`): `csrc/avx2_compat.h`
+gives each AVX-512 intrinsic the kernels use as two 256-bit halves, so every kernel, int8 and int4 included, runs
+there too.
+
 Switches: `ERNIE45_CPU_KERNELS` unset gives the default kernels (bf16, int8, int4); "bf16" the bf16 one only; "1"
-all; "0" none. Without AVX512-BF16 or a compiler, `kernel()` is None and callers keep torch's ops
-(`unavailable()` says why; `runtime.prepare`'s report shows it).
+all; "0" none. `ERNIE45_CPU_ISA=avx2` builds the AVX2 form on a CPU that has AVX-512 too (to compare the two).
+Without AVX2 + FMA + F16C or a compiler, `kernel()` is None and callers keep torch's ops (`unavailable()` says
+why; `runtime.prepare`'s report shows it).
 """
 
 from __future__ import annotations
@@ -59,12 +65,22 @@ def unavailable() -> str | None:
     """Why the kernels cannot run here (None: they can be built and used), without building them."""
     if _mode() == "0":
         return "switched off (ERNIE45_CPU_KERNELS=0)"
-    if "avx512_bf16" not in _cpu_flags():
-        return "this CPU has no AVX512-BF16"
+    if isa() is None:
+        return "this CPU has neither AVX512-BF16 nor AVX2 with FMA and F16C"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler} not found)"
     return None
+
+
+def isa() -> str | None:
+    """The instruction set the kernels are built for here: "avx512" (AVX512-BF16), "avx2" (AVX2, FMA and F16C, or
+    `ERNIE45_CPU_ISA=avx2`), or None (neither)."""
+    flags = _cpu_flags()
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    if "avx512_bf16" in flags and os.environ.get("ERNIE45_CPU_ISA") != "avx2":
+        return "avx512"
+    return "avx2" if avx2 else None
 
 
 @lru_cache(maxsize=1)
@@ -77,9 +93,14 @@ def kernel():
         log.info("ernie45 CPU decode kernels: %s; torch's ops run instead", reason)
         return None
     # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
-    isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi", "-mavx512vnni"]
-    flags = ["-O3", "-fopenmp", *isa]  # VBMI / VNNI code runs only where the CPU has them (`ready`)
-    ops = load_extension(NAME, [f.read_text() for f in _SOURCES], "ernie45", flags, ["-fopenmp"])
+    sources = [f.read_text() for f in _SOURCES]
+    if isa() == "avx2":  # the AVX-512 intrinsics as AVX2 halves, ahead of the kernels in the one unit
+        flags = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-DERNIE45_AVX2", "-Wno-psabi"]
+        sources = [(Path(__file__).with_name("csrc") / "avx2_compat.h").read_text(), *sources]
+    else:  # VBMI / VNNI code runs only where the CPU has them (`ready`)
+        flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi",
+                 "-mavx512vnni"]  # fmt: skip
+    ops = load_extension(NAME, sources, "ernie45", flags, ["-fopenmp"])
     if ops is not None:
         _register_fakes()
         PREFETCH.update(_choose_prefetch(ops))
@@ -155,12 +176,13 @@ def ready(kind: str = "bf16") -> bool:
     traces: it keeps torch's own ops)."""
     mode = _mode()
     on = mode == "1" or mode == kind or (mode == "default" and kind in _DEFAULT_KINDS)
-    on = on and _NEEDS.get(kind, frozenset()) <= _cpu_flags()
+    on = on and (isa() == "avx2" or _NEEDS.get(kind, frozenset()) <= _cpu_flags())
     return on and not torch.compiler.is_compiling() and kernel() is not None
 
 
 _DEFAULT_KINDS = ("bf16", "int8", "int4")
-_NEEDS = {"int4": frozenset({"avx512vbmi", "avx512_vnni"}), "int8": frozenset({"avx512_vnni"})}  # besides BF16
+# besides BF16, in the AVX-512 build (the AVX2 build writes VBMI's and VNNI's instructions out itself)
+_NEEDS = {"int4": frozenset({"avx512vbmi", "avx512_vnni"}), "int8": frozenset({"avx512_vnni"})}
 
 
 def fused(*tensors: torch.Tensor) -> bool:

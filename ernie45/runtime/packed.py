@@ -8,6 +8,8 @@ kept out of the state dict.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +20,22 @@ from . import kernels
 
 def _mkldnn_ops() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@lru_cache(maxsize=1)
+def _reorders() -> bool:
+    """Whether oneDNN packs a bf16 weight on this CPU (it refuses without AVX512-BW/VL/DQ or AVX-NE-CONVERT, e.g.
+    on a Zen 3 EPYC)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(64, 64, dtype=torch.bfloat16), None)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def _swappable(linear: nn.Linear) -> bool:
+    """A `PackedLinear` can hold it: the decode kernel reads it, or oneDNN packs it."""
+    return (kernels.kernel() is not None and kernels.usable(linear.weight.detach())) or _reorders()
 
 
 class PackedLinear(nn.Module):
@@ -32,6 +50,9 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach()
         self.plain = w.contiguous() if kernels.kernel() is not None and kernels.usable(w) else None
+        if self.plain is None and not _reorders():
+            raise ValueError("PackedLinear: neither the bf16 decode kernel nor oneDNN's bf16 packing runs here for "
+                             f"this weight {list(w.shape)}; keep the nn.Linear (`pack_bf16_linears` does)")  # fmt: skip
         self.packed = None if self.plain is not None else torch.ops.mkldnn._reorder_linear_weight(w, None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
@@ -49,12 +70,14 @@ class PackedLinear(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kind = "oneDNN-packed" if self.plain is None else "AVX512-BF16 decode kernel"
+        isa = "AVX512-BF16" if kernels.isa() == "avx512" else "AVX2"
+        kind = "oneDNN-packed" if self.plain is None else f"{isa} decode kernel"
         return f"in={self.in_features}, out={self.out_features}, bf16 {kind}"
 
 
 def pack_bf16_linears(model: nn.Module) -> int:
-    """Swap each CPU bf16 `nn.Linear` of the trunk and LM head for a `PackedLinear`; returns how many swapped.
+    """Swap each CPU bf16 `nn.Linear` of the trunk and LM head for a `PackedLinear` (where the decode kernel reads
+    it or oneDNN packs it on this CPU); returns how many swapped.
 
     The first swap is checked against `F.linear`; if the kernel is missing or disagrees nothing is swapped.
     """
@@ -66,7 +89,10 @@ def pack_bf16_linears(model: nn.Module) -> int:
             w = getattr(child, "weight", None)
             if type(child) is nn.Linear and w.dtype == torch.bfloat16 and w.device.type == "cpu":
                 targets.append((parent, name, child))
-    if not targets or not _mkldnn_ops():
+    if not _mkldnn_ops():
+        return 0
+    targets = [t for t in targets if _swappable(t[2])]  # the rest stay torch's linear
+    if not targets:
         return 0
     try:
         probe = targets[0][2]

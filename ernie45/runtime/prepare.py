@@ -87,7 +87,8 @@ def prepare(model: nn.Module, plan: Plan | None = None) -> Report:
     if reason is None:
         pf = kernels.PREFETCH
         ahead = f"{pf['bytes']} B ahead" if pf.get("bytes") else "none"
-        report.add("CPU kernels", f"on (AVX512-BF16; weight prefetch {ahead}: {pf.get('why', 'default')})")
+        built = "AVX512-BF16" if kernels.isa() == "avx512" else "AVX2 + FMA"
+        report.add("CPU kernels", f"on ({built}; weight prefetch {ahead}: {pf.get('why', 'default')})")
     else:
         report.add("CPU kernels", f"off: {reason}")
     model.eval()

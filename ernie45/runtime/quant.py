@@ -17,6 +17,7 @@ CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised weights 
 from __future__ import annotations
 
 import warnings
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,18 @@ def cpu_int4_tiles(codes: torch.Tensor) -> torch.Tensor:
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n // CPU_INT4_BLOCK, 2, CPU_INT4_BLOCK // 2, k)  # rows j and j + 32 of a tile
     return _unviewed((c[:, 0] | (c[:, 1] << 4)).transpose(1, 2).contiguous(), (n, k // 2))
+
+
+@lru_cache(maxsize=1)
+def torch_reads_cpu_int4_tiles() -> bool:
+    """Whether torch's CPU int4 matmul (`_weight_int4pack_mm_for_cpu`) reads the 64-row tiles that `cpu_int4_tiles`
+    makes. torch tiles by four of its vector widths: 64 rows where it is built for AVX-512, but 32 on an AVX2-only
+    CPU (a Zen 3 EPYC), whose bytes its kernel would then misread; there int4 takes no route through it."""
+    codes = torch.arange(64 * 64, dtype=torch.int32).remainder(13).view(64, 64)
+    try:
+        return torch.equal(torch._convert_weight_to_int4pack_for_cpu(codes, 1).view(64, 32), cpu_int4_tiles(codes))
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def _unviewed(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -149,6 +162,8 @@ class QuantLinear(nn.Module):
             return
         if self.bits == 8:
             self._rows = self._int8_cpu if cpu and self.dtype == torch.float32 else self._int8
+        elif cpu and self._unpackable() and not torch_reads_cpu_int4_tiles():
+            self._rows = self._dequantised  # torch's kernel would misread the tiles here
         else:
             self._rows = self._int4_cpu if cpu else self._int4_cuda
         # CPU prefill: a bf16 matmul on the dequantised weight beats the packed kernels for many rows

@@ -236,9 +236,11 @@ static void attend_group(const QueryTask& a, const T* Q, const T* k, const T* v,
       for (; jj < L; ++jj) ph[jj] = c10::BFloat16(sh[jj]).x;
       ph[L] = 0;
     }
+#ifndef ERNIE45_AVX2
     alignas(64) uint16_t order[32];
     for (int i = 0; i < 16; ++i) order[2 * i] = i, order[2 * i + 1] = 32 + i;
     const __m512i interleave = _mm512_load_si512(order);
+#endif
     const uint16_t* vb = reinterpret_cast<const uint16_t*>(v);
     for (int64_t j0 = 0; j0 < L; j0 += TILE) {  // (TILE is even: pairs never straddle two tiles)
       const int64_t j1 = std::min(L, j0 + TILE);
@@ -254,8 +256,15 @@ static void attend_group(const QueryTask& a, const T* Q, const T* k, const T* v,
           const __m256i x1 = second
               ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vb + (jj + 1) * a.vs[2] + 16 * c))
               : _mm256_setzero_si256();
+#ifdef ERNIE45_AVX2  // (a 64-word permute, as two 16-bit unpacks and their 128-bit lanes put in order)
+          const __m256i even = _mm256_unpacklo_epi16(x0, x1), odd = _mm256_unpackhi_epi16(x0, x1);
+          __m512bh pair;
+          pair.lo = _mm256_permute2x128_si256(even, odd, 0x20);
+          pair.hi = _mm256_permute2x128_si256(even, odd, 0x31);
+#else
           const __m512bh pair = (__m512bh)_mm512_permutex2var_epi16(_mm512_castsi256_si512(x0), interleave,
                                                                     _mm512_castsi256_si512(x1));
+#endif
           for (int h = 0; h < G; ++h) {
             int32_t w;
             std::memcpy(&w, pb + h * W + jj, 4);
