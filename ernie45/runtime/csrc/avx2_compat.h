@@ -178,28 +178,6 @@ E45_INLINE __m256i e45_dpbusd8(__m256i src, __m256i a, __m256i b) {
 E45_INLINE e45_v16i e45_dpbusd_epi32(e45_v16i src, e45_v16i a, e45_v16i b) {
   return {e45_dpbusd8(src.lo, a.lo, b.lo), e45_dpbusd8(src.hi, a.hi, b.hi)};
 }
-// lane i <- byte idx[i] (mod 128) of the table a | b: each 16-byte block of the table looked up by vpshufb and
-// kept where the index names it
-E45_INLINE __m256i e45_permute128_bytes(const __m256i* blocks, __m256i idx) {
-  const __m256i low4 = _mm256_and_si256(idx, _mm256_set1_epi8(0x0F));
-  const __m256i which = _mm256_and_si256(_mm256_srli_epi16(idx, 4), _mm256_set1_epi8(0x07));
-  __m256i out = _mm256_setzero_si256();
-  for (int blk = 0; blk < 8; ++blk) {
-    const __m256i hit = _mm256_cmpeq_epi8(which, _mm256_set1_epi8(static_cast<char>(blk)));
-    out = _mm256_blendv_epi8(out, _mm256_shuffle_epi8(blocks[blk], low4), hit);
-  }
-  return out;
-}
-E45_INLINE e45_v16i e45_permutex2var_epi8(e45_v16i a, e45_v16i idx, e45_v16i b) {
-  __m256i blocks[8];
-  const __m256i halves[4] = {a.lo, a.hi, b.lo, b.hi};
-  for (int h = 0; h < 4; ++h) {  // each 16-byte block in both 128-bit lanes (vpshufb looks up within a lane)
-    blocks[2 * h] = _mm256_permute2x128_si256(halves[h], halves[h], 0x00);
-    blocks[2 * h + 1] = _mm256_permute2x128_si256(halves[h], halves[h], 0x11);
-  }
-  return {e45_permute128_bytes(blocks, idx.lo), e45_permute128_bytes(blocks, idx.hi)};
-}
-
 // ---- bf16
 // acc + a[2i+1] * b[2i+1] + a[2i] * b[2i] per fp32 lane i, in that order (each product of two bf16 is exact in fp32)
 E45_INLINE __m256 e45_dpbf16_8(__m256 acc, __m256i a, __m256i b) {
@@ -272,6 +250,5 @@ E45_INLINE __m256i e45_cvtneps_pbh(e45_v16f a) { return _mm256_set_m128i(e45_bf1
 #define _mm512_movepi8_mask e45_movepi8_mask
 #define _mm512_mask_sub_epi8 e45_mask_sub_epi8
 #define _mm512_dpbusd_epi32 e45_dpbusd_epi32
-#define _mm512_permutex2var_epi8 e45_permutex2var_epi8
 #define _mm512_dpbf16_ps e45_dpbf16_ps
 #define _mm512_cvtneps_pbh e45_cvtneps_pbh

@@ -244,12 +244,29 @@ struct Int4Rows {  // one gemv_int4 call's operands (see below)
   int64_t K, N, B, G, group;
 };
 
+#ifdef ERNIE45_AVX2
+// The permute below without AVX512-VBMI: four tile columns a, b, c, d (32 rows' codes each) into 16 rows x 4
+// columns per 512-bit value (out[0]: rows 0-15, out[1]: rows 16-31) from byte and word unpacks, which work within
+// 128-bit lanes, and two lane swaps per output.
+static inline void rows_by_four(__m256i a, __m256i b, __m256i c, __m256i d, __m512i* out) {
+  const __m256i ab_lo = _mm256_unpacklo_epi8(a, b), ab_hi = _mm256_unpackhi_epi8(a, b);  // rows 0-7 | 16-23, ...
+  const __m256i cd_lo = _mm256_unpacklo_epi8(c, d), cd_hi = _mm256_unpackhi_epi8(c, d);
+  const __m256i q0 = _mm256_unpacklo_epi16(ab_lo, cd_lo), q1 = _mm256_unpackhi_epi16(ab_lo, cd_lo);  // 0-3 | 16-19
+  const __m256i q2 = _mm256_unpacklo_epi16(ab_hi, cd_hi), q3 = _mm256_unpackhi_epi16(ab_hi, cd_hi);  // 8-11 | 24-27
+  out[0].lo = _mm256_permute2x128_si256(q0, q1, 0x20);
+  out[0].hi = _mm256_permute2x128_si256(q2, q3, 0x20);
+  out[1].lo = _mm256_permute2x128_si256(q0, q1, 0x31);
+  out[1].hi = _mm256_permute2x128_si256(q2, q3, 0x31);
+}
+#endif
+
 // Rows m0 .. m0 + R - 1 of y for tile t (its 64 output rows): every four tile columns are loaded and permuted
 // into 16 rows x 4 columns once and multiplied by each of the R rows of x, so a batch decodes the codes once per
 // R rows instead of once per row. Each row's sums are formed in the same order for any R (the same numbers).
 template <int R>
 static void int4_tile_rows(const Int4Rows& a, int64_t t, int64_t m0) {
   const __m512i low = _mm512_set1_epi8(0x0F);
+#ifndef ERNIE45_AVX2
   __m512i idx[2];  // lane i <- bytes i, 32 + i of the first table and i, 32 + i of the second (rows i, 16 + i)
   for (int h = 0; h < 2; ++h) {
     alignas(64) uint8_t b[64];
@@ -257,6 +274,7 @@ static void int4_tile_rows(const Int4Rows& a, int64_t t, int64_t m0) {
       for (int c = 0; c < 4; ++c) b[4 * i + c] = static_cast<uint8_t>(16 * h + i + 32 * c);
     idx[h] = _mm512_load_si512(b);
   }
+#endif
   const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odds = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   const int64_t K = a.K, N = a.N, B = a.B, G = a.G, per = a.group / 32, pf = prefetch_ahead;
@@ -285,10 +303,16 @@ static void int4_tile_rows(const Int4Rows& a, int64_t t, int64_t m0) {
         const __m512i vlo = _mm512_and_si512(v, low), clo = _mm512_and_si512(c, low);
         const __m512i vhi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         const __m512i chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), low);
+#ifdef ERNIE45_AVX2
+        __m512i codes[4];
+        rows_by_four(vlo.lo, vlo.hi, clo.lo, clo.hi, codes);
+        rows_by_four(vhi.lo, vhi.hi, chi.lo, chi.hi, codes + 2);
+#else
         const __m512i codes[4] = {_mm512_permutex2var_epi8(vlo, idx[0], clo),
                                   _mm512_permutex2var_epi8(vlo, idx[1], clo),
                                   _mm512_permutex2var_epi8(vhi, idx[0], chi),
                                   _mm512_permutex2var_epi8(vhi, idx[1], chi)};
+#endif
         for (int r = 0; r < R; ++r) {
           int32_t four;
           std::memcpy(&four, a.Q + (m0 + r) * K + k, 4);
