@@ -551,3 +551,23 @@ def test_a_tied_head_loads_from_the_embeddings_stored_codes_as_it_was_quantized(
     back = ernie45.load(save_quantized(model, tmp_path / "q"))
     assert torch.equal(back.lm_head.codes(), model.lm_head.codes())
     assert torch.equal(back.lm_head.scales, model.lm_head.scales)
+
+
+def test_many_bf16_rows_multiply_in_fp32_where_bf16_matmul_is_the_slower():
+    """Prefill-sized bf16 products take fp32 where this CPU multiplies bf16 slower (measured once), else torch's bf16
+    matmul; either way the answer is the product rounded to bf16, through `PackedLinear` too."""
+    import torch.nn.functional as F
+
+    from ernie45.runtime import kernels
+    from ernie45.runtime.packed import PackedLinear, _reorders, bf16_matmul_in_fp32, linear_rows
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(20, 64, generator=g).bfloat16(), torch.randn(48, 64, generator=g).bfloat16()
+    want = F.linear(x.float(), w.float()).bfloat16() if bf16_matmul_in_fp32() else F.linear(x, w)
+    got = linear_rows(x, w)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(linear_rows(x.float(), w), F.linear(x.float(), w.float()))  # fp32 rows stay fp32
+    lin = torch.nn.Linear(64, 48, bias=False, dtype=torch.bfloat16)
+    lin.weight.data.copy_(w)
+    if (kernels.kernel() is not None and kernels.usable(w)) or _reorders():
+        assert (PackedLinear(lin)(x).float() - want.float()).abs().max() <= 0.05 * want.float().abs().max()

@@ -22,6 +22,7 @@ from ..model.moe import ExpertGroup, MoEBlock
 from ..model.trunk import DecoderLayer, DecoderStack
 from . import decode_stack, kernels
 from .kv_cache import FusedCache
+from .packed import bf16_matmul_in_fp32, linear_rows
 
 GATHER_MAX_ROWS = 16  # up to this many (token, expert) pairs, gather the experts' weights instead of sorting
 GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -201,6 +202,8 @@ class FastExpertGroup(ExpertGroup):
             y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[ids].to(x.dtype))
             return (y * weights[..., None].to(y.dtype)).sum(1).to(x.dtype)
         grouped = GROUPED_MM and not kernels.needs_grad(x, self.gate_up_proj) and x.dtype == self.gate_up_proj.dtype
+        if half_cpu and grouped and bf16_matmul_in_fp32():
+            grouped = False  # bf16 slower than fp32 here: each expert's rows widened (`expert`)
         return self.sorted_experts(x, ids, weights, grouped)
 
     def kernel_reads(self, x: torch.Tensor) -> bool:
@@ -224,6 +227,9 @@ class FastExpertGroup(ExpertGroup):
         rows_fit = x.shape[0] <= kernels.MAX_ROWS and kernels.usable(w1) and kernels.usable(w2)
         if rows_fit and not kernels.needs_grad(x, w1) and kernels.ready():
             return kernels.gemv(kernels.silu_mul(kernels.gemv(x, w1)), w2, x.dtype == torch.bfloat16).to(x.dtype)
+        if not kernels.needs_grad(x, w1):  # (widened to fp32 where bf16 is the slower: `linear_rows`)
+            gate, up = linear_rows(x, w1).chunk(2, dim=-1)
+            return linear_rows(F.silu(gate) * up, w2)
         return super().expert(e, x)
 
 

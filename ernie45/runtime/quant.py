@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..model.moe import ExpertGroup
 from ..model.trunk import ENCODER_MODULES
 from . import kernels
+from .packed import bf16_matmul_in_fp32
 
 GROUP_SIZES = (32, 64, 128)
 # up to this many rows a CPU matmul takes the packed kernel, above it a bf16 matmul on the dequantised weight
@@ -312,7 +313,9 @@ class QuantLinear(nn.Module):
         return torch.ops.quantized.linear_dynamic(x2.float().contiguous(), self.dynamic, False).to(x2.dtype)
 
     def _dequantised(self, x2: torch.Tensor) -> torch.Tensor:
-        return (x2.to(torch.bfloat16) @ self.dequantized_t(torch.bfloat16)).to(x2.dtype)
+        wide = x2.device.type == "cpu" and bf16_matmul_in_fp32()  # bf16 slower than fp32 here (`packed`)
+        dtype = torch.float32 if wide else torch.bfloat16
+        return (x2.to(dtype) @ self.dequantized_t(dtype)).to(x2.dtype)
 
     def _int8_kernel(self, x2: torch.Tensor) -> torch.Tensor:
         return kernels.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
