@@ -14,7 +14,7 @@ llama.cpp's Q4_0 / Q8_0 x Q8_0 do; ~0.6% relative error on a random product) and
 int4 needs AVX512-VBMI and VNNI besides BF16, int8 VNNI (elsewhere int8 decodes on FBGEMM, `runtime.quant`).
 
 The machines this runs on are not all one CPU. Where there is no AVX512-BF16 but AVX2, FMA and F16C (an AMD EPYC
-of the Zen 3 generation, older Intel parts), the same source is built for AVX2 (`ISA`): `csrc/avx2_compat.h`
+of the Zen 3 generation, older Intel parts), the same source is built for AVX2 (`isa()`): `csrc/avx2_compat.h`
 gives each AVX-512 intrinsic the kernels use as two 256-bit halves, so every kernel, int8 and int4 included, runs
 there too.
 
