@@ -68,8 +68,9 @@ def test_int4_prefill_path_matches_the_kernel():
     if torch_reads_cpu_int4_tiles():  # torch's CPU kernel on the same tiles (where it is built to read them)
         kernel = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), q.qweight, 32, q.scales.bfloat16()).float()
         assert (got - kernel).norm() / kernel.norm() < 0.01
-    rows = torch.randn(PACKED_ROWS[4] - 1, 128)  # fewer rows: torch's kernel, or where it cannot read the tiles,
-    assert ((q(rows) - rows @ deq.view(192, 128).T).norm() / (rows @ deq.view(192, 128).T).norm()) < 0.01  # not
+    # fewer rows: torch's kernel, or the dequantised product where torch cannot read the tiles
+    rows = torch.randn(PACKED_ROWS[4] - 1, 128)
+    assert ((q(rows) - rows @ deq.view(192, 128).T).norm() / (rows @ deq.view(192, 128).T).norm()) < 0.01
 
 
 def test_codes_round_trip():

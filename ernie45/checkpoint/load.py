@@ -141,14 +141,13 @@ class _Filler:
         lo, hi = max(rows.start, first), min(rows.stop, first + local.shape[0])
         if lo < hi:
             if slot is None and tensor is None and not transpose:
-                src, lo, hi = read(rows=slice(lo, hi)), lo - first, hi - first
+                src = read(rows=slice(lo, hi))
             else:
                 src = tensor if tensor is not None else read()
                 src = (src.T if transpose else src)[lo:hi] if slot is None else src
-                lo, hi = lo - first, hi - first
             with torch.no_grad():
                 if slot is None:
-                    local[lo:hi].copy_(src)
+                    local[lo - first : hi - first].copy_(src)
                 else:
                     _region(local, (slot[0], slot[1] - first, slot[2])).copy_(src)
         self.filled[name] = self.filled.get(name, 0) + region_shape.numel()

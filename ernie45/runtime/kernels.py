@@ -176,7 +176,7 @@ def ready(kind: str = "bf16") -> bool:
     traces: it keeps torch's own ops)."""
     mode = _mode()
     on = mode == "1" or mode == kind or (mode == "default" and kind in _DEFAULT_KINDS)
-    on = on and (isa() == "avx2" or _NEEDS.get(kind, frozenset()) <= _cpu_flags())
+    on = on and (_NEEDS.get(kind, frozenset()) <= _cpu_flags() or isa() == "avx2")
     return on and not torch.compiler.is_compiling() and kernel() is not None
 
 

@@ -59,9 +59,11 @@ E45_INLINE float e45_reduce_add_ps(e45_v16f a) {  // (upper + lower) halves down
   const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
   return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
 }
-E45_INLINE e45_v16f e45_round_nearest_ps(e45_v16f a) {
-  constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  return {_mm256_round_ps(a.lo, mode), _mm256_round_ps(a.hi, mode)};
+// vrndscaleps keeps 2^-M fractions (M = imm[7:4]) and rounds by imm[3:0], which vroundps reads alike; M = 0 only
+template <int imm>
+E45_INLINE e45_v16f e45_roundscale_ps(e45_v16f a) {
+  static_assert((imm >> 4) == 0, "the AVX2 stand-in rounds to whole numbers only (imm[7:4] = 0)");
+  return {_mm256_round_ps(a.lo, imm & 0x0F), _mm256_round_ps(a.hi, imm & 0x0F)};
 }
 // p * 2^n for whole n in [-250, 127] (exp's use: n <= 0): two exact powers of two, so the product rounds once,
 // where it leaves the normal range, as vscalefps rounds it.
@@ -219,7 +221,7 @@ E45_INLINE __m256i e45_cvtneps_pbh(e45_v16f a) { return _mm256_set_m128i(e45_bf1
 #define _mm512_fmadd_ps e45_fmadd_ps
 #define _mm512_abs_ps e45_abs_ps
 #define _mm512_reduce_add_ps e45_reduce_add_ps
-#define _mm512_roundscale_ps(a, imm) e45_round_nearest_ps(a)  // (the kernels round to nearest only)
+#define _mm512_roundscale_ps(a, imm) e45_roundscale_ps<imm>(a)
 #define _mm512_scalef_ps e45_scalef_ps
 #define _mm512_cmp_ps_mask(a, b, imm) e45_cmp_ps_mask<imm>(a, b)
 #define _mm512_mask_blend_ps e45_mask_blend_ps
