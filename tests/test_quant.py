@@ -572,3 +572,27 @@ def test_many_bf16_rows_multiply_in_fp32_where_bf16_matmul_is_the_slower():
     lin.weight.data.copy_(w)
     if (kernels.kernel() is not None and kernels.usable(w)) or _reorders():
         assert (PackedLinear(lin)(x).float() - want.float()).abs().max() <= 0.05 * want.float().abs().max()
+
+
+def test_a_kernel_build_the_cpu_cannot_run_or_that_does_not_exist_is_refused_by_name(monkeypatch):
+    """`ERNIE45_CPU_ISA` picks the build; a name that is no build, or a build this CPU lacks the instructions for,
+    turns the kernels off with the reason, instead of building another one silently."""
+    from ernie45.runtime import kernels
+
+    monkeypatch.delenv("ERNIE45_CPU_KERNELS", raising=False)
+    kernels.kernel.cache_clear()
+    try:
+        monkeypatch.setenv("ERNIE45_CPU_ISA", "avx9")
+        assert "ERNIE45_CPU_ISA='avx9' names no build" in kernels.unavailable() and kernels.kernel() is None
+        flags = kernels._cpu_flags()
+        missing = "avx512" if "avx512_bf16" not in flags else "avx2" if "avx2" not in flags else None
+        if missing is not None:
+            monkeypatch.setenv("ERNIE45_CPU_ISA", missing)
+            kernels.kernel.cache_clear()
+            assert kernels.isa() is None and kernels.kernel() is None
+            assert f"ERNIE45_CPU_ISA={missing}: this CPU lacks" in kernels.unavailable()
+        if {"avx2", "fma", "f16c"} <= flags:
+            monkeypatch.setenv("ERNIE45_CPU_ISA", "avx2")
+            assert kernels.isa() == "avx2"
+    finally:
+        kernels.kernel.cache_clear()

@@ -19,7 +19,8 @@ gives each AVX-512 intrinsic the kernels use as two 256-bit halves, so every ker
 there too.
 
 Switches: `ERNIE45_CPU_KERNELS` unset gives the default kernels (bf16, int8, int4); "bf16" the bf16 one only; "1"
-all; "0" none. `ERNIE45_CPU_ISA=avx2` builds the AVX2 form on a CPU that has AVX-512 too (to compare the two).
+all; "0" none. `ERNIE45_CPU_ISA=avx2` builds the AVX2 form on a CPU that has AVX-512 too (to compare the two);
+a value that names no build, or one this CPU cannot run, turns the kernels off with a warning that says so.
 Without AVX2 + FMA + F16C or a compiler, `kernel()` is None and callers keep torch's ops (`unavailable()` says
 why; `runtime.prepare`'s report shows it).
 """
@@ -65,7 +66,13 @@ def unavailable() -> str | None:
     """Why the kernels cannot run here (None: they can be built and used), without building them."""
     if _mode() == "0":
         return "switched off (ERNIE45_CPU_KERNELS=0)"
+    asked = os.environ.get("ERNIE45_CPU_ISA")
+    if asked and asked not in _ISA_FLAGS:
+        choices = " or ".join(_ISA_FLAGS)
+        return f"ERNIE45_CPU_ISA={asked!r} names no build of the kernels (choose {choices}, or unset it)"
     if isa() is None:
+        if asked:
+            return f"ERNIE45_CPU_ISA={asked}: this CPU lacks {', '.join(sorted(_ISA_FLAGS[asked] - _cpu_flags()))}"
         return "this CPU has neither AVX512-BF16 nor AVX2 with FMA and F16C"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
@@ -73,14 +80,15 @@ def unavailable() -> str | None:
     return None
 
 
+_ISA_FLAGS = {"avx512": frozenset({"avx512_bf16"}), "avx2": frozenset({"avx2", "fma", "f16c"})}  # preferred first
+
+
 def isa() -> str | None:
-    """The instruction set the kernels are built for here: "avx512" (AVX512-BF16), "avx2" (AVX2, FMA and F16C, or
-    `ERNIE45_CPU_ISA=avx2`), or None (neither)."""
-    flags = _cpu_flags()
-    avx2 = {"avx2", "fma", "f16c"} <= flags
-    if "avx512_bf16" in flags and os.environ.get("ERNIE45_CPU_ISA") != "avx2":
-        return "avx512"
-    return "avx2" if avx2 else None
+    """The instruction set the kernels are built for here: the first of "avx512" (AVX512-BF16) and "avx2" (AVX2,
+    FMA and F16C) this CPU has, or the one `ERNIE45_CPU_ISA` names where the CPU has it; else None."""
+    flags, asked = _cpu_flags(), os.environ.get("ERNIE45_CPU_ISA")
+    fits = [name for name, needs in _ISA_FLAGS.items() if needs <= flags and (not asked or name == asked)]
+    return fits[0] if fits else None
 
 
 @lru_cache(maxsize=1)
@@ -89,8 +97,9 @@ def kernel():
     `decode_attention` and the layer calls `attention_block`, `mlp_block`, `dense_stack`, `moe_block`), or None
     where they cannot run here (`unavailable` says why; logged once)."""
     reason = unavailable()
-    if reason is not None:
-        log.info("ernie45 CPU decode kernels: %s; torch's ops run instead", reason)
+    if reason is not None:  # (a setting that cannot be followed is said louder than the CPU's own lack)
+        level = logging.WARNING if reason.startswith("ERNIE45_CPU_ISA") else logging.INFO
+        log.log(level, "ernie45 CPU decode kernels: %s; torch's ops run instead", reason)
         return None
     # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
     sources = [f.read_text() for f in _SOURCES]
