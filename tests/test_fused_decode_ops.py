@@ -120,9 +120,9 @@ def test_rope_matches_the_complex_rotation_on_a_strided_view(dtype):
     assert not kernels.fused(torch.zeros(512, 1024))  # prefill-sized: torch's multi-threaded ops
 
 
-def _tiny_fast_model(kind: str, dense: bool):
-    """A tiny random model (3 dense layers, or a dense layer then MoE layers) as the engine runs it: projections
-    fused, bf16 linears packed or int4 / int8 codes, the fast modules swapped in."""
+def _tiny_fast_model(kind: str, dense: bool, mtp: bool = False):
+    """A tiny random model (3 dense layers, or a dense layer then MoE layers; with an MTP block if `mtp`) as the
+    engine runs it: projections fused, bf16 linears packed or int4 / int8 codes, the fast modules swapped in."""
     from chat_fixtures import tiny_chat_config
 
     from ernie45.model.trunk import Ernie45ForConditionalGeneration
@@ -136,6 +136,10 @@ def _tiny_fast_model(kind: str, dense: bool):
     kind, _, activations = kind.partition("-")  # int4-bf16: int4 weights, bf16 activations (a quantized 21B)
     dtype = torch.bfloat16 if "bf16" in (kind, activations) else torch.float32
     model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
+    if mtp:
+        from ernie45.model.mtp import with_mtp
+
+        model = with_mtp(model).requires_grad_(False)
     fuse_projections(model)
     if kind == "bf16":
         assert pack_bf16_linears(model) > 0
@@ -222,6 +226,10 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     config = tiny_chat_config(300, hidden_size=64, head_dim=32, moe_layer_start_index=1, expert_groups=groups, moe_k=3)
     dtype = torch.bfloat16 if "bf16" in (kind, activations) else torch.float32
     model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
+    if mtp:
+        from ernie45.model.mtp import with_mtp
+
+        model = with_mtp(model).requires_grad_(False)
     fuse_projections(model)
     if kind == "bf16":
         assert pack_bf16_linears(model) > 0
@@ -246,10 +254,10 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16"])
 @pytest.mark.parametrize("dense", [False, True])
-def test_a_short_continuation_takes_the_decode_calls_token_by_token(kind, dense):
-    """A speculative verify (the last token and its drafts after a cached prompt, one forward) runs through the
-    decode calls token by token: the logits of decoding those tokens one at a time, which greedy speculation
-    must reproduce, and close to the generic path's."""
+def test_a_short_continuation_takes_one_decode_call_a_layer(kind, dense):
+    """A speculative verify (the last token and its drafts after a cached prompt, one forward) runs through one
+    decode call a layer, the tokens as its rows: the logits of decoding those tokens one at a time, which greedy
+    speculation must reproduce, and close to the generic path's."""
     from ernie45.engine.cache import StaticKVCache
 
     model, config = _tiny_fast_model(kind, dense)
@@ -280,11 +288,52 @@ def test_a_short_continuation_takes_the_decode_calls_token_by_token(kind, dense)
         finally:
             kernels.attention_block = block
         generic = run(PlainCache(StaticKVCache.for_model(model, 1, 16)), False)
-    assert len(calls) == 4 * config.num_hidden_layers  # every token through every layer's decode call
+    assert len(calls) == config.num_hidden_layers  # the four tokens through each layer's decode call at once
     # bf16: bit for bit; fp32's MLP over several rows rounds a sum in another order (~1e-7)
     assert torch.equal(together, stepped) if kind == "bf16" else torch.allclose(together, stepped, atol=1e-5)
     tol = 5e-2 if kind == "bf16" else 1e-4
     assert torch.allclose(together.float(), generic.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+def test_the_mtp_block_alone_takes_the_decode_calls_on_its_growing_cache(kind):
+    """The MTP block, a decoder layer called alone on the engine's `GrowingKVCache`: a window of positions (the
+    generic path), then a one-token step and a two-token step through the decode calls, past the cache's first
+    capacity; the same outputs as the block on a plain cache."""
+    from ernie45.engine.cache import GrowingKVCache
+    from ernie45.model.layers import attention_mask
+    from ernie45.model.mtp import mtp_forward
+
+    model, config = _tiny_fast_model(kind, dense=True, mtp=True)
+    trunk, dtype = model.model, model.model.embed_tokens.weight.dtype
+    calls, block = [], kernels.attention_block
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return block(*args, **kwargs)
+
+    def run(cache) -> list[torch.Tensor]:
+        outs, past = [], 0
+        for n in (7, 1, 2, 2, 1, 2):
+            hidden = torch.randn(1, n, config.hidden_size, generator=torch.Generator().manual_seed(past)).to(dtype)
+            ids = torch.randint(3, 300, (1, n), generator=torch.Generator().manual_seed(past + 1))
+            pos = torch.arange(past + 1, past + 1 + n)[None]
+            mask = attention_mask(None, n, past + n, hidden.device)
+            outs.append(mtp_forward(trunk, hidden, trunk.embed_tokens(ids), pos, mask, cache))
+            past += n
+        return outs
+
+    with torch.inference_mode():
+        kernels.attention_block = counted
+        try:
+            fused = run(GrowingKVCache(config.num_key_value_heads, config.head_dim, dtype, "cpu", capacity=8))
+        finally:
+            kernels.attention_block = block
+        generic = run(PlainCache(GrowingKVCache(config.num_key_value_heads, config.head_dim, dtype, "cpu")))
+    assert calls == [1, 2, 2, 1, 2]  # every step after the window through one decode call, its tokens as rows
+    tol = 2e-2 if kind == "bf16" else 1e-5
+    for a, b in zip(fused, generic, strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
 
 
 def test_the_dense_stack_keeps_its_plan_and_notices_a_swapped_layer():

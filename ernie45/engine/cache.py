@@ -49,3 +49,40 @@ class StaticKVCache(CacheBuffers, FusedCache):
             raise ValueError(f"the KV cache holds {self.max_len} tokens; this step needs {start + n}")
         self.lengths[layer_idx] = start + n
         return Slot(self.k[layer_idx], self.v[layer_idx], start)
+
+
+class GrowingKVCache(FusedCache):
+    """One layer's K and V for one sequence, in buffers that double when full: the MTP block's cache, which holds
+    confirmed positions only (it never rolls back) and whose length is not known up front. A `FusedCache`, so the
+    MTP block's steps take the same fused calls as the trunk's (whatever `layer_idx` its layer has)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 256) -> None:
+        self.k = torch.zeros(1, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length, self.dtype = 0, dtype
+
+    def _room(self, n: int) -> None:
+        if self.length + n <= self.k.shape[2]:
+            return
+        capacity = max(self.length + n, 2 * self.k.shape[2])
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(1, old.shape[1], capacity, old.shape[3])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[2]
+        self._room(n)
+        self.k[:, :, self.length : self.length + n] = k
+        self.v[:, :, self.length : self.length + n] = v
+        self.length += n
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def reserve(self, layer_idx: int, n: int = 1) -> Slot:
+        self._room(n)
+        self.length += n
+        return Slot(self.k, self.v, self.length - n)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from ..model.layers import attention_mask
-from ..model.mtp import MTPCache, mtp_forward
+from ..model.mtp import mtp_forward
+from .cache import GrowingKVCache
 from .requests import has_media
 from .sampling import filter_logits
 
@@ -181,7 +182,10 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
     model, slot, cache = engine.model, req.slot, engine.cache
     trunk = model.model
     if req.mtp is None:
-        req.mtp = (MTPCache(), [], start - min(MTP_WINDOW, start))
+        c = model.config
+        dtype = trunk.embed_tokens.weight.dtype
+        mtp_cache = GrowingKVCache(c.num_key_value_heads, c.head_dim, dtype, model.device, MTP_WINDOW * 2)
+        req.mtp = (mtp_cache, [], start - min(MTP_WINDOW, start))
     mtp_cache, draft, base = req.mtp
     prompt = req.encoded["input_ids"]  # positions base..start of prompt + answer, without joining the two whole
     history = [*prompt[base:start], *req.row.token_ids[max(base - len(prompt), 0) : max(start - len(prompt), 0)]]

@@ -47,23 +47,6 @@ def mtp_forward(trunk, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, pos
     return trunk.mtp_block[depth](trunk.mtp_linear_proj[depth](x), rope, mask, cache)
 
 
-class MTPCache:
-    """The KV cache of the MTP block for one sequence (the `KVCache` protocol for that one layer): it grows
-    only by confirmed tokens, so it never needs rolling back."""
-
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-
 def with_mtp(model: nn.Module, depths: int = 1) -> nn.Module:
     """A copy of `model` with `depths` freshly initialised MTP layers (to train one for a model that has none);
     the other weights are `model`'s."""

@@ -10,7 +10,7 @@ each with the plain code's roundings, so the numbers are the same bit for bit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from ..model.layers import Attention, RMSNorm, SwiGLU, apply_interleaved_rope
 from ..model.moe import ExpertGroup, MoEBlock
 from ..model.trunk import DecoderLayer, DecoderStack
 from . import decode_stack, kernels
-from .kv_cache import FusedCache
+from .kv_cache import FusedCache, Slot
 from .packed import bf16_matmul_in_fp32, linear_rows
 
 GATHER_MAX_ROWS = 16  # up to this many (token, expert) pairs, gather the experts' weights instead of sorting
@@ -126,6 +126,27 @@ class FusedAttention(Attention):
         qkv, o = weights
         packed = kernels.attention_weights(norm.weight, norm.eps, qkv, o, self.head_dim**-0.5)
         return kernels.attention_block(h, packed, rope, slot, mask)
+
+    def continuation_block(self, h: torch.Tensor, norm: RMSNorm, steps: Continuation,
+                           cache: Any) -> torch.Tensor | None:  # fmt: skip
+        """h [1, T, E] + self(norm(h)) for T tokens that continue one cached row (a speculative verify) as one
+        kernel call, or None where the decode call does not apply. The tokens go in as the call's rows: each
+        writes its K and V at its own position of the same cache row (the row's buffers seen T times over) and
+        attends up to its own position, so q|k|v and o are read once for all T, and each token's numbers are those
+        of decoding it alone."""
+        t = h.shape[1]
+        rows = h.transpose(0, 1)  # [T, 1, E]: a token per row
+        weights = self.decode_weights(rows, norm, None, cache)
+        if weights is None:
+            return None
+        slot = cache.reserve(self.layer_idx, t)
+        if slot.k.shape[0] != 1 or slot.write_at is not None or slot.start != steps.start:
+            raise RuntimeError("a continuation's cache slot must be one row that writes at the continuation's start")
+        k, v = (buf.expand(t, -1, -1, -1) for buf in (slot.k, slot.v))
+        packed = kernels.attention_weights(norm.weight, norm.eps, *weights, self.head_dim**-0.5)
+        slot = Slot(k, v, steps.start + t - 1, steps.write_at)  # attention reads up to the last token's position
+        out = kernels.attention_block(rows.contiguous(), packed, steps.rope, slot, steps.seen)
+        return out.transpose(0, 1)
 
     def decode_weights(self, h: torch.Tensor, norm: RMSNorm, mask: Any,
                        cache: Any) -> tuple[kernels.Weight, kernels.Weight] | None:  # fmt: skip
@@ -267,6 +288,10 @@ class FusedDecoderLayer(DecoderLayer):
     """A decoder layer whose decode step runs as two kernel calls (attention half, MLP half) where they apply."""
 
     def forward(self, h: torch.Tensor, rope, mask, cache=None, modality=None, router_out=None) -> torch.Tensor:
+        if 1 < h.shape[1] <= kernels.MAX_ROWS and router_out is None:  # a layer called alone (the MTP block's)
+            steps = continuation(h, rope, mask, cache, self.self_attn.layer_idx)
+            if steps is not None:
+                return self.few_tokens(h, steps, rope, mask, cache, modality)
         attn, mlp = self.self_attn, self.mlp
         norm = self.input_layernorm
         fused = attn.decode_block(h, norm, rope, mask, cache) if isinstance(attn, FusedAttention) else None
@@ -279,20 +304,13 @@ class FusedDecoderLayer(DecoderLayer):
         fused = mlp.decode_block(h, norm) if isinstance(mlp, FusedSwiGLU) else None
         return h + mlp(norm(h)) if fused is None else fused
 
-    def few_tokens(self, h: torch.Tensor, tokens: list, rope, mask, cache, modality=None) -> torch.Tensor:
-        """h after this layer for a short continuation of one row (`FusedDecoderStack`): the attention half token
-        by token through the decode call, the MLP half over the tokens as decode rows; the numbers decoding them
-        one at a time gives. A half whose call does not apply runs the plain code over all the tokens."""
-        attn, norm, rows = self.self_attn, self.input_layernorm, []
-        if isinstance(attn, FusedAttention):
-            for i, (rope_i, mask_i) in enumerate(tokens):
-                out = attn.decode_block(h[:, i : i + 1], norm, rope_i, mask_i, cache)
-                if out is None and i:  # what decides it does not depend on the token: a bug, not a fallback
-                    raise RuntimeError("the decode call took one token of a continuation and refused the next")
-                if out is None:
-                    break
-                rows.append(out)
-        h = torch.cat(rows, dim=1) if rows else h + attn(norm(h), rope, mask, cache)
+    def few_tokens(self, h: torch.Tensor, steps: Continuation, rope, mask, cache, modality=None) -> torch.Tensor:
+        """h after this layer for a short continuation of one row (`FusedDecoderStack`): the attention half as one
+        decode call with the tokens as its rows (`continuation_block`), the MLP half over the tokens as decode rows;
+        the numbers decoding them one at a time gives. A half whose call does not apply runs the plain code."""
+        attn, norm = self.self_attn, self.input_layernorm
+        out = attn.continuation_block(h, norm, steps, cache) if isinstance(attn, FusedAttention) else None
+        h = h + attn(norm(h), rope, mask, cache) if out is None else out
         mlp, norm, flat = self.mlp, self.post_attention_layernorm, h.reshape(-1, 1, h.shape[-1])
         out = None
         if isinstance(mlp, FusedMoEBlock):
@@ -306,44 +324,55 @@ class FusedDecoderLayer(DecoderLayer):
 
 class FusedDecoderStack(DecoderStack):
     """The decoder layers; a dense stack's decode step in one kernel call where every layer takes it, and a short
-    continuation of one row (a speculative verify: the last token and its drafts) through the decode calls token by
-    token, which on a small model costs about a decode step where the generic path cost ~1.5 of one."""
+    continuation of one row (a speculative verify: the last token and its drafts) through the decode calls, the
+    tokens as a call's rows, so each layer's weights are read once for all of them."""
 
     def forward(self, h: torch.Tensor, rope, mask, cache=None, modality=None, router_out=None) -> torch.Tensor:
         if router_out is None:
             stack = decode_stack.step(self, h, rope, mask, cache)
             if stack is not None:
                 return stack
-            tokens = self._token_inputs(h, rope, mask, cache)
-            if tokens is not None:
+            steps = continuation(h, rope, mask, cache, self[0].self_attn.layer_idx) if len(self) else None
+            if steps is not None:
                 for layer in self:
                     if isinstance(layer, FusedDecoderLayer):
-                        h = layer.few_tokens(h, tokens, rope, mask, cache, modality)
+                        h = layer.few_tokens(h, steps, rope, mask, cache, modality)
                     else:
                         h = layer(h, rope, mask, cache, modality)
                 return h
         return super().forward(h, rope, mask, cache, modality, router_out)
 
-    def _token_inputs(self, h: torch.Tensor, rope, mask, cache) -> list | None:
-        """Per token (its rope, its mask row: None where it sees every cached position) for a continuation of 2 to
-        MAX_ROWS tokens of one row after cached ones, outside autograd, with a causal bool mask; else None."""
-        b, n = h.shape[:2]
-        if b != 1 or not 1 < n <= kernels.MAX_ROWS or not isinstance(cache, FusedCache) or torch.is_grad_enabled():
+
+def continuation(h: torch.Tensor, rope, mask, cache, layer_idx: int) -> Continuation | None:
+    """What the layer calls take for a continuation of 2 to MAX_ROWS tokens of one row after cached ones (in
+    layer `layer_idx` of a `FusedCache`), outside autograd, with a causal bool mask (or none); else None."""
+    b, n = h.shape[:2]
+    if b != 1 or not 1 < n <= kernels.MAX_ROWS or not isinstance(cache, FusedCache) or torch.is_grad_enabled():
+        return None
+    if torch.compiler.is_compiling() or h.device.type != "cpu":
+        return None
+    start = cache.get_seq_length(layer_idx)
+    if not start:
+        return None  # a prompt: the prefill path
+    causal = torch.arange(start + n)[None, :] <= torch.arange(start, start + n)[:, None]  # [n, start + n]
+    if mask is not None:
+        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+                and mask.shape[-2:] == (n, start + n) and mask.shape[:2] == (1, 1)):  # fmt: skip
             return None
-        if torch.compiler.is_compiling() or not len(self):
-            return None
-        start = cache.get_seq_length(self[0].self_attn.layer_idx)
-        if not start:
-            return None  # a prompt: the prefill path
-        if mask is not None and not (
-            isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
-            and mask.shape[-2:] == (n, start + n) and mask.shape[:2] == (1, 1)
-        ):  # fmt: skip
-            return None
-        tokens = []
-        for i in range(n):
-            row = None if mask is None else mask[:, :, i : i + 1, : start + i + 1]
-            if mask is not None and bool(mask[:, :, i, start + i + 1 :].any()):
-                return None  # a token that sees later ones: not a continuation
-            tokens.append(((rope[0][:, i : i + 1], rope[1][:, i : i + 1]), None if row is None or row.all() else row))
-        return tokens
+        seen = mask[0, 0].cpu()
+        if bool((seen & ~causal).any()):
+            return None  # a token that sees later ones: not a continuation
+        causal = seen
+    cos, sin = (r.reshape(n, 1, -1).float().contiguous() for r in rope)  # [n, 1, D/2]: a token per row
+    return Continuation((cos, sin), causal[:, None, None, :].contiguous(), start, torch.arange(start, start + n))
+
+
+class Continuation(NamedTuple):
+    """A short continuation of one cached row as the layer calls take it, made once for every layer: per token
+    its RoPE (cos, sin [T, 1, D/2]) and the positions it sees (seen [T, 1, 1, start + T]); the first token's
+    position (`start`) and each token's (`write_at`)."""
+
+    rope: tuple[torch.Tensor, torch.Tensor]
+    seen: torch.Tensor
+    start: int
+    write_at: torch.Tensor
