@@ -199,13 +199,14 @@ def test_fused_decode_layers_give_the_eager_steps_numbers(kind, batch, dense):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int4", "int8", "int4-bf16"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int4", "int8", "int4-bf16"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("vision", [False, True])
 def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     """A MoE layer's decode half as one call (`MoEBlock.decode_block`): router, the picked experts' weighted
-    sum and the shared experts give the module's numbers bit for bit; a row routed by another group (an image
-    token of a VL model) keeps the module path."""
+    sum and the shared experts give the module's numbers, bit for bit with bf16 activations (fp32 ones may differ in
+    the last bit: a int8 row did, at one row as at three); a row routed by another group (an image token of a VL
+    model) keeps the module path."""
     from chat_fixtures import tiny_chat_config
 
     from ernie45.model.moe import MoEBlock
@@ -215,7 +216,7 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     from ernie45.runtime.quant import quantize
 
     kind, _, activations = kind.partition("-")  # int4-bf16: int4 experts, bf16 activations (a quantized 21B)
-    if kind != "bf16" and not kernels.ready(kind):
+    if kind not in ("fp32", "bf16") and not kernels.ready(kind):
         pytest.skip(f"no AVX512-VBMI / VNNI here: {kind} experts run on torch's kernels")
     torch.manual_seed(0)
     wide = 2 if kind == "int8" else 1  # (the int8 kernel reads widths of 64 columns)
@@ -226,14 +227,10 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
     config = tiny_chat_config(300, hidden_size=64, head_dim=32, moe_layer_start_index=1, expert_groups=groups, moe_k=3)
     dtype = torch.bfloat16 if "bf16" in (kind, activations) else torch.float32
     model = Ernie45ForConditionalGeneration(config).eval().to(dtype).requires_grad_(False)
-    if mtp:
-        from ernie45.model.mtp import with_mtp
-
-        model = with_mtp(model).requires_grad_(False)
     fuse_projections(model)
     if kind == "bf16":
         assert pack_bf16_linears(model) > 0
-    else:
+    elif kind != "fp32":
         quantize(model, bits=int(kind[3:]))
     use_fast_modules(model)
     block, norm = next((m.mlp, m.post_attention_layernorm) for m in model.model.layers if isinstance(m.mlp, MoEBlock))
@@ -245,7 +242,9 @@ def test_fused_moe_decode_gives_the_module_numbers(kind, batch, vision):
         for modality in (None, text):
             got = block.decode_block(h, norm, modality)
             assert got is not None, "the fused MoE call should take text decode rows"
-            assert torch.equal(got, h + block(norm(h), modality))
+            want = h + block(norm(h), modality)
+            exact = dtype == torch.bfloat16
+            assert torch.equal(got, want) if exact else torch.allclose(got, want, atol=1e-6, rtol=1e-6)
         image = text.clone()
         image[-1] = 1
         assert (block.decode_block(h, norm, image) is None) == vision

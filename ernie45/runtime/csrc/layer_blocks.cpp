@@ -374,79 +374,93 @@ static torch::Tensor dense_stack(torch::Tensor h, Packed p, at::TensorList cache
 // expert groups compute it), so the same numbers; only the experts a row picked are read.
 
 // One expert on its rows: bf16 weights give gate|up in fp32 and the SwiGLU product rounded to bf16 once (the
-// bf16 matvec's decode form); int4 tiles (s1 defined) run as matvec does.
+// bf16 matvec's decode form); int4 tiles (s1 defined) and fp32 weights run as matvec does.
 static torch::Tensor expert_rows(torch::Tensor xs, const torch::Tensor& w1, const torch::Tensor& s1,
                                  const torch::Tensor& w2, const torch::Tensor& s2, int64_t group) {
-  if (s1.defined()) return matvec(silu_mul(matvec(xs, {w1, s1, group})), {w2, s2, group});
+  if (s1.defined() || w1.scalar_type() == torch::kFloat)
+    return matvec(silu_mul(matvec(xs, {w1, s1, group})), {w2, s2, group});
   auto act = silu_mul(gemv_bf16_to<float>(xs.contiguous(), w1)).to(torch::kBFloat16);
   return gemv_bf16_to<at::BFloat16>(act, w2);
 }
 
-// ---- One row (B = 1, every decode step of one request) on raw pointers: the ops above on per-thread buffers, in
-// the same order and roundings, with only the router's linear, softmax and top-k left to ATen (~10 ops where the
-// tensor route makes ~100: its argsort, index_select, index_add and each expert's conversions, each ~10 us on
-// caches the streamed expert weights have just flushed).
+// ---- Decode rows (B <= 8: a step of one request, or a verify's tokens) on raw pointers: the tensor route's ops on
+// per-thread buffers, in the same order and roundings, with only the router's linear, softmax and top-k left to
+// ATen (~10 ops where the tensor route makes ~100: its argsort, index_select, index_add and each expert's
+// conversions, each ~10 us on caches the streamed expert weights have just flushed). Each expert any row picked
+// runs once over the rows that picked it, in expert order, as the tensor route sorts them.
 
-// A SwiGLU on one row: down(silu(gate) * up) with the fused gate|up linear, as `matvec` + `silu_mul` compute it.
+// A SwiGLU on M rows: down(silu(gate) * up) with the fused gate|up linear, as `matvec` + `silu_mul` compute it.
 template <class T>
-static void swiglu_row(const T* x, int64_t K, const Linear& gate_up, const Linear& down, T* y) {
+static void swiglu_rows(const T* x, int64_t M, int64_t K, const Linear& gate_up, const Linear& down, T* y) {
   static thread_local std::vector<float> gu, act;
   const int64_t F = out_width(gate_up) / 2;
-  T* g = rows_of<T>(gu, 2 * F);
-  T* a = rows_of<T>(act, F);
-  matvec_rows(x, 1, K, gate_up, g);
-  silu_mul_rows(g, a, 1, F);
-  matvec_rows(a, 1, F, down, y);
+  T* g = rows_of<T>(gu, M * 2 * F);
+  T* a = rows_of<T>(act, M * F);
+  matvec_rows(x, M, K, gate_up, g);
+  silu_mul_rows(g, a, M, F);
+  matvec_rows(a, M, F, down, y);
 }
 
 template <class T>
-static torch::Tensor moe_row(torch::Tensor h, const MoeWeights& m, at::TensorList w1, at::TensorList s1,
-                             at::TensorList w2, at::TensorList s2, bool stacked) {
-  static thread_local std::vector<float> xb, sb, yb, gb, ab, accb;
-  const int64_t E = h.size(2);
+static torch::Tensor moe_rows(torch::Tensor h, const MoeWeights& m, at::TensorList w1, at::TensorList s1,
+                              at::TensorList w2, at::TensorList s2, bool stacked) {
+  static thread_local std::vector<float> xb, sb, rb, yb, gb, ab, accb;
+  const int64_t B = h.size(0), E = h.size(2), k = m.top_k;
   const T* hp = h.template data_ptr<T>();
-  T* x = rows_of<T>(xb, E);
-  rmsnorm_rows(hp, m.norm.template data_ptr<T>(), x, 1, E, static_cast<float>(m.eps));
-  T* shared = rows_of<T>(sb, E);
+  T* x = rows_of<T>(xb, B * E);
+  rmsnorm_rows(hp, m.norm.template data_ptr<T>(), x, B, E, static_cast<float>(m.eps));
+  T* shared = rows_of<T>(sb, B * E);
   const bool has_shared = m.shared_gate_up.w.numel() > 0;
-  if (has_shared) swiglu_row(x, E, m.shared_gate_up, m.shared_down, shared);
-  const torch::Tensor xt = torch::from_blob(x, {1, E}, h.options());
+  if (has_shared) swiglu_rows(x, B, E, m.shared_gate_up, m.shared_down, shared);
+  const torch::Tensor xt = torch::from_blob(x, {B, E}, h.options());
   const torch::Tensor probs = at::linear(xt.to(torch::kFloat), m.router).softmax(-1);
-  const torch::Tensor ids = std::get<1>(at::topk(probs + m.bias, m.top_k, -1));
+  const torch::Tensor ids = std::get<1>(at::topk(probs + m.bias, k, -1)).contiguous();
   torch::Tensor weights = probs.gather(-1, ids);
   weights = (weights / weights.sum(-1, true).clamp_min(m.norm_min)).to(h.scalar_type()).contiguous();
-  const int64_t k = m.top_k;
-  std::vector<std::pair<int64_t, T>> picked(k);  // (expert, weight), by expert: the tensor route's sorted order
-  for (int64_t j = 0; j < k; ++j) picked[j] = {ids.data_ptr<int64_t>()[j], weights.data_ptr<T>()[j]};
-  std::stable_sort(picked.begin(), picked.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-  T* y = rows_of<T>(yb, E);
-  T* acc = rows_of<T>(accb, E);
-  for (int64_t j = 0; j < E; ++j) acc[j] = T(0.f);
+  std::vector<std::tuple<int64_t, int64_t, T>> picked(B * k);  // (expert, row, weight), by expert then row
+  for (int64_t j = 0; j < B * k; ++j) picked[j] = {ids.data_ptr<int64_t>()[j], j / k, weights.data_ptr<T>()[j]};
+  std::stable_sort(picked.begin(), picked.end(),
+                   [](const auto& a, const auto& b) { return std::get<0>(a) < std::get<0>(b); });
+  T* xs = rows_of<T>(rb, B * E);  // the rows an expert takes, gathered
+  T* y = rows_of<T>(yb, B * E);
+  T* acc = rows_of<T>(accb, B * E);
+  for (int64_t j = 0; j < B * E; ++j) acc[j] = T(0.f);
   const torch::Tensor none;
-  for (const auto& [e, w] : picked) {
+  for (size_t first = 0; first < picked.size();) {
+    const int64_t e = std::get<0>(picked[first]);
+    size_t end = first;
+    while (end < picked.size() && std::get<0>(picked[end]) == e) ++end;
+    const int64_t n = static_cast<int64_t>(end - first);
+    for (int64_t r = 0; r < n; ++r) std::memcpy(xs + r * E, x + std::get<1>(picked[first + r]) * E, E * sizeof(T));
     const torch::Tensor g1 = stacked ? w1[0].select(0, e) : w1[e];
     const torch::Tensor g2 = stacked ? w2[0].select(0, e) : w2[e];
     if (s1.empty() && std::is_same<T, at::BFloat16>::value) {  // bf16 experts: gate|up in fp32, the product once to bf16
       const int64_t F = g1.size(0) / 2;
       TORCH_CHECK(E % 32 == 0 && F % 32 == 0, "bf16 experts: the matvec reads widths of whole 32-column blocks");
-      gb.resize(2 * F);
-      ab.resize(F);
+      gb.resize(n * 2 * F);
+      ab.resize(n * F);
       using bf = at::BFloat16;
-      gemv_bf16_raw(reinterpret_cast<const bf*>(x), 1, E, g1.data_ptr<bf>(), 2 * F, gb.data());
-      silu_mul_rows(gb.data(), ab.data(), 1, F);
-      bf* a = rows_of<bf>(gb, F);  // (gate|up is spent)
-      for (int64_t i = 0; i < F; ++i) a[i] = bf(ab[i]);
-      gemv_bf16_raw(a, 1, F, g2.data_ptr<bf>(), E, reinterpret_cast<bf*>(y));
+      gemv_bf16_raw(reinterpret_cast<const bf*>(xs), n, E, g1.data_ptr<bf>(), 2 * F, gb.data());
+      silu_mul_rows(gb.data(), ab.data(), n, F);
+      bf* a = rows_of<bf>(gb, n * F);  // (gate|up is spent)
+      for (int64_t i = 0; i < n * F; ++i) a[i] = bf(ab[i]);
+      gemv_bf16_raw(a, n, F, g2.data_ptr<bf>(), E, reinterpret_cast<bf*>(y));
     } else {
-      swiglu_row(x, E, Linear{g1, s1.empty() ? none : s1[e], m.expert_group},
-                 Linear{g2, s2.empty() ? none : s2[e], m.expert_group}, y);
+      swiglu_rows(xs, n, E, Linear{g1, s1.empty() ? none : s1[e], m.expert_group},
+                  Linear{g2, s2.empty() ? none : s2[e], m.expert_group}, y);
     }
-    const float wf = f32(w);
-    for (int64_t j = 0; j < E; ++j) acc[j] = T(f32(acc[j]) + f32(T(f32(y[j]) * wf)));
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t row = std::get<1>(picked[first + r]);
+      const float wf = f32(std::get<2>(picked[first + r]));
+      T* out = acc + row * E;
+      for (int64_t j = 0; j < E; ++j) out[j] = T(f32(out[j]) + f32(T(f32(y[r * E + j]) * wf)));
+    }
+    first = end;
   }
   auto out = torch::empty_like(h);
   T* op = out.template data_ptr<T>();
-  for (int64_t j = 0; j < E; ++j) op[j] = T(f32(hp[j]) + f32(T((has_shared ? f32(shared[j]) : 0.f) + f32(acc[j]))));
+  for (int64_t j = 0; j < B * E; ++j)
+    op[j] = T(f32(hp[j]) + f32(T((has_shared ? f32(shared[j]) : 0.f) + f32(acc[j]))));
   return out;
 }
 
@@ -461,10 +475,10 @@ static torch::Tensor moe_half(torch::Tensor h, const MoeWeights& m, at::TensorLi
   TORCH_CHECK(stacked ? (s1.empty() && s2.empty() && w2[0].dim() == 3 && w2[0].size(0) == X && w1[0].is_contiguous()
                          && w2[0].is_contiguous())
                       : (s1.empty() ? s2.empty() : (s1.size() == w1.size() && s2.size() == w1.size())));
-  if (B == 1 && h.is_contiguous() && m.norm.scalar_type() == h.scalar_type() &&
+  if (B <= 8 && h.is_contiguous() && m.norm.scalar_type() == h.scalar_type() &&
       (h.scalar_type() == torch::kBFloat16 || h.scalar_type() == torch::kFloat))
-    return h.scalar_type() == torch::kBFloat16 ? moe_row<at::BFloat16>(h, m, w1, s1, w2, s2, stacked)
-                                               : moe_row<float>(h, m, w1, s1, w2, s2, stacked);
+    return h.scalar_type() == torch::kBFloat16 ? moe_rows<at::BFloat16>(h, m, w1, s1, w2, s2, stacked)
+                                               : moe_rows<float>(h, m, w1, s1, w2, s2, stacked);
   auto x = rmsnorm(h, m.norm, m.eps).view({B, E});
   auto out = m.shared_gate_up.w.numel() ? matvec(silu_mul(matvec(x, m.shared_gate_up)), m.shared_down)
                                         : torch::zeros_like(x);
