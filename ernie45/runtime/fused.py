@@ -216,7 +216,7 @@ class FastExpertGroup(ExpertGroup):
         if n <= kernels.MAX_ROWS and self.kernel_reads(x):
             return self.sorted_experts(x, ids, weights)
         half_cpu = x.device.type == "cpu" and self.gate_up_proj.dtype in (torch.bfloat16, torch.float16)
-        # (on CPU the gathered bf16 einsum is ~35x slower than one matmul per expert hit: 271 vs 7.4 ms, 21B shapes)
+        # (on CPU the gathered bf16 einsum is far slower than one matmul per expert hit: docs/performance.md)
         if n * k <= GATHER_MAX_ROWS and not kernels.needs_grad(x, self.gate_up_proj) and not half_cpu:
             h = torch.einsum("nh,nkih->nki", x, self.gate_up_proj[ids].to(x.dtype))
             gate, up = h.chunk(2, dim=-1)

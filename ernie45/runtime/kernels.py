@@ -130,7 +130,7 @@ def _vendor() -> str:
 
 def _choose_prefetch(ops) -> dict:
     """The matvec's software prefetch distance for this CPU. Measured end to end (docs/performance.md): the Intel part
-    decodes fastest prefetching 2 KB ahead, an AMD EPYC without any (0.3B bf16 decode 44-47 -> 50-62 tok/s). The
+    decodes fastest prefetching 2 KB ahead, an AMD EPYC without any (the numbers: "The weight prefetch per CPU"). The
     vendor's measured choice is the start; timing the candidates here (eight 8 MiB bf16 matrices one after the other,
     best of 5 interleaved) moves off it only for a clear 10%, since a shared host's bandwidth varies run to run by
     about as much as the candidates differ. `ERNIE45_PREFETCH=<bytes>` sets it instead."""

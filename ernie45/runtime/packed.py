@@ -38,8 +38,8 @@ def _reorders() -> bool:
 def bf16_matmul_in_fp32() -> bool:
     """Whether a bf16 matmul of many rows (prefill) is faster here with both operands widened to fp32 first, the
     weight's widening included. Measured once (~50 ms), not assumed from the CPU's flags: without AVX512-BF16 or
-    AMX oneDNN multiplies bf16 on a slow path (a Zen 3 EPYC: 12 GFLOPS against 71 in fp32, a 0.3B prefill at 35
-    tok/s). Where it is, `PackedLinear`, the quantized linears' prefill and the routed experts widen (the
+    AMX oneDNN may multiply bf16 on a slow path (docs/performance.md, "The kernels on a CPU without AVX-512").
+    Where it is, `PackedLinear`, the quantized linears' prefill and the routed experts widen (the
     numbers differ from bf16's only by bf16's rounding of the product, which fp32 keeps)."""
     x, w = torch.randn(256, 1024, dtype=torch.bfloat16), torch.randn(1024, 1024, dtype=torch.bfloat16)
     timings = {True: float("inf"), False: float("inf")}
