@@ -87,6 +87,30 @@ def test_mtp_drafting_gives_plain_decoding_s_greedy_answers_and_its_drafts_are_t
     assert all(len(o.token_ids) > 0 for o in spec.generate(PROMPTS, sampled))
 
 
+def test_the_prefill_keeps_the_hidden_states_mtp_drafting_starts_from(no_mtp_dir):
+    """MTP's first step needs the trunk's hidden states of the prompt's last positions; the prefill keeps them, so no
+    forward after it runs over more than the last token and its draft (before, the first step recomputed up to 128
+    positions), and the answer is still plain decoding's."""
+    plain = LLM(str(no_mtp_dir))
+    spec = LLM(speculative_config={"method": "mtp"})
+    engine = BatchEngine(spec, max_batch=1, max_len=512, thread=False, speculative=spec.speculative)
+    widths = []
+    hook = spec.model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)  # fmt: skip
+    question = [{"role": "user", "content": "What is 68 plus 97?"}]
+    try:
+        handle = engine.submit(spec.processor.encode_chat(question), SamplingParams(max_tokens=40, temperature=0))
+        while not handle.request.finished:
+            engine.step()
+    finally:
+        hook.remove()
+    params = SamplingParams(max_tokens=40, temperature=0)
+    assert handle.request.row.token_ids == plain.chat([question], params)[0].token_ids
+    assert widths[0] == handle.request.prompt_len > 10  # the prefill
+    assert max(widths[1:]) <= 2, widths  # then the last token and its one draft, every step
+    assert engine.stats["accepted_tokens"] > 0
+
+
 def test_an_mtp_layer_that_keeps_missing_drafts_less_often(no_mtp_dir):
     """An untrained MTP layer guesses wrong: after two misses in a row the request decodes plainly for 2, 4, ...
     steps, so 60 tokens cost far fewer than 60 drafts, and the answer is still plain decoding's."""

@@ -25,7 +25,7 @@ from .llm import LLM, Delta
 from .requests import EngineStopped, QueueFull, Request, RequestFailed, RequestHandle, common_prefix, has_media
 from .sampling import SamplingParams, apply_penalties, position_logprobs, sample
 from .slots import SlotKVCache
-from .speculative import SpeculativeConfig, speculate, why_not
+from .speculative import MTP_WINDOW, SpeculativeConfig, speculate, why_not
 from .structured import Constraint
 
 log = logging.getLogger("ernie45.engine")
@@ -309,11 +309,25 @@ class BatchEngine:
             kwargs = {k: v.to(dev) for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
         if start:
             kwargs["attention_mask"] = torch.ones(1, end, dtype=torch.long, device=dev)
-        logits = self.model(input_ids=ids, cache=view, logits_to_keep=0 if scored else 1, **kwargs).logits
+        if self._seeds_mtp(req, media, scored):  # the trunk's last hidden states kept for the MTP block's cache
+            out = self.model.model(input_ids=ids, cache=view, keep_trunk_hidden=True, **kwargs)
+            logits = self.model.lm_head(out.last_hidden_state[:, -1:])
+            kept = out.hidden_states[0]
+            if req.mtp_seed is not None and req.mtp_seed[1] == start:
+                kept = torch.cat([req.mtp_seed[0], kept], dim=1)
+            req.mtp_seed = (kept[:, -MTP_WINDOW:], end)
+        else:
+            logits = self.model(input_ids=ids, cache=view, logits_to_keep=0 if scored else 1, **kwargs).logits
         if scored:
             self._score(req, start, end, logits[0])
         self._prefilled(req, start, end, logits[:, -1])
         return end - start
+
+    def _seeds_mtp(self, req: Request, media: bool, scored: bool) -> bool:
+        """Whether this prompt's prefill keeps the trunk's hidden states of its last positions, which MTP drafting's
+        first step would otherwise recompute (a second forward over up to `MTP_WINDOW` positions)."""
+        spec = self.speculative
+        return spec is not None and spec.method == "mtp" and not media and not scored and why_not(req) is None
 
     def _score(self, req: Request, start: int, end: int, logits: torch.Tensor) -> None:
         """The log-probabilities of prompt tokens start+1..end (position p's logits predict token p + 1)."""

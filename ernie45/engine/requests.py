@@ -63,6 +63,7 @@ class Request:
     constraint: Constraint | None = None  # structured outputs: the grammar's matcher for this answer
     speculation: list[int] = field(default_factory=lambda: [0, 0])  # [steps to skip drafting, misses in a row]
     mtp: tuple | None = None  # MTP drafting: (its cache, the next step's draft, the first position it lacks)
+    mtp_seed: tuple | None = None  # (the trunk's hidden states [1, n, H] before the final norm, the position after)
     unspeculated: str | None = None  # why this request decoded without drafts, where speculation is on
 
     @property

@@ -177,10 +177,13 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
     """Verify the MTP draft made last step, then run the MTP block over the newly confirmed positions and keep
     its guess for the next step. `req.mtp` holds (the MTP block's cache, the draft, the first position the MTP
     cache lacks). Positions it lacks before this step's are recomputed by this step's forward, for their hidden
-    states: on the first step the last `MTP_WINDOW` cached positions, after plain steps those steps' tokens.
+    states: on the first step the last `MTP_WINDOW` cached positions (unless the prefill kept them:
+    `req.mtp_seed`), after plain steps those steps' tokens.
     After two wrong drafts in a row the request decodes plainly for 2, 4, ... 64 steps."""
     model, slot, cache = engine.model, req.slot, engine.cache
     trunk = model.model
+    seed = req.mtp_seed if req.mtp is None else None  # the prefill's hidden states, up to position `start`
+    req.mtp_seed = None
     if req.mtp is None:
         c = model.config
         dtype = trunk.embed_tokens.weight.dtype
@@ -189,11 +192,14 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
     mtp_cache, draft, base = req.mtp
     prompt = req.encoded["input_ids"]  # positions base..start of prompt + answer, without joining the two whole
     history = [*prompt[base:start], *req.row.token_ids[max(base - len(prompt), 0) : max(start - len(prompt), 0)]]
-    ids = torch.tensor([[*history, req.last_token, *draft]], device=model.device)
-    cache.lengths[slot] = base  # the recomputed positions get the same keys and values again
-    mask = torch.ones(1, base + ids.shape[1], dtype=torch.long, device=model.device)
+    full = [*history, req.last_token, *draft]
+    # positions the prefill's kept hidden states cover are not recomputed
+    skip = len(history) if seed is not None and seed[1] == start and seed[0].shape[1] >= len(history) else 0
+    ids = torch.tensor([full[skip:]], device=model.device)
+    cache.lengths[slot] = base + skip  # recomputed positions get the same keys and values again
+    mask = torch.ones(1, base + len(full), dtype=torch.long, device=model.device)
     out = trunk(input_ids=ids, cache=cache.slot(slot), attention_mask=mask, keep_trunk_hidden=True)
-    logits = model.lm_head(out.last_hidden_state[0, len(history) :])
+    logits = model.lm_head(out.last_hidden_state[0, len(history) - skip :])
     tokens = accept(logits, draft, req)
     kept = len(tokens) - 1
     _commit(engine, req, start, draft, tokens)
@@ -206,8 +212,10 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
             backoff[0], req.mtp = min(2 ** (backoff[1] - 1), 64), (mtp_cache, [], base)
             return True
     # the MTP slots now confirmed: position q's hidden state with the token at q + 1
-    hidden = out.hidden_states[0][:, : len(history) + kept + 1]
-    following = torch.tensor([[*ids[0, 1 : len(history) + kept + 1].tolist(), tokens[-1]]], device=model.device)
+    hidden = out.hidden_states[0][:, : len(history) - skip + kept + 1]
+    if skip:
+        hidden = torch.cat([seed[0][:, seed[0].shape[1] - skip :].to(hidden.dtype), hidden], dim=1)
+    following = torch.tensor([[*full[1 : len(history) + kept + 1], tokens[-1]]], device=model.device)
     past = mtp_cache.get_seq_length()
     n = following.shape[1]
     pos = torch.arange(base + 1, base + 1 + n, device=model.device)[None]
