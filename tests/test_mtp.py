@@ -46,7 +46,11 @@ def test_the_mtp_layer_loads_and_leaves_the_next_token_logits_alone(no_mtp_dir):
     with torch.no_grad():
         out = with_layer(input_ids=ids, output_mtp_logits=True)
         assert torch.equal(out.logits, plain(input_ids=ids).logits)
-    assert out.mtp_logits.shape == out.logits.shape
+    assert out.mtp_logits.shape == out.logits.shape and out.trunk_hidden is None
+    with torch.no_grad():  # the hidden states the MTP block reads, before the final norm, on request
+        kept = plain(input_ids=ids, output_trunk_hidden=True, logits_to_keep=1)
+        assert kept.trunk_hidden.shape == (1, ids.shape[1], plain.config.hidden_size)
+        torch.testing.assert_close(plain.lm_head(plain.model.norm(kept.trunk_hidden[:, -1:])), kept.logits)
     with pytest.raises(ValueError, match="no MTP block"):
         plain(input_ids=ids, output_mtp_logits=True)
 

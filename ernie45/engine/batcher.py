@@ -309,15 +309,15 @@ class BatchEngine:
             kwargs = {k: v.to(dev) for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
         if start:
             kwargs["attention_mask"] = torch.ones(1, end, dtype=torch.long, device=dev)
-        if self._seeds_mtp(req, media, scored):  # the trunk's last hidden states kept for the MTP block's cache
-            out = self.model.model(input_ids=ids, cache=view, keep_trunk_hidden=True, **kwargs)
-            logits = self.model.lm_head(out.last_hidden_state[:, -1:])
-            kept = out.hidden_states[0]
+        seeds = self._seeds_mtp(req, media, scored)  # the trunk's last hidden states kept for the MTP block's cache
+        out = self.model(input_ids=ids, cache=view, logits_to_keep=0 if scored else 1, output_trunk_hidden=seeds,
+                         **kwargs)  # fmt: skip
+        logits = out.logits
+        if seeds:
+            kept = out.trunk_hidden
             if req.mtp_seed is not None and req.mtp_seed[1] == start:
                 kept = torch.cat([req.mtp_seed[0], kept], dim=1)
             req.mtp_seed = (kept[:, -MTP_WINDOW:], end)
-        else:
-            logits = self.model(input_ids=ids, cache=view, logits_to_keep=0 if scored else 1, **kwargs).logits
         if scored:
             self._score(req, start, end, logits[0])
         self._prefilled(req, start, end, logits[:, -1])

@@ -296,9 +296,11 @@ def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor |
 @dataclass
 class Ernie45CausalLMOutput(MoeCausalLMOutputWithPast):
     """transformers' MoE output plus, when asked (`output_mtp_logits`), the MTP block's logits [B, S, V]: slot i
-    predicts the token at i + 2."""
+    predicts the token at i + 2; and, when asked (`output_trunk_hidden`), the last layer's output before the final
+    norm [B, S, H] (what the MTP block reads: the engine keeps a prompt's last ones for MTP drafting)."""
 
     mtp_logits: torch.Tensor | None = None
+    trunk_hidden: torch.Tensor | None = None
 
 
 class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
@@ -335,6 +337,7 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool = False,
         output_mtp_logits: bool = False,
+        output_trunk_hidden: bool = False,
         **kwargs: Any,
     ) -> Ernie45CausalLMOutput:
         """Keyword names follow transformers' VL model, so a batch from either processor runs on either model.
@@ -344,6 +347,7 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         output_router_logits: also return, per MoE layer and group, a `moe.RouterRecord` (layer, group, router
         logits, chosen experts, token rows) in ``.router_logits`` (what the MoE training losses read).
         output_mtp_logits: also return the multi-token-prediction block's logits (``.mtp_logits``, training).
+        output_trunk_hidden: also return the last layer's output before the final norm (``.trunk_hidden``).
         """
         if output_mtp_logits and not self.config.num_nextn_predict_layers:
             raise ValueError("output_mtp_logits: this model has no MTP block (config.num_nextn_predict_layers is 0)")
@@ -368,12 +372,13 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             audio_values=audio_values,
             audio_lengths=audio_lengths,
             router_out=[] if output_router_logits else None,
-            keep_trunk_hidden=output_mtp_logits,
+            keep_trunk_hidden=output_mtp_logits or output_trunk_hidden,
         )
         router_out = self.model.layers.take_records() if output_router_logits else None
-        mtp_logits = None
-        if output_mtp_logits:
+        mtp_logits = trunk_h = None
+        if output_mtp_logits or output_trunk_hidden:
             trunk_h, _, mask, pos = out.hidden_states
+        if output_mtp_logits:
             mtp_logits = self.lm_head(self.model.mtp_row(trunk_h, mask, pos, input_ids))
         h = out.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor):  # one position per row: [B] indices
@@ -386,5 +391,6 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
+        kept = trunk_h if output_trunk_hidden else None
         return Ernie45CausalLMOutput(loss=loss, logits=logits, cache=cache, router_logits=router_out,
-                                     mtp_logits=mtp_logits)  # fmt: skip
+                                     mtp_logits=mtp_logits, trunk_hidden=kept)  # fmt: skip

@@ -242,7 +242,7 @@ class FastExpertGroup(ExpertGroup):
         fp32 = x.dtype == w1.dtype == self.down_proj.dtype == torch.float32 and w1.device.type == "cpu"
         if not (fp32 and not kernels.needs_grad(x, w1) and kernels.ready()) and not self.kernel_reads(x):
             return None
-        w1, w2 = self.gate_up_proj, self.down_proj
+        w2 = self.down_proj
         if not (w1.is_contiguous() and w2.is_contiguous()):
             return None
         return [w1], [], [w2], [], 0  # stacked: the call reads expert e as w1[e] (no 2 x 64 list elements to pass)
