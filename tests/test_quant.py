@@ -420,6 +420,30 @@ def test_a_batch_row_gets_the_numbers_it_gets_alone(own_kernels):
         assert torch.equal(kernels.gemv(x[:m], w), alone)
 
 
+def test_int4_prefill_rows_take_the_vnni_kernel_where_it_is_the_faster(own_kernels, monkeypatch):
+    """On an AVX512 build the int4 kernel beats torch's int4 kernel and the dequantised matmul at 16-1024 rows
+    (docs/performance.md), so a prefill's rows take it too, in chunks, each row with the numbers it gets alone; on
+    the AVX2 build, where it is the slower, they keep torch's routes."""
+    from ernie45.runtime import quant
+    from ernie45.runtime.quant import QuantLinear
+
+    kernels = own_kernels
+    if kernels.kernel() is None or not kernels.ready("int4"):
+        pytest.skip("no C++ compiler or no int4 kernel here")
+    monkeypatch.setattr(quant, "KERNEL_CHUNK", 16)  # rows past a chunk go in several calls
+    torch.manual_seed(0)
+    q = QuantLinear.from_float(torch.randn(128, 256), None, 4, 64)
+    x = torch.randn(300, 256, dtype=torch.bfloat16)  # past PACKED_ROWS[4] (the "many rows" route) too
+    alone = torch.cat([q(x[i : i + 1]) for i in range(len(x))])
+    for m in (12, 40, 300):
+        if kernels.isa() == "avx512":
+            assert torch.equal(q(x[:m]), alone[:m])
+        else:
+            got = q(x[:m])
+            assert not torch.equal(got, alone[:m])  # torch's kernel: x not rounded to int8
+            assert (got.float() - alone[:m].float()).norm() / got.float().norm() < 0.02
+
+
 @pytest.mark.skipif(not __import__("ernie45.runtime.quant", fromlist=["x"]).fbgemm_int8_available(),
                     reason="FBGEMM's int8 product needs VNNI")  # fmt: skip
 def test_int8_decode_on_fbgemm_stays_close_and_keeps_one_copy_of_the_codes(monkeypatch):

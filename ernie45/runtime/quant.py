@@ -33,6 +33,7 @@ GROUP_SIZES = (32, 64, 128)
 # up to this many rows a CPU matmul takes the packed kernel, above it a bf16 matmul on the dequantised weight
 # (measured crossovers: docs/performance.md, "Measurements behind the code")
 PACKED_ROWS = {8: 32, 4: 256}
+KERNEL_CHUNK = 1024  # prefill rows one int4 kernel call takes (its per-thread buffers grow with the rows)
 CPU_INT4_BLOCK = 64  # torch's CPU int4 tiles: 64 output rows, each byte one column of rows j and j + 32
 
 
@@ -148,7 +149,8 @@ class QuantLinear(nn.Module):
 
     def _choose(self) -> None:
         """Pick, once, how this linear multiplies for its device, width, dtype and this CPU's kernels: `_decode`
-        for up to `kernels.MAX_ROWS` rows, `_many` for more than `PACKED_ROWS` (prefill), `_rows` otherwise.
+        for up to `kernels.MAX_ROWS` rows, `_many` for more than `PACKED_ROWS` (prefill), `_rows` otherwise (on an
+        AVX512 build the int4 kernel takes every row count).
         Run again where those change (a move to another device, FBGEMM packing)."""
         self._chosen = True
         cpu = self.codes().device.type == "cpu" if self.dynamic is None else True
@@ -177,6 +179,8 @@ class QuantLinear(nn.Module):
         elif cpu and self.bits == 4 and self._unpackable() and kernels.ready("int4"):
             self._tiles = (self.qweight, self.scales, self.group)
             self._decode = self._int4_kernel
+            if kernels.isa() == "avx512":  # there the VNNI kernel also beats both prefill routes at 16-1024 rows
+                self._rows = self._many = self._int4_kernel  # (docs/performance.md: "int4 prefill on the VNNI...")
 
     def _own_int8(self) -> bool:
         """Whether ernie45's int8 decode kernel takes this linear's rows (its codes in place, a width it reads)."""
@@ -321,6 +325,8 @@ class QuantLinear(nn.Module):
         return kernels.gemv_int8(x2, self.qweight, self.scales).to(x2.dtype)
 
     def _int4_kernel(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] > KERNEL_CHUNK:  # the kernel keeps its rounded rows per thread: at most a chunk's
+            return torch.cat([self._int4_kernel(part) for part in x2.split(KERNEL_CHUNK)])
         return kernels.gemv_int4(x2, *self._tiles).to(x2.dtype)
 
     def _int8_cpu(self, x2: torch.Tensor) -> torch.Tensor:
