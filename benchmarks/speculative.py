@@ -1,8 +1,9 @@
 """Speculative decoding against plain decoding, side by side in one run, batch 1, greedy: prompt lookup
-(n-gram, k drafts) and, where the model has an MTP layer, MTP drafts (one a step).
+(n-gram, k drafts) and, where the model has an MTP layer, MTP drafts (by default one a step; `--mtp 1,2,3`: a
+column per count, the block chained on its own output past the first).
 
     python benchmarks/speculative.py            # the embedded demo model
-    python benchmarks/speculative.py --model DIR --k 4
+    python benchmarks/speculative.py --model DIR --k 4 --mtp 1,3
 
 Prompts of four kinds: answers that copy from the prompt (a document's lines asked back, a CSV table read
 out), answers that repeat themselves, answers that copy nothing, and the demo's own answers (worked arithmetic,
@@ -44,10 +45,11 @@ ANSWERS = {
 
 
 def run(llm: LLM, prompts: list, k: int | str, tokens: int, to_end: bool = False) -> tuple[float, int, float]:
-    """(seconds, new tokens, acceptance) over `prompts` answered one after another; k > 0: n-gram drafts, "mtp":
-    MTP drafts. to_end: each answer to its own end (else exactly `tokens` tokens)."""
-    spec = {"method": "mtp"} if k == "mtp" else {"method": "ngram", "num_speculative_tokens": k,
-                                                  "prompt_lookup_max": 3, "prompt_lookup_min": 1}  # fmt: skip
+    """(seconds, new tokens, acceptance) over `prompts` answered one after another; k > 0: n-gram drafts, "mtpN":
+    N MTP drafts a step. to_end: each answer to its own end (else exactly `tokens` tokens)."""
+    mtp = isinstance(k, str)
+    spec = {"method": "mtp", "num_speculative_tokens": int(k[3:])} if mtp else {
+        "method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 3, "prompt_lookup_min": 1}  # fmt: skip
     config = SpeculativeConfig.parse(spec) if k else None
     engine = BatchEngine(llm, max_batch=1, max_len=2048, thread=False, speculative=config)
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=not to_end)
@@ -98,6 +100,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="drafted tokens per step")
     ap.add_argument("--tokens", type=int, default=96, help="new tokens per answer")
     ap.add_argument("--repeat", type=int, default=5, help="runs per cell, methods interleaved; the fastest is shown")
+    ap.add_argument("--mtp", default="1", help="comma list of MTP drafts a step, a column each (default 1)")
     ap.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as stored; the demo model is fp32)")
     args = ap.parse_args()
     llm = LLM(args.model, dtype=args.dtype)
@@ -105,10 +108,11 @@ def main() -> None:
     model = f"{args.model or 'demo model'}, {llm.model.dtype}"
     print(f"{cpu_name()}; {model}; batch 1, greedy, {args.tokens} new tokens, k = {args.k}")
     head = f"{'prompt':16} {'plain tok/s':>12} {'ngram tok/s':>12} {'ratio':>6} {'accepted':>9}"
-    print(head + (f" {'mtp tok/s':>10} {'ratio':>6} {'accepted':>9}" if mtp else ""))
+    mtp_ks = [int(v) for v in args.mtp.split(",")] if mtp else []
+    print(head + "".join(f" {f'mtp{k} tok/s':>11} {'ratio':>6} {'accepted':>9}" for k in mtp_ks))
     cases = [(name, [p], False) for name, p in PROMPTS.items()] + [(n, ps, True) for n, ps in ANSWERS.items()]
     print(f"one forward after a 60-token prompt (median of 600): {verify_cost(llm)}")
-    methods = [0, args.k, "mtp"] if mtp else [0, args.k]
+    methods = [0, args.k, *(f"mtp{k}" for k in mtp_ks)]
     for name, prompts, to_end in cases:
         for k in methods:
             run(llm, prompts[:1], k, 8)  # warm-up
@@ -122,7 +126,7 @@ def main() -> None:
         for k in methods[1:]:
             spec_s, m, acceptance = best[k]
             assert m == n, (name, k, m, n)  # greedy answers are the same answers
-            line += f" {m / spec_s:12.1f} {plain_s / spec_s:5.2f}x {acceptance:9.0%}"
+            line += f" {m / spec_s:{12 if k == args.k else 11}.1f} {plain_s / spec_s:5.2f}x {acceptance:9.0%}"
         print(line)
 
 

@@ -135,9 +135,42 @@ def test_an_mtp_layer_that_keeps_missing_drafts_less_often(no_mtp_dir):
     assert engine.stats["accepted_tokens"] <= 2 and engine.stats["draft_tokens"] <= 12, engine.stats
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_mtp_chained_drafts_give_plain_decoding_s_answers(no_mtp_dir, k):
+    """num_speculative_tokens k: the one MTP block runs k times a step, each on its own last output, and the trunk
+    verifies the k drafts in one forward; the answers are plain decoding's (to max_tokens, which cuts a step's
+    drafts short), more than one draft a verify is taken, and the block's cache keeps confirmed positions only."""
+    plain = LLM(str(no_mtp_dir))
+    spec = LLM(speculative_config={"method": "mtp", "num_speculative_tokens": k})
+    engine = BatchEngine(spec, max_batch=1, max_len=512, thread=False, speculative=spec.speculative)
+    widths = []
+    hook = spec.model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)  # fmt: skip
+    params = SamplingParams(max_tokens=37, temperature=0)
+    try:
+        for question in ("What is 59 plus 73?", "What is 91 minus 56?"):
+            enc = spec.processor.encode_chat([{"role": "user", "content": question}])
+            handle = engine.submit(enc, params)
+            while not handle.request.finished:
+                engine.step()
+                mtp = handle.request.mtp
+                if mtp is not None:  # (the block's cache, the drafts, the first position it lacks)
+                    assert len(mtp[1]) <= k and mtp[0].length == mtp[2]  # (a short prompt: it starts at 0)
+            assert handle.request.row.token_ids == plain.chat([[{"role": "user", "content": question}]],
+                                                              params)[0].token_ids  # fmt: skip
+    finally:
+        hook.remove()
+    verifies = sum(1 for w in widths if 1 < w <= k + 1)
+    assert max(w for w in widths if w < 20) == k + 1, widths
+    assert engine.stats["draft_tokens"] > verifies  # several drafts a verify
+    assert engine.stats["accepted_tokens"] > verifies  # and more than one taken a verify, on average
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, seed=3)
+    assert all(len(o.token_ids) > 0 for o in spec.generate(PROMPTS, sampled))
+
+
 def test_mtp_without_a_layer_or_with_more_drafts_is_refused_by_name(no_mtp_dir):
-    with pytest.raises(ValueError, match="MTP drafts one token per step"):
-        SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": 3})
+    with pytest.raises(ValueError, match="MTP drafts 1-7 tokens a step"):
+        SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": 8})
     with pytest.raises(ValueError, match="choose from ngram, mtp, ernie_mtp"):
         SpeculativeConfig.parse({"method": "eagle"})
     with pytest.raises(ValueError, match="this model has no MTP block"):

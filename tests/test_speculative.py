@@ -104,5 +104,9 @@ def test_the_commands_take_speculation_and_answer_the_same():
     fast = subprocess.run([*base, "--speculative", "4"], capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0 and fast.returncode == 0, fast.stderr[-2000:]
     assert fast.stdout == plain.stdout and plain.stdout.strip()
-    bad = subprocess.run([*base, "--speculative", "40"], capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "num_speculative_tokens is 1-16" in bad.stderr and "Traceback" not in bad.stderr
+    chained = subprocess.run([*base, "--speculative", "mtp:3"], capture_output=True, text=True, timeout=600)
+    assert chained.returncode == 0 and chained.stdout == plain.stdout, chained.stderr[-2000:]
+    for value, said in (("40", "num_speculative_tokens is 1-16"), ("mtp:9", "MTP drafts 1-7 tokens a step"),
+                        ("mtp:x", "'mtp' or 'mtp:K'")):  # fmt: skip
+        bad = subprocess.run([*base, "--speculative", value], capture_output=True, text=True, timeout=600)
+        assert bad.returncode != 0 and said in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]

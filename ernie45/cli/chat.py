@@ -46,7 +46,10 @@ def _open_llm(args: argparse.Namespace):
         raise UsageError(f"{path} is not a checkpoint directory (it needs config.json, weights and a tokenizer)")
     quantization, compile = getattr(args, "quantization", None), getattr(args, "compile", None)
     k = getattr(args, "speculative", 0) or 0
-    spec = {"method": "mtp"} if k == "mtp" else {"method": "ngram", "num_speculative_tokens": k}
+    if isinstance(k, str):  # "mtp" or "mtp:K"
+        spec = {"method": "mtp", "num_speculative_tokens": int(k.partition(":")[2] or 1)}
+    else:
+        spec = {"method": "ngram", "num_speculative_tokens": k}
     extra = {"speculative_config": spec} if k else {}
     try:
         return LLM(path, dtype=args.dtype, quantization=quantization, compile=compile, **extra)
@@ -266,18 +269,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def speculative_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculative", type=_speculative, default=0, metavar="K|mtp",
-                   help="draft K tokens a step by prompt lookup, or one by the model's MTP layer ('mtp'), and "
-                        "verify them at once (greedy answers unchanged); default 0: off")  # fmt: skip
+    p.add_argument("--speculative", type=_speculative, default=0, metavar="K|mtp[:K]",
+                   help="draft K tokens a step by prompt lookup, or by the model's MTP layer ('mtp': one, 'mtp:3': "
+                        "three, the layer chained on its own output), and verify them at once (greedy answers "
+                        "unchanged); default 0: off")  # fmt: skip
 
 
 def _speculative(value: str) -> int | str:
-    if value == "mtp":
-        return value
+    method, _, k = value.partition(":")
     try:
+        if method == "mtp":
+            return value if not k or int(k) > 0 else int("x")
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: a number of drafted tokens (e.g. 4) or 'mtp'") from None
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: a number of drafted tokens (e.g. 4), 'mtp' or 'mtp:K' (e.g. mtp:3)") from None
 
 
 def add_commands(sub) -> None:

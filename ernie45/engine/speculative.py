@@ -4,10 +4,11 @@ A decode step reads every weight to make one token, so on a CPU or a small batch
 arithmetic: a forward over the last token plus k drafted ones costs about one step. The draft is the
 continuation of the latest earlier place where the answer's last n tokens occurred (in the prompt or the
 answer so far) — free, and good wherever the answer copies (summaries, extraction, code edits, documents).
-With `method="mtp"` the draft is the model's own multi-token-prediction block's guess (`model.mtp`): one token
-per step, from the trunk's hidden state of the verify forward and the token just chosen. The MTP block attends
-over its own cache, which starts with the last `MTP_WINDOW` positions before the request's first speculative
-step (recomputed once by that step's forward, which also yields its token like a decode step).
+With `method="mtp"` the draft is the model's own multi-token-prediction block's guess (`model.mtp`): by default
+one token per step, from the trunk's hidden state of the verify forward and the token just chosen; with
+`num_speculative_tokens` k, k tokens, the block run again on its own output for each one past the first. The
+MTP block attends over its own cache, which starts with the last `MTP_WINDOW` positions before the request's
+first speculative step (kept by the prefill, or recomputed once by that step's forward).
 
 Acceptance keeps the output exactly what plain decoding gives: greedy rows take drafted tokens while they are
 the argmax; sampled rows take a drafted token d with probability p(d) and otherwise sample from p without d
@@ -35,13 +36,15 @@ if TYPE_CHECKING:
 
 
 MTP_WINDOW = 128  # positions the MTP block's cache starts with (before them, its attention does not reach)
+MTP_MAX_DRAFTS = 7  # a verify of the last token and 7 drafts is 8 rows: one fused decode call a layer
 METHODS = {"ngram": "ngram", "mtp": "mtp", "ernie_mtp": "mtp"}  # vLLM calls ERNIE's "ernie_mtp"
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """vLLM's `speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-    "prompt_lookup_min": 2}`, or `{"method": "mtp"}` (one drafted token per step)."""
+    "prompt_lookup_min": 2}`, or `{"method": "mtp"}` (one drafted token per step by default; with
+    `num_speculative_tokens` k up to `MTP_MAX_DRAFTS`, the one MTP block runs k times, each on its own output)."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
@@ -60,12 +63,14 @@ class SpeculativeConfig:
         method = METHODS.get(spec.get("method", "ngram"))
         if method is None:
             raise ValueError(f"speculative_config: method {spec.get('method')!r}; choose from {', '.join(METHODS)}")
-        if method == "mtp" and spec.get("num_speculative_tokens", 1) != 1:
-            raise ValueError("speculative_config: MTP drafts one token per step (num_speculative_tokens 1)")
+        if method == "mtp" and not 1 <= spec.get("num_speculative_tokens", 1) <= MTP_MAX_DRAFTS:
+            raise ValueError(f"speculative_config: MTP drafts 1-{MTP_MAX_DRAFTS} tokens a step (num_speculative_tokens;"
+                             " past the first, the block runs again on its own output)")  # fmt: skip
         lookup = sorted(k for k in spec if k.startswith("prompt_lookup"))
         if method == "mtp" and lookup:
             raise ValueError(f"speculative_config: {', '.join(lookup)} set the n-gram method; MTP does not read them")
-        config = cls(**{**spec, "method": method, **({"num_speculative_tokens": 1} if method == "mtp" else {})})
+        mtp_k = {"num_speculative_tokens": spec.get("num_speculative_tokens", 1)} if method == "mtp" else {}
+        config = cls(**{**spec, "method": method, **mtp_k})
         if not 1 <= config.num_speculative_tokens <= 16:
             raise ValueError("speculative_config: num_speculative_tokens is 1-16")
         if not 1 <= config.prompt_lookup_min <= config.prompt_lookup_max:
@@ -142,7 +147,7 @@ def speculate(engine: BatchEngine, req: Request, config: SpeculativeConfig) -> b
         backoff[0] -= 1
         return False
     if config.method == "mtp":
-        return _mtp_step(engine, req, start)
+        return _mtp_step(engine, req, start, min(config.num_speculative_tokens, room))
     history = [*req.encoded["input_ids"], *req.row.token_ids]
     draft = ngram_draft(history, room, config.prompt_lookup_min, config.prompt_lookup_max)
     if not draft:
@@ -173,9 +178,9 @@ def _commit(engine: BatchEngine, req: Request, start: int, draft: list[int], tok
             break
 
 
-def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
+def _mtp_step(engine: BatchEngine, req: Request, start: int, k: int = 1) -> bool:
     """Verify the MTP draft made last step, then run the MTP block over the newly confirmed positions and keep
-    its guess for the next step. `req.mtp` holds (the MTP block's cache, the draft, the first position the MTP
+    its k guesses for the next step. `req.mtp` holds (the MTP block's cache, the draft, the first position the MTP
     cache lacks). Positions it lacks before this step's are recomputed by this step's forward, for their hidden
     states: on the first step the last `MTP_WINDOW` cached positions (unless the prefill kept them:
     `req.mtp_seed`), after plain steps those steps' tokens.
@@ -190,6 +195,7 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
         mtp_cache = GrowingKVCache(c.num_key_value_heads, c.head_dim, dtype, model.device, MTP_WINDOW * 2)
         req.mtp = (mtp_cache, [], start - min(MTP_WINDOW, start))
     mtp_cache, draft, base = req.mtp
+    draft = draft[:k]  # guessed when there was more room (the cache's end, max_tokens)
     prompt = req.encoded["input_ids"]  # positions base..start of prompt + answer, without joining the two whole
     history = [*prompt[base:start], *req.row.token_ids[max(base - len(prompt), 0) : max(start - len(prompt), 0)]]
     full = [*history, req.last_token, *draft]
@@ -221,6 +227,22 @@ def _mtp_step(engine: BatchEngine, req: Request, start: int) -> bool:
     pos = torch.arange(base + 1, base + 1 + n, device=model.device)[None]
     mask = attention_mask(None, n, past + n, model.device)
     h = mtp_forward(trunk, hidden, trunk.embed_tokens(following), pos, mask, mtp_cache)
-    guess = int(model.lm_head(trunk.norm(h[:, -1])).argmax(-1))
-    req.mtp = (mtp_cache, [guess], start + 1 + kept)
+    req.mtp = (mtp_cache, _mtp_guesses(model, h[:, -1:], pos[0, -1] + 1, mtp_cache, k), start + 1 + kept)
     return True
+
+
+def _mtp_guesses(model, h: torch.Tensor, position, mtp_cache: GrowingKVCache, k: int) -> list[int]:
+    """k greedy guesses from the MTP block's last output h [1, 1, H]: the first from h, each further one from the
+    block run again on its own previous output and guess, one position on (as DeepSeek-V3 chains its MTP modules,
+    here one module reused, as vLLM does). The cache entries those extra runs add are dropped again: the block's
+    cache holds confirmed positions only."""
+    trunk, confirmed = model.model, mtp_cache.length
+    guesses = [int(model.lm_head(trunk.norm(h[:, -1])).argmax(-1))]
+    for i in range(1, k):
+        pos = torch.tensor([[int(position) + i - 1]], device=h.device)
+        mask = attention_mask(None, 1, mtp_cache.length + 1, h.device)
+        h = mtp_forward(trunk, h, trunk.embed_tokens(torch.tensor([guesses[-1:]], device=h.device)), pos, mask,
+                        mtp_cache)  # fmt: skip
+        guesses.append(int(model.lm_head(trunk.norm(h[:, -1])).argmax(-1)))
+    mtp_cache.length = confirmed
+    return guesses
