@@ -283,7 +283,8 @@ def _speculative(value: str) -> int | str:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{value!r}: a number of drafted tokens (e.g. 4), 'mtp' or 'mtp:K' (e.g. mtp:3)") from None
+            f"{value!r}: a number of drafted tokens (e.g. 4), 'mtp' or 'mtp:K' (e.g. mtp:3)"
+        ) from None
 
 
 def add_commands(sub) -> None:
