@@ -228,6 +228,7 @@ def main() -> None:
     bw = max(bw, bw_small)
     rows = [("ernie45 fp32", torch.float32, None), ("ernie45 bf16", torch.bfloat16, None),
             ("ernie45 int8", torch.float32, "int8"), ("ernie45 int4", torch.float32, "int4"),
+            ("ernie45 int8 bf16", torch.bfloat16, "int8"), ("ernie45 int4 bf16", torch.bfloat16, "int4"),
             ("ernie45 bf16 compiled", torch.bfloat16, None), ("ernie45 int8 compiled", torch.float32, "int8"),
             ("ernie45 int4 compiled", torch.float32, "int4"),
             ("ernie45 int8 own kernels", torch.float32, "int8"), ("ernie45 int4 own kernels", torch.float32, "int4"),

@@ -16,6 +16,7 @@ CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised weights 
 
 from __future__ import annotations
 
+import time
 import warnings
 from functools import lru_cache
 
@@ -105,6 +106,23 @@ def fbgemm_int8_available() -> bool:
     return torch.backends.quantized.engine in ("x86", "fbgemm") and bool(vnni)
 
 
+@lru_cache(maxsize=1)
+def int8_many_rows_dequantised() -> bool:
+    """Whether many bf16 rows (prefill) multiply an int8 weight faster dequantised (a bf16 or widened matmul) than
+    on torch's int8 kernel here. Measured once (~30 ms), not assumed: on an AMD EPYC without AMX the dequantised
+    product was 2-2.5x faster at 48-512 rows (docs/performance.md, "int8 prefill"); the Intel part with AMX where
+    the crossovers were first set kept torch's kernel for bf16 rows."""
+    q = QuantLinear.from_float(torch.randn(1024, 1024, dtype=torch.bfloat16), None, 8)
+    x = torch.randn(192, 1024, dtype=torch.bfloat16)
+    timings = {True: float("inf"), False: float("inf")}
+    for _ in range(3):
+        for dequantised in timings:
+            start = time.perf_counter()
+            q._dequantised(x) if dequantised else q._int8(x)
+            timings[dequantised] = min(timings[dequantised], time.perf_counter() - start)
+    return timings[True] < 0.8 * timings[False]
+
+
 class QuantLinear(nn.Module):
     """y = x W^T (+ b) with W stored as int8 per channel or packed int4 per group."""
 
@@ -170,7 +188,8 @@ class QuantLinear(nn.Module):
         else:
             self._rows = self._int4_cpu if cpu else self._int4_cuda
         # CPU prefill: a bf16 matmul on the dequantised weight beats the packed kernels for many rows
-        many = cpu and ((self.bits == 8 and self.dtype == torch.float32) or self._unpackable())
+        many = cpu and (self._unpackable() or self.bits == 8 and (self.dtype == torch.float32
+                                                                    or int8_many_rows_dequantised()))  # fmt: skip
         self._many = self._dequantised if many else self._rows
         self._decode = self._rows
         if cpu and self._own_int8():
