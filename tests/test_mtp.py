@@ -168,6 +168,27 @@ def test_mtp_chained_drafts_give_plain_decoding_s_answers(no_mtp_dir, k):
     assert all(len(o.token_ids) > 0 for o in spec.generate(PROMPTS, sampled))
 
 
+def test_the_chained_passes_read_the_pass_before(no_mtp_dir):
+    """output_mtp_chain n: n more passes of the MTP block over the row; pass j's slot i predicts the token at
+    i + 2 + j from pass j-1's output at slot i. The first slot of pass 1 attends only to itself, so it equals the
+    block run by hand on pass 0's first output and the token two on, one position later."""
+    from ernie45.model.layers import attention_mask
+    from ernie45.model.mtp import mtp_forward
+
+    model = ernie45.load(default_model_path(), dtype="float32")
+    trunk = model.model
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_mtp_chain=2, output_trunk_hidden=True)
+        assert len(out.mtp_chain_logits) == 2 and all(c.shape == out.logits.shape for c in out.mtp_chain_logits)
+        h0 = out.trunk_hidden[:, :1]
+        one = attention_mask(None, 1, 1, "cpu")
+        o0 = mtp_forward(trunk, h0, trunk.embed_tokens(ids[:, 1:2]), torch.tensor([[1]]), one)
+        torch.testing.assert_close(model.lm_head(trunk.norm(o0)), out.mtp_logits[:, :1])
+        o1 = mtp_forward(trunk, o0, trunk.embed_tokens(ids[:, 2:3]), torch.tensor([[2]]), one)
+        torch.testing.assert_close(model.lm_head(trunk.norm(o1)), out.mtp_chain_logits[0][:, :1])
+
+
 def test_mtp_without_a_layer_or_with_more_drafts_is_refused_by_name(no_mtp_dir):
     with pytest.raises(ValueError, match="MTP drafts 1-7 tokens a step"):
         SpeculativeConfig.parse({"method": "mtp", "num_speculative_tokens": 8})
@@ -177,9 +198,10 @@ def test_mtp_without_a_layer_or_with_more_drafts_is_refused_by_name(no_mtp_dir):
         LLM(str(no_mtp_dir), speculative_config={"method": "mtp"}).generate(["hi"], SamplingParams(max_tokens=2))
 
 
-def test_a_recipe_trains_the_mtp_layer_alone(no_mtp_dir, tmp_path):
+@pytest.mark.parametrize("chain", [0.0, 1.0])
+def test_a_recipe_trains_the_mtp_layer_alone(no_mtp_dir, tmp_path, chain):
     """`model: {mtp: 1}` adds a fresh MTP layer to a model without one; `freeze: [base]` and `losses: {mtp: 1}`
-    train it alone."""
+    train it alone; `mtp_chain` also trains it on its own output, as the engine's chained drafts feed it."""
     from ernie45.train.recipe import build_trainer
 
     recipe = {
@@ -187,7 +209,7 @@ def test_a_recipe_trains_the_mtp_layer_alone(no_mtp_dir, tmp_path):
         "data": {"demo": {"seed": 5, "mix": {"arithmetic": 0.7, "text": 0.3}}, "max_tokens": 256},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 30, "batch_size": 2, "learning_rate": 3e-3,
                   "save_steps": 1000, "logging_steps": 5, "disable_tqdm": True},
-        "losses": {"mtp": 1.0},
+        "losses": {"mtp": 1.0, "mtp_chain": chain},
         "freeze": ["base"],
     }  # fmt: skip
     try:
@@ -198,5 +220,7 @@ def test_a_recipe_trains_the_mtp_layer_alone(no_mtp_dir, tmp_path):
         torch.set_flush_denormal(False)
     losses = [h["mtp_loss"] for h in trainer.state.log_history if "mtp_loss" in h]
     assert len(losses) >= 4 and losses[-1] < 0.8 * losses[0], losses
+    chained = [h["mtp_chain_loss"] for h in trainer.state.log_history if "mtp_chain_loss" in h]
+    assert (len(chained) >= 4 and chained[-1] < 0.8 * chained[0]) if chain else not chained, chained
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".mtp_" in n for n in changed), sorted(changed)[:5]

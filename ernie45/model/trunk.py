@@ -270,14 +270,22 @@ class Ernie45Model(Ernie45PreTrainedModel):
         kept = (h, rope, mask, position_ids) if keep_trunk_hidden else None
         return BaseModelOutputWithPast(last_hidden_state=self.norm(h), cache=cache, hidden_states=kept)
 
-    def mtp_row(self, trunk_hidden, mask, position_ids, input_ids) -> torch.Tensor:
-        """Training: the MTP block over a whole row; slot i reads (h_i, embed(t_{i+1})) at t_{i+1}'s position and
-        predicts t_{i+2}. The last slot has no next token (a zero embedding); the row keeps its length, so the
-        trunk's mask applies as it is (pairs that straddle a packed row's document boundary are left in: two
-        tokens per boundary)."""
-        nxt = torch.cat([self.embed_tokens(input_ids[:, 1:]), torch.zeros_like(trunk_hidden[:, :1])], dim=1)
-        pos = torch.cat([position_ids[..., 1:], position_ids[..., -1:] + 1], dim=-1)
-        return self.norm(mtp_forward(self, trunk_hidden, nxt.to(trunk_hidden.dtype), pos, mask))
+    def mtp_row(self, trunk_hidden, mask, position_ids, input_ids, passes: int = 1) -> list[torch.Tensor]:
+        """Training: the MTP block over a whole row, `passes` times; in pass j (from 0) slot i predicts t_{i+2+j}.
+        Pass 0 reads (h_i, embed(t_{i+1})) at t_{i+1}'s position; pass j > 0 reads pass j-1's output at slot i and
+        embed(t_{i+1+j}), one position on: what the engine's chained drafts feed the block. Slots past the row's
+        end get a zero embedding; the row keeps its length, so the trunk's mask applies as it is (pairs that
+        straddle a packed row's document boundary are left in: a few tokens per boundary). Returns each pass's
+        output after the final norm."""
+        outs, h = [], trunk_hidden
+        for j in range(passes):
+            shift = 1 + j
+            nxt = torch.cat([self.embed_tokens(input_ids[:, shift:]), torch.zeros_like(trunk_hidden[:, :shift])], 1)
+            after = position_ids[..., -1:] + torch.arange(1, shift + 1, device=position_ids.device)
+            pos = torch.cat([position_ids[..., shift:], after], dim=-1)
+            h = mtp_forward(self, h, nxt.to(trunk_hidden.dtype), pos, mask)
+            outs.append(self.norm(h))
+        return outs
 
 
 def _layer_mask(padding_mask, q_len: int, kv_len: int, device) -> torch.Tensor | FlashMask | None:
@@ -300,6 +308,7 @@ class Ernie45CausalLMOutput(MoeCausalLMOutputWithPast):
     norm [B, S, H] (what the MTP block reads: the engine keeps a prompt's last ones for MTP drafting)."""
 
     mtp_logits: torch.Tensor | None = None
+    mtp_chain_logits: tuple[torch.Tensor, ...] | None = None
     trunk_hidden: torch.Tensor | None = None
 
 
@@ -337,6 +346,7 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_router_logits: bool = False,
         output_mtp_logits: bool = False,
+        output_mtp_chain: int = 0,
         output_trunk_hidden: bool = False,
         **kwargs: Any,
     ) -> Ernie45CausalLMOutput:
@@ -347,10 +357,13 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
         output_router_logits: also return, per MoE layer and group, a `moe.RouterRecord` (layer, group, router
         logits, chosen experts, token rows) in ``.router_logits`` (what the MoE training losses read).
         output_mtp_logits: also return the multi-token-prediction block's logits (``.mtp_logits``, training).
+        output_mtp_chain: n > 0: also the logits of n more passes of the block, each on the one before's output
+            (``.mtp_chain_logits``: pass j's slot i predicts the token at i + 2 + j; the engine's chained drafts).
         output_trunk_hidden: also return the last layer's output before the final norm (``.trunk_hidden``).
         """
-        if output_mtp_logits and not self.config.num_nextn_predict_layers:
+        if (output_mtp_logits or output_mtp_chain) and not self.config.num_nextn_predict_layers:
             raise ValueError("output_mtp_logits: this model has no MTP block (config.num_nextn_predict_layers is 0)")
+        output_mtp_logits = output_mtp_logits or bool(output_mtp_chain)
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             from transformers import DynamicCache
@@ -375,11 +388,13 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             keep_trunk_hidden=output_mtp_logits or output_trunk_hidden,
         )
         router_out = self.model.layers.take_records() if output_router_logits else None
-        mtp_logits = trunk_h = None
+        mtp_logits = trunk_h = chain = None
         if output_mtp_logits or output_trunk_hidden:
             trunk_h, _, mask, pos = out.hidden_states
         if output_mtp_logits:
-            mtp_logits = self.lm_head(self.model.mtp_row(trunk_h, mask, pos, input_ids))
+            rows = self.model.mtp_row(trunk_h, mask, pos, input_ids, 1 + output_mtp_chain)
+            passes = [self.lm_head(h) for h in rows]
+            mtp_logits, chain = passes[0], tuple(passes[1:]) or None
         h = out.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor):  # one position per row: [B] indices
             h = h[torch.arange(h.shape[0], device=h.device), logits_to_keep.to(h.device)][:, None]
@@ -393,4 +408,4 @@ class Ernie45ForConditionalGeneration(Ernie45PreTrainedModel, GenerationMixin):
             )
         kept = trunk_h if output_trunk_hidden else None
         return Ernie45CausalLMOutput(loss=loss, logits=logits, cache=cache, router_logits=router_out,
-                                     mtp_logits=mtp_logits, trunk_hidden=kept)  # fmt: skip
+                                     mtp_logits=mtp_logits, mtp_chain_logits=chain, trunk_hidden=kept)  # fmt: skip

@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
               "encoder_freeze_steps": 0, "disable_tqdm": False, "ddp_find_unused_parameters": None, "fsdp": None,
               "fsdp_config": None, "deepspeed": None},
     "losses": {"load_balance": 0.0, "z_loss": 0.0, "orthogonal": 0.0, "token_balance_len": 0,
-               "bias_update_rate": 0.0, "mtp": 0.0},
+               "bias_update_rate": 0.0, "mtp": 0.0, "mtp_chain": 0.0},
     "freeze": [],
     "lora": None,
     "dpo": None,
@@ -86,8 +86,9 @@ def build_model(cfg: dict, zero3: dict | None = None):
         if model.config.num_nextn_predict_layers:
             raise ValueError(f"model.mtp: {depths}, but the model has {model.config.num_nextn_predict_layers}")
         model = with_mtp(model, depths)
-    if cfg["losses"]["mtp"] and not model.config.num_nextn_predict_layers:
-        raise ValueError("losses.mtp: the model has no MTP layer; add `model: {mtp: 1}` to train one")
+    for key in ("mtp", "mtp_chain"):
+        if cfg["losses"][key] and not model.config.num_nextn_predict_layers:
+            raise ValueError(f"losses.{key}: the model has no MTP layer; add `model: {{mtp: 1}}` to train one")
     return model, processor
 
 

@@ -26,6 +26,10 @@ class LossWeights:
     token_balance_len: int = 0  # > 0: token-balanced CE with this constant length
     bias_update_rate: float = 0.0  # aux-loss-free balancing step (0: off)
     mtp: float = 0.0  # the multi-token-prediction layer's loss (the token after next), where the model has one
+    mtp_chain: float = 0.0  # the same layer run MTP_CHAIN more times on its own output (the engine's chained drafts)
+
+
+MTP_CHAIN = 3  # chained passes the `mtp_chain` loss trains: drafts 2-4 of `num_speculative_tokens` 4
 
 
 @dataclass
@@ -96,7 +100,9 @@ class Ernie45Trainer(Trainer):
         ref_logps = inputs.pop("ref_logps", None)
         valid = inputs.pop("token_mask", None)  # the padding stays out of the MoE statistics
         moe = self._is_moe(model)
-        out = model(**inputs, output_router_logits=moe, output_mtp_logits=bool(self.weights.mtp))
+        chain = MTP_CHAIN if self.weights.mtp_chain else 0
+        extra = {"output_mtp_chain": chain} if chain else {}
+        out = model(**inputs, output_router_logits=moe, output_mtp_logits=bool(self.weights.mtp), **extra)
         parts: dict[str, torch.Tensor] = {}
         # The Trainer leaves a loss undivided by the accumulation steps when it handed over `num_items_in_batch`
         # (the step's target count, summed over micro-batches and, by default, ranks): the LM loss is then that
@@ -125,6 +131,12 @@ class Ernie45Trainer(Trainer):
             mtp = cross_entropy(out.mtp_logits[:, :-1], labels[:, 1:], None, None)
             parts["mtp_loss"] = mtp.detach()
             loss = loss + self.weights.mtp * mtp * scale / steps
+        if chain:  # pass j's slot i predicts the token at i + 2 + j
+            terms = [cross_entropy(lg[:, : -1 - j], labels[:, 1 + j :], None, None)
+                     for j, lg in enumerate(out.mtp_chain_logits, start=1)]  # fmt: skip
+            mean = torch.stack(terms).mean()
+            parts["mtp_chain_loss"] = mean.detach()
+            loss = loss + self.weights.mtp_chain * mean * scale / steps
         if moe and (out.router_logits or shared):
             records = real_tokens(out.router_logits or [], valid)
             self.balancer.accumulate(records)
