@@ -278,9 +278,11 @@ def speculative_option(p: argparse.ArgumentParser) -> None:
 def _speculative(value: str) -> int | str:
     method, _, k = value.partition(":")
     try:
-        if method == "mtp":
-            return value if not k or int(k) > 0 else int("x")
-        return int(value)
+        if method != "mtp":
+            return int(value)
+        if k and int(k) < 1:
+            raise ValueError(k)
+        return value
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{value!r}: a number of drafted tokens (e.g. 4), 'mtp' or 'mtp:K' (e.g. mtp:3)"
