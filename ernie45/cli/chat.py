@@ -45,12 +45,8 @@ def _open_llm(args: argparse.Namespace):
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} is not a checkpoint directory (it needs config.json, weights and a tokenizer)")
     quantization, compile = getattr(args, "quantization", None), getattr(args, "compile", None)
-    k = getattr(args, "speculative", 0) or 0
-    if isinstance(k, str):  # "mtp" or "mtp:K"
-        spec = {"method": "mtp", "num_speculative_tokens": int(k.partition(":")[2] or 1)}
-    else:
-        spec = {"method": "ngram", "num_speculative_tokens": k}
-    extra = {"speculative_config": spec} if k else {}
+    spec = getattr(args, "speculative", None)  # a speculative_config, parsed by `_speculative`
+    extra = {"speculative_config": spec} if spec else {}
     try:
         return LLM(path, dtype=args.dtype, quantization=quantization, compile=compile, **extra)
     except ValueError as e:  # a bad option value, named
@@ -269,20 +265,22 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def speculative_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--speculative", type=_speculative, default=0, metavar="K|mtp[:K]",
+    p.add_argument("--speculative", type=_speculative, default=None, metavar="K|mtp[:K]",
                    help="draft K tokens a step by prompt lookup, or by the model's MTP layer ('mtp': one, 'mtp:3': "
                         "three, the layer chained on its own output), and verify them at once (greedy answers "
-                        "unchanged); default 0: off")  # fmt: skip
+                        "unchanged); 0 or left out: off")  # fmt: skip
 
 
-def _speculative(value: str) -> int | str:
+def _speculative(value: str) -> dict | None:
+    """ "K" -> n-gram drafts (0: off), "mtp" / "mtp:K" -> MTP drafts: the `speculative_config` (its ranges are
+    checked where it is parsed, `SpeculativeConfig.parse`)."""
     method, _, k = value.partition(":")
     try:
         if method != "mtp":
-            return int(value)
+            return {"method": "ngram", "num_speculative_tokens": int(value)} if int(value) else None
         if k and int(k) < 1:
             raise ValueError(k)
-        return value
+        return {"method": "mtp", "num_speculative_tokens": int(k or 1)}
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{value!r}: a number of drafted tokens (e.g. 4), 'mtp' or 'mtp:K' (e.g. mtp:3)"

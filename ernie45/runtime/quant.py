@@ -16,7 +16,6 @@ CUDA: the same int8 kernel and `torch._weight_int4pack_mm`. Dequantised weights 
 
 from __future__ import annotations
 
-import time
 import warnings
 from functools import lru_cache
 
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from ..model.moe import ExpertGroup
 from ..model.trunk import ENCODER_MODULES
 from . import kernels
-from .packed import bf16_matmul_in_fp32
+from .packed import bf16_matmul_in_fp32, clearly_faster
 
 GROUP_SIZES = (32, 64, 128)
 # up to this many rows a CPU matmul takes the packed kernel, above it a bf16 matmul on the dequantised weight
@@ -114,13 +113,7 @@ def int8_many_rows_dequantised() -> bool:
     the crossovers were first set kept torch's kernel for bf16 rows."""
     q = QuantLinear.from_float(torch.randn(1024, 1024, dtype=torch.bfloat16), None, 8)
     x = torch.randn(192, 1024, dtype=torch.bfloat16)
-    timings = {True: float("inf"), False: float("inf")}
-    for _ in range(3):
-        for dequantised in timings:
-            start = time.perf_counter()
-            q._dequantised(x) if dequantised else q._int8(x)
-            timings[dequantised] = min(timings[dequantised], time.perf_counter() - start)
-    return timings[True] < 0.8 * timings[False]
+    return clearly_faster(lambda: q._dequantised(x), lambda: q._int8(x))
 
 
 class QuantLinear(nn.Module):
