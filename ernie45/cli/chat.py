@@ -272,19 +272,27 @@ def speculative_option(p: argparse.ArgumentParser) -> None:
 
 
 def _speculative(value: str) -> dict | None:
-    """ "K" -> n-gram drafts (0: off), "mtp" / "mtp:K" -> MTP drafts: the `speculative_config` (its ranges are
-    checked where it is parsed, `SpeculativeConfig.parse`)."""
+    """ "K" -> n-gram drafts (0: off), "mtp" / "mtp:K" -> MTP drafts: the `speculative_config`, its ranges checked
+    by `SpeculativeConfig.parse` here, so that a bad value is refused before the model loads."""
+    from ..engine.speculative import SpeculativeConfig
+
     method, _, k = value.partition(":")
     try:
         if method != "mtp":
-            return {"method": "ngram", "num_speculative_tokens": int(value)} if int(value) else None
-        if k and int(k) < 1:
+            spec = {"method": "ngram", "num_speculative_tokens": int(value)} if int(value) else None
+        elif k and int(k) < 1:
             raise ValueError(k)
-        return {"method": "mtp", "num_speculative_tokens": int(k or 1)}
+        else:
+            spec = {"method": "mtp", "num_speculative_tokens": int(k or 1)}
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{value!r}: a number of drafted tokens (e.g. 4), 'mtp' or 'mtp:K' (e.g. mtp:3)"
         ) from None
+    try:
+        SpeculativeConfig.parse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
+    return spec
 
 
 def add_commands(sub) -> None:

@@ -90,12 +90,14 @@ def _build(name: str, key: str, root: Path, final: Path, sources: list[str], cfl
         shutil.rmtree(stale, ignore_errors=True)
     work = root / f"{name}-{key}.building-{os.getpid()}"
     work.mkdir()
-    log.warning("ernie45: compiling the C++ kernels %s (once per machine and version, about a minute)", name)
+    log.warning("ernie45: compiling the C++ kernels %s (once per machine and version, about half a minute)", name)
     started = time.monotonic()
     try:
         # is_python_module=False: the library is loaded, and its ops registered, from here on
+        # no_implicit_headers: the sources include what they use; torch/extension.h (pybind11, the whole C++ API)
+        # would double the compile
         load_inline(name, cpp_sources=sources, extra_cflags=cflags, extra_ldflags=ldflags, build_directory=str(work),
-                    is_python_module=False)  # fmt: skip
+                    is_python_module=False, no_implicit_headers=True)  # fmt: skip
         os.replace(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)

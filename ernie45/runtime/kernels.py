@@ -105,7 +105,8 @@ def kernel():
     sources = [f.read_text() for f in _SOURCES]
     if isa() == "avx2":  # the AVX-512 intrinsics as AVX2 halves, ahead of the kernels in the one unit
         flags = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-DERNIE45_AVX2", "-Wno-psabi"]
-        sources = [(Path(__file__).with_name("csrc") / "avx2_compat.h").read_text(), *sources]
+        compat = (Path(__file__).with_name("csrc") / "avx2_compat.h").read_text()
+        sources = ["#include <torch/library.h>\n#include <torch/types.h>\n", compat, *sources]  # torch's first
     else:  # VBMI / VNNI code runs only where the CPU has them (`ready`)
         flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi",
                  "-mavx512vnni"]  # fmt: skip

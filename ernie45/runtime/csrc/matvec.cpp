@@ -1,5 +1,6 @@
 // Kernels for CPU decode, built on first use by runtime/build.py; why they exist: runtime/kernels.py.
-#include <torch/extension.h>
+#include <torch/library.h>  // TORCH_LIBRARY: the ops are registered, not a Python module
+#include <torch/types.h>    // at::Tensor, torch::empty: no pybind11, half the compile of torch/extension.h
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
