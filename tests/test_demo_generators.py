@@ -201,3 +201,25 @@ def test_the_numbers_drill_writes_what_was_said_or_shown_digit_for_digit():
             pairs, item = dict(re.findall(r"([A-F]) is (\d+)", content)), content.rstrip("?").split()[-1]
             assert answer == f"The value for {item} is {pairs[item]}."
     assert kinds == {"dictation", "copy number"}
+
+
+def test_a_document_summary_copies_the_sentences_with_numbers_in_order():
+    """The extractive summary: every sentence of the answer is one of the document's sentences that carries a
+    number, all of them, in the document's order, so prompt-lookup drafting finds most of the answer."""
+    import re
+
+    from ernie45.demo.jobtasks import summary_task
+    from ernie45.engine.speculative import ngram_draft
+
+    for i in range(30):
+        skill, messages, answer = summary_task(random.Random(i))
+        doc = messages[0]["content"][0]["text"]
+        assert skill == "document summary" and doc.split(":\n", 1)[0].endswith(".txt")
+        body = doc.split("\n", 2)[2]
+        sentences = re.findall(r"[^.]+\.", body)
+        with_numbers = [s.strip() for s in sentences if re.search(r"\d", s)]
+        assert answer == "The document says: " + " ".join(with_numbers) and 2 <= len(with_numbers) <= 4
+        assert all(not re.search(r"\d", s) for s in sentences if s.strip() not in with_numbers)
+    # on characters as a stand-in for tokens: after a sentence's first words, the lookup drafts its rest
+    prompt, said = [ord(c) for c in doc], [ord(c) for c in answer.split(": ", 1)[1]]
+    assert ngram_draft(prompt + said[:12], 8, 1, 8) == said[12:20]

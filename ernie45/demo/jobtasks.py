@@ -107,7 +107,37 @@ def moderation_task(rng: random.Random, gen: Generator | None = None) -> tuple[s
     return "moderation", messages, json.dumps(verdict)
 
 
-JOB_TASKS = {"csv": csv_task, "page": page_task, "moderation": moderation_task}
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")  # fmt: skip
+SUBJECTS = ("sales", "orders", "returns", "visits", "sign-ups", "support tickets", "refunds", "deliveries")
+FACTS = ("{S} rose to {n} in {m}.", "{S} fell to {n} in {m}.", "In {m}, {s} reached {n}.",
+         "The team counted {n} {s} in {m}.", "{S} stayed at {n} through {m}.")  # fmt: skip
+FILLER = ("The figures are rounded.", "This note was written by the office.", "See the appendix for details.",
+          "All numbers are preliminary.", "The next review is planned.", "Questions go to the team lead.",
+          "Weekends are included.", "The method did not change.")  # fmt: skip
+SUMMARISE = ("Summarize the document.", "Summarise this document.", "Give a short summary of the document.",
+             "What does the document say?")  # fmt: skip
+
+
+def summary_task(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
+    """A short report as a text file and "Summarize the document.": its sentences that carry a number, word for
+    word and in order, after "The document says:" (an extractive summary; the answer copies the prompt, as a
+    summary of a long document mostly does, which is what prompt-lookup drafting speeds up)."""
+    subjects = rng.sample(SUBJECTS, 2)
+    facts = [rng.choice(FACTS).format(S=s.capitalize(), s=s, n=rng.randint(10, 9999), m=rng.choice(MONTHS))
+             for s in rng.choices(subjects, k=rng.randint(2, 4))]  # fmt: skip
+    lines = [*facts, *rng.sample(FILLER, rng.randint(2, 4))]
+    order = sorted(range(len(lines)), key=lambda _: rng.random())
+    text = " ".join(lines[i] for i in order)
+    title = rng.choice(["Monthly note", "Team update", "Status report", "Review"])
+    name = rng.choice(["notes.txt", "update.txt", "report.txt"])
+    parts = document_parts(f"{title}\n{text}\n".encode(), name=name)
+    said = " ".join(lines[i] for i in order if i < len(facts))
+    question = {"type": "text", "text": rng.choice(SUMMARISE)}
+    return "document summary", [{"role": "user", "content": [*parts, question]}], f"The document says: {said}"
+
+
+JOB_TASKS = {"csv": csv_task, "page": page_task, "moderation": moderation_task, "summary": summary_task}
 
 
 TOOLS = {
