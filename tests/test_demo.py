@@ -16,6 +16,7 @@ from ernie45.demo.eval import score
 from ernie45.demo.scenes import COLOURS, SHAPES, bar_chart, moving_video, shape_scene
 from ernie45.demo.tasks import TASKS
 from ernie45.demo.tokenizer import build_tokenizer
+from ernie45.processing.processor import load_processor
 
 
 def test_scenes_show_what_their_answers_say():
@@ -242,13 +243,16 @@ def test_worked_sums_and_differences_add_up_column_by_column():
 def test_smoke_recipe_trains(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ernie45", "train", "recipes/demo-omni-smoke.yaml",
                         f"train.output_dir={tmp_path}", "train.disable_tqdm=true", "train.max_steps=6",
-                        "train.save_steps=3"],
+                        "train.save_steps=3", "data.demo.image_side=168"],
                        capture_output=True, text=True, timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "final" / "model.safetensors").is_file() and (tmp_path / "checkpoint-3").is_dir()
     llm = ernie45.LLM(tmp_path / "final")
     out = llm.chat([{"role": "user", "content": "Who are you?"}], ernie45.SamplingParams(max_tokens=4))
     assert out[0].completion_tokens >= 1
+    for folder in ("checkpoint-3", "final"):  # each reads pictures at the size it was trained at (not the base's)
+        proc = load_processor(tmp_path / folder)
+        assert proc.image.min_pixels == proc.image.max_pixels == 168 * 168, folder
 
 
 def test_a_misspelt_encoder_stage_key_is_refused_by_name(tmp_path):

@@ -215,10 +215,14 @@ class _StepEnd(TrainerCallback):
         self.trainer.balancer.step(_unwrap(self.trainer.model))
 
     def on_save(self, args, state, control, **kw):
-        """The checkpoint is whole (model, optimizer, RNG, trainer state): mark it, so a resume never takes one
-        that a kill interrupted mid-save."""
+        """The checkpoint is whole (model, optimizer, RNG, trainer state, and the processor, so that `LLM(folder)`
+        reads pictures at the size they were trained at): mark it, so a resume never takes one that a kill
+        interrupted mid-save."""
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if args.should_save and folder.is_dir():
+            processor = getattr(self.trainer, "processor", None)
+            if processor is not None:  # the tokenizer and the media sizes trained at: a checkpoint loads as it is
+                processor.save_pretrained(folder)
             (folder / COMPLETE).write_text(json.dumps({"step": state.global_step}))
 
 
