@@ -17,7 +17,7 @@ from ernie45.demo import heldout, wide
 from ernie45.demo.eval import HELDOUT, score
 from ernie45.demo.heldout import SHADES
 from ernie45.demo.jobtasks import agent_conversation, agent_task, csv_task, moderation_task, page_task
-from ernie45.demo.scenes import COLOURS
+from ernie45.demo.scenes import COLOURS, NUMBER_WORDS
 from ernie45.demo.tasks import TRAIN, chart_questions, draw
 
 GENERATORS = {"wide": (wide.scene, wide.video, lambda c: [COLOURS[c]]),
@@ -154,10 +154,12 @@ def test_agent_prompts_are_what_llm_chat_with_tools_renders():
         ours = proc.encode_chat(again[1])
         assert real["input_ids"] == ours["input_ids"] and len(real["input_ids"]) > 300
         names = {t["function"]["name"] for t in tools}
-        if skill == "tool call":
-            _, calls = parse_tool_calls(answer, tools)
+        if skill == "tool call":  # what the voice said, in words, then the call with those words' digits
+            text, calls = parse_tool_calls(answer, tools)
             assert len(calls) == 1 and calls[0]["function"]["name"] in names
-            assert json.loads(calls[0]["function"]["arguments"])["order_id"].isdigit()
+            words = [w.strip(".") for w in text.removeprefix("You said: ").split()]
+            digits = "".join(str(NUMBER_WORDS.index(w)) for w in words if w in NUMBER_WORDS)
+            assert text.startswith("You said: ") and json.loads(calls[0]["function"]["arguments"])["order_id"] == digits
         seen.add(skill)
     assert seen == {"tool call", "tool answer"}
 
@@ -177,7 +179,6 @@ def test_scores_read_calls_and_verdicts_as_their_readers_do():
 def test_the_numbers_drill_writes_what_was_said_or_shown_digit_for_digit():
     from ernie45.demo.generator import TRAIN, Generator
     from ernie45.demo.jobtasks import number_drill
-    from ernie45.demo.scenes import NUMBER_WORDS
 
     said: list[str] = []
 
@@ -191,16 +192,21 @@ def test_the_numbers_drill_writes_what_was_said_or_shown_digit_for_digit():
         skill, messages, answer = number_drill(random.Random(i), heard)
         kinds.add(skill)
         content = messages[-1]["content"]
-        if skill == "dictation":
+        if skill == "dictation":  # what was heard in words, then the digits
             words = [w for w in said[-1].split() if w in NUMBER_WORDS]
-            assert answer == "".join(str(NUMBER_WORDS.index(w)) for w in words) and 2 <= len(answer) <= 5
-            assert content[0]["type"] == "audio" and content[0]["audio"].size > 0
+            line, digits = answer.split("\n")
+            assert line == f"You said: {said[-1]}." and digits == "".join(str(NUMBER_WORDS.index(w)) for w in words)
+            assert 2 <= len(digits) <= 5 and content[0]["type"] == "audio" and content[0]["audio"].size > 0
+        elif isinstance(content, str) and ("in digits" in content or "Which number" in content):
+            words = [w.strip(".") for w in content.split() if w.strip(".") in NUMBER_WORDS]
+            assert answer == "".join(str(NUMBER_WORDS.index(w)) for w in words)
+            kinds.add("words")
         elif "tool returned" in content:
             assert json.loads(content.split("returned ", 1)[1].rsplit(". What", 1)[0])["order_id"] == answer
         else:
             pairs, item = dict(re.findall(r"([A-F]) is (\d+)", content)), content.rstrip("?").split()[-1]
             assert answer == f"The value for {item} is {pairs[item]}."
-    assert kinds == {"dictation", "copy number"}
+    assert kinds == {"dictation", "copy number", "words"}
 
 
 def test_a_document_summary_copies_the_sentences_with_numbers_in_order():
