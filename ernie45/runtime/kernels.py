@@ -91,6 +91,19 @@ def isa() -> str | None:
     return fits[0] if fits else None
 
 
+def build_inputs(target: str | None) -> tuple[list[str], list[str]]:
+    """The C++ sources (one unit, in order) and compiler flags of the kernels for `target` ("avx512" or "avx2")."""
+    # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
+    sources = [f.read_text() for f in _SOURCES]
+    if target == "avx2":  # the AVX-512 intrinsics as AVX2 halves, ahead of the kernels in the one unit
+        flags = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-DERNIE45_AVX2", "-Wno-psabi"]
+        compat = (Path(__file__).with_name("csrc") / "avx2_compat.h").read_text()
+        return ["#include <torch/library.h>\n#include <torch/types.h>\n", compat, *sources], flags  # torch's first
+    # VBMI / VNNI code runs only where the CPU has them (`ready`)
+    return sources, ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi",
+                     "-mavx512vnni"]  # fmt: skip
+
+
 @lru_cache(maxsize=1)
 def kernel():
     """The ops `torch.ops.ernie45` (`gemv_bf16`, `gemv_int8`, `gemv_int4`, the fused `rmsnorm`, `silu_mul`, `rope`,
@@ -101,15 +114,7 @@ def kernel():
         level = logging.WARNING if reason.startswith("ERNIE45_CPU_ISA") else logging.INFO
         log.log(level, "ernie45 CPU decode kernels: %s; torch's ops run instead", reason)
         return None
-    # -fopenmp: at::parallel_for is inline in ATen's headers, and without it runs on one thread
-    sources = [f.read_text() for f in _SOURCES]
-    if isa() == "avx2":  # the AVX-512 intrinsics as AVX2 halves, ahead of the kernels in the one unit
-        flags = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-DERNIE45_AVX2", "-Wno-psabi"]
-        compat = (Path(__file__).with_name("csrc") / "avx2_compat.h").read_text()
-        sources = ["#include <torch/library.h>\n#include <torch/types.h>\n", compat, *sources]  # torch's first
-    else:  # VBMI / VNNI code runs only where the CPU has them (`ready`)
-        flags = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi",
-                 "-mavx512vnni"]  # fmt: skip
+    sources, flags = build_inputs(isa())
     ops = load_extension(NAME, sources, "ernie45", flags, ["-fopenmp"])
     if ops is not None:
         _register_fakes()
