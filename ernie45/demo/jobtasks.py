@@ -228,10 +228,9 @@ def agent_conversation(rng: random.Random, gen: Generator | None = None) -> tupl
 
 
 def heard_line(said: str) -> str:
-    """What a voice message said, in words, before the answer that uses it. Stage 24 picked the right tool for 7
-    of 7 held-out calls and wrote none of the spoken order numbers ("five two nine six" -> "255"), and wrote no
-    spoken number in digits even on its training voices, while it transcribed the same digits as words 70-77% of
-    the time: the step from sound to digits is two steps (sound to words, words to digits), as a sum was columns."""
+    """What a voice message said, in words, before the answer that uses it: from sound to digits is two steps
+    (sound to words, words to digits), as a sum was columns, and the demo model transcribed spoken digits as
+    words far more often than it wrote them as digits (the numbers: the model card, stage 25)."""
     return f"You said: {said}."
 
 
