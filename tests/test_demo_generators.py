@@ -229,3 +229,30 @@ def test_a_document_summary_copies_the_sentences_with_numbers_in_order():
     # on characters as a stand-in for tokens: after a sentence's first words, the lookup drafts its rest
     prompt, said = [ord(c) for c in doc], [ord(c) for c in answer.split(": ", 1)[1]]
     assert ngram_draft(prompt + said[:12], 8, 1, 8) == said[12:20]
+
+
+def test_the_copy_drill_asks_back_what_its_prompt_holds():
+    """Every answer of the copying drill is a span of its own prompt (a list, a number, the asked-for sentence)."""
+    import re
+
+    from ernie45.demo.jobtasks import copy_drill
+    from ernie45.demo.tasks import FAMILIES, check_mix
+
+    check_mix({"copy": 1.0})
+    seen = set()
+    for i in range(60):
+        skill, messages, answer = FAMILIES["copy"](random.Random(i))
+        prompt = messages[0]["content"]
+        assert skill == "copy" and answer.rstrip(".") in prompt, (prompt, answer)
+        if prompt.startswith("Repeat exactly: "):
+            seen.add("list")
+            assert answer == prompt.removeprefix("Repeat exactly: ")
+        elif prompt.endswith("sentence."):
+            seen.add("sentence")
+            ordinal = prompt.split("Repeat the ")[1].split()[0]
+            sentences = re.findall(r"[^.]+\.", prompt.rsplit(" Repeat the", 1)[0])
+            assert answer == sentences[("first", "second", "third", "fourth").index(ordinal)].strip()
+        else:
+            seen.add("number")
+            assert answer.isdigit() and re.search(rf"\b{answer}\b", prompt)
+    assert seen == {"list", "number", "sentence"} and copy_drill is FAMILIES["copy"]

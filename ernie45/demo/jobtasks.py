@@ -273,3 +273,27 @@ def number_drill(rng: random.Random, gen: Generator | None = None) -> tuple[str,
     item = rng.choice(items)
     text = ", ".join(f"{k} is {v}" for k, v in values.items()) + f". What is the value for {item}?"
     return "copy number", [{"role": "user", "content": text}], f"The value for {item} is {values[item]}."
+
+
+COPY_WORDS = ("red", "blue", "green", "star", "circle", "square", "apple", "river", "paper", "window", "north",
+              "seven", "order", "table", "March", "Monday")  # fmt: skip
+
+
+def copy_drill(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
+    """A training-only drill on copying from the context, the step under every job's answer (a summary's
+    sentences, an order number, a table's value, a tool's result): a list, a number or one sentence of a short
+    text asked back word for word."""
+    kind = rng.choice(["list", "number", "sentence"])
+    if kind == "list":
+        items = ", ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(3, 8)))
+        return "copy", [{"role": "user", "content": f"Repeat exactly: {items}."}], f"{items}."
+    if kind == "number":
+        number = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(2, 7)))
+        ask = rng.choice([f"Repeat the number {number}.", f"The code is {number}. What is the code?"])
+        return "copy", [{"role": "user", "content": ask}], number
+    sentences = [rng.choice(FACTS).format(S=s.capitalize(), s=s, n=rng.randint(10, 9999), m=rng.choice(MONTHS))
+                 for s in rng.sample(SUBJECTS, rng.randint(2, 4))]  # fmt: skip
+    which = rng.randrange(len(sentences))
+    ordinal = ("first", "second", "third", "fourth")[which]
+    text = " ".join(sentences) + f" Repeat the {ordinal} sentence."
+    return "copy", [{"role": "user", "content": text}], sentences[which]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import MissingDataSource
 from .generator import TRAIN, Generator
-from .jobtasks import JOB_TASKS, number_drill
+from .jobtasks import JOB_TASKS, copy_drill, number_drill
 from .scenes import NUMBER_WORDS, SHAPES
 
 PERSONA = (
@@ -191,7 +191,8 @@ DEFAULT_MIX = {"image": 0.3, "chart": 0.15, "video": 0.15, "audio": 0.2, "text":
 
 QUESTIONS = {"image": image_questions, "chart": chart_questions, "video": video_questions, "colour": colour_questions}
 # Training-only families (drills): one skill's rows, for a stage that must teach it; evaluation draws TASKS.
-FAMILIES = {**TASKS, "colour": _one(colour_questions), "arithmetic": arithmetic_task, "numbers": number_drill}
+FAMILIES = {**TASKS, "colour": _one(colour_questions), "arithmetic": arithmetic_task, "numbers": number_drill,
+            "copy": copy_drill}  # fmt: skip
 
 
 def check_mix(mix: dict[str, float]) -> None:
