@@ -136,6 +136,12 @@ def test_job_tasks_send_what_the_jobs_send():
                 assert max(red) > 15  # the X is drawn where the verdict says so
 
 
+def _digits_said(text: str) -> str:
+    """The digits of the number words in `text` ("my order is four seven." -> "47")."""
+    words = [w.strip(".,") for w in text.split()]
+    return "".join(str(NUMBER_WORDS.index(w)) for w in words if w in NUMBER_WORDS)
+
+
 def test_agent_prompts_are_what_llm_chat_with_tools_renders():
     """The agent task's prompt is the one `LLM.chat(messages, tools=...)` writes (the demo's template lists the
     tools in a system turn), and its answer parses into the call the server would return."""
@@ -157,9 +163,8 @@ def test_agent_prompts_are_what_llm_chat_with_tools_renders():
         if skill == "tool call":  # what the voice said, in words, then the call with those words' digits
             text, calls = parse_tool_calls(answer, tools)
             assert len(calls) == 1 and calls[0]["function"]["name"] in names
-            words = [w.strip(".") for w in text.removeprefix("You said: ").split()]
-            digits = "".join(str(NUMBER_WORDS.index(w)) for w in words if w in NUMBER_WORDS)
-            assert text.startswith("You said: ") and json.loads(calls[0]["function"]["arguments"])["order_id"] == digits
+            order_id = json.loads(calls[0]["function"]["arguments"])["order_id"]
+            assert text.startswith("You said: ") and order_id == _digits_said(text)
         seen.add(skill)
     assert seen == {"tool call", "tool answer"}
 
@@ -193,13 +198,11 @@ def test_the_numbers_drill_writes_what_was_said_or_shown_digit_for_digit():
         kinds.add(skill)
         content = messages[-1]["content"]
         if skill == "dictation":  # what was heard in words, then the digits
-            words = [w for w in said[-1].split() if w in NUMBER_WORDS]
             line, digits = answer.split("\n")
-            assert line == f"You said: {said[-1]}." and digits == "".join(str(NUMBER_WORDS.index(w)) for w in words)
+            assert line == f"You said: {said[-1]}." and digits == _digits_said(said[-1])
             assert 2 <= len(digits) <= 5 and content[0]["type"] == "audio" and content[0]["audio"].size > 0
         elif isinstance(content, str) and ("in digits" in content or "Which number" in content):
-            words = [w.strip(".") for w in content.split() if w.strip(".") in NUMBER_WORDS]
-            assert answer == "".join(str(NUMBER_WORDS.index(w)) for w in words)
+            assert answer == _digits_said(content)
             kinds.add("words")
         elif "tool returned" in content:
             assert json.loads(content.split("returned ", 1)[1].rsplit(". What", 1)[0])["order_id"] == answer

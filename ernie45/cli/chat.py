@@ -280,9 +280,7 @@ def _speculative(value: str) -> dict | None:
     try:
         if method != "mtp":
             spec = {"method": "ngram", "num_speculative_tokens": int(value)} if int(value) else None
-        elif k and int(k) < 1:
-            raise ValueError(k)
-        else:
+        else:  # (mtp:0 is refused below, by the range check every speculative_config goes through)
             spec = {"method": "mtp", "num_speculative_tokens": int(k or 1)}
     except ValueError:
         raise argparse.ArgumentTypeError(

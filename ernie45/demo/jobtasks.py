@@ -119,13 +119,17 @@ SUMMARISE = ("Summarize the document.", "Summarise this document.", "Give a shor
              "What does the document say?")  # fmt: skip
 
 
+def _fact(rng: random.Random, subject: str) -> str:
+    """One sentence of a report, with a number in it: "Refunds fell to 4627 in March." """
+    return rng.choice(FACTS).format(S=subject.capitalize(), s=subject, n=rng.randint(10, 9999), m=rng.choice(MONTHS))
+
+
 def summary_task(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
     """A short report as a text file and "Summarize the document.": its sentences that carry a number, word for
     word and in order, after "The document says:" (an extractive summary; the answer copies the prompt, as a
     summary of a long document mostly does, which is what prompt-lookup drafting speeds up)."""
     subjects = rng.sample(SUBJECTS, 2)
-    facts = [rng.choice(FACTS).format(S=s.capitalize(), s=s, n=rng.randint(10, 9999), m=rng.choice(MONTHS))
-             for s in rng.choices(subjects, k=rng.randint(2, 4))]  # fmt: skip
+    facts = [_fact(rng, s) for s in rng.choices(subjects, k=rng.randint(2, 4))]
     lines = [*facts, *rng.sample(FILLER, rng.randint(2, 4))]
     order = sorted(range(len(lines)), key=lambda _: rng.random())
     text = " ".join(lines[i] for i in order)
@@ -291,8 +295,7 @@ def copy_drill(rng: random.Random, gen: Generator | None = None) -> tuple[str, l
         number = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(2, 7)))
         ask = rng.choice([f"Repeat the number {number}.", f"The code is {number}. What is the code?"])
         return "copy", [{"role": "user", "content": ask}], number
-    sentences = [rng.choice(FACTS).format(S=s.capitalize(), s=s, n=rng.randint(10, 9999), m=rng.choice(MONTHS))
-                 for s in rng.sample(SUBJECTS, rng.randint(2, 4))]  # fmt: skip
+    sentences = [_fact(rng, s) for s in rng.sample(SUBJECTS, rng.randint(2, 4))]
     which = rng.randrange(len(sentences))
     ordinal = ("first", "second", "third", "fourth")[which]
     text = " ".join(sentences) + f" Repeat the {ordinal} sentence."

@@ -97,8 +97,7 @@ def build_inputs(target: str | None) -> tuple[list[str], list[str]]:
     sources = [f.read_text() for f in _SOURCES]
     if target == "avx2":  # the AVX-512 intrinsics as AVX2 halves, ahead of the kernels in the one unit
         flags = ["-O3", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-DERNIE45_AVX2", "-Wno-psabi"]
-        compat = (Path(__file__).with_name("csrc") / "avx2_compat.h").read_text()
-        return ["#include <torch/library.h>\n#include <torch/types.h>\n", compat, *sources], flags  # torch's first
+        return [(Path(__file__).with_name("csrc") / "avx2_compat.h").read_text(), *sources], flags
     # VBMI / VNNI code runs only where the CPU has them (`ready`)
     return sources, ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vbmi",
                      "-mavx512vnni"]  # fmt: skip

@@ -7,6 +7,9 @@
 // instruction and hold for the kernels' operands only, as said at each. The few places where the stand-in would
 // be slow (a 128-byte or 64-word permute) have their own AVX2 code in the kernels, under `ERNIE45_AVX2`.
 #pragma once
+// torch's headers before the renames below, which would otherwise reach into them
+#include <torch/library.h>
+#include <torch/types.h>
 #include <immintrin.h>
 
 #include <cstdint>
