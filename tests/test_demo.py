@@ -400,3 +400,31 @@ def test_eval_demo_takes_every_generator_it_names(capsys):
     assert main(["eval-demo", "--generator", "first", "--n", "1", "--later", "0"]) in (0, None)
     out = capsys.readouterr().out
     assert out.startswith("first generator") and "count" in out and "moderation" not in out
+
+
+def test_a_copying_stage_teaches_a_fresh_trunk_to_repeat_a_run_and_trains_only_its_layers():
+    """Random runs given twice: a fresh (narrow, 2-layer) model predicts the second run at chance; after the stage
+    it copies most of it, and only the decoder layers moved (the embeddings and the media paths stay as they were)."""
+    import torch
+
+    from ernie45.demo import default_model_path
+    from ernie45.demo.induction import copy_score
+    from ernie45.demo.plugins import _prepare
+    from ernie45.model import Ernie45ForConditionalGeneration
+
+    config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=-1, hidden_size=64,
+                                 intermediate_size=128, head_dim=16)  # fmt: skip
+    proc = ernie45.load_processor(default_model_path())
+    torch.manual_seed(0)
+    model = Ernie45ForConditionalGeneration(config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    first = copy_score(model, proc.tokenizer, length=10, seed=99)
+    _prepare(model, proc, {"copy_pretrain": {"steps": 400, "batch": 16, "length": 10, "lr": 0.003}}, seed=0)
+    last = copy_score(model, proc.tokenizer, length=10, seed=99)
+    assert first < 0.05 and last > 0.5, (first, last)
+    moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"layers"}, moved
+    with pytest.raises(ValueError, match="copy_pretrain: \\['step'\\] is not a key; known: steps, batch, length"):
+        _prepare(model, proc, {"copy_pretrain": {"step": 1}}, seed=0)
+    with pytest.raises(ValueError, match="copy_pretrain is a mapping"):
+        _prepare(model, proc, {"copy_pretrain": [{"steps": 1}]}, seed=0)

@@ -283,16 +283,24 @@ COPY_WORDS = ("red", "blue", "green", "star", "circle", "square", "apple", "rive
               "seven", "order", "table", "March", "Monday")  # fmt: skip
 
 
+def _made_up_word(rng: random.Random) -> str:
+    return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(1, 3)))
+
+
 def copy_drill(rng: random.Random, gen: Generator | None = None) -> tuple[str, list[dict], str]:
     """A training-only drill on copying from the context, the step under every job's answer (a summary's
     sentences, an order number, a table's value, a tool's result): a list, a number or one sentence of a short
-    text asked back word for word."""
-    kind = rng.choice(["list", "number", "sentence"])
-    if kind == "list":
-        items = ", ".join(rng.choice(COPY_WORDS) for _ in range(rng.randint(3, 8)))
+    text asked back word for word. Made-up words (random syllables, cut into tokens no answer has seen) can only
+    be copied by finding each token's place in the prompt and taking the one after it, the mechanism copying needs;
+    the demo model had none after 25 stages (a repeated run of random tokens was no easier the second time)."""
+    kind = rng.choice(["list", "made-up", "made-up", "number", "sentence"])
+    if kind in ("list", "made-up"):
+        n = rng.randint(3, 12)
+        items = (", ".join(rng.choice(COPY_WORDS) for _ in range(n)) if kind == "list"
+                 else " ".join(_made_up_word(rng) for _ in range(n)))  # fmt: skip
         return "copy", [{"role": "user", "content": f"Repeat exactly: {items}."}], f"{items}."
     if kind == "number":
-        number = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(2, 7)))
+        number = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(2, 12)))
         ask = rng.choice([f"Repeat the number {number}.", f"The code is {number}. What is the code?"])
         return "copy", [{"role": "user", "content": ask}], number
     sentences = [_fact(rng, s) for s in rng.sample(SUBJECTS, rng.randint(2, 4))]

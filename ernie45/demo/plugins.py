@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..train.plugins import DataSource, register_source, register_tokenizer, register_tokenizer_option
 
-KEYS = ("rows", "seed", "mix", "turns", "describe_last", "image_side", "video_side", "encoder_pretrain")
+KEYS = ("rows", "seed", "mix", "turns", "describe_last", "image_side", "video_side", "encoder_pretrain",
+        "copy_pretrain")  # fmt: skip
 
 
 def _rows(proc, spec: dict, max_tokens: int, rows: int, seed: int):
@@ -25,23 +26,35 @@ def _prepare(model, proc, spec: dict, seed: int) -> None:
     configure(proc, spec.get("image_side", 140), spec.get("video_side", 84))
     stage0 = spec.get("encoder_pretrain")
     if stage0:  # the media encoders learn from the pictures' and clips' facts before the trunk reads them
-        import inspect
-
         from .encoders import pretrain_encoders
 
         phases = [stage0] if isinstance(stage0, dict) else stage0
         if not isinstance(phases, list) or not all(isinstance(p, dict) for p in phases):
             raise ValueError("recipe: data.demo.encoder_pretrain is a mapping (one phase) or a list of them (phases "
                              f"run in order), not {stage0!r}")  # fmt: skip
-        known = [k for k in inspect.signature(pretrain_encoders).parameters if k not in ("model", "proc", "seed")]
         for phase in phases:
-            if wrong := sorted(set(phase) - set(known)):
-                raise ValueError(f"recipe: data.demo.encoder_pretrain: {wrong!r} is not a key; known: "
-                                 f"{', '.join(known)}")  # fmt: skip
+            _check_keys("encoder_pretrain", phase, pretrain_encoders)
         # each phase draws its own data (the first keeps the recipe's seed) and trains its own new probe heads:
         # only what the encoders learned carries from one phase to the next
         for i, phase in enumerate(phases):
             pretrain_encoders(model, proc, seed=seed + 1_000 * i, **phase)
+    copying = spec.get("copy_pretrain")
+    if copying:  # the trunk learns to copy from its context before the answers that need it
+        from .induction import pretrain_copying
+
+        if not isinstance(copying, dict):
+            raise ValueError(f"recipe: data.demo.copy_pretrain is a mapping (steps, batch, ...), not {copying!r}")
+        _check_keys("copy_pretrain", copying, pretrain_copying)
+        pretrain_copying(model, proc.tokenizer, seed=seed, **copying)
+
+
+def _check_keys(entry: str, phase: dict, fn) -> None:
+    """A phase's keys are `fn`'s own parameters (a typo would silently train on a default)."""
+    import inspect
+
+    known = [k for k in inspect.signature(fn).parameters if k not in ("model", "proc", "tokenizer", "seed")]
+    if wrong := sorted(set(phase) - set(known)):
+        raise ValueError(f"recipe: data.demo.{entry}: {wrong!r} is not a key; known: {', '.join(known)}")
 
 
 def _build_tokenizer(out: Path) -> Path:
