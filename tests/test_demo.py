@@ -399,29 +399,49 @@ def test_eval_demo_takes_every_generator_it_names(capsys):
 
     assert main(["eval-demo", "--generator", "first", "--n", "1", "--later", "0"]) in (0, None)
     out = capsys.readouterr().out
-    assert out.startswith("first generator") and "count" in out and "moderation" not in out
+    assert out.startswith("copying from the context (random runs given twice, the second predicted): ")
+    assert "\n\nfirst generator" in out and "count" in out and "moderation" not in out
 
 
-def test_a_copying_stage_teaches_a_fresh_trunk_to_repeat_a_run_and_trains_only_its_layers():
-    """Random runs given twice: a fresh (narrow, 2-layer) model predicts the second run at chance; after the stage
-    it copies most of it, and only the decoder layers moved (the embeddings and the media paths stay as they were)."""
+def test_a_copying_stage_trains_only_the_layers_on_runs_given_twice_and_widens_their_distance():
+    """The runs: the second copy repeats the first, at one distance with spread 0 and at many with spread 1. The
+    stage (kept near the fixed distance, which a fresh narrow model learns quickly) takes a fresh model from
+    chance to copying most of the second run, and moves only the decoder layers."""
     import torch
 
     from ernie45.demo import default_model_path
-    from ernie45.demo.induction import copy_score
+    from ernie45.demo.induction import _ordinary, _second_run, copy_score, pretrain_copying
     from ernie45.demo.plugins import _prepare
     from ernie45.model import Ernie45ForConditionalGeneration
 
     config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=-1, hidden_size=64,
                                  intermediate_size=128, head_dim=16)  # fmt: skip
     proc = ernie45.load_processor(default_model_path())
+    ordinary = _ordinary(proc.tokenizer, 10)
+
+    class Seen(torch.nn.Module):  # keeps what it was given
+        def forward(self, input_ids):
+            self.ids = input_ids
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 8)})
+
+    lengths: dict[float, set[int]] = {0.0: set(), 1.0: set()}
+    for spread, seen in lengths.items():
+        gen, model = torch.Generator().manual_seed(0), Seen()
+        for _ in range(20):
+            _, target = _second_run(model, ordinary, gen, 2, 10, spread)
+            ids, n = model.ids, target.shape[1] + 1
+            assert torch.equal(ids[:, -n + 1 :], target)  # the targets: the second copy after its first token
+            earlier = [i for i in range(ids.shape[1] - 2 * n + 1) if torch.equal(ids[:, i : i + n], ids[:, -n:])]
+            assert earlier, ids  # ... which the first copy holds
+            seen.add(ids.shape[1] - n - earlier[-1])  # how far back it is
+    assert lengths[0.0] == {10} and len(lengths[1.0]) > 5, lengths
+
     torch.manual_seed(0)
     model = Ernie45ForConditionalGeneration(config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     first = copy_score(model, proc.tokenizer, length=10, seed=99)
-    _prepare(model, proc, {"copy_pretrain": {"steps": 400, "batch": 16, "length": 10, "lr": 0.003}}, seed=0)
-    last = copy_score(model, proc.tokenizer, length=10, seed=99)
-    assert first < 0.05 and last > 0.5, (first, last)
+    stats = pretrain_copying(model, proc.tokenizer, steps=400, batch=16, length=10, lr=0.003, widen=100.0)
+    assert first < 0.05 and stats["copied"] > 0.5, (first, stats)
     moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"layers"}, moved
     with pytest.raises(ValueError, match="copy_pretrain: \\['step'\\] is not a key; known: steps, batch, length"):

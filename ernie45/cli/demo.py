@@ -9,9 +9,15 @@ from .chat import _open_llm
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
     from ..demo.eval import CARD_FAMILIES, HELD_OUT, evaluate, report
+    from ..demo.induction import copy_score
 
     llm = _open_llm(args)
+    with torch.inference_mode():  # the trunk's skill under every job: 0% for a model that cannot copy at all
+        copied = copy_score(llm.model, llm.processor.tokenizer, seed=args.seed)
+    print(f"copying from the context (random runs given twice, the second predicted): {copied:.0%}\n")
     later = args.n // 2 if args.later is None else args.later
     ok = True
     for generator in ("train", "heldout") if args.generator == "both" else (args.generator,):
