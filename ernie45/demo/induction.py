@@ -3,10 +3,8 @@
 Every job's answer copies something the prompt holds (a summary's sentences, a heard order number, a table's value,
 a tool's result). Copying needs induction: find where the current token occurred earlier and predict the token
 that followed it there. The phase gives the trunk runs of random tokens twice, scored on the second run, which
-only that mechanism gets right. A fresh 2-layer, 128-wide trunk, every parameter training, learns it in about 600
-steps; the trained demo model (stage 26) and a fresh demo-sized one with its embeddings held still did not in
-1,200-1,500 steps (the model card, stages 27-28). Only the decoder layers learn here: the embeddings and the output
-head stay as the chat data shaped them."""
+only that mechanism gets right; what it did for the demo model is in the model card (stages 27-28). Only the
+decoder layers learn here: the embeddings and the output head stay as the chat data shaped them."""
 
 from __future__ import annotations
 

@@ -291,8 +291,8 @@ def copy_drill(rng: random.Random, gen: Generator | None = None) -> tuple[str, l
     """A training-only drill on copying from the context, the step under every job's answer (a summary's
     sentences, an order number, a table's value, a tool's result): a list, a number or one sentence of a short
     text asked back word for word. Made-up words (random syllables, cut into tokens no answer has seen) can only
-    be copied by finding each token's place in the prompt and taking the one after it, the mechanism copying needs;
-    the demo model had none after 25 stages (a repeated run of random tokens was no easier the second time)."""
+    be copied by finding each token's place in the prompt and taking the one after it, the mechanism copying needs
+    (`induction.copy_score` measures it)."""
     kind = rng.choice(["list", "made-up", "made-up", "number", "sentence"])
     if kind in ("list", "made-up"):
         n = rng.randint(3, 12)
