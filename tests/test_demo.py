@@ -444,6 +444,9 @@ def test_a_copying_stage_trains_only_the_layers_on_runs_given_twice_and_widens_t
     assert first < 0.05 and stats["copied"] > 0.5, (first, stats)
     moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"layers"}, moved
+    pretrain_copying(model, proc.tokenizer, steps=1, length=10, everything=True)  # a fresh model's embeddings too
+    moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"layers", "embed_tokens", "norm"}, moved
     with pytest.raises(ValueError, match="copy_pretrain: \\['step'\\] is not a key; known: steps, batch, length"):
         _prepare(model, proc, {"copy_pretrain": {"step": 1}}, seed=0)
     with pytest.raises(ValueError, match="copy_pretrain is a mapping"):

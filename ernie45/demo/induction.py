@@ -3,8 +3,9 @@
 Every job's answer copies something the prompt holds (a summary's sentences, a heard order number, a table's value,
 a tool's result). Copying needs induction: find where the current token occurred earlier and predict the token
 that followed it there. The phase gives the trunk runs of random tokens twice, scored on the second run, which
-only that mechanism gets right; what it did for the demo model is in the model card (stages 27-28). Only the
-decoder layers learn here: the embeddings and the output head stay as the chat data shaped them."""
+only that mechanism gets right; what it did for the demo model is in the model card (stages 27-28). By default
+only the decoder layers learn: the embeddings and the output head stay as the chat data shaped them.
+`benchmarks/copying.py` runs the phase on a fresh model of any shape."""
 
 from __future__ import annotations
 
@@ -63,17 +64,20 @@ def copy_score(model: nn.Module, tokenizer, batch: int = 32, length: int = 24, s
 
 
 def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, length: int = 24, lr: float = 1e-3,
-                     widen: float = 0.5, seed: int = 0, log_every: int = 50) -> dict[str, float]:  # fmt: skip
+                     widen: float = 0.5, everything: bool = False, seed: int = 0,
+                     log_every: int = 50) -> dict[str, float]:  # fmt: skip
     """Train `model`'s decoder layers in place for `steps` steps on `batch` runs of up to `length` random
     ordinary tokens (none of the tokenizer's special ids), each given twice; the loss is on the second run after its
     first token. The runs start at one fixed distance apart (a position rule learns them) and the distances widen
-    to their full range over the first `widen` share of the steps (0: the full range from the start). Returns the
-    last step's loss and top-1 accuracy ("copied")."""
+    to their full range over the first `widen` share of the steps (0: the full range from the start). With
+    `everything` the embeddings and the final norm learn too (a fresh model's). Returns the last step's loss and
+    top-1 accuracy ("copied")."""
     if steps < 1 or batch < 1 or length < 2:
         raise ValueError(f"copy_pretrain: steps, batch >= 1 and length >= 2, not {steps}, {batch}, {length}")
     ordinary = _ordinary(tokenizer, length)
     gen = torch.Generator().manual_seed(seed)
-    layers = [p for n, p in model.named_parameters() if ".layers." in n and p.requires_grad]
+    trunk = (".layers.", "embed_tokens", "model.norm.") if everything else (".layers.",)
+    layers = [p for n, p in model.named_parameters() if any(k in n for k in trunk) and p.requires_grad]
     opt = torch.optim.AdamW(layers, lr=lr, weight_decay=0.01)
     warm = min(20, steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
