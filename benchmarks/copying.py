@@ -3,7 +3,7 @@ runs given twice at varying distances, every trunk parameter learning) on a fres
 shape, with the shape and the batch as options; prints the phase's curve and the copying score at the end.
 
     python benchmarks/copying.py                          # the demo-omni preset (6 layers, 256 wide, MoE)
-    python benchmarks/copying.py --dense --batch 32        # the same without MoE layers
+    python benchmarks/copying.py --batch 16                # half the batch
     python benchmarks/copying.py --layers 2 --width 128 --head-dim 32
 
 Induction arrives as a sudden change (a few percent for hundreds of steps, then most of the run within ~100
@@ -33,7 +33,6 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's 6)")
     ap.add_argument("--width", type=int, default=None, help="hidden size (default: the preset's 256)")
     ap.add_argument("--head-dim", type=int, default=None, help="head size (default: the preset's 64)")
-    ap.add_argument("--dense", action="store_true", help="no MoE layers")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
@@ -42,8 +41,6 @@ def main() -> None:
              if v is not None}  # fmt: skip
     if a.width:
         shape["intermediate_size"] = 2 * a.width
-    if a.dense:
-        shape["moe_layer_end_index"] = -1
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
     proc = ernie45.load_processor(default_model_path())

@@ -414,8 +414,7 @@ def test_a_copying_stage_trains_only_the_layers_on_runs_given_twice_and_widens_t
     from ernie45.demo.plugins import _prepare
     from ernie45.model import Ernie45ForConditionalGeneration
 
-    config = ernie45.presets.get("demo-omni", num_hidden_layers=2, moe_layer_end_index=-1, hidden_size=64,
-                                 intermediate_size=128, head_dim=16)  # fmt: skip
+    config = ernie45.presets.get("demo-omni", num_hidden_layers=2, hidden_size=64, intermediate_size=128, head_dim=16)
     proc = ernie45.load_processor(default_model_path())
     ordinary = _ordinary(proc.tokenizer, 10)
 
