@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's 6)")
     ap.add_argument("--width", type=int, default=None, help="hidden size (default: the preset's 256)")
     ap.add_argument("--head-dim", type=int, default=None, help="head size (default: the preset's 64)")
+    ap.add_argument("--constant", action="store_true", help="a constant rate after the warm-up (default: cosine decay)")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
@@ -46,10 +47,10 @@ def main() -> None:
     proc = ernie45.load_processor(default_model_path())
     model = Ernie45ForConditionalGeneration(ernie45.presets.get("demo-omni", **shape))
     print(f"# {cpu_name()}, {torch.get_num_threads()} threads; demo-omni preset {shape or 'as it is'}; "
-          f"batch {a.batch}, lr {a.lr}")  # fmt: skip
+          f"batch {a.batch}, lr {a.lr}{' constant' if a.constant else ', cosine decay'}")  # fmt: skip
     start = time.perf_counter()
     pretrain_copying(model, proc.tokenizer, steps=a.steps, batch=a.batch, lr=a.lr, widen=0.0, everything=True,
-                     log_every=100)  # fmt: skip
+                     cosine=not a.constant, log_every=100)  # fmt: skip
     print(f"copying score after {a.steps} steps: {copy_score(model, proc.tokenizer):.1%} "
           f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
 

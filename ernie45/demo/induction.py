@@ -64,14 +64,15 @@ def copy_score(model: nn.Module, tokenizer, batch: int = 32, length: int = 24, s
 
 
 def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, length: int = 24, lr: float = 1e-3,
-                     widen: float = 0.5, everything: bool = False, seed: int = 0,
+                     widen: float = 0.5, everything: bool = False, cosine: bool = True, seed: int = 0,
                      log_every: int = 50) -> dict[str, float]:  # fmt: skip
     """Train `model`'s decoder layers in place for `steps` steps on `batch` runs of up to `length` random
     ordinary tokens (none of the tokenizer's special ids), each given twice; the loss is on the second run after its
     first token. The runs start at one fixed distance apart (a position rule learns them) and the distances widen
     to their full range over the first `widen` share of the steps (0: the full range from the start). With
-    `everything` the embeddings and the final norm learn too (a fresh model's). Returns the last step's loss and
-    top-1 accuracy ("copied")."""
+    `everything` the embeddings and the final norm learn too (a fresh model's). `cosine` False keeps the rate
+    constant after the warm-up: induction comes as a sudden change late in the phase, which a decayed rate can
+    miss. Returns the last step's loss and top-1 accuracy ("copied")."""
     if steps < 1 or batch < 1 or length < 2:
         raise ValueError(f"copy_pretrain: steps, batch >= 1 and length >= 2, not {steps}, {batch}, {length}")
     ordinary = _ordinary(tokenizer, length)
@@ -81,7 +82,7 @@ def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, l
     opt = torch.optim.AdamW(layers, lr=lr, weight_decay=0.01)
     warm = min(20, steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))) if cosine else 1)
     )
     model.train()
     stats: dict[str, float] = {}
