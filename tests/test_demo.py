@@ -448,5 +448,7 @@ def test_a_copying_stage_trains_only_the_layers_on_runs_given_twice_and_widens_t
     assert moved == {"layers", "embed_tokens", "norm"}, moved
     with pytest.raises(ValueError, match="copy_pretrain: \\['step'\\] is not a key; known: steps, batch, length"):
         _prepare(model, proc, {"copy_pretrain": {"step": 1}}, seed=0)
+    with pytest.raises(ValueError, match="data.demo.copy_pretrain: give steps \\(no default\\)"):
+        _prepare(model, proc, {"copy_pretrain": {"batch": 2}}, seed=0)
     with pytest.raises(ValueError, match="copy_pretrain is a mapping"):
         _prepare(model, proc, {"copy_pretrain": [{"steps": 1}]}, seed=0)

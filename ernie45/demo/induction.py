@@ -16,6 +16,8 @@ import time
 import torch
 from torch import nn
 
+from .encoders import _accuracy
+
 log = logging.getLogger("ernie45.demo")
 
 
@@ -60,7 +62,7 @@ def copy_score(model: nn.Module, tokenizer, batch: int = 32, length: int = 24, s
     logits, target = _second_run(model, _ordinary(tokenizer, length), torch.Generator().manual_seed(seed), batch,
                                  length)  # fmt: skip
     model.train(was_training)
-    return float((logits.argmax(-1) == target).float().mean())
+    return _accuracy(logits, target)
 
 
 def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, length: int = 24, lr: float = 1e-3,
@@ -96,7 +98,7 @@ def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, l
         torch.nn.utils.clip_grad_norm_(layers, 1.0)
         opt.step()
         sched.step()
-        stats = {"loss": loss.item(), "copied": float((logits.argmax(-1) == target).float().mean())}
+        stats = {"loss": loss.item(), "copied": _accuracy(logits, target)}
         if (step + 1) % log_every == 0 or step + 1 == steps:
             eta = (time.perf_counter() - start) / (step + 1) * (steps - step - 1)
             log.info("copying %d/%d loss %.3f copied %.0f%% (eta %.0fs)", step + 1, steps, stats["loss"],

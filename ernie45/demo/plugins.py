@@ -49,12 +49,16 @@ def _prepare(model, proc, spec: dict, seed: int) -> None:
 
 
 def _check_keys(entry: str, phase: dict, fn) -> None:
-    """A phase's keys are `fn`'s own parameters (a typo would silently train on a default)."""
+    """A phase's keys are `fn`'s own parameters (a typo would silently train on a default), its required ones
+    included (a missing one would end in a TypeError's traceback)."""
     import inspect
 
-    known = [k for k in inspect.signature(fn).parameters if k not in ("model", "proc", "tokenizer", "seed")]
-    if wrong := sorted(set(phase) - set(known)):
-        raise ValueError(f"recipe: data.demo.{entry}: {wrong!r} is not a key; known: {', '.join(known)}")
+    given_by_caller = ("model", "proc", "tokenizer", "seed")
+    params = {k: p for k, p in inspect.signature(fn).parameters.items() if k not in given_by_caller}
+    if wrong := sorted(set(phase) - set(params)):
+        raise ValueError(f"recipe: data.demo.{entry}: {wrong!r} is not a key; known: {', '.join(params)}")
+    if missing := [k for k, p in params.items() if p.default is p.empty and k not in phase]:
+        raise ValueError(f"recipe: data.demo.{entry}: give {', '.join(missing)} (no default)")
 
 
 def _build_tokenizer(out: Path) -> Path:
