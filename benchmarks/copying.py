@@ -5,8 +5,9 @@ shape, with the shape and the batch as options; prints the phase's curve and the
     python benchmarks/copying.py                          # the demo-omni preset (6 layers, 256 wide, MoE)
     python benchmarks/copying.py --batch 16                # half the batch
     python benchmarks/copying.py --layers 2 --width 128 --head-dim 32
+    python benchmarks/copying.py --guide 0                 # without the attention guidance
 
-Induction arrives as a sudden change (a few percent for hundreds of steps, then most of the run within ~100
+Unguided, induction arrives as a sudden change (a few percent for hundreds of steps, then most of the run within ~100
 steps), so a run that ends flat says "not within these steps", not "never".
 """
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=None, help="hidden size (default: the preset's 256)")
     ap.add_argument("--head-dim", type=int, default=None, help="head size (default: the preset's 64)")
     ap.add_argument("--constant", action="store_true", help="a constant rate after the warm-up (default: cosine decay)")
+    ap.add_argument("--guide", type=int, default=600, help="steps with the attention guidance (default 600)")
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
@@ -47,10 +49,10 @@ def main() -> None:
     proc = ernie45.load_processor(default_model_path())
     model = Ernie45ForConditionalGeneration(ernie45.presets.get("demo-omni", **shape))
     print(f"# {cpu_name()}, {torch.get_num_threads()} threads; demo-omni preset {shape or 'as it is'}; "
-          f"batch {a.batch}, lr {a.lr}{' constant' if a.constant else ', cosine decay'}")  # fmt: skip
+          f"batch {a.batch}, lr {a.lr}{' constant' if a.constant else ', cosine decay'}, guide {a.guide}")  # fmt: skip
     start = time.perf_counter()
-    pretrain_copying(model, proc.tokenizer, steps=a.steps, batch=a.batch, lr=a.lr, widen=0.0, everything=True,
-                     cosine=not a.constant, log_every=100)  # fmt: skip
+    pretrain_copying(model, proc.tokenizer, steps=a.steps, batch=a.batch, lr=a.lr, everything=True,
+                     cosine=not a.constant, guide=a.guide, log_every=100)  # fmt: skip
     print(f"copying score after {a.steps} steps: {copy_score(model, proc.tokenizer):.1%} "
           f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
 

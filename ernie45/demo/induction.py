@@ -3,22 +3,25 @@
 Every job's answer copies something the prompt holds (a summary's sentences, a heard order number, a table's value,
 a tool's result). Copying needs induction: find where the current token occurred earlier and predict the token
 that followed it there. The phase gives the trunk runs of random tokens twice, scored on the second run, which
-only that mechanism gets right; what it did for the demo model is in the model card (stages 27-28). By default
-only the decoder layers learn: the embeddings and the output head stay as the chat data shaped them.
-`benchmarks/copying.py` runs the phase on a fresh model of any shape."""
+only that mechanism gets right. The mechanism takes two heads in two layers (one that looks at the previous token,
+one that finds the current token's earlier place through it), and neither helps the loss before the other exists:
+a demo-sized trunk sat on that plateau for 1,000+ steps, or for good. `guide` steps pull one head of each of the
+first two decoder layers toward its half of the circuit, which the loss then keeps and tunes. What each variant
+did for the demo model is in the model card; `benchmarks/copying.py` runs the phase on a fresh model of any shape."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
-from .encoders import _accuracy
-
 log = logging.getLogger("ernie45.demo")
+IGNORE = -100
+GUIDE_WEIGHT = 0.1  # at 1 the guidance's gradients outgrew the clip and starved the copying loss itself
 
 
 def _ordinary(tokenizer, length: int) -> torch.Tensor:
@@ -30,27 +33,34 @@ def _ordinary(tokenizer, length: int) -> torch.Tensor:
     return ordinary
 
 
-def _second_run(model: nn.Module, ordinary: torch.Tensor, gen: torch.Generator, batch: int, length: int,
-                spread: float = 1.0):  # fmt: skip
-    """(logits, targets) over a batch of random runs given twice, on the second run after its first token.
+def _runs_twice(ordinary: torch.Tensor, gen: torch.Generator, batch: int, length: int, spread: float = 1.0):
+    """(ids, target, source), each [batch, 3 * length + 8]: random tokens ending in a run given twice.
 
-    With `spread` 1 the run's length (length/2 to length), the random tokens before it (0 to length) and between
-    its two copies (0 to 8) change from batch to batch, so the second copy is not a fixed distance behind the
-    first: at a fixed distance a model learns to look back that far (a position rule that copies nothing in a
-    chat), not to find the current token's earlier place and take the one after it. `spread` 0 is that fixed
-    distance; in between, the ranges shrink toward it."""
+    Each row draws its own run length (length/2 to length), gap between the copies (0 to 8) and so its own
+    distance back: with one distance for a whole batch a model learns "look that far back" for a few batches and
+    is confidently wrong on the next (that loss climbed above chance's), and a position rule copies nothing in a
+    chat. `spread` 0 puts every copy `length` back (one distance); in between the ranges shrink toward it. `target`
+    is the next token on the second run after its first token (IGNORE elsewhere); `source` is where that token
+    stands in the first copy: where an induction head looks."""
+    total = 3 * length + 8
+    ids = ordinary[torch.randint(len(ordinary), (batch, total), generator=gen)]
+    target = torch.full((batch, total), IGNORE)
+    source = torch.full((batch, total), IGNORE)
+    for row in range(batch):
+        lo = length // 2 + round((1 - spread) * (length - length // 2))
+        n = int(torch.randint(max(2, lo), length + 1, (), generator=gen))
+        gap = int(torch.randint(0, round(8 * spread) + 1, (), generator=gen))
+        second = total - n
+        first = second - gap - n
+        ids[row, second:] = ids[row, first : first + n]
+        target[row, second : total - 1] = ids[row, second + 1 :]
+        source[row, second : total - 1] = torch.arange(first + 1, first + n)
+    return ids, target, source
 
-    def draw(n: int) -> torch.Tensor:
-        return ordinary[torch.randint(len(ordinary), (batch, n), generator=gen)]
 
-    def pick(lo: int, hi: int) -> int:
-        return int(torch.randint(lo, lo + round(spread * (hi - lo)) + 1, (), generator=gen))
-
-    n = length - pick(0, length - max(2, length // 2))
-    run = draw(n)
-    ids = torch.cat([draw(pick(0, length)), run, draw(pick(0, 8)), run], dim=1)
-    start = ids.shape[1] - n  # where the second copy begins
-    return model(input_ids=ids).logits[:, start:-1].float(), ids[:, start + 1 :]
+def _masked_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+    scored = target != IGNORE
+    return float((logits.argmax(-1)[scored] == target[scored]).float().mean())
 
 
 @torch.no_grad()
@@ -59,24 +69,65 @@ def copy_score(model: nn.Module, tokenizer, batch: int = 32, length: int = 24, s
     context, near 1 for one that can (by finding the token's earlier place, not by looking back a fixed distance)."""
     was_training = model.training
     model.eval()
-    logits, target = _second_run(model, _ordinary(tokenizer, length), torch.Generator().manual_seed(seed), batch,
-                                 length)  # fmt: skip
+    ids, target, _ = _runs_twice(_ordinary(tokenizer, length), torch.Generator().manual_seed(seed), batch, length)
+    logits = model(input_ids=ids).logits
     model.train(was_training)
-    return _accuracy(logits, target)
+    return _masked_accuracy(logits, target)
+
+
+@contextmanager
+def _head_zero(model: nn.Module):
+    """While active, the log-softmax attention [B, S, S] of head 0 in decoder layers 0 and 1 (plain causal
+    attention over the whole row), by layer, in the dict it yields, filled by each training forward."""
+    layers = model.model.layers
+    if len(layers) < 2:
+        raise ValueError(f"copy_pretrain: guide needs at least 2 decoder layers; this model has {len(layers)}")
+    seen: dict = {}
+    attns = [layers[i].self_attn for i in (0, 1)]
+
+    def recording(attn, plain):
+        def attend(q, k, v, mask):
+            s = q.shape[2]
+            logits = (q[:, 0] @ k[:, 0].transpose(-1, -2)) * attn.head_dim**-0.5
+            future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+            seen[attn.layer_idx] = logits.float().masked_fill(future, float("-inf")).log_softmax(-1)
+            return plain(q, k, v, mask)
+
+        return attend
+
+    for attn in attns:
+        attn.attend = recording(attn, attn.attend)
+    try:
+        yield seen
+    finally:
+        for attn in attns:
+            del attn.attend  # back to the class's method
+
+
+def _guidance(seen: dict, source: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The circuit's two halves, one cross-entropy each: layer 0's head 0 attends to the previous token (every
+    position after the first: "previous"), layer 1's to `source`, the token after the current one's earlier place
+    ("found"). What the found token's head then writes is left to the copying loss."""
+    b, s = source.shape
+    previous = torch.arange(s - 1).expand(b, -1)
+    nll = nn.functional.nll_loss
+    return {"previous": nll(seen[0][:, 1:].reshape(-1, s), previous.reshape(-1)),
+            "found": nll(seen[1].reshape(-1, s), source.reshape(-1))}  # fmt: skip
 
 
 def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, length: int = 24, lr: float = 1e-3,
-                     widen: float = 0.5, everything: bool = False, cosine: bool = True, seed: int = 0,
-                     log_every: int = 50) -> dict[str, float]:  # fmt: skip
-    """Train `model`'s decoder layers in place for `steps` steps on `batch` runs of up to `length` random
-    ordinary tokens (none of the tokenizer's special ids), each given twice; the loss is on the second run after its
-    first token. The runs start at one fixed distance apart (a position rule learns them) and the distances widen
-    to their full range over the first `widen` share of the steps (0: the full range from the start). With
-    `everything` the embeddings and the final norm learn too (a fresh model's). `cosine` False keeps the rate
-    constant after the warm-up: induction comes as a sudden change late in the phase, which a decayed rate can
-    miss. Returns the last step's loss and top-1 accuracy ("copied")."""
-    if steps < 1 or batch < 1 or length < 2:
-        raise ValueError(f"copy_pretrain: steps, batch >= 1 and length >= 2, not {steps}, {batch}, {length}")
+                     widen: float = 0.0, everything: bool = False, cosine: bool = True, guide: int = 0,
+                     seed: int = 0, log_every: int = 50) -> dict[str, float]:  # fmt: skip
+    """Train `model`'s decoder layers in place for `steps` steps on `batch` rows of random ordinary tokens (none
+    of the tokenizer's special ids) that end in a run of up to `length` given twice; the loss is on the second run
+    after its first token. With `widen` > 0 the runs start at one fixed distance apart and the distances widen to
+    their full range over that share of the steps. With `everything` the embeddings and the final norm learn too
+    (a fresh model's). `cosine` False keeps the rate constant after the warm-up. For the first `guide` steps head
+    0 of decoder layers 0 and 1 is also pulled toward the two halves of the induction circuit (module docstring).
+    Returns the last step's loss and top-1 accuracy ("copied")."""
+    if steps < 1 or batch < 1 or length < 2 or guide < 0:
+        raise ValueError(f"copy_pretrain: steps, batch >= 1, length >= 2 and guide >= 0, not {steps}, {batch}, "
+                         f"{length}, {guide}")  # fmt: skip
     ordinary = _ordinary(tokenizer, length)
     gen = torch.Generator().manual_seed(seed)
     trunk = (".layers.", "embed_tokens", "model.norm.") if everything else (".layers.",)
@@ -89,19 +140,28 @@ def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, l
     model.train()
     stats: dict[str, float] = {}
     start = time.perf_counter()
-    for step in range(steps):
-        spread = min(1.0, step / max(1, steps * widen))
-        logits, target = _second_run(model, ordinary, gen, batch, length, spread)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(layers, 1.0)
-        opt.step()
-        sched.step()
-        stats = {"loss": loss.item(), "copied": _accuracy(logits, target)}
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            eta = (time.perf_counter() - start) / (step + 1) * (steps - step - 1)
-            log.info("copying %d/%d loss %.3f copied %.0f%% (eta %.0fs)", step + 1, steps, stats["loss"],
-                     100 * stats["copied"], eta)  # fmt: skip
+    with ExitStack() as guiding:
+        seen = guiding.enter_context(_head_zero(model)) if guide else {}
+        for step in range(steps):
+            if step == guide:
+                guiding.close()  # the plain layers from here on
+            spread = min(1.0, step / (steps * widen)) if widen > 0 else 1.0
+            ids, target, source = _runs_twice(ordinary, gen, batch, length, spread)
+            logits = model(input_ids=ids).logits.float()
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+            parts = _guidance(seen, source) if step < guide else {}
+            guided = GUIDE_WEIGHT * sum(parts.values()) if parts else None
+            opt.zero_grad(set_to_none=True)
+            (loss if guided is None else loss + guided).backward()
+            torch.nn.utils.clip_grad_norm_(layers, 1.0)
+            opt.step()
+            sched.step()
+            stats = {"loss": loss.item(), "copied": _masked_accuracy(logits, target)}
+            stats.update({f"guide_{k}": v.item() for k, v in parts.items()})
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                eta = (time.perf_counter() - start) / (step + 1) * (steps - step - 1)
+                extra = "".join(f" {k[6:]} {v:.2f}" for k, v in stats.items() if k.startswith("guide_"))
+                log.info("copying %d/%d loss %.3f copied %.0f%%%s (eta %.0fs)", step + 1, steps, stats["loss"],
+                         100 * stats["copied"], extra, eta)  # fmt: skip
     model.zero_grad(set_to_none=True)
     return stats
