@@ -20,6 +20,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
+from .encoders import _accuracy
+
 log = logging.getLogger("ernie45.demo")
 IGNORE = -100
 GUIDE_WEIGHT = 0.1  # at 1 the guidance's gradients outgrew the clip and starved the copying loss itself
@@ -59,9 +61,9 @@ def _runs_twice(ordinary: torch.Tensor, gen: torch.Generator, batch: int, length
     return ids, target, source
 
 
-def _masked_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+def _copied(logits: torch.Tensor, target: torch.Tensor) -> float:
     scored = target != IGNORE
-    return float((logits.argmax(-1)[scored] == target[scored]).float().mean())
+    return _accuracy(logits[scored], target[scored])
 
 
 @torch.no_grad()
@@ -73,7 +75,7 @@ def copy_score(model: nn.Module, tokenizer, batch: int = 32, length: int = 24, s
     ids, target, _ = _runs_twice(_ordinary(tokenizer, length), torch.Generator().manual_seed(seed), batch, length)
     logits = model(input_ids=ids).logits
     model.train(was_training)
-    return _masked_accuracy(logits, target)
+    return _copied(logits, target)
 
 
 @contextmanager
@@ -126,9 +128,9 @@ def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, l
     (a fresh model's). `cosine` False keeps the rate constant after the warm-up. For the first `guide` steps head
     0 of decoder layers 0 and 1 is also pulled toward the two halves of the induction circuit (module docstring).
     Returns the last step's loss and top-1 accuracy ("copied")."""
-    if steps < 1 or batch < 1 or length < 2 or guide < 0:
-        raise ValueError(f"copy_pretrain: steps, batch >= 1, length >= 2 and guide >= 0, not {steps}, {batch}, "
-                         f"{length}, {guide}")  # fmt: skip
+    if steps < 1 or batch < 1 or length < 2 or guide < 0 or widen < 0:
+        raise ValueError(f"copy_pretrain: steps, batch >= 1, length >= 2, guide and widen >= 0, not {steps}, "
+                         f"{batch}, {length}, {guide}, {widen}")  # fmt: skip
     ordinary = _ordinary(tokenizer, length)
     gen = torch.Generator().manual_seed(seed)
     trunk = (".layers.", "embed_tokens", "model.norm.") if everything else (".layers.",)
@@ -157,11 +159,11 @@ def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, l
             torch.nn.utils.clip_grad_norm_(layers, 1.0)
             opt.step()
             sched.step()
-            stats = {"loss": loss.item(), "copied": _masked_accuracy(logits, target)}
+            stats = {"loss": loss.item(), "copied": _copied(logits, target)}
             stats.update({f"guide_{k}": v.item() for k, v in parts.items()})
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 eta = (time.perf_counter() - start) / (step + 1) * (steps - step - 1)
-                extra = "".join(f" {k[6:]} {v:.2f}" for k, v in stats.items() if k.startswith("guide_"))
+                extra = "".join(f" {k} {v.item():.2f}" for k, v in parts.items())
                 log.info("copying %d/%d loss %.3f copied %.0f%%%s (eta %.0fs)", step + 1, steps, stats["loss"],
                          100 * stats["copied"], extra, eta)  # fmt: skip
     model.zero_grad(set_to_none=True)
