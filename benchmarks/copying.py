@@ -5,6 +5,7 @@ prints the copying score of each and the phase's time.
 
     python benchmarks/copying.py --layers 2 --width 128 --head-dim 32 --length 12 --steps 300
     python benchmarks/copying.py                          # the demo-omni preset (6 layers, 256 wide, MoE)
+    python benchmarks/copying.py --guide 300 --hold 2     # and a run with layers 2.. held at the identity meanwhile
 
 Unguided, induction arrives as a sudden change (a few percent for hundreds of steps, then most of the run within
 ~100 steps), so a run that ends flat says "not within these steps", not "never".
@@ -36,6 +37,12 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=24, help="longest run given twice (default 24)")
     ap.add_argument("--cosine", action="store_true", help="cosine decay after the warm-up (default: a constant rate)")
     ap.add_argument("--guide", type=int, default=None, help="steps with the attention guidance (default: all)")
+    ap.add_argument(
+        "--hold",
+        type=int,
+        default=0,
+        help="also a run with the layers from this index on held at the identity while guided",
+    )
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args()
     if a.threads:
@@ -50,8 +57,9 @@ def main() -> None:
         f"# {cpu_name()}, {torch.get_num_threads()} threads; demo-omni preset {shape or 'as it is'}; {a.steps} "
         f"steps of batch {a.batch}, runs up to {a.length} tokens, lr {a.lr}{', cosine' if a.cosine else ''}\n"
     )
-    print("| guided steps | copying score before | after | phase s |\n|---:|---:|---:|---:|")
-    for guide in (a.steps if a.guide is None else a.guide, 0):
+    print("| guided steps | layers held from | copying score before | after | phase s |\n|---:|---:|---:|---:|---:|")
+    guided = a.steps if a.guide is None else a.guide
+    for guide, hold in ([(guided, a.hold)] if a.hold else []) + [(guided, 0), (0, 0)]:
         torch.manual_seed(0)
         model = Ernie45ForConditionalGeneration(ernie45.presets.get("demo-omni", **shape))
         before = copy_score(model, proc.tokenizer, length=a.length)
@@ -66,10 +74,11 @@ def main() -> None:
             everything=True,
             cosine=a.cosine,
             guide=guide,
+            hold=hold,
             log_every=100,
         )
         print(
-            f"| {guide} | {before:.1%} | {copy_score(model, proc.tokenizer, length=a.length):.1%} | "
+            f"| {guide} | {hold or '-'} | {before:.1%} | {copy_score(model, proc.tokenizer, length=a.length):.1%} | "
             f"{time.perf_counter() - start:.0f} |",
             flush=True,
         )

@@ -445,6 +445,23 @@ def test_a_copying_stage_guides_two_heads_into_induction_on_runs_given_twice_at_
     pretrain_copying(model, proc.tokenizer, steps=1, length=12, guide=1)  # by default the decoder layers alone
     moved = {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == {"layers"}, moved
+    # hold: layers 2.. start at the identity (outputs zeroed) and hold still while guided, then train too
+    model = Ernie45ForConditionalGeneration(ernie45.presets.get("demo-omni", num_hidden_layers=4, hidden_size=64,
+                                                                intermediate_size=128, head_dim=16))  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pretrain_copying(model, proc.tokenizer, steps=2, length=12, guide=2, hold=2)
+    late = {n: p for n, p in model.named_parameters() if n.startswith(("model.layers.2.", "model.layers.3."))}
+    outputs = [n for n in late if ".o_proj." in n or "down_proj" in n]
+    assert len(outputs) == 2 * 5 and all(torch.all(late[n] == 0) for n in outputs)  # o_proj, 3 expert groups, shared
+    assert all(torch.equal(p, before[n]) for n, p in late.items() if n not in outputs)
+    first_o = "model.layers.1.self_attn.o_proj.weight"
+    assert not torch.equal(model.model.layers[1].self_attn.o_proj.weight, before[first_o])
+    assert all(p.requires_grad for p in model.parameters())  # released at the end
+    pretrain_copying(model, proc.tokenizer, steps=2, length=12, guide=1, hold=2)
+    assert all(bool(torch.any(late[n] != 0)) for n in outputs)  # step 2: no longer held
+    for wrong in ({"hold": 1, "guide": 1}, {"hold": 4, "guide": 1}, {"hold": 2}):
+        with pytest.raises(ValueError, match="give guide > 0 and hold from 2 to 3"):
+            pretrain_copying(model, proc.tokenizer, steps=1, length=12, **wrong)
     with pytest.raises(ValueError, match="copy_pretrain: \\['step'\\] is not a key; known: steps, batch, length"):
         _prepare(model, proc, {"copy_pretrain": {"step": 1}}, seed=0)
     with pytest.raises(ValueError, match="data.demo.copy_pretrain: give steps \\(no default\\)"):

@@ -316,3 +316,23 @@ def test_lora_on_a_quantized_base_trains_only_the_adapters(vl_dir, chat_data, tm
         assert bad.returncode != 0 and "no such directory" in bad.stderr and "Traceback" not in bad.stderr
     with pytest.raises(ValueError, match="add a `lora` section"):
         build_trainer(_cfg(vl_dir, chat_data, tmp_path / "x", model={"path": str(vl_dir), "quantize": 4}))
+
+
+def test_reinit_draws_the_trunk_afresh_and_keeps_the_trained_encoders(vl_dir, chat_data, tmp_path):
+    """`model.reinit: [trunk]` under a loaded checkpoint: every decoder weight is a new draw (norms at 1),
+    the ViT and resampler are the checkpoint's own; a misspelt part or a quantized base is refused."""
+    loaded = dict(ernie45.load(vl_dir).named_parameters())
+    trainer = build_trainer(_cfg(vl_dir, chat_data, tmp_path, model={"reinit": ["trunk"]}))
+    now = dict(trainer.model.named_parameters())
+    encoders = [n for n in now if ".vision_tower." in n or ".resampler_model." in n]
+    trunk = [n for n in now if n not in encoders]
+    assert encoders and all(torch.equal(now[n], loaded[n]) for n in encoders)
+    drawn = [n for n in trunk if not n.endswith(("norm.weight", "correction_bias"))]  # the rest: constants
+    assert len(drawn) > 10 and not any(torch.equal(now[n], loaded[n]) for n in drawn)
+    assert all(torch.all(now[n] == 1) for n in trunk if n.endswith("norm.weight"))
+    again = dict(build_trainer(_cfg(vl_dir, chat_data, tmp_path, model={"reinit": ["trunk"]})).model.named_parameters())
+    assert all(torch.equal(again[n], now[n]) for n in trunk)  # drawn from the recipe's seed
+    with pytest.raises(ValueError, match="model.reinit: a list of parts to draw afresh, from \\['trunk'\\]"):
+        build_trainer(_cfg(vl_dir, chat_data, tmp_path, model={"reinit": "trunk"}))
+    with pytest.raises(ValueError, match="model.reinit draws weights afresh to train them; a quantized base"):
+        build_trainer(_cfg(vl_dir, chat_data, tmp_path, model={"reinit": ["trunk"], "quantize": 8}, lora={"r": 4}))

@@ -118,23 +118,44 @@ def _guidance(seen: dict, source: torch.Tensor) -> dict[str, torch.Tensor]:
             "found": nll(seen[1].reshape(-1, s), source.reshape(-1))}  # fmt: skip
 
 
+@torch.no_grad()
+def _at_identity(model: nn.Module, first: int) -> list[nn.Parameter]:
+    """Zero what decoder layers `first`.. add to the residual stream (attention output, every MLP's down
+    projection: dense, experts and shared experts), freeze their trainable parameters and return them."""
+    held = []
+    for layer in model.model.layers[first:]:
+        for name, p in layer.named_parameters():
+            if name.startswith("self_attn.o_proj.") or "down_proj" in name:
+                p.zero_()
+            if p.requires_grad:
+                held.append(p.requires_grad_(False))
+    return held
+
+
 def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, length: int = 24, lr: float = 1e-3,
                      widen: float = 0.0, everything: bool = False, cosine: bool = True, guide: int = 0,
-                     seed: int = 0, log_every: int = 50) -> dict[str, float]:  # fmt: skip
+                     hold: int = 0, seed: int = 0, log_every: int = 50) -> dict[str, float]:  # fmt: skip
     """Train `model`'s decoder layers in place for `steps` steps on `batch` rows of random ordinary tokens (none
     of the tokenizer's special ids) that end in a run of up to `length` given twice; the loss is on the second run
     after its first token. With `widen` > 0 the runs start at one fixed distance apart and the distances widen to
     their full range over that share of the steps. With `everything` the embeddings and the final norm learn too
     (a fresh model's). `cosine` False keeps the rate constant after the warm-up. For the first `guide` steps head
     0 of decoder layers 0 and 1 is also pulled toward the two halves of the induction circuit (module docstring).
+    With `hold` > 0 the decoder layers from index `hold` on start at the identity (their attention output and MLP
+    down projections zeroed: what they had learned is gone, so this is for a fresh trunk) and hold still for the
+    guided steps, so that the first layers' circuit is all the model has; then they train too.
     Returns the last step's loss and top-1 accuracy ("copied")."""
     if steps < 1 or batch < 1 or length < 2 or guide < 0 or widen < 0:
         raise ValueError(f"copy_pretrain: steps, batch >= 1, length >= 2, guide and widen >= 0, not {steps}, "
                          f"{batch}, {length}, {guide}, {widen}")  # fmt: skip
+    if hold and not (guide and 2 <= hold < len(model.model.layers)):
+        raise ValueError(f"copy_pretrain: hold {hold} holds the layers from that index on during the guided steps: "
+                         f"give guide > 0 and hold from 2 to {len(model.model.layers) - 1}")  # fmt: skip
     ordinary = _ordinary(tokenizer, length)
     gen = torch.Generator().manual_seed(seed)
     trunk = (".layers.", "embed_tokens", "model.norm.") if everything else (".layers.",)
     layers = [p for n, p in model.named_parameters() if any(k in n for k in trunk) and p.requires_grad]
+    held = _at_identity(model, hold) if hold else []
     opt = torch.optim.AdamW(layers, lr=lr, weight_decay=0.01)
     warm = min(20, steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -148,6 +169,8 @@ def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, l
         for step in range(steps):
             if step == guide:
                 guiding.close()  # the plain layers from here on
+                for p in held:
+                    p.requires_grad_(True)
             spread = min(1.0, step / (steps * widen)) if widen > 0 else 1.0
             ids, target, source = _runs_twice(ordinary, gen, batch, length, spread)
             logits = model(input_ids=ids).logits.float()
@@ -166,5 +189,7 @@ def pretrain_copying(model: nn.Module, tokenizer, steps: int, batch: int = 16, l
                 extra = "".join(f" {k} {v.item():.2f}" for k, v in parts.items())
                 log.info("copying %d/%d loss %.3f copied %.0f%%%s (eta %.0fs)", step + 1, steps, stats["loss"],
                          100 * stats["copied"], extra, eta)  # fmt: skip
+    for p in held:  # (guide >= steps: released here)
+        p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     return stats

@@ -31,7 +31,7 @@ log = logging.getLogger("ernie45.train")
 
 DEFAULTS: dict[str, Any] = {
     "model": {"path": None, "preset": None, "overrides": {}, "tokenizer": None, "dtype": None,
-              "split_numbers": False, "quantize": None, "mtp": 0},
+              "split_numbers": False, "quantize": None, "mtp": 0, "reinit": []},
     "data": {"train": [], "kind": "chat", "loss_on": "assistant", "on_error": "skip", "pack": True,
              "max_tokens": 2048},
     "train": {"output_dir": "runs/ernie45", "max_steps": 100, "learning_rate": 1e-4, "batch_size": 1,
@@ -75,12 +75,17 @@ def build_model(cfg: dict, zero3: dict | None = None):
     if zero3 is not None and (q is not None or not cfg["model"].get("path")):
         raise ValueError("train.deepspeed ZeRO-3 loads a checkpoint partitioned layer by layer: give model.path (not "
                          "a preset) and no model.quantize")  # fmt: skip
+    if q is not None and cfg["model"]["reinit"]:
+        raise ValueError("model.reinit draws weights afresh to train them; a quantized base (model.quantize) is not "
+                         "trained: drop one of the two")  # fmt: skip
     model, processor = _model_and_processor(cfg["model"], cfg["train"], q, zero3)
     for option, apply in TOKENIZER_OPTIONS.items():  # e.g. split_numbers (saved with the model)
         if cfg["model"].get(option):
             log.info("%s: %d tokenizer changes", option, apply(processor.tokenizer))
     if q is not None:  # (a base loaded from a path is quantized layer by layer already; this does the rest)
         quantize(model, **q, progress=False)
+    if cfg["model"]["reinit"]:
+        reinit(model, cfg["model"]["reinit"], cfg["train"]["seed"])
     depths = cfg["model"]["mtp"]
     if depths and model.config.num_nextn_predict_layers != depths:  # `model.mtp: 1`: train an MTP layer for it
         if model.config.num_nextn_predict_layers:
@@ -123,6 +128,23 @@ def _model_and_processor(m: dict, train: dict, q: dict | None = None, zero3: dic
     with written_atomically(tokenizer_dir) as tmp:  # every rank writes it; none reads a half-written file
         config.save_pretrained(tmp)  # the processor reads which encoders the model has
     return model, load_processor(tokenizer_dir)
+
+
+REINITABLE = {"trunk": ("embed_tokens", "layers", "norm", "mtp_")}  # lm_head: tied, or drawn with the trunk
+
+
+def reinit(model, parts: list[str], seed: int) -> None:
+    """`model.reinit: [trunk]`: draw the decoder (embeddings, layers, final norm, output head, MTP layers) afresh
+    from the config's initialiser, keeping the rest of a loaded checkpoint: trained encoders under a new trunk."""
+    if isinstance(parts, str) or not set(parts) <= set(REINITABLE) or not parts:
+        raise ValueError(f"model.reinit: a list of parts to draw afresh, from {sorted(REINITABLE)}; not {parts!r}")
+    torch.manual_seed(seed)
+    prefixes = tuple(p for part in parts for p in REINITABLE[part])
+    for name, module in model.model.named_children():
+        if name.startswith(prefixes):
+            module.apply(model._init_weights)
+    model.lm_head.apply(model._init_weights)  # (tied: the embeddings drawn once more)
+    log.info("model.reinit: %s drawn afresh", ", ".join(parts))
 
 
 def freeze(model, parts: list[str]) -> None:
