@@ -7,7 +7,7 @@ only that mechanism gets right. The mechanism takes two heads in two layers (one
 one that finds the current token's earlier place through it), and neither helps the loss before the other exists:
 a demo-sized trunk sat on that plateau for 1,000+ steps, or for good. `guide` steps pull one head of each of the
 first two decoder layers toward its half of the circuit: a fresh 2-layer trunk then copies in 300 steps; the
-6-layer demo trunk does only with its later layers held at the identity meanwhile (model card).
+6-layer demo trunk does only with its later layers held at the identity meanwhile (`hold`; model card).
 `benchmarks/copying.py` runs the phase guided and unguided on fresh models of any shape."""
 
 from __future__ import annotations
