@@ -78,6 +78,9 @@ def build_model(cfg: dict, zero3: dict | None = None):
     if q is not None and cfg["model"]["reinit"]:
         raise ValueError("model.reinit draws weights afresh to train them; a quantized base (model.quantize) is not "
                          "trained: drop one of the two")  # fmt: skip
+    if zero3 is not None and cfg["model"]["reinit"]:
+        raise ValueError("model.reinit draws whole weights; under DeepSpeed ZeRO-3 each rank holds a shard: run the "
+                         "reinit on one process and save, then train from that checkpoint")  # fmt: skip
     model, processor = _model_and_processor(cfg["model"], cfg["train"], q, zero3)
     for option, apply in TOKENIZER_OPTIONS.items():  # e.g. split_numbers (saved with the model)
         if cfg["model"].get(option):
