@@ -449,6 +449,7 @@ def test_a_copying_stage_guides_two_heads_into_induction_on_runs_given_twice_at_
     model = Ernie45ForConditionalGeneration(ernie45.presets.get("demo-omni", num_hidden_layers=4, hidden_size=64,
                                                                 intermediate_size=128, head_dim=16))  # fmt: skip
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # (a router's correction bias is not)
     pretrain_copying(model, proc.tokenizer, steps=2, length=12, guide=2, hold=2)
     late = {n: p for n, p in model.named_parameters() if n.startswith(("model.layers.2.", "model.layers.3."))}
     outputs = [n for n in late if ".o_proj." in n or "down_proj" in n]
@@ -456,9 +457,10 @@ def test_a_copying_stage_guides_two_heads_into_induction_on_runs_given_twice_at_
     assert all(torch.equal(p, before[n]) for n, p in late.items() if n not in outputs)
     first_o = "model.layers.1.self_attn.o_proj.weight"
     assert not torch.equal(model.model.layers[1].self_attn.o_proj.weight, before[first_o])
-    assert all(p.requires_grad for p in model.parameters())  # released at the end
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable  # released at the end
     pretrain_copying(model, proc.tokenizer, steps=2, length=12, guide=1, hold=2)
-    assert all(bool(torch.any(late[n] != 0)) for n in outputs)  # step 2: no longer held
+    text_path = [n for n in outputs if ".vision." not in n and ".audio." not in n]  # what text tokens reach
+    assert len(text_path) == 2 * 3 and all(bool(torch.any(late[n] != 0)) for n in text_path)  # step 2: trained
     for wrong in ({"hold": 1, "guide": 1}, {"hold": 4, "guide": 1}, {"hold": 2}):
         with pytest.raises(ValueError, match="give guide > 0 and hold from 2 to 3"):
             pretrain_copying(model, proc.tokenizer, steps=1, length=12, **wrong)
