@@ -23,14 +23,7 @@ HERE = Path(__file__).resolve().parent
 ORDERS = {"4711": {"status": "shipped"}, "1234": {"status": "packed"}}
 
 
-def _tool(name: str, description: str) -> dict:
-    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
-        "type": "object", "properties": {"order_id": {"type": "string", "pattern": "^[0-9]{3,6}$"}},
-        "required": ["order_id"]}}}  # fmt: skip
-
-
-TOOLS = [_tool("get_order_status", "Look up where an order is"), _tool("cancel_order", "Cancel an order"),
-         _tool("report_problem", "Report an error a customer sees with an order")]  # fmt: skip
+TOOLS = json.loads((HERE / "tools.json").read_text())  # the same three tools `ernie45 chat --tools` takes
 
 
 def get_order_status(order_id: str) -> dict:

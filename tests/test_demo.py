@@ -218,6 +218,21 @@ def test_score_rules():
     assert score("arithmetic", "9 plus 3 is 12; so 59 plus 73 is 132.", "59 plus 73 is 131.") == 0.0
 
 
+def test_every_reference_answer_fits_the_evaluations_token_budget():
+    """A budget below an answer's length scores it 0 whatever the model writes (64 tokens cut every tool call)."""
+    from ernie45.demo.eval import ANSWER_TOKENS, GENERATORS
+
+    tokenizer = load_processor(DEMO_DIR).tokenizer
+    longest = {}
+    for name in ("train", "heldout"):
+        for f, family in enumerate(TASKS):
+            for j in range(12):
+                skill, _, answer = TASKS[family](random.Random(1_000 * f + j), GENERATORS[name])
+                longest[skill] = max(longest.get(skill, 0), len(tokenizer(answer)["input_ids"]))
+    assert {"tool call", "document summary", "moderation"} <= set(longest)
+    assert max(longest.values()) < ANSWER_TOKENS, longest
+
+
 def test_worked_sums_and_differences_add_up_column_by_column():
     """Every sum and difference on 0..100: the conclusion is the plain answer, and the columns' results, read
     back (the last in full, then each earlier one's units digit), are that answer's digits."""

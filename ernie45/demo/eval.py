@@ -66,15 +66,22 @@ def _edit_distance(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
+ANSWER_TOKENS = 128  # above every family's longest reference answer (a tool call or a summary: ~80 tokens)
+
+
 def _params(skill: str, messages: list[dict]) -> SamplingParams:
-    """Greedy; a moderation verdict forced into the job's JSON schema, as `ernie45 moderate` forces it."""
+    """Greedy, with room for the longest reference answer (a budget below it scored every tool call and a third of
+    the summaries 0, cut off before their end); a moderation verdict forced into the job's JSON schema, as
+    `ernie45 moderate` forces it."""
     if skill != "moderation":
-        return SamplingParams(max_tokens=64, temperature=0)
+        return SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0)
     from ..jobs.moderate import Policy
 
     lines = messages[0]["content"].split("Categories:\n", 1)[1].splitlines()
     policy = Policy({line[2:].split(":", 1)[0]: line.split(": ", 1)[1] for line in lines})
-    return SamplingParams(max_tokens=80, temperature=0, structured_outputs=StructuredOutputs(json=policy.schema()))
+    return SamplingParams(
+        max_tokens=ANSWER_TOKENS, temperature=0, structured_outputs=StructuredOutputs(json=policy.schema())
+    )
 
 
 def _draw(family: str, rng: random.Random, gen: Generator, later: bool) -> tuple[str, list[dict], str]:
