@@ -216,6 +216,10 @@ def test_score_rules():
     assert score("arithmetic", "59 plus 73 is 132.", worked) == 1.0  # the conclusion is what counts
     assert score("arithmetic", worked.replace("132", "131"), worked) == 0.0
     assert score("arithmetic", "9 plus 3 is 12; so 59 plus 73 is 132.", "59 plus 73 is 131.") == 0.0
+    call = 'You said: order four.\n<tool_call>\n{"name": "cancel_order", "arguments": {"order_id": "%s"}}\n</tool_call>'
+    assert score("tool call", call % "4", call % "4") == score("tool choice", call % "5", call % "4") == 1.0
+    assert score("tool call", call % "5", call % "4") == 0.0
+    assert score("tool choice", call.replace("cancel", "report") % "4", call % "4") == 0.0
 
 
 def test_every_reference_answer_fits_the_evaluations_token_budget():
@@ -338,8 +342,9 @@ def test_shipped_demo_model_quick_eval():
         assert results[skill][0] >= floor, (skill, results[skill])
 
 
-# measured: who 4/4, greet 10/10, direction 8/18, spoken digits 0.32 of 17, colour 5/8 (chance: 1/4, ~0, 1/6)
-QUICK_FLOORS = {"who": 0.75, "greet": 0.8, "direction": 0.3, "spoken digits": 0.2, "colour": 0.35}
+# measured (stage 31): who 4/4, greet 10/10, direction 8/18, spoken digits 0.74 of 17, colour 6/8, count 5/7
+# (chance: 1/4, ~0, 1/6, 1/4)
+QUICK_FLOORS = {"who": 0.5, "greet": 0.8, "direction": 0.3, "spoken digits": 0.6, "colour": 0.5, "count": 0.4}
 
 
 def test_multi_turn_media_samples_ask_distinct_questions_about_one_picture():

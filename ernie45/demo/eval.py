@@ -38,15 +38,18 @@ def _norm(text: str) -> str:
 def score(skill: str, got: str, expected: str) -> float:
     """1.0 for a right answer; for spoken digits the share of words right (1 - word error rate, floored at 0).
     Arithmetic is scored on its conclusion ("... so 59 plus 73 is 132." -> "59 plus 73 is 132."); a moderation
-    verdict on its labels (the window's categories, in any order)."""
+    verdict on its labels (the window's categories, in any order); a tool call on its function and arguments, "tool
+    choice" on the function alone."""
     if skill == "moderation":
         try:
             return float(sorted(json.loads(got)["labels"]) == sorted(json.loads(expected)["labels"]))
         except (ValueError, KeyError, TypeError):
             return 0.0
-    if skill == "tool call":  # the same function with the same arguments, as the server would parse them
+    if skill in ("tool call", "tool choice"):  # the same function (with the same arguments), as the server parses it
         calls = [parse_tool_calls(text)[1] for text in (got, expected)]
         same = [[(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in cs] for cs in calls]
+        if skill == "tool choice":
+            return float([name for name, _ in same[0]] == [name for name, _ in same[1]])
         return float(same[0] == same[1])
     if skill == "arithmetic":
         got, expected = got.rsplit("so ", 1)[-1], expected.rsplit("so ", 1)[-1]
@@ -115,6 +118,10 @@ def evaluate(llm: LLM, n: int = 50, seed: int = HELD_OUT, batch: int = 16, gener
             for (late, (skill, _, expected)), got in zip(chunk, answers, strict=True):
                 key = f"{skill} (turn 2+)" if late else skill
                 results.setdefault(key, []).append(score(skill, got.text, expected))
+                if skill == "tool call":  # which tool alone, apart from its arguments
+                    results.setdefault(key.replace("call", "choice"), []).append(
+                        score("tool choice", got.text, expected)
+                    )
     return {k: (sum(v) / len(v), len(v)) for k, v in sorted(results.items())}
 
 
