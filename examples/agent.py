@@ -5,9 +5,9 @@ runs the tool and sends the result back, and the model answers from it. Runs off
     ernie45 serve &                       # the embedded demo model (or: ernie45 serve DIR)
     python examples/agent.py              # --image FILE --audio FILE --tool-choice required|auto
 
-The embedded demo model has not learned to choose tools (see its card), so the call is constrained by default
-(`tool_choice: "required"`: it parses and its arguments match the schema whatever the model); `--tool-choice
-auto` lets the model decide, as a model trained for tools does.
+The embedded demo model picks the tool itself (`tool_choice: "auto"`, the default here): it says what it heard,
+then calls. `--tool-choice required` forces a call by constrained decoding (it parses and matches the schema
+whatever the model), which skips that first line; this model then writes worse numbers and goes on calling.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def data_url(path: Path, mime: str) -> str:
 
 
 def run(base_url: str, image: Path, audio: Path, model: str | None = None, log=print,
-        tool_choice: str = "required") -> list[dict]:  # fmt: skip
+        tool_choice: str = "auto") -> list[dict]:  # fmt: skip
     """One customer turn, the tool round trip and the answer; returns the conversation."""
     client = OpenAI(base_url=base_url, api_key="unused", max_retries=0)
     model = model or client.models.list().data[0].id
@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--model", help="the served model's id (default: the first /v1/models lists)")
     p.add_argument("--image", type=Path, default=HERE / "order_page.png", help="the customer's screenshot")
     p.add_argument("--audio", type=Path, default=HERE / "voice_order.wav", help="the customer's voice message")
-    p.add_argument("--tool-choice", default="required", help='"required" (default) or "auto" (the model decides)')
+    p.add_argument("--tool-choice", default="auto", help='"auto" (default: the model decides) or "required"')
     args = p.parse_args()
     run(args.base_url, args.image, args.audio, args.model, tool_choice=args.tool_choice)
 

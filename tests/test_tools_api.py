@@ -18,6 +18,7 @@ from ernie45.processing.tools import CallStream, check_tools, parse_tool_calls
 
 ORDER = {"type": "object", "properties": {"order_id": {"type": "string", "pattern": "^[A-Z][0-9]{2}$"}},
          "required": ["order_id"]}  # fmt: skip
+ORDER_ID = {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}
 REFUND = {"type": "object", "properties": {"reason": {"enum": ["late", "broken"]}}, "required": ["reason"]}
 TOOLS = [{"type": "function", "function": {"name": "get_order_status", "description": "Look up an order",
                                            "parameters": ORDER}},
@@ -133,6 +134,29 @@ def test_message_fields_are_read_or_refused_by_name(server):
     call = chat.bind_tools([TOOLS[0]], tool_choice="required").invoke([asked])
     answered = ToolMessage("shipped", tool_call_id=call.tool_calls[0]["id"], name="get_order_status")
     assert isinstance(chat.bind_tools([TOOLS[0]]).invoke([asked, call, answered]).content, str)
+
+
+def test_an_answer_cut_at_max_tokens_after_a_call_says_length():
+    """A call made, then the answer cut inside the next: finish_reason stays "length" (not "tool_calls"), in
+    `LLM.chat`, the server's whole answer and its stream alike; the whole call still comes back. (The demo model
+    under `required` goes on calling until max_tokens; the tiny checkpoint stops after one call.)"""
+    demo, ask = LLM(), [{"role": "user", "content": "My order is 4711. Where is it?"}]
+    tools = [{"type": "function", "function": {"name": "get_order_status", "parameters": ORDER_ID}}]
+    full = demo.chat(ask, SamplingParams(max_tokens=120, temperature=0), tools=tools, tool_choice="required")[0]
+    ends = [i + 1 for i in range(len(full.token_ids)) if demo.processor.tokenizer.decode(
+        full.token_ids[: i + 1]).rstrip().endswith("</tool_call>")]  # fmt: skip
+    cut = ends[0] + 3  # three tokens into whatever follows the first call
+    assert cut < len(full.token_ids), "the model stopped after one call: nothing to cut"
+    short = demo.chat(ask, SamplingParams(max_tokens=cut, temperature=0), tools=tools, tool_choice="required")[0]
+    assert short.finish_reason == "length" and len(short.tool_calls) == 1
+    kw = {"model": "tiny", "messages": ask, "tools": tools, "tool_choice": "required", "max_tokens": cut,
+          "temperature": 0}  # fmt: skip
+    with running_server(demo, max_batch=1, max_len=1024) as (url, _):
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        whole = client.chat.completions.create(**kw).choices[0]
+        finish = [c.finish_reason for chunk in client.chat.completions.create(**kw, stream=True) for c in chunk.choices]
+    assert whole.finish_reason == "length" and len(whole.message.tool_calls) == 1
+    assert [f for f in finish if f] == ["length"]
 
 
 def test_llm_chat_returns_parsed_calls(llm):

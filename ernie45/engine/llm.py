@@ -20,7 +20,7 @@ from ..checkpoint import load
 from ..embedded import default_model_path
 from ..processing.chat_template import split_reasoning
 from ..processing.processor import Processor, load_processor
-from ..processing.tools import check_tools, choice_grammar, parse_tool_calls
+from ..processing.tools import check_tools, choice_grammar, finish_with_calls, parse_tool_calls
 from ..runtime.prepare import Plan, QuantizingLoader, prepare
 from .compiled import CompiledDecoder
 from .detokenize import IncrementalDetokenizer
@@ -348,7 +348,7 @@ def _with_calls(out: CompletionOutput, tools: list[dict]) -> CompletionOutput:
     text, calls = parse_tool_calls(out.text, tools)
     if not calls:
         return out
-    return replace(out, text=text, tool_calls=calls, finish_reason="tool_calls")
+    return replace(out, text=text, tool_calls=calls, finish_reason=finish_with_calls(out.finish_reason))
 
 
 def _merge(rows: list[Completion], prompt_ids: list[int]) -> Completion:

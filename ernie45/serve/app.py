@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import LLM
 from ..engine.batcher import BatchEngine, EngineStopped, QueueFull
 from ..processing.media import Cancelled, cancellable
-from ..processing.tools import parse_tool_calls
+from ..processing.tools import finish_with_calls, parse_tool_calls
 from .jobs import add_job_routes
 from .logprobs import chat_logprobs, completion_logprobs
 from .media import MediaPolicy
@@ -278,7 +278,7 @@ def create_app(llm: LLM, *, name: str = "ernie45", api_key: str | None = None, m
                 content, calls = parse_tool_calls(content, body._tools)
                 if calls:
                     msg.update(content=content or None, tool_calls=calls)
-                    reason = "tool_calls"
+                    reason = finish_with_calls(reason)
             if reasoning is not None:
                 msg["reasoning_content"] = reasoning
             row = h.request.row

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine import Delta
-from ..processing.tools import CallStream
+from ..processing.tools import CallStream, finish_with_calls
 from .logprobs import chat_logprobs, completion_logprobs
 from .protocol import APIError, ChatRequest, CompletionRequest, ReasoningSplit
 
@@ -103,8 +103,8 @@ async def chat_stream(handles, body: ChatRequest, head: dict) -> AsyncIterator[d
         logprobs = chat_logprobs(d.logprobs, d.token_ids, body.top_logprobs or 0) if d.logprobs else None
         if delta or d.finish_reason or logprobs:
             finish = finish_reason(d.finish_reason) if d.finish_reason else None
-            if finish == "stop" and made[i]:
-                finish = "tool_calls"
+            if made[i]:
+                finish = finish and finish_with_calls(finish)
             choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             yield {**head, "object": "chat.completion.chunk", "choices": [choice]}
     if body.include_usage:
