@@ -130,10 +130,10 @@ def parse_tool_calls(text: str, tools: list[dict] | None = None) -> tuple[str, l
     return "".join(kept).strip(), calls
 
 
-def finish_with_calls(reason: str) -> str:
-    """The finish reason of an answer that made tool calls: "tool_calls" where the model stopped on its own; an
-    answer cut at max_tokens (its last call may be cut off in the text) still says "length"."""
-    return "tool_calls" if reason == "stop" else reason
+def finish_with_calls(reason: str | None) -> str:
+    """The finish reason of an answer that made tool calls, in every path that reports one: "tool_calls", except
+    that an answer cut at max_tokens (its last call may be cut off in the text) still says "length"."""
+    return "length" if reason == "length" else "tool_calls"
 
 
 def tool_call_grammar(tools: list[dict], name: str | None = None, parallel: bool = True) -> str:

@@ -103,8 +103,8 @@ async def chat_stream(handles, body: ChatRequest, head: dict) -> AsyncIterator[d
         logprobs = chat_logprobs(d.logprobs, d.token_ids, body.top_logprobs or 0) if d.logprobs else None
         if delta or d.finish_reason or logprobs:
             finish = finish_reason(d.finish_reason) if d.finish_reason else None
-            if made[i]:
-                finish = finish and finish_with_calls(finish)
+            if finish and made[i]:
+                finish = finish_with_calls(finish)
             choice = {"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
             yield {**head, "object": "chat.completion.chunk", "choices": [choice]}
     if body.include_usage:
