@@ -336,3 +336,8 @@ def test_reinit_draws_the_trunk_afresh_and_keeps_the_trained_encoders(vl_dir, ch
         build_trainer(_cfg(vl_dir, chat_data, tmp_path, model={"reinit": "trunk"}))
     with pytest.raises(ValueError, match="model.reinit draws weights afresh to train them; a quantized base"):
         build_trainer(_cfg(vl_dir, chat_data, tmp_path, model={"reinit": ["trunk"], "quantize": 8}, lora={"r": 4}))
+    from ernie45.train.recipe import DEFAULTS, build_model, merge
+
+    zero3 = merge(DEFAULTS, _cfg(vl_dir, chat_data, tmp_path, model={"reinit": ["trunk"]}))
+    with pytest.raises(ValueError, match="model.reinit draws whole weights; under DeepSpeed ZeRO-3"):
+        build_model(zero3, zero3={"zero_optimization": {"stage": 3}})  # refused before any weight is read
