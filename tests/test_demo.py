@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import subprocess
 import sys
@@ -165,26 +166,33 @@ def _moved_by(train) -> tuple[object, set[str]]:
     return out, {n.split(".")[1] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
 
 
-def _encoder_stage(kinds: list[str], steps: int):
+def _encoder_stage(kinds: list[str], steps: int, **options):
     """A few encoder-stage steps of `kinds` on a fresh 2-layer demo model: (model, processor, the stage's stats, the
     top-level modules whose parameters moved)."""
     from ernie45.demo.encoders import pretrain_encoders
 
     def train(model, proc):
-        return model, proc, pretrain_encoders(model, proc, steps=steps, batch=4, generator="wide", kinds=kinds)
+        return model, proc, pretrain_encoders(model, proc, steps=steps, batch=4, generator="wide", kinds=kinds,
+                                              **options)  # fmt: skip
 
     (model, proc, stats), moved = _moved_by(train)
     return model, proc, stats, moved
 
 
-def test_a_speech_only_encoder_stage_trains_only_the_audio_path():
+def test_a_speech_only_encoder_stage_trains_only_the_audio_path_and_measures_the_held_out_voices(caplog):
     from ernie45.demo.encoders import pretrain_encoders
 
-    model, proc, stats, moved = _encoder_stage(["speech"], steps=3)
-    assert set(stats) == {"speech clips", "loss"}
-    assert moved == {"audio_tower", "audio_resampler"}, moved
+    with caplog.at_level(logging.INFO, logger="ernie45.train"):
+        model, proc, stats, moved = _encoder_stage(["speech"], steps=3, speech_heldout_every=2)
+    assert set(stats) == {"speech clips", "loss", "held-out speech clips"}
+    assert 0.0 <= stats["held-out speech clips"] <= 1.0
+    heard = [r.getMessage() for r in caplog.records if "held-out speech clips" in r.getMessage()]
+    assert [m.split()[1] for m in heard] == ["2/3", "3/3"], heard  # every 2 steps and at the end
+    assert moved == {"audio_tower", "audio_resampler"}, moved  # measuring trains nothing
     with pytest.raises(ValueError, match="kinds \\['sound'\\]; name some of pictures, charts, videos, speech, glyphs"):
         pretrain_encoders(model, proc, steps=1, kinds=["sound"])
+    with pytest.raises(ValueError, match="speech_heldout_every 5 measures the speech kind: .* name speech among"):
+        pretrain_encoders(model, proc, steps=1, kinds=["charts"], speech_heldout_every=5)
 
 
 def test_a_glyph_page_says_where_each_glyph_is_and_a_glyph_stage_trains_only_the_vision_path():

@@ -129,16 +129,24 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
 def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int = 16, lr: float = 1e-3,
                       seed: int = 0, log_every: int = 50, generator: str = "first",
                       kinds: list[str] | tuple[str, ...] = DEFAULT_KINDS,
-                      weights: dict[str, float] | None = None) -> dict[str, float]:  # fmt: skip
+                      weights: dict[str, float] | None = None,
+                      speech_heldout_every: int = 0) -> dict[str, float]:  # fmt: skip
     """Train the vision and audio paths of `model` in place for `steps` steps on the `generator`'s media ("first":
     the first generation's fixed layouts; "wide": the second's), drawing only the `kinds` named (pictures, charts,
     videos, speech, glyphs: one kind alone takes the whole batch, and speech alone trains only the audio path);
     weights: a factor on each named kind's losses (1 for the others: a kind that learns slowly beside the rest can
-    be weighted up). Returns the last step's accuracies and its summed loss ("loss")."""
+    be weighted up); speech_heldout_every: log every that many steps and at the end the share of
+    the held-out generator's clips (voices and rates never trained on) that the CTC head transcribes whole, so a
+    long speech phase shows whether it still generalises. Returns the last step's accuracies and its summed loss
+    ("loss"), with "held-out speech clips" when measured."""
     if generator not in GENERATORS:
         raise ValueError(f"encoder_pretrain: generator {generator!r} is not one of {', '.join(GENERATORS)}")
     if not kinds or set(kinds) - set(KINDS):
         raise ValueError(f"encoder_pretrain: kinds {kinds!r}; name some of {', '.join(KINDS)}")
+    if speech_heldout_every and (not isinstance(speech_heldout_every, int) or speech_heldout_every < 0
+                                 or "speech" not in kinds):  # fmt: skip
+        raise ValueError(f"encoder_pretrain: speech_heldout_every {speech_heldout_every!r} measures the speech kind: "
+                         "give a whole number of steps and name speech among the kinds")  # fmt: skip
     weights = dict(weights or {})
     if set(weights) - set(kinds) or not all(isinstance(w, (int, float)) and w >= 0 for w in weights.values()):
         raise ValueError(f"encoder_pretrain: weights {weights!r}; give a factor >= 0 to some of the kinds {kinds!r}")
@@ -150,6 +158,8 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     vision = {"pictures", "charts", "videos", "glyphs"} & set(kinds)
     if not vision and not audio:
         raise ValueError("encoder_pretrain: kinds [speech], but this model has no audio encoder")
+    if speech_heldout_every and not audio:
+        raise ValueError("encoder_pretrain: speech_heldout_every, but this model has no audio encoder to measure")
     heads = Heads(c.hidden_size, audio, LABELS if first else wide.LABELS)
     encoder = [p for n, p in trunk.named_parameters()
                if n.split(".")[0] in ENCODER_MODULES and (vision or n.startswith("audio_"))]  # fmt: skip
@@ -169,6 +179,9 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     }  # (in the order the data is drawn)
     drawn = [(kind, *draw) for kind, draw in draws.items() if kind in kinds and (kind != "speech" or audio)]
     for step in range(steps):
+        if audio and speech_heldout_every and step and step % speech_heldout_every == 0:
+            heard = _heldout_speech(model, proc, heads)
+            log.info("encoders %d/%d held-out speech clips %.0f%%", step, steps, 100 * heard)
         losses, stats = {}, {}
         for kind, draw, n in drawn:
             before = set(losses)
@@ -186,8 +199,25 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
             eta = (time.perf_counter() - start) / (step + 1) * (steps - step - 1)
             log.info("encoders %d/%d loss %.3f %s (eta %.0fs)", step + 1, steps, loss.item(),
                      " ".join(f"{k} {v:.0%}" for k, v in stats.items() if k != "loss"), eta)  # fmt: skip
+    if audio and speech_heldout_every:
+        heard = _heldout_speech(model, proc, heads)
+        log.info("encoders %d/%d held-out speech clips %.0f%%", steps, steps, 100 * heard)
+        stats["held-out speech clips"] = heard
     model.zero_grad(set_to_none=True)
     return stats
+
+
+def _heldout_speech(model: nn.Module, proc: Processor, heads: Heads, n: int = 96) -> float:
+    """The share of `n` clips in the held-out generator's voices (the same clips each time: digits, questions and
+    order numbers) that the CTC head transcribes whole."""
+    from . import heldout
+
+    stats: dict[str, float] = {}
+    model.eval()
+    with torch.no_grad():
+        _speech(model.model, proc, heads, random.Random(99), n, {}, stats, wide_voices=True, voice=heldout.speak)
+    model.train()
+    return stats["speech clips"]
 
 
 def _square_tokens(trunk, proc: Processor, images: list[Image.Image]) -> tuple[torch.Tensor, int]:
@@ -356,9 +386,9 @@ def _cos(x: float) -> float:
 
 
 def _speech(trunk, proc: Processor, heads: Heads, rng: random.Random, n: int, losses: dict, stats: dict,
-            wide_voices: bool = False) -> None:  # fmt: skip
+            wide_voices: bool = False, voice=None) -> None:  # fmt: skip
     """CTC over the audio tokens of `n` fresh clips (spoken digits and spoken questions; with `wide_voices`, the
-    second generation's voices and also the agent's voice messages)."""
+    second generation's voices and also the agent's voice messages; `voice`: another speaker for those texts)."""
     texts = []
     for _ in range(n):
         digits = " ".join(NUMBER_WORDS[rng.randint(0, 9)] for _ in range(rng.randint(1, 4)))
@@ -372,7 +402,8 @@ def _speech(trunk, proc: Processor, heads: Heads, rng: random.Random, n: int, lo
         else:
             a, b = NUMBER_WORDS[rng.randint(0, 9)], NUMBER_WORDS[rng.randint(0, 9)]
             texts.append(f"what is {a} {rng.choice(list(SPOKEN_OPS))} {b}")
-    x = proc.audio([(wide.speak if wide_voices else speak)(t, rng) for t in texts])
+    say = voice or (wide.speak if wide_voices else speak)
+    x = proc.audio([say(t, rng) for t in texts])
     feats = trunk.encode_audio(x["audio_values"], x["audio_lengths"])
     per = proc.audio.config.mel_frames_per_token
     lengths = x["audio_lengths"] // per
