@@ -32,3 +32,20 @@ def test_the_agent_example_calls_a_tool_and_answers():
     assert json.loads(results[0]["content"]) == agent.FUNCTIONS[calls[0]["function"]["name"]](**args)
     assert convo[-1]["role"] == "assistant" and convo[-1]["content"] is not None
     assert any(line.startswith(f"tool call: {calls[0]['function']['name']}") for line in logged)
+
+
+def test_the_example_s_tools_are_among_those_the_demo_model_learned():
+    """The demo model learned to choose among `jobtasks.TOOLS` by name and description: the example's tools must be
+    those, worded the same, or the example asks it to choose among tools it never saw."""
+    from ernie45.demo.jobtasks import TOOLS
+
+    spec = importlib.util.spec_from_file_location("agent_example", EXAMPLE)
+    agent = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent)
+    for t in agent.TOOLS:
+        name, fn = t["function"]["name"], t["function"]
+        assert name in TOOLS and agent.FUNCTIONS[name]
+        description, params = TOOLS[name]
+        assert fn["description"] == description
+        assert fn["parameters"]["required"] == list(params) == list(fn["parameters"]["properties"])
+        assert all(fn["parameters"]["properties"][k]["type"] == v for k, v in params.items())

@@ -276,6 +276,30 @@ def test_an_agent_turn_shows_its_tool_call_and_goes_on_after_the_result(served, 
     browser.find_element(By.ID, "agent").click()
 
 
+def test_the_page_s_example_tools_and_back_office_are_the_agent_example_s(served, browser):
+    """The page cannot read examples/, so it keeps its own copy of the three tools and their mock back office: they
+    must say what `examples/tools.json` and `examples/agent.py` say, or the page and the example drift apart."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("agent_example", EXAMPLES / "agent.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    _, url = served
+    _fresh(browser, url)
+    ids = ["4711", "1234", "999", "31415"]
+    page = browser.execute_async_script(
+        """const [ids, done] = [arguments[0], arguments[arguments.length - 1]];
+        import("/static/js/agent.js").then((a) => done({
+          tools: a.EXAMPLE_TOOLS.map(({name, description, parameters}) => ({name, description, parameters})),
+          results: a.EXAMPLE_TOOLS.map((t) => ids.map((id) => a.mock(t.name, {order_id: id}))),
+        }), (e) => done({error: String(e)}));""",
+        ids,
+    )
+    assert "error" not in page, page
+    assert page["tools"] == [t["function"] for t in example.TOOLS]
+    assert page["results"] == [[example.FUNCTIONS[t["name"]](order_id=i) for i in ids] for t in page["tools"]]
+
+
 def test_a_moderation_run_lays_its_windows_on_the_timeline(served, browser):
     from selenium.webdriver.common.by import By
 
