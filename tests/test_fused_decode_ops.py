@@ -486,6 +486,15 @@ def test_a_kernel_call_lets_other_python_threads_run():
     assert gap < call / 2, f"this thread stalled {gap * 1e3:.1f} ms; one call takes {call * 1e3:.1f} ms"
 
 
+def test_the_prefetch_timing_moves_off_the_vendor_default_only_for_a_clear_and_trustworthy_gain():
+    pick = kernels._pick_prefetch
+    assert pick({2048: 1.0, 0: 0.95, 4096: 1.05}, 2048) == (2048, "")  # 5%: within a shared host's noise
+    assert pick({2048: 1.0, 0: 0.8, 4096: 1.05}, 2048) == (0, "")  # a clear 20%
+    assert pick({2048: 1.0, 0: 1.3, 4096: 1.1}, 0) == (2048, "")
+    chosen, note = pick({2048: 1.3, 0: 45.0, 4096: 1.4}, 0)  # 0 B timed while another process held the cores
+    assert chosen == 0 and "the host was busy, the vendor's default kept" in note and "spread 35x" in note
+
+
 def test_the_prefetch_distance_is_chosen_said_and_changes_no_number():
     """The weight stream's prefetch distance is picked per CPU (vendor default, a timed check) and said in the
     runtime report; any distance gives the same numbers, and a bad one is refused."""
