@@ -65,7 +65,8 @@ def test_moderation_route_streams_the_verdicts_moderate_gives(served):
     assert summary["object"] == "moderation.summary" and summary["windows"] == len(want)
 
     whole = httpx.post(f"{url}/v1/moderations/video", timeout=120, json={
-        **body, "stream": False, "thumbnails": False, "policy": {"categories": policy.categories}}).json()  # fmt: skip
+        **body, "stream": False, "thumbnails": False,
+        "policy": {"categories": policy.categories, "instructions": policy.instructions}}).json()  # fmt: skip
     assert [w["labels"] for w in whole["windows"]] == [v["labels"] for v in want]
     assert "thumbnail" not in whole["windows"][0]
 

@@ -4,6 +4,7 @@ while the rest of the model holds still, and is refused clearly where a model ha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -130,8 +131,15 @@ def test_an_mtp_layer_that_keeps_missing_drafts_less_often(no_mtp_dir):
     handle = engine.submit(enc, params)
     while not handle.request.finished:
         engine.step()
-    want = plain.chat([[{"role": "user", "content": "Who are you?"}]], params)[0].token_ids
-    assert handle.request.row.token_ids == want and len(want) == 60
+    ref = plain.chat([[{"role": "user", "content": "Who are you?"}]], dataclasses.replace(params, logprobs=2))[0]
+    got, want = handle.request.row.token_ids, ref.token_ids
+    assert len(got) == len(want) == 60
+    # past the answer's end (ignore_eos) the demo model writes babble with near-ties between its top two tokens, where
+    # the verify's 2-row forward and plain decoding's 1-row one may round apart: equal up to the first such tie
+    split = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), len(want))
+    if split < len(want):
+        top2 = sorted((lp.logprob for lp in ref.logprobs[split].values()), reverse=True)[:2]
+        assert top2[0] - top2[1] < 1e-2 and split > 20, (split, top2)  # a tie, well after the answer
     assert engine.stats["accepted_tokens"] <= 2 and engine.stats["draft_tokens"] <= 12, engine.stats
 
 
