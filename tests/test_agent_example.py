@@ -15,10 +15,16 @@ from ernie45.engine import LLM
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "agent.py"
 
 
-def test_the_agent_example_calls_a_tool_and_answers():
+def _example():
+    """examples/agent.py as a module, run as written."""
     spec = importlib.util.spec_from_file_location("agent_example", EXAMPLE)
     agent = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(agent)
+    return agent
+
+
+def test_the_agent_example_calls_a_tool_and_answers():
+    agent = _example()
     logged: list[str] = []
     with running_server(LLM(), max_batch=2, max_len=4096) as (url, _):
         convo = agent.run(url + "/v1", agent.HERE / "order_page.png", agent.HERE / "voice_order.wav",
@@ -39,9 +45,7 @@ def test_the_example_s_tools_are_among_those_the_demo_model_learned():
     those, worded the same, or the example asks it to choose among tools it never saw."""
     from ernie45.demo.jobtasks import TOOLS
 
-    spec = importlib.util.spec_from_file_location("agent_example", EXAMPLE)
-    agent = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agent)
+    agent = _example()
     for t in agent.TOOLS:
         name, fn = t["function"]["name"], t["function"]
         assert name in TOOLS and agent.FUNCTIONS[name]

@@ -179,9 +179,6 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
     }  # (in the order the data is drawn)
     drawn = [(kind, *draw) for kind, draw in draws.items() if kind in kinds and (kind != "speech" or audio)]
     for step in range(steps):
-        if audio and speech_heldout_every and step and step % speech_heldout_every == 0:
-            heard = _heldout_speech(model, proc, heads)
-            log.info("encoders %d/%d held-out speech clips %.0f%%", step, steps, 100 * heard)
         losses, stats = {}, {}
         for kind, draw, n in drawn:
             before = set(losses)
@@ -199,10 +196,9 @@ def pretrain_encoders(model: nn.Module, proc: Processor, steps: int, batch: int 
             eta = (time.perf_counter() - start) / (step + 1) * (steps - step - 1)
             log.info("encoders %d/%d loss %.3f %s (eta %.0fs)", step + 1, steps, loss.item(),
                      " ".join(f"{k} {v:.0%}" for k, v in stats.items() if k != "loss"), eta)  # fmt: skip
-    if audio and speech_heldout_every:
-        heard = _heldout_speech(model, proc, heads)
-        log.info("encoders %d/%d held-out speech clips %.0f%%", steps, steps, 100 * heard)
-        stats["held-out speech clips"] = heard
+        if speech_heldout_every and ((step + 1) % speech_heldout_every == 0 or step + 1 == steps):
+            heard = stats["held-out speech clips"] = _heldout_speech(model, proc, heads)  # the last step's stays
+            log.info("encoders %d/%d held-out speech clips %.0f%%", step + 1, steps, 100 * heard)
     model.zero_grad(set_to_none=True)
     return stats
 
